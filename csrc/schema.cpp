@@ -1,0 +1,56 @@
+// The one place where flash_quant's operator schemas are defined.
+//
+// Every backend (csrc/cpu for CPU, flash_quant/cuda for the CUDA key through Triton,
+// csrc/mps for Apple's MPS key) registers kernels for exactly these schemas; fake
+// kernels and autograd formulas live in flash_quant/ops.py. docs/op_contract.md is the
+// written contract: layouts, scale shapes, masks, causal alignment and error rules.
+#include <torch/library.h>
+
+TORCH_LIBRARY(flash_quant, m) {
+  // Quantize `x` group by group.
+  //   precision   : "int8" | "int4" | "fp8_e4m3" | "fp8_e5m2"
+  //   granularity : "per_tensor" | "per_head" | "per_token" | "per_block" | "per_channel"
+  //   block_size  : rows (along dim -2) per group for "per_block"; ignored otherwise
+  //   strategy    : "symmetric" | "asymmetric" | "legacy"
+  //   smooth      : subtract the per-channel mean over dim -2 before quantizing
+  // Returns data (int8 / packed uint8 for int4 / float8), scale (float32, the group
+  // shape), zero_point (int32, same shape as scale) and mean (float32 of shape
+  // x.shape[:-2] + (1, D) when smooth, else an empty tensor).
+  m.def(
+      "quantize(Tensor x, str precision, str granularity, int block_size, str strategy, "
+      "bool smooth) -> (Tensor data, Tensor scale, Tensor zero_point, Tensor mean)");
+
+  // Inverse of quantize: (data - zero_point) * scale (+ mean), in `dtype`.
+  // block_size: rows per scale group along dim -2 when scale.size(-2) > 1.
+  m.def(
+      "dequantize(Tensor data, Tensor scale, Tensor zero_point, Tensor mean, str precision, "
+      "int block_size, ScalarType dtype) -> Tensor");
+
+  // Attention with SDPA semantics, (B, H, S, D) layout.
+  // q, k, v: floating tensors that carry shape, dtype and gradient. When *_data is given,
+  // the kernel computes with that quantized operand (data, per-row or broadcastable
+  // scale, optional zero point) instead of reading the floating one.
+  // k_mean: the mean removed from K by smoothing; only used to return the exact lse.
+  // pv_precision: "none" (P unquantized) | "int8" | "fp8_e4m3" — precision of P in P·V.
+  // Returns out (B, Hq, Sq, D) in q.dtype and lse (B, Hq, Sq) float32 (natural log;
+  // -inf for a row with every key masked, whose output is 0).
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, "
+      "Tensor? q_data, Tensor? q_scale, Tensor? q_zero_point, "
+      "Tensor? k_data, Tensor? k_scale, Tensor? k_zero_point, Tensor? k_mean, "
+      "Tensor? v_data, Tensor? v_scale, Tensor? v_zero_point, "
+      "Tensor? attn_mask, bool is_causal, float? scale, str pv_precision) "
+      "-> (Tensor out, Tensor lse)");
+
+  // Gradients of attention_forward's `out` with respect to q, k, v (straight-through
+  // for quantized operands: the gradient of the quantized forward). dk/dv are summed
+  // over the query heads of a GQA group. Scores are recomputed from lse.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, "
+      "Tensor? q_data, Tensor? q_scale, Tensor? q_zero_point, "
+      "Tensor? k_data, Tensor? k_scale, Tensor? k_zero_point, Tensor? k_mean, "
+      "Tensor? v_data, Tensor? v_scale, Tensor? v_zero_point, "
+      "Tensor? attn_mask, bool is_causal, float? scale, str pv_precision) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+}

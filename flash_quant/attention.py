@@ -1,0 +1,196 @@
+"""flash_quant.attention: a drop-in for F.scaled_dot_product_attention that quantizes."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import ops
+from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask
+from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
+from .quantize import quantize_operand
+from .quantized_tensor import QuantizedTensor
+from .rotation import rotate
+
+__all__ = ["attention", "attention_with_lse"]
+
+Operand = Union[torch.Tensor, QuantizedTensor]
+
+
+def attention(
+    query: Operand,
+    key: Operand,
+    value: Operand,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    config: Union[str, AttentionConfig, None] = "accurate",
+) -> torch.Tensor:
+    """Scaled dot-product attention with quantized operands, SDPA semantics.
+
+    Args:
+      query: (B, Hq, Sq, D) float32 / float16 / bfloat16 tensor, or a QuantizedTensor.
+      key:   (B, Hkv, Skv, D), same dtype and device as query, or a QuantizedTensor.
+      value: (B, Hkv, Skv, D), likewise.
+      attn_mask: None, a bool mask (True = attend) or a float mask added to the scores,
+        broadcastable to (B, Hq, Sq, Skv).
+      dropout_p: must be 0 (dropout is not supported; a ValueError says so).
+      is_causal: key j is visible to query i iff j <= i (top-left aligned, as SDPA).
+        May be combined with attn_mask.
+      scale: score scale, default 1/sqrt(D).
+      enable_gqa: allow Hq to be a multiple of Hkv (grouped-query attention; K/V are not
+        repeated in memory).
+      config: a preset name — "accurate" (default: INT8 Q·Kᵀ per token with K smoothing
+        and Hadamard rotation, 16-bit P·V), "fast" (INT8 P·V too), "int4", "fp8",
+        "fp16" / "bf16" / "fp32" (unquantized), "auto" (chosen from the inputs' statistics,
+        eager only) — or an AttentionConfig for per-operand precision / strategy /
+        granularity.
+
+    Returns:
+      (B, Hq, Sq, D) in the dtype of the query (its original dtype when quantized). Rows
+      with every key masked out are zeros. Differentiable with respect to float inputs
+      (straight-through for the quantized ones).
+    """
+    return attention_with_lse(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config
+    )[0]
+
+
+def attention_with_lse(
+    query: Operand,
+    key: Operand,
+    value: Operand,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    config: Union[str, AttentionConfig, None] = "accurate",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As `attention`, also returning the log-sum-exp of the scores, (B, Hq, Sq) float32
+    (natural log; -inf for fully masked rows), so partial results over key shards can be
+    merged: out = sum_i exp(lse_i - lse) * out_i with lse = logsumexp_i(lse_i)."""
+    cfg = _resolve(config, query, key, value, is_causal)
+    _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    out_dtype = query.dtype
+    q, k, v = _operand_float(query), _operand_float(key), _operand_float(value)
+
+    if cfg.compute_dtype is not None:  # unquantized presets compute in one chosen dtype
+        dt = cfg.compute_dtype.float_dtype
+        q, k, v = (t.to(dt) if t.dtype != dt else t for t in (q, k, v))
+
+    rotated = _rotation_wanted(cfg, query, key)
+    qq = _quantized(query, q, cfg.q, rotated)
+    kq = _quantized(key, k, cfg.k, rotated)
+    vq = _quantized(value, v, cfg.v, False)
+    if rotated:
+        q = rotate(q) if isinstance(query, torch.Tensor) else q
+        k = rotate(k) if isinstance(key, torch.Tensor) else k
+
+    mask = _prepare_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = ops.attention_forward(
+        q, k, v,
+        *_op_args(qq, role="q"), *_op_args(kq, role="k"), *_op_args(vq, role="v"),
+        attn_mask=mask, is_causal=bool(is_causal), scale=scale, pv_precision=cfg.pv.value,
+    )
+    return out.to(out_dtype), lse
+
+
+# ---------------------------------------------------------------------------- helpers
+def _resolve(config, query, key, value, is_causal) -> AttentionConfig:
+    if isinstance(config, str) and config == "auto":
+        from .planning.adaptive import select_attention_preset
+
+        name, _reason = select_attention_preset(query, key, value, is_causal=is_causal)
+        return resolve_config(name)
+    return resolve_config(config)
+
+
+def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if isinstance(t, QuantizedTensor):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or a QuantizedTensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    dtypes = {t.dtype for t in (query, key, value)}
+    if len(dtypes) != 1:
+        raise TypeError(
+            "query, key and value must share one dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype} (a QuantizedTensor counts as its original dtype)"
+        )
+    devices = {t.device for t in (query, key, value)}
+    if len(devices) != 1:
+        raise ValueError(f"query, key and value must be on one device, got {sorted(map(str, devices))}")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: dropout is not supported by flash_quant attention (use 0.0)")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    check_attention_shapes(tuple(query.shape), tuple(key.shape), tuple(value.shape), enable_gqa)
+    b, h, sq, _ = query.shape
+    check_mask(attn_mask, b, h, sq, key.shape[2], query.device)
+
+
+def _operand_float(x: Operand) -> torch.Tensor:
+    """The float tensor the op sees as q/k/v. For a QuantizedTensor: a zero-stride
+    placeholder of the right shape and dtype (the kernels read its data instead)."""
+    if isinstance(x, QuantizedTensor):
+        return torch.zeros((), dtype=x.orig_dtype, device=x.device).expand(x.orig_shape)
+    return x
+
+
+def _rotation_wanted(cfg: AttentionConfig, query, key) -> bool:
+    pre = [t.rotated for t in (query, key) if isinstance(t, QuantizedTensor)]
+    if pre and len(set(pre)) > 1:
+        raise ValueError("query and key QuantizedTensors disagree on Hadamard rotation (rotated=True/False)")
+    if pre:
+        return pre[0]
+    return cfg.q.rotate and (cfg.q.quantized or cfg.k.quantized)
+
+
+def _quantized(given: Operand, x: torch.Tensor, cfg: OperandConfig, rotated: bool):
+    if isinstance(given, QuantizedTensor):
+        return given
+    if not cfg.quantized:
+        return None
+    if cfg.rotate != rotated:
+        cfg = OperandConfig(cfg.precision, cfg.strategy, cfg.granularity, smooth=cfg.smooth, rotate=rotated)
+    return quantize_operand(x, cfg)
+
+
+def _op_args(qt: Optional[QuantizedTensor], role: str):
+    """(data, scale, zero_point[, mean]) as the op wants them: Q/K scales expanded to
+    rows when blocked, zero points only for asymmetric operands."""
+    if qt is None:
+        return (None, None, None, None) if role == "k" else (None, None, None)
+    if qt.granularity.name == "per_channel" and role in ("q", "k"):
+        raise ValueError(f"a per_channel {role.upper()} cannot be used in attention: its scale varies along the head dim")
+    scale, zp = qt.scale, (qt.zero_point if qt.strategy is Strategy.ASYMMETRIC else None)
+    if qt.granularity.name == "per_block":  # the op takes row scales: expand the blocks
+        rows = qt.orig_shape[:-1] + (1,)
+        scale = ops.expand_groups(scale, rows, qt.granularity.block_size)
+        zp = None if zp is None else ops.expand_groups(zp, rows, qt.granularity.block_size)
+    args = (qt.data, scale, zp)
+    if role == "k":
+        return args + (qt.mean,)
+    if role == "q" and qt.mean is not None:
+        raise ValueError("a smoothed query cannot be used in attention (smoothing Q needs a correction); smooth K only")
+    if role == "v" and qt.mean is not None:
+        raise ValueError("a smoothed value cannot be used in attention; smooth K only")
+    return args
+
+
+def _prepare_mask(attn_mask, b, h, sq, skv):
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != torch.float32:
+        attn_mask = attn_mask.float()
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask.expand(b, h, sq, skv)

@@ -1,0 +1,6 @@
+"""CUDA backend: Triton kernels registered for the CUDA key of the flash_quant ops.
+
+Importing this package registers them (flash_quant does so when CUDA is available).
+quantize: quantize / dequantize; forward: attention_forward; backward: attention_backward.
+"""
+from . import backward, forward, quantize  # noqa: F401

@@ -1,0 +1,309 @@
+"""Typed wrappers over torch.ops.flash_quant.*, with their fake kernels and autograd.
+
+The schemas live in csrc/schema.cpp; the kernels per device in csrc/cpu (CPU),
+flash_quant/cuda (CUDA, Triton) and csrc/mps + metal (MPS). This file adds what every
+backend shares: shape inference for torch.compile (fake kernels) and the derivative
+formulas (built only from registered ops). docs/op_contract.md is the contract.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas and the CPU kernels)
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "attention_forward",
+    "attention_backward",
+    "scale_shape",
+    "expand_groups",
+    "DATA_DTYPES",
+]
+
+_ops = torch.ops.flash_quant
+
+#: Storage dtype of each quantized precision.
+DATA_DTYPES = {
+    "int8": torch.int8,
+    "int4": torch.uint8,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def scale_shape(shape, granularity: str, block_size: int) -> Tuple[int, ...]:
+    """Shape of the scale tensor for a tensor of `shape` (see docs/op_contract.md)."""
+    shape = tuple(shape)
+    rank = len(shape)
+    if granularity == "per_tensor":
+        return (1,) * rank
+    if granularity == "per_token":
+        return shape[:-1] + (1,)
+    if granularity == "per_head":
+        return shape[:-2] + (1, 1)
+    if granularity == "per_block":
+        return shape[:-2] + (-(-shape[-2] // block_size), 1)
+    if granularity == "per_channel":
+        return shape[:-2] + (1, shape[-1])
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def expand_groups(t: torch.Tensor, shape, block_size: int) -> torch.Tensor:
+    """Broadcast a per-group tensor (scale-shaped) to `shape`, expanding blocked rows."""
+    if t.dim() >= 2 and 1 < t.shape[-2] != shape[-2]:
+        t = t.repeat_interleave(block_size, dim=-2)[..., : shape[-2], :]
+    return t.expand(shape)
+
+
+def _reduce_groups(t: torch.Tensor, group_shape, block_size: int) -> torch.Tensor:
+    """Sum a full-shape tensor over each group (the adjoint of expand_groups)."""
+    if t.dim() >= 2 and 1 < group_shape[-2] != t.shape[-2]:
+        rows = t.shape[-2]
+        pad = group_shape[-2] * block_size - rows
+        if pad:
+            t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+        t = t.unflatten(-2, (group_shape[-2], block_size)).sum(-2)
+    return t.sum_to_size(group_shape)
+
+
+# --------------------------------------------------------------------------- quantize
+def quantize(
+    x: torch.Tensor, precision: str, granularity: str, block_size: int, strategy: str, smooth: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(data, scale, zero_point, mean) — see docs/op_contract.md."""
+    return _ops.quantize(x, precision, granularity, block_size, strategy, smooth)
+
+
+@torch.library.register_fake("flash_quant::quantize")
+def _quantize_fake(x, precision, granularity, block_size, strategy, smooth):
+    shape = tuple(x.shape)
+    data_shape = shape[:-1] + (shape[-1] // 2,) if precision == "int4" else shape
+    data = x.new_empty(data_shape, dtype=DATA_DTYPES[precision])
+    sshape = scale_shape(shape, granularity, block_size)
+    scale = x.new_empty(sshape, dtype=torch.float32)
+    zero_point = x.new_empty(sshape, dtype=torch.int32)
+    mean = x.new_empty(shape[:-2] + (1, shape[-1]) if smooth else (0,), dtype=torch.float32)
+    return data, scale, zero_point, mean
+
+
+def _quantize_setup(ctx, inputs, output):
+    x, precision, granularity, block_size, strategy, smooth = inputs
+    data, scale, zero_point, _ = output
+    ctx.mark_non_differentiable(data, zero_point)
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = (precision, granularity, block_size, strategy, smooth)
+
+
+def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
+    """Exact derivatives of the float outputs: the mean (linear) and the scale (a
+    subgradient of absmax for symmetric, of the clipped range for asymmetric)."""
+    x, scale, zero_point = ctx.saved_tensors
+    precision, granularity, block_size, strategy, smooth = ctx.args
+    grad_x = None
+    if grad_mean is not None and smooth:
+        grad_x = (grad_mean / x.shape[-2]).expand(x.shape).to(x.dtype)
+    if grad_scale is not None:
+        xf = x.float()
+        if smooth:
+            xf = xf - xf.mean(dim=-2, keepdim=True)
+        s = expand_groups(scale, x.shape, block_size)
+        qmax = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[precision]
+        g = expand_groups(grad_scale, x.shape, block_size)
+        if strategy == "asymmetric":
+            qmin = {"int8": -128.0, "int4": -8.0}[precision]
+            levels = qmax - qmin
+            hi = expand_groups(_group_extreme(xf, granularity, block_size, torch.amax).clamp_min(0), x.shape, block_size)
+            lo = expand_groups(_group_extreme(xf, granularity, block_size, torch.amin).clamp_max(0), x.shape, block_size)
+            is_hi = (xf == hi) & (hi > 0)
+            is_lo = (xf == lo) & (lo < 0)
+            n_hi = expand_groups(_reduce_groups(is_hi.float(), scale.shape, block_size), x.shape, block_size)
+            n_lo = expand_groups(_reduce_groups(is_lo.float(), scale.shape, block_size), x.shape, block_size)
+            d = is_hi.float() / n_hi.clamp_min(1) - is_lo.float() / n_lo.clamp_min(1)
+            contrib = g * d / levels
+        else:
+            absmax = s * qmax
+            is_max = (xf.abs() == absmax) & (absmax > 0)
+            n = expand_groups(_reduce_groups(is_max.float(), scale.shape, block_size), x.shape, block_size)
+            contrib = g * torch.sign(xf) * is_max.float() / n.clamp_min(1) / qmax
+        if smooth:  # the group statistics were taken on x - mean(x)
+            contrib = contrib - contrib.mean(dim=-2, keepdim=True)
+        grad_x = contrib.to(x.dtype) if grad_x is None else grad_x + contrib.to(x.dtype)
+    return grad_x, None, None, None, None, None
+
+
+def _group_extreme(x, granularity, block_size, fn):
+    sshape = scale_shape(x.shape, granularity, block_size)
+    if granularity == "per_block":
+        rows = x.shape[-2]
+        pad = sshape[-2] * block_size - rows
+        fill = float("-inf") if fn is torch.amax else float("inf")
+        xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill) if pad else x
+        return fn(xp.unflatten(-2, (sshape[-2], block_size)), dim=(-2, -1))[..., None]
+    dims = [i for i, (a, b) in enumerate(zip(x.shape, sshape)) if b == 1 and a != 1]
+    return fn(x, dim=dims, keepdim=True) if dims else x
+
+
+torch.library.register_autograd("flash_quant::quantize", _quantize_backward, setup_context=_quantize_setup)
+
+
+# ------------------------------------------------------------------------- dequantize
+def dequantize(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    mean: torch.Tensor,
+    precision: str,
+    block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(data - zero_point) * scale + mean, in `dtype`, INT4 unpacked."""
+    return _ops.dequantize(data, scale, zero_point, mean, precision, block_size, dtype)
+
+
+@torch.library.register_fake("flash_quant::dequantize")
+def _dequantize_fake(data, scale, zero_point, mean, precision, block_size, dtype):
+    shape = tuple(data.shape)
+    if precision == "int4":
+        shape = shape[:-1] + (shape[-1] * 2,)
+    return data.new_empty(shape, dtype=dtype)
+
+
+def _dequantize_setup(ctx, inputs, output):
+    data, scale, zero_point, mean, precision, block_size, dtype = inputs
+    ctx.save_for_backward(data, scale, zero_point)
+    ctx.args = (precision, block_size, mean.numel() > 0, tuple(mean.shape))
+
+
+def _dequantize_backward(ctx, grad):
+    """d/dscale = (q - z) summed per group; d/dmean = grad summed over the sequence."""
+    data, scale, zero_point = ctx.saved_tensors
+    precision, block_size, has_mean, mean_shape = ctx.args
+    grad_scale = grad_mean = None
+    if ctx.needs_input_grad[1]:
+        unit = torch.ones_like(scale)
+        empty = scale.new_empty((0,))
+        centered = _ops.dequantize(data, unit, zero_point, empty, precision, block_size, torch.float32)
+        grad_scale = _reduce_groups(grad.float() * centered, scale.shape, block_size)
+    if has_mean and ctx.needs_input_grad[3]:
+        grad_mean = grad.float().sum_to_size(mean_shape)
+    return None, grad_scale, None, grad_mean, None, None, None
+
+
+torch.library.register_autograd("flash_quant::dequantize", _dequantize_backward, setup_context=_dequantize_setup)
+
+
+# ------------------------------------------------------------------- attention forward
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_data: Optional[torch.Tensor] = None,
+    q_scale: Optional[torch.Tensor] = None,
+    q_zero_point: Optional[torch.Tensor] = None,
+    k_data: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    k_zero_point: Optional[torch.Tensor] = None,
+    k_mean: Optional[torch.Tensor] = None,
+    v_data: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    v_zero_point: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    pv_precision: str = "none",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, Sq, D) in q.dtype, lse (B, Hq, Sq) float32)."""
+    return _ops.attention_forward(
+        q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
+        v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision,
+    )
+
+
+@torch.library.register_fake("flash_quant::attention_forward")
+def _attention_forward_fake(q, k, v, *args):
+    b, hq, sq, d = q.shape
+    out = q.new_empty((b, hq, sq, v.shape[-1]))
+    lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+    return out, lse
+
+
+_FWD_OPERANDS = 13  # q, k, v and the ten quantized-operand tensors, in schema order
+
+
+def _attention_setup(ctx, inputs, output):
+    tensors = inputs[:_FWD_OPERANDS]
+    attn_mask, is_causal, scale, pv_precision = inputs[_FWD_OPERANDS:]
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*tensors, attn_mask, out, lse)
+    ctx.flags = (is_causal, scale, pv_precision)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    saved = ctx.saved_tensors
+    q, k, v = saved[:3]
+    operands = saved[3:_FWD_OPERANDS]
+    attn_mask, out, lse = saved[_FWD_OPERANDS:]
+    is_causal, scale, pv_precision = ctx.flags
+    dq, dk, dv = _ops.attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, *operands, attn_mask, is_causal, scale, pv_precision
+    )
+    need = ctx.needs_input_grad
+    return (
+        dq if need[0] else None,
+        dk if need[1] else None,
+        dv if need[2] else None,
+    ) + (None,) * (len(need) - 3)
+
+
+torch.library.register_autograd(
+    "flash_quant::attention_forward", _attention_backward, setup_context=_attention_setup
+)
+
+
+# ------------------------------------------------------------------ attention backward
+def attention_backward(
+    grad_out, q, k, v, out, lse,
+    q_data=None, q_scale=None, q_zero_point=None,
+    k_data=None, k_scale=None, k_zero_point=None, k_mean=None,
+    v_data=None, v_scale=None, v_zero_point=None,
+    attn_mask=None, is_causal=False, scale=None, pv_precision="none",
+):
+    """(dq, dk, dv) — gradients of attention_forward's output (straight-through)."""
+    return _ops.attention_backward(
+        grad_out, q, k, v, out, lse, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point,
+        k_mean, v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision,
+    )
+
+
+@torch.library.register_fake("flash_quant::attention_backward")
+def _attention_backward_fake(grad_out, q, k, v, *args):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+    )
+
+
+def _attention_backward_setup(ctx, inputs, output):
+    pass
+
+
+def _attention_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "flash_quant.attention_backward is not differentiable (no double backward); "
+        "use config='fp32' with torch.nn.functional.scaled_dot_product_attention for higher-order gradients"
+    )
+
+
+torch.library.register_autograd(
+    "flash_quant::attention_backward", _attention_double_backward, setup_context=_attention_backward_setup
+)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

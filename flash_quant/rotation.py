@@ -1,0 +1,44 @@
+"""Orthonormal Hadamard rotation along the head dim.
+
+Rotating both Q and K by the same orthonormal H leaves Q·Kᵀ unchanged (QH·(KH)ᵀ = Q·Kᵀ)
+but spreads a few large channels over all channels, so per-row INT8/INT4 scales stop
+being dominated by outlier channels. For a head dim that is not a power of two the
+matrix is block-diagonal with the largest power-of-two block that divides it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = ["hadamard_matrix", "rotate", "unrotate"]
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_cpu(d: int) -> torch.Tensor:
+    block = d & (-d)  # largest power of two dividing d
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = h / math.sqrt(block)
+    return torch.block_diag(*([h] * (d // block)))
+
+
+def hadamard_matrix(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The (d, d) orthonormal rotation used by `rotate`."""
+    if d < 1:
+        raise ValueError(f"head dim must be positive, got {d}")
+    return _hadamard_cpu(d).to(device=device, dtype=dtype)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x @ H along the last dim (computed in fp32, returned in x.dtype)."""
+    h = hadamard_matrix(x.shape[-1], device=x.device, dtype=torch.float32)
+    return torch.matmul(x.float(), h).to(x.dtype)
+
+
+def unrotate(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rotate` (H is orthonormal: the inverse is Hᵀ)."""
+    h = hadamard_matrix(x.shape[-1], device=x.device, dtype=torch.float32)
+    return torch.matmul(x.float(), h.t()).to(x.dtype)
