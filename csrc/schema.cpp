@@ -20,6 +20,14 @@ TORCH_LIBRARY(flash_quant, m) {
       "quantize(Tensor x, str precision, str granularity, int block_size, str strategy, "
       "bool smooth) -> (Tensor data, Tensor scale, Tensor zero_point, Tensor mean)");
 
+  // Quantize with given scales (static quantization, or scales chosen by a search such
+  // as flash_quant.scales.mse_scale): data = clamp(round(x / scale) + zero_point). scale
+  // (float32) and zero_point (int32, or None for symmetric) have a group shape as
+  // returned by quantize; block_size as in dequantize. Returns the data only.
+  m.def(
+      "quantize_with_scale(Tensor x, Tensor scale, Tensor? zero_point, str precision, "
+      "int block_size) -> Tensor");
+
   // Inverse of quantize: (data - zero_point) * scale (+ mean), in `dtype`.
   // block_size: rows per scale group along dim -2 when scale.size(-2) > 1.
   m.def(

@@ -3,69 +3,54 @@
 Layers, bottom up:
   torch.ops.flash_quant.*   schemas in csrc/schema.cpp; kernels per device (csrc/cpu,
                             flash_quant/cuda, csrc/mps + metal)
-  flash_quant.ops           typed wrappers, fake kernels, autograd
+  flash_quant.ops           typed wrappers, fake kernels, autograd (importing it loads
+                            the ops and registers the kernels of every device present)
   flash_quant.quantize / QuantizedTensor / flash_quant.attention   the functional API
   flash_quant.nn            modules (MultiheadAttention)
   flash_quant.integrations  SDPA routing, diffusers, transformers
   flash_quant.planning      dynamic quantization, cost model, recommendations
+
+The public names load on first use, so `flash-quant recommend` (pure Python) starts
+without importing torch.
 """
-from . import ops  # noqa: F401  (registers fake kernels and autograd)
-from .attention import attention, attention_with_lse
-from .config import (
-    PRESETS,
-    STRATEGY_VERSION,
-    AttentionConfig,
-    Granularity,
-    OperandConfig,
-    PerBlock,
-    PerChannel,
-    PerHead,
-    PerTensor,
-    PerToken,
-    Precision,
-    PVPrecision,
-    Strategy,
-    get_preset,
-)
-from .quantize import quantize
-from .quantized_tensor import QuantizedTensor
-
-
-def _register_device_backends():
-    """CUDA kernels are Triton: import (and so register) them only where CUDA exists."""
-    import torch
-
-    if torch.cuda.is_available():
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:  # a visible, explicit failure: no silent CPU fallback
-            raise ImportError(
-                "flash_quant needs triton for CUDA tensors: pip install 'flash-quant[cuda]'"
-            ) from exc
-        from . import cuda  # noqa: F401
-
-
-_register_device_backends()
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "attention",
-    "attention_with_lse",
-    "quantize",
-    "QuantizedTensor",
-    "AttentionConfig",
-    "OperandConfig",
-    "Precision",
-    "PVPrecision",
-    "Strategy",
-    "Granularity",
-    "PerTensor",
-    "PerHead",
-    "PerToken",
-    "PerBlock",
-    "PerChannel",
-    "PRESETS",
-    "STRATEGY_VERSION",
-    "get_preset",
-]
+_EXPORTS = {
+    "attention": "attention",
+    "attention_with_lse": "attention",
+    "quantize": "quantize",
+    "QuantizedTensor": "quantized_tensor",
+    "quantize_attention": "nn.swap",
+    "AttentionConfig": "config",
+    "OperandConfig": "config",
+    "Precision": "config",
+    "PVPrecision": "config",
+    "Strategy": "config",
+    "Granularity": "config",
+    "PerTensor": "config",
+    "PerHead": "config",
+    "PerToken": "config",
+    "PerBlock": "config",
+    "PerChannel": "config",
+    "PRESETS": "config",
+    "STRATEGY_VERSION": "config",
+    "get_preset": "config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flash_quant' has no attribute {name!r}")
+    importlib.import_module(".ops", __name__)  # the ops must exist before any API is used
+    value = getattr(importlib.import_module("." + module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

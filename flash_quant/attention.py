@@ -89,8 +89,11 @@ def attention_with_lse(
     kq = _quantized(key, k, cfg.k, rotated)
     vq = _quantized(value, v, cfg.v, False)
     if rotated:
-        q = rotate(q) if isinstance(query, torch.Tensor) else q
-        k = rotate(k) if isinstance(key, torch.Tensor) else k
+        # The kernels read only the quantized (rotated) data. The float q/k stand for the
+        # operands in autograd, so they must live in the rotated basis too — but only when
+        # a gradient is wanted: otherwise the rotation matmul would be wasted work.
+        q = rotate(q) if _wants_grad(query) else q
+        k = rotate(k) if _wants_grad(key) else k
 
     mask = _prepare_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out, lse = ops.attention_forward(
@@ -104,9 +107,16 @@ def attention_with_lse(
 # ---------------------------------------------------------------------------- helpers
 def _resolve(config, query, key, value, is_causal) -> AttentionConfig:
     if isinstance(config, str) and config == "auto":
-        from .planning.adaptive import select_attention_preset
+        # Eager: decided from the operands' statistics (one host sync). Under
+        # torch.compile only shapes and dtype are known, so the static rule decides.
+        from .planning import adaptive
 
-        name, _reason = select_attention_preset(query, key, value, is_causal=is_causal)
+        if any(isinstance(t, QuantizedTensor) for t in (query, key, value)):
+            raise ValueError("config='auto' needs float query, key and value (not QuantizedTensors)")
+        if torch.compiler.is_compiling():
+            name, _ = adaptive.select_attention_preset_static(query.shape[-2], key.shape[-2], query.dtype)
+        else:
+            name, _ = adaptive.select_attention_preset(query, key, value)
         return resolve_config(name)
     return resolve_config(config)
 
@@ -135,6 +145,10 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     check_attention_shapes(tuple(query.shape), tuple(key.shape), tuple(value.shape), enable_gqa)
     b, h, sq, _ = query.shape
     check_mask(attn_mask, b, h, sq, key.shape[2], query.device)
+
+
+def _wants_grad(x: Operand) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
 
 
 def _operand_float(x: Operand) -> torch.Tensor:

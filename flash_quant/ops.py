@@ -13,14 +13,17 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the CPU kernels)
+from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 
 __all__ = [
     "quantize",
+    "quantize_with_scale",
     "dequantize",
     "attention_forward",
     "attention_backward",
     "scale_shape",
     "expand_groups",
+    "reduce_groups",
     "DATA_DTYPES",
 ]
 
@@ -33,41 +36,6 @@ DATA_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
-
-
-def scale_shape(shape, granularity: str, block_size: int) -> Tuple[int, ...]:
-    """Shape of the scale tensor for a tensor of `shape` (see docs/op_contract.md)."""
-    shape = tuple(shape)
-    rank = len(shape)
-    if granularity == "per_tensor":
-        return (1,) * rank
-    if granularity == "per_token":
-        return shape[:-1] + (1,)
-    if granularity == "per_head":
-        return shape[:-2] + (1, 1)
-    if granularity == "per_block":
-        return shape[:-2] + (-(-shape[-2] // block_size), 1)
-    if granularity == "per_channel":
-        return shape[:-2] + (1, shape[-1])
-    raise ValueError(f"unknown granularity {granularity!r}")
-
-
-def expand_groups(t: torch.Tensor, shape, block_size: int) -> torch.Tensor:
-    """Broadcast a per-group tensor (scale-shaped) to `shape`, expanding blocked rows."""
-    if t.dim() >= 2 and 1 < t.shape[-2] != shape[-2]:
-        t = t.repeat_interleave(block_size, dim=-2)[..., : shape[-2], :]
-    return t.expand(shape)
-
-
-def _reduce_groups(t: torch.Tensor, group_shape, block_size: int) -> torch.Tensor:
-    """Sum a full-shape tensor over each group (the adjoint of expand_groups)."""
-    if t.dim() >= 2 and 1 < group_shape[-2] != t.shape[-2]:
-        rows = t.shape[-2]
-        pad = group_shape[-2] * block_size - rows
-        if pad:
-            t = torch.nn.functional.pad(t, (0, 0, 0, pad))
-        t = t.unflatten(-2, (group_shape[-2], block_size)).sum(-2)
-    return t.sum_to_size(group_shape)
 
 
 # --------------------------------------------------------------------------- quantize
@@ -116,18 +84,18 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
         if strategy == "asymmetric":
             qmin = {"int8": -128.0, "int4": -8.0}[precision]
             levels = qmax - qmin
-            hi = expand_groups(_group_extreme(xf, granularity, block_size, torch.amax).clamp_min(0), x.shape, block_size)
-            lo = expand_groups(_group_extreme(xf, granularity, block_size, torch.amin).clamp_max(0), x.shape, block_size)
+            hi = expand_groups(group_amax(xf, scale.shape, block_size).clamp_min(0), x.shape, block_size)
+            lo = expand_groups(-group_amax(-xf, scale.shape, block_size).clamp_max(0), x.shape, block_size)
             is_hi = (xf == hi) & (hi > 0)
             is_lo = (xf == lo) & (lo < 0)
-            n_hi = expand_groups(_reduce_groups(is_hi.float(), scale.shape, block_size), x.shape, block_size)
-            n_lo = expand_groups(_reduce_groups(is_lo.float(), scale.shape, block_size), x.shape, block_size)
+            n_hi = expand_groups(reduce_groups(is_hi.float(), scale.shape, block_size), x.shape, block_size)
+            n_lo = expand_groups(reduce_groups(is_lo.float(), scale.shape, block_size), x.shape, block_size)
             d = is_hi.float() / n_hi.clamp_min(1) - is_lo.float() / n_lo.clamp_min(1)
             contrib = g * d / levels
         else:
             absmax = s * qmax
             is_max = (xf.abs() == absmax) & (absmax > 0)
-            n = expand_groups(_reduce_groups(is_max.float(), scale.shape, block_size), x.shape, block_size)
+            n = expand_groups(reduce_groups(is_max.float(), scale.shape, block_size), x.shape, block_size)
             contrib = g * torch.sign(xf) * is_max.float() / n.clamp_min(1) / qmax
         if smooth:  # the group statistics were taken on x - mean(x)
             contrib = contrib - contrib.mean(dim=-2, keepdim=True)
@@ -135,19 +103,31 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
     return grad_x, None, None, None, None, None
 
 
-def _group_extreme(x, granularity, block_size, fn):
-    sshape = scale_shape(x.shape, granularity, block_size)
-    if granularity == "per_block":
-        rows = x.shape[-2]
-        pad = sshape[-2] * block_size - rows
-        fill = float("-inf") if fn is torch.amax else float("inf")
-        xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill) if pad else x
-        return fn(xp.unflatten(-2, (sshape[-2], block_size)), dim=(-2, -1))[..., None]
-    dims = [i for i, (a, b) in enumerate(zip(x.shape, sshape)) if b == 1 and a != 1]
-    return fn(x, dim=dims, keepdim=True) if dims else x
-
-
 torch.library.register_autograd("flash_quant::quantize", _quantize_backward, setup_context=_quantize_setup)
+
+
+def quantize_with_scale(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], precision: str, block_size: int
+) -> torch.Tensor:
+    """data = clamp(round(x / scale) + zero_point) with caller-supplied group scales."""
+    return _ops.quantize_with_scale(x, scale, zero_point, precision, block_size)
+
+
+@torch.library.register_fake("flash_quant::quantize_with_scale")
+def _quantize_with_scale_fake(x, scale, zero_point, precision, block_size):
+    shape = tuple(x.shape)
+    if precision == "int4":
+        shape = shape[:-1] + (shape[-1] // 2,)
+    return x.new_empty(shape, dtype=DATA_DTYPES[precision])
+
+
+def _no_gradient(ctx, grad_data):
+    # The only output is integer / float8 data: autograd never asks for this. Registered
+    # so the op has an explicit (empty) derivative like every flash_quant op.
+    return None, None, None, None, None
+
+
+torch.library.register_autograd("flash_quant::quantize_with_scale", _no_gradient)
 
 
 # ------------------------------------------------------------------------- dequantize
@@ -187,7 +167,7 @@ def _dequantize_backward(ctx, grad):
         unit = torch.ones_like(scale)
         empty = scale.new_empty((0,))
         centered = _ops.dequantize(data, unit, zero_point, empty, precision, block_size, torch.float32)
-        grad_scale = _reduce_groups(grad.float() * centered, scale.shape, block_size)
+        grad_scale = reduce_groups(grad.float() * centered, scale.shape, block_size)
     if has_mean and ctx.needs_input_grad[3]:
         grad_mean = grad.float().sum_to_size(mean_shape)
     return None, grad_scale, None, grad_mean, None, None, None
@@ -307,3 +287,17 @@ torch.library.register_autograd(
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def _register_device_backends():
+    """CUDA kernels are Triton: import (and so register) them where CUDA exists."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # explicit: there is no silent CPU fallback for CUDA tensors
+        raise ImportError("flash_quant needs triton for CUDA tensors: pip install 'flash-quant[cuda]'") from exc
+    from . import cuda  # noqa: F401
+
+
+_register_device_backends()

@@ -10,6 +10,7 @@ from ._checks import check_float_tensor
 from .config import Granularity, OperandConfig, PerTensor, PerToken, Precision, Strategy
 from .quantized_tensor import QuantizedTensor
 from .rotation import rotate as _rotate
+from .scales import mse_scale
 
 __all__ = ["quantize", "quantize_operand"]
 
@@ -55,11 +56,26 @@ def quantize_operand(x: torch.Tensor, cfg: OperandConfig) -> QuantizedTensor:
     if cfg.precision is Precision.INT4 and x.shape[-1] % 2:
         raise ValueError(f"INT4 packs two values per byte: the last dim must be even, got {x.shape[-1]}")
     src = _rotate(x) if cfg.rotate else x
-    data, scale, zero_point, mean = ops.quantize(
-        src, cfg.precision.value, g.name, g.block_size, cfg.strategy.value, cfg.smooth
-    )
+    if cfg.scale_search == "mse":
+        data, scale, zero_point, mean = _quantize_searched(src, cfg)
+    else:
+        data, scale, zero_point, mean = ops.quantize(
+            src, cfg.precision.value, g.name, g.block_size, cfg.strategy.value, cfg.smooth
+        )
     return QuantizedTensor(
         data, scale, zero_point, precision=cfg.precision, strategy=cfg.strategy, granularity=g,
         orig_shape=tuple(x.shape), orig_dtype=x.dtype, mean=mean if cfg.smooth else None,
         rotated=cfg.rotate, check_values=False,
     )
+
+
+def _quantize_searched(x: torch.Tensor, cfg: OperandConfig):
+    """Smoothing in torch, the clip search of scales.mse_scale, then the rounding op."""
+    g, prec = cfg.granularity, cfg.precision.value
+    xf = x.float()
+    mean = xf.mean(dim=-2, keepdim=True) if cfg.smooth else xf.new_empty((0,))
+    if cfg.smooth:
+        xf = xf - mean
+    scale = mse_scale(xf, prec, g.name, g.block_size)
+    data = ops.quantize_with_scale(xf, scale, None, prec, g.block_size)
+    return data, scale, torch.zeros_like(scale, dtype=torch.int32), mean
