@@ -6,7 +6,7 @@ are added on macOS when torch has MPS, or when FORCE_MPS=1. CUDA kernels are Tri
 """
 import glob
 import os
-import platform
+import subprocess
 import sys
 
 from setuptools import setup
@@ -41,6 +41,8 @@ def _extension():
         cxx_flags += ["-fopenmp"]
         link_flags += ["-fopenmp"]
     if _want_mps():
+        # Embeds metal/*.metal into csrc/mps/metal_source.h (compiled once at run time).
+        subprocess.check_call([sys.executable, os.path.join(ROOT, "csrc", "mps", "embed_metal.py")])
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "mps", "*.mm")))
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "mps", "*.cpp")))
         link_flags += ["-framework", "Metal", "-framework", "Foundation"]

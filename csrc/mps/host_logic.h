@@ -1,0 +1,117 @@
+// The platform-independent half of the MPS backend: argument checks, output shapes,
+// grid and threadgroup sizes, function constants (pipeline keys) and argument packing
+// for every Metal kernel launch. No Objective-C, no torch: tensors are described by
+// plain structs, so this file builds and is tested on Linux (tests/test_metal_host_logic.py
+// compiles it with g++) and drives the Metal emulator (tools/metal_emu/plan_abi.cpp),
+// while csrc/mps/ops.mm turns a Plan into encoder calls on PyTorch's MPS stream.
+//
+// Errors are std::invalid_argument whose message names the offending argument; ops.mm
+// rethrows them through TORCH_CHECK.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fq_mps {
+
+enum class Dtype : int32_t { F32, F16, BF16, I8, U8, E4M3, E5M2, Bool, I32, F64, Other };
+const char* dtype_name(Dtype d);
+int64_t dtype_size(Dtype d);
+
+// A tensor as the kernels see it: dtype, sizes and strides in elements. `defined` is
+// false for an absent optional argument.
+struct TensorDesc {
+  bool defined = false;
+  Dtype dtype = Dtype::F32;
+  std::vector<int64_t> sizes, strides;
+  int64_t numel() const;
+  static TensorDesc contiguous(Dtype dtype, std::vector<int64_t> sizes);
+};
+
+// Where a launch's buffer slot comes from: an input (index into the op's input list), an
+// output / temporary (kOutput + index into Plan::outputs), or nothing (kUnbound: the
+// kernel never reads the slot; the host binds any valid buffer there because Metal wants
+// every declared buffer argument bound).
+constexpr int kOutput = 1000;
+constexpr int kUnbound = -1;
+struct Binding {
+  int slot;
+  int source;
+};
+
+struct Launch {
+  std::string function;
+  std::vector<std::pair<int, int32_t>> constants;  // (function-constant index, value)
+  uint32_t grid[3] = {1, 1, 1};                    // threadgroups
+  uint32_t threads[3] = {1, 1, 1};                 // threads per threadgroup
+  uint32_t tg_mem_bytes = 0;                       // threadgroup memory at index 0
+  std::vector<Binding> bindings;
+  int params_slot = 0;
+  std::vector<uint8_t> params;  // bytes for setBytes at params_slot
+  // Pipelines are cached by this: function name + function-constant values.
+  std::string pipeline_key() const;
+};
+
+struct OutputSpec {
+  Dtype dtype;
+  std::vector<int64_t> sizes;  // allocated contiguous
+  bool zero_fill = false;
+};
+
+struct Plan {
+  std::vector<OutputSpec> outputs;
+  std::vector<Launch> launches;  // encoded in order on one stream
+};
+
+// ---- attention: inputs in this order (absent optional ones have defined = false)
+enum AttnInput {
+  kQ, kK, kV,
+  kQData, kQScale, kQZp,
+  kKData, kKScale, kKZp, kKMean,
+  kVData, kVScale, kVZp,
+  kMask,
+  kGradOut, kOut, kLse,  // backward only
+  kNumAttnInputs
+};
+struct AttnArgs {
+  TensorDesc t[kNumAttnInputs];
+  bool causal = false;
+  bool has_scale = false;
+  double scale = 0.0;
+  std::string pv_precision = "none";
+};
+// Outputs: out, lse.
+Plan plan_attention_forward(const AttnArgs& a);
+// Outputs: dq, dk, dv, then the temporaries delta and lse' (B, Hq, Sq) float32.
+Plan plan_attention_backward(const AttnArgs& a);
+
+// ---- quantize: input 0 is x, contiguous. Outputs: data, scale, zero_point, mean.
+struct QuantArgs {
+  TensorDesc x;
+  std::string precision, granularity, strategy;
+  int64_t block_size = 1;
+  bool smooth = false;
+};
+Plan plan_quantize(const QuantArgs& a);
+
+// ---- quantize_with_scale: inputs 0 x (contiguous), 1 scale, 2 zero_point (may be
+// undefined: symmetric). Output: data. Scales index as in dequantize.
+struct QuantWithScaleArgs {
+  TensorDesc x, scale, zero_point;
+  std::string precision;
+  int64_t block_size = 1;
+};
+Plan plan_quantize_with_scale(const QuantWithScaleArgs& a);
+
+// ---- dequantize: inputs 0 data, 1 scale, 2 zero_point, 3 mean. Output: x.
+struct DequantArgs {
+  TensorDesc data, scale, zero_point, mean;
+  std::string precision;
+  int64_t block_size = 1;
+  Dtype dtype = Dtype::F32;
+};
+Plan plan_dequantize(const DequantArgs& a);
+
+}  // namespace fq_mps
