@@ -336,7 +336,8 @@ def _build_presets() -> dict:
     # takes the outlier family at D=64 from 13.2 % to about 10.5 % rel-L2.
     q4, k4 = _qk(Precision.INT4, rotate=True, scale_search="mse")
     presets["int4"] = AttentionConfig(q=q4, k=k4, name="int4")
-    q8, k8 = _qk(Precision.FP8_E4M3, rotate=False)
+    # FP8 Q/K: rotation takes the outlier family from 9.8 % to 4.1 % rel-L2 (CPU, S=1024).
+    q8, k8 = _qk(Precision.FP8_E4M3, rotate=True)
     presets["fp8"] = AttentionConfig(q=q8, k=k8, name="fp8")
     for p in (Precision.FP16, Precision.BF16, Precision.FP32):
         presets[p.value] = AttentionConfig(compute_dtype=p, name=p.value)
