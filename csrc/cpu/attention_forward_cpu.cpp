@@ -1,0 +1,235 @@
+// CPU kernel of flash_quant::attention_forward (docs/op_contract.md).
+//
+// Flash-attention tiling: each task owns one (batch, query head, 64-query tile), keeps
+// its output tile O (64 × Dp fp32) and the running max / sum in L1/L2, and streams the
+// 64-key tiles of its kv head through QKᵀ -> online softmax -> P·V.
+//
+// Q·Kᵀ takes one of two paths:
+//  * integer (Q and K both int8 or int4): exact int32 dot products with vpdpbusd. With
+//    q̃ = q - z_q and k̃ = k - z_k (per-row zero points), and Q fed to the
+//    instruction as the unsigned u = q + 128,
+//      q̃·k̃ = Σ u·k - 128·Σk - z_k·Σq - z_q·(Σk - D·z_k)
+//    so per key we precompute c_j = -128·Σk_j and e_j = D·z_kj - Σk_j, per query
+//    a_i = -Σq_i; the score is scale · s_qi · s_kj · (q̃·k̃) in fp32. INT4 is unpacked
+//    to int8 once per tile (values -8..7, exact).
+//  * fp32 (any other combination, e.g. FP8, or float Q with int8 K): both operands are
+//    decoded / dequantized to fp32 rows, and Q·Kᵀ is an fp32 tile product.
+// K (in its path's packed layout) and V (dequantized to fp32, (data - z) · scale with a
+// per-row or per-channel scale) are prepared once per kv head, then shared by every
+// query tile and every query head of the GQA group.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention_common.h"
+#include "cpu/cpu_common.h"
+#include "cpu/kernels_cpu.h"
+#include "cpu/operand.h"
+#include "cpu/tile_ops.h"
+
+namespace flash_quant {
+namespace cpu {
+namespace {
+
+// K of every (b, kv head) in the layout its Q·Kᵀ path needs, and V as fp32 rows.
+struct KvPanels {
+  bool integer = false;
+  int64_t per_head_k = 0, per_head_cols = 0, per_head_v = 0;
+  std::vector<int8_t> kp;       // integer: [nkb][D/4][kBN][4]
+  std::vector<int32_t> col_c, col_zk, col_ek;  // integer: per key, see the file comment
+  std::vector<float> col_mul;   // integer: per-key scale s_k (0 for padding keys)
+  std::vector<float> kt;        // fp32: [nkb][D][kBN]
+  std::vector<float> v;         // [Skv_pad][Dp]
+};
+
+void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, bool integer, KvPanels& p) {
+  const int64_t heads = d.B * d.Hkv;
+  p.integer = integer;
+  p.per_head_v = d.Skv_pad * d.Dp;
+  p.v.assign(heads * p.per_head_v, 0.f);
+  if (integer) {
+    p.per_head_k = d.Skv_pad * d.D;
+    p.per_head_cols = d.Skv_pad;
+    p.kp.assign(heads * p.per_head_k, 0);
+    p.col_c.assign(heads * d.Skv_pad, 0);
+    p.col_zk.assign(heads * d.Skv_pad, 0);
+    p.col_ek.assign(heads * d.Skv_pad, 0);
+    p.col_mul.assign(heads * d.Skv_pad, 0.f);
+  } else {
+    p.per_head_k = d.Skv_pad * d.D;
+    p.kt.assign(heads * p.per_head_k, 0.f);
+  }
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<int8_t> row(d.D);
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / d.Hkv, h = bh % d.Hkv;
+      pack_rows_f32(V, b, h, d.Skv, d.Skv_pad, d.Dp, p.v.data() + bh * p.per_head_v);
+      if (!integer) {
+        pack_transposed_f32(K, b, h, d.Skv, d.Skv_pad, p.kt.data() + bh * p.per_head_k);
+        continue;
+      }
+      int8_t* kp = p.kp.data() + bh * p.per_head_k;
+      const int64_t c0 = bh * p.per_head_cols;
+      for (int64_t j = 0; j < d.Skv; ++j) {
+        K.load_int(b, h, j, row.data());
+        int8_t* tile = kp + (j / kBN) * d.D * kBN;
+        const int64_t jj = j % kBN;
+        int32_t sum = 0;
+        for (int64_t t = 0; t < d.D / 4; ++t)
+          for (int c = 0; c < 4; ++c) {
+            tile[(t * kBN + jj) * 4 + c] = row[4 * t + c];
+            sum += row[4 * t + c];
+          }
+        const int32_t zk = K.row_zero_point(b, h, j);
+        p.col_c[c0 + j] = -128 * sum;
+        p.col_zk[c0 + j] = zk;
+        p.col_ek[c0 + j] = static_cast<int32_t>(d.D) * zk - sum;
+        p.col_mul[c0 + j] = K.row_scale(b, h, j);
+      }
+    }
+  });
+}
+
+// pv_precision != "none": P (≤ 1 after the running max is subtracted) rounded to the
+// P·V operand precision. The row sum l keeps the unrounded P. INT8 uses one scale per
+// row and key tile, (max of P over the tile) / 127: a fixed 1/127 would round away the
+// small probabilities of flat rows (docs/op_contract.md).
+void round_p(float* P, int rows, PvPrecision pv) {
+  const int64_t n = static_cast<int64_t>(rows) * kBN;
+  if (pv == PvPrecision::Int8) {
+    for (int r = 0; r < rows; ++r) {
+      float* row = P + static_cast<int64_t>(r) * kBN;
+      float tile_max = 0.f;
+      for (int j = 0; j < kBN; ++j) tile_max = std::max(tile_max, row[j]);
+      const float s = tile_max > 0.f ? tile_max / 127.f : 1.f;
+      for (int j = 0; j < kBN; ++j) row[j] = round_half_even(row[j] / s) * s;
+    }
+  } else if (pv == PvPrecision::FP8E4M3) {
+    for (int64_t i = 0; i < n; ++i) P[i] = static_cast<float>(c10::Float8_e4m3fn(P[i]));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& q_data,
+    const OptTensor& q_scale, const OptTensor& q_zero_point, const OptTensor& k_data,
+    const OptTensor& k_scale, const OptTensor& k_zero_point, const OptTensor& k_mean,
+    const OptTensor& v_data, const OptTensor& v_scale, const OptTensor& v_zero_point,
+    const OptTensor& attn_mask, bool is_causal, std::optional<double> scale_opt,
+    c10::string_view pv_precision) {
+  const AttnDims d = check_attention_shapes(q, k, v, "attention_forward");
+  const PvPrecision pv = parse_pv_precision(pv_precision);
+  const Operand Q = make_operand(q, q_data, q_scale, q_zero_point, "q", /*per_row_scale=*/true);
+  const Operand K = make_operand(k, k_data, k_scale, k_zero_point, "k", /*per_row_scale=*/true);
+  const Operand V = make_operand(v, v_data, v_scale, v_zero_point, "v", /*per_row_scale=*/false);
+  const MaskView mask = make_mask(attn_mask, d.B, d.Hq, d.Sq, d.Skv);
+  const at::Tensor kmean = expand_k_mean(k_mean, d);
+  const float scale = static_cast<float>(scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(d.D)));
+  const bool integer = Q.integer() && K.integer();
+  const TileOps& ops = tile_ops();
+
+  KvPanels kv;
+  prepare_kv(K, V, d, integer, kv);
+
+  at::Tensor out32 = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
+  float* outp = out32.data_ptr<float>();
+  float* lsep = lse.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, d.B * d.Hq * d.nqb, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t Dp = d.Dp, D = d.D;
+    std::vector<float> qf(kBM * Dp, 0.f), S(kBM * kBN), O(kBM * Dp), mrow(kBM), lrow(kBM);
+    std::vector<uint8_t> qu(kBM * D);
+    std::vector<int8_t> qrow(D);
+    std::vector<float> row_mul(kBM);
+    std::vector<int32_t> row_a(kBM), row_zq(kBM);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t qb = task % d.nqb, h = (task / d.nqb) % d.Hq, b = task / (d.nqb * d.Hq);
+      const int64_t hk = h / d.group, bh = b * d.Hkv + hk;
+      const int64_t i0 = qb * kBM;
+      const int m = static_cast<int>(std::min<int64_t>(kBM, d.Sq - i0));
+
+      // Load the query tile in the form its path needs (fp32 rows are also needed for
+      // the k_mean correction of lse).
+      bool zero_points = false;
+      for (int r = 0; r < m; ++r) {
+        if (integer) {
+          Q.load_int(b, h, i0 + r, qrow.data());
+          int32_t sum = 0;
+          for (int64_t c = 0; c < D; ++c) {
+            qu[r * D + c] = static_cast<uint8_t>(qrow[c] + 128);
+            sum += qrow[c];
+          }
+          row_a[r] = -sum;
+          row_zq[r] = Q.row_zero_point(b, h, i0 + r);
+          row_mul[r] = scale * Q.row_scale(b, h, i0 + r);
+        }
+        if (!integer || kmean.defined()) Q.load_f32(b, h, i0 + r, qf.data() + r * Dp);
+      }
+      if (integer) zero_points = Q.zp != nullptr || K.zp != nullptr;
+      IntScoreParams ip{row_mul.data(), row_a.data(), row_zq.data(), nullptr, nullptr, nullptr, nullptr,
+                        zero_points};
+
+      std::fill(O.begin(), O.end(), 0.f);
+      std::fill(mrow.begin(), mrow.end(), ninf);
+      std::fill(lrow.begin(), lrow.end(), 0.f);
+      // Causal: key tiles past the last query row of this tile are never visible.
+      const int64_t kb_end = is_causal ? std::min<int64_t>(d.nkb, (i0 + m - 1) / kBN + 1) : d.nkb;
+      for (int64_t kb = 0; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * kBN;
+        if (integer) {
+          const int64_t c = bh * kv.per_head_cols + j0;
+          ip.col_mul = kv.col_mul.data() + c;
+          ip.col_c = kv.col_c.data() + c;
+          ip.col_zk = kv.col_zk.data() + c;
+          ip.col_ek = kv.col_ek.data() + c;
+          ops.qk_int8_scores(qu.data(), D, m, static_cast<int>(D),
+                             kv.kp.data() + bh * kv.per_head_k + kb * D * kBN, ip, S.data());
+        } else {
+          ops.gemm_f32(qf.data(), Dp, kv.kt.data() + bh * kv.per_head_k + kb * D * kBN, kBN, S.data(), kBN,
+                       m, kBN, static_cast<int>(D), scale, false);
+        }
+        mask.apply(b, h, i0, m, j0, static_cast<int>(std::min<int64_t>(kBN, d.Skv - j0)), S.data());
+        if (j0 + kBN > d.Skv || (is_causal && j0 + kBN - 1 > i0))
+          mask_bounds_and_causal(S.data(), m, i0, j0, d.Skv, is_causal);
+        ops.softmax_update(S.data(), m, mrow.data(), lrow.data(), O.data(), Dp, static_cast<int>(Dp));
+        round_p(S.data(), m, pv);
+        ops.gemm_f32(S.data(), kBN, kv.v.data() + bh * kv.per_head_v + j0 * Dp, Dp, O.data(), Dp, m,
+                     static_cast<int>(Dp), kBN, 1.f, true);
+      }
+
+      for (int r = 0; r < m; ++r) {
+        const int64_t row = (b * d.Hq + h) * d.Sq + i0 + r;
+        float* o = outp + row * D;
+        if (mrow[r] == ninf) {  // no visible key
+          std::fill(o, o + D, 0.f);
+          lsep[row] = ninf;
+          continue;
+        }
+        const float inv = 1.f / lrow[r];
+        for (int64_t c = 0; c < D; ++c) o[c] = O[r * Dp + c] * inv;
+        double l = double(mrow[r]) + std::log(double(lrow[r]));
+        if (kmean.defined()) {
+          // lse of the unsmoothed scores: + scale · q_i · k_mean.
+          const float* km = kmean.data_ptr<float>();
+          const int64_t off = b * kmean.stride(0) + hk * kmean.stride(1);
+          double dot = 0.0;
+          for (int64_t c = 0; c < D; ++c) dot += double(qf[r * Dp + c]) * km[off + c * kmean.stride(3)];
+          l += double(scale) * dot;
+        }
+        lsep[row] = static_cast<float>(l);
+      }
+    }
+  });
+  at::Tensor out = q.scalar_type() == at::kFloat ? out32 : out32.to(q.scalar_type());
+  return {out, lse};
+}
+
+}  // namespace cpu
+}  // namespace flash_quant

@@ -1,0 +1,500 @@
+"""Triton attention forward for flash_quant::attention_forward (CUDA key).
+
+One program computes a BLOCK_M tile of query rows of one (batch, query head) against
+all visible keys with an online softmax in fp32 (base 2: ``scale * log2(e)`` and the
+per-row Q scale are folded into one factor). Q·Kᵀ modes (``QK_MODE``):
+
+* 0 INT8 x INT8 on the tensor cores, int32 accumulation, times the two row scales;
+* 1 packed INT4 x INT4: nibbles unpacked in registers to int8, two INT8 dots (even and
+  odd columns of D) summed in int32;
+* 2 FP8 x FP8 (e4m3 / e5m2, any mix), fp32 accumulation;
+* 3 generic: each operand's codes (minus its zero point) or float values converted to
+  the 16-bit input type (exact for every code) — asymmetric, mixed-precision and
+  unquantized inputs; fp32 inputs use tf32 dots.
+
+P·V modes (``PV_MODE``): 0 P in the input's 16-bit type, V dequantized (or its codes with
+the per-channel scale applied after the loop); 1 P rounded to e4m3 times FP8 V on the
+tensor cores (V per-channel scale after the loop, fp32 promotion every BLOCK_N <= 128
+keys through ``max_num_imprecise_acc``); 2 P quantized to int8 (scale: the row's max over
+the key tile / 127) times INT8 V, int32 per key block, rescaled per row; 3 / 4 the same P roundings with a 16-bit dot for any other V.
+
+Causal blocks above the diagonal are skipped; only the diagonal / sequence-tail blocks
+pay for masking. Tails are masked loads, the head dim is padded to a power of two by
+masks. GQA maps query head h to kv head h // (Hq / Hkv). Fully masked rows give out 0 and
+lse -inf. ``attention_forward_launch`` works on tensors of any device (CPU under
+``TRITON_INTERPRET=1``); ``attention_forward_cuda`` is the op kernel registered at import.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _C  # noqa: F401  (defines the op schemas)
+from . import autotune
+from .common import (
+    KIND_FLOAT,
+    KIND_FP8,
+    KIND_INT4,
+    KIND_INT8,
+    LN2,
+    LOG2E,
+    interleave_int4,
+    load_codes,
+    load_dequant,
+    operand_kind,
+    round_half_even,
+    round_to_fp8,
+    score_mask,
+)
+
+__all__ = ["attention_forward_launch", "attention_forward_cuda", "plan"]
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_PV_PRECISIONS = ("none", "int8", "fp8_e4m3")
+
+
+@triton.jit
+def _to_fp8e4(p, EXACT: tl.constexpr):
+    if EXACT:  # interpreter: its fp32 -> fp8 cast mis-rounds carries; round explicitly
+        return round_to_fp8(p, 3, -6).to(tl.float8e4nv)
+    else:
+        return p.to(tl.float8e4nv)
+
+
+@triton.jit
+def _dot16(a, b, acc, DOT_F32: tl.constexpr):
+    """a @ b (+ acc) of 16-bit (or fp32) tiles with fp32 accumulation. DOT_F32 widens the
+    operands first: the interpreter's bf16 dot is wrong (numpy has no bf16)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _p_tile_scale(p):
+    """INT8 scale of P per row over this key tile (1 for an all-zero row)."""
+    tmax = tl.max(p, 1)
+    return tl.where(tmax > 0.0, tmax * (1.0 / 127.0), 1.0)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
+                    k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
+                    offs_m, start, stop, Sq, Skv,
+                    sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
+                    K_KIND: tl.constexpr, V_KIND: tl.constexpr, QK_MODE: tl.constexpr,
+                    PV_MODE: tl.constexpr, K_QUANT: tl.constexpr, K_ZP: tl.constexpr,
+                    V_ZP: tl.constexpr, V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr,
+                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr,
+                    COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < Skv
+        # ---- S = Q Kᵀ (base-2 logits)
+        if QK_MODE == 1:
+            klo, khi = load_codes(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM, K_KIND, BLOCK_D)
+            qk = tl.dot(q0, tl.trans(klo), out_dtype=tl.int32)
+            qk = tl.dot(q1, tl.trans(khi), qk, out_dtype=tl.int32)
+            qk = qk.to(tl.float32)
+        elif QK_MODE == 0:
+            k = load_codes(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM, K_KIND, BLOCK_D)
+            qk = tl.dot(q0, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        elif QK_MODE == 2:
+            k = load_codes(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM, K_KIND, BLOCK_D)
+            qk = tl.dot(q0, tl.trans(k))
+        else:
+            k = load_dequant(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM,
+                             ks_base, 0, 0, kz_base, skz_s, 0,
+                             K_KIND, False, K_ZP, BLOCK_N, BLOCK_D)
+            qk = _dot16(q0, tl.trans(k.to(COMPUTE)), tl.zeros((q0.shape[0], BLOCK_N), dtype=tl.float32),
+                        DOT_F32)
+        if K_QUANT:
+            ks = tl.load(ks_base + offs_n * sks_s, mask=nmask, other=0.0)
+            s = qk * (qs2[:, None] * ks[None, :])
+        else:
+            s = qk * qs2[:, None]
+        if CHECK or MASK_KIND != 0:
+            visible, bias = score_mask(offs_m, offs_n, Sq, Skv, mask_base, smm, smn,
+                                       IS_CAUSAL and CHECK, CHECK, MASK_KIND)
+            if MASK_KIND == 2:
+                s = s + bias * 1.4426950408889634
+            s = tl.where(visible, s, float("-inf"))
+        # ---- online softmax (fp32, exp2)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASK_KIND != 0:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        # ---- acc += P V
+        if PV_MODE == 1 or PV_MODE == 2:
+            if V_TRANS:
+                vt = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
+                             mask=(offs_d[:, None] < HEAD_DIM) & nmask[None, :], other=0.0)
+                v = tl.trans(vt)
+            else:
+                v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                            mask=nmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            if PV_MODE == 1:
+                acc = tl.dot(_to_fp8e4(p, FP8_EXACT), v, acc, max_num_imprecise_acc=BLOCK_N)
+            else:
+                # int8 P per row and key tile: scale = tile max / 127 (a fixed 1/127 rounds
+                # away the small probabilities of flat rows: 2.8 % vs 1.7 % rel-L2).
+                psc = _p_tile_scale(p)
+                pq = round_half_even(p / psc[:, None]).to(tl.int8)
+                acc += tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * psc[:, None]
+        else:
+            if V_KIND == 0 and not V_DEQ_IN_LOOP:
+                if V_TRANS:
+                    vt = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
+                                 mask=(offs_d[:, None] < HEAD_DIM) & nmask[None, :], other=0.0)
+                    vc = tl.trans(vt).to(COMPUTE)
+                else:
+                    vc = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                                 mask=nmask[:, None] & (offs_d[None, :] < HEAD_DIM),
+                                 other=0.0).to(COMPUTE)
+            else:
+                vc = load_dequant(v_base, offs_n, offs_d, svs, svd, nmask, HEAD_DIM,
+                                  vs_base, svs_s, svs_d, vz_base, svz_s, svz_d,
+                                  V_KIND, V_DEQ_IN_LOOP, V_ZP, BLOCK_N, BLOCK_D).to(COMPUTE)
+            if PV_MODE == 3:
+                pc = _to_fp8e4(p, FP8_EXACT).to(COMPUTE)
+            elif PV_MODE == 4:
+                psc = _p_tile_scale(p)
+                pc = (round_half_even(p / psc[:, None]) * psc[:, None]).to(COMPUTE)
+            else:
+                pc = p.to(COMPUTE)
+            acc = _dot16(pc, vc, acc, DOT_F32)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
+                     sm_scale, Hq, kv_group, Sq, Skv,
+                     sqb, sqh, sqs, sqd,
+                     skb, skh, sks, skd,
+                     svb, svh, svs, svd,
+                     sqs_b, sqs_h, sqs_s,
+                     sqz_b, sqz_h, sqz_s,
+                     sks_b, sks_h, sks_s,
+                     skz_b, skz_h, skz_s,
+                     svs_b, svs_h, svs_s, svs_d,
+                     svz_b, svz_h, svz_s, svz_d,
+                     skm_b, skm_h, skm_d,
+                     smb, smh, smm, smn,
+                     sob, soh, som, sod,
+                     Q_KIND: tl.constexpr, K_KIND: tl.constexpr, V_KIND: tl.constexpr,
+                     QK_MODE: tl.constexpr, PV_MODE: tl.constexpr,
+                     Q_QUANT: tl.constexpr, K_QUANT: tl.constexpr, V_QUANT: tl.constexpr,
+                     Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
+                     V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
+                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n_m = tl.num_programs(0)
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m  # heaviest (longest) rows first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // kv_group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < Sq
+
+    # ---- Q tile, its row scale folded with scale * log2(e)
+    q_base = Q + b * sqb + h * sqh
+    if QK_MODE == 1:
+        q0, q1 = load_codes(q_base, offs_m, offs_d, sqs, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
+    elif QK_MODE == 3:
+        q0 = load_dequant(q_base, offs_m, offs_d, sqs, sqd, mmask, HEAD_DIM,
+                          QS, 0, 0, QZ + b * sqz_b + h * sqz_h, sqz_s, 0,
+                          Q_KIND, False, Q_ZP, BLOCK_M, BLOCK_D).to(COMPUTE)
+        q1 = q0
+    else:
+        q0 = load_codes(q_base, offs_m, offs_d, sqs, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
+        q1 = q0
+    if Q_QUANT:
+        q_scale = tl.load(QS + b * sqs_b + h * sqs_h + offs_m * sqs_s, mask=mmask, other=0.0)
+    else:
+        q_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    qs2 = q_scale * (sm_scale * 1.4426950408889634)
+
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    ks_base = KS + b * sks_b + hk * sks_h
+    kz_base = KZ + b * skz_b + hk * skz_h
+    vs_base = VS + b * svs_b + hk * svs_h
+    vz_base = VZ + b * svz_b + hk * svz_h
+    mask_base = MASK + b * smb + h * smh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    # blocks fully visible to every row of the tile need no causal / bounds masking
+    if IS_CAUSAL:
+        hi = tl.minimum(Skv, start_m + BLOCK_M)
+        full_end = tl.minimum((start_m + 1) // BLOCK_N, Skv // BLOCK_N) * BLOCK_N
+    else:
+        hi = Skv
+        full_end = (Skv // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
+        offs_m, 0, full_end, Sq, Skv,
+        sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
+        K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
+        MASK_KIND, IS_CAUSAL, False, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
+        offs_m, full_end, hi, Sq, Skv,
+        sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
+        K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
+        MASK_KIND, IS_CAUSAL, True, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+
+    # ---- epilogue
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    dmask = offs_d < HEAD_DIM
+    if V_QUANT and not V_DEQ_IN_LOOP:  # per-channel (or coarser) V scale, after the loop
+        vsc = tl.load(vs_base + offs_d * svs_d, mask=dmask, other=0.0)
+        out = out * vsc[None, :]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if HAS_KM:
+        km_base = KM + b * skm_b + hk * skm_h
+        if QK_MODE == 1:
+            half = tl.arange(0, BLOCK_D // 2)
+            hm = half < HEAD_DIM // 2
+            km_e = tl.load(km_base + (2 * half) * skm_d, mask=hm, other=0.0)
+            km_o = tl.load(km_base + (2 * half + 1) * skm_d, mask=hm, other=0.0)
+            qkm = tl.sum(q0.to(tl.float32) * km_e[None, :], 1) + tl.sum(q1.to(tl.float32) * km_o[None, :], 1)
+        else:
+            km = tl.load(km_base + offs_d * skm_d, mask=dmask, other=0.0)
+            qkm = tl.sum(q0.to(tl.float32) * km[None, :], 1)
+        lse = lse + qkm * q_scale * sm_scale
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=mmask)
+
+
+# ------------------------------------------------------------------------------- host
+def _bcast(t: Optional[torch.Tensor], shape, name: str, dtype=None) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"flash_quant.attention_forward: {name} must be a tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"flash_quant.attention_forward: {name} must be {dtype}, got {t.dtype}")
+    if t.dim() > len(shape):
+        raise ValueError(f"flash_quant.attention_forward: {name} of shape {tuple(t.shape)} has more dims "
+                         f"than {tuple(shape)}")
+    try:
+        return t.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"flash_quant.attention_forward: {name} of shape {tuple(t.shape)} does not broadcast "
+                         f"to {tuple(shape)}") from None
+
+
+def _check_operand(name, x, data, scale, zp, shape):
+    """Validate one (maybe quantized) operand; returns (tensor to read, kind, scale4, zp4)."""
+    b, h, s, d = shape
+    if data is None:
+        if scale is not None or zp is not None:
+            raise ValueError(f"flash_quant.attention_forward: {name}_scale / {name}_zero_point given "
+                             f"without {name}_data")
+        return x, KIND_FLOAT, None, None
+    if data.device != x.device:
+        raise RuntimeError(f"flash_quant.attention_forward: {name}_data is on {data.device}, {name} on {x.device}")
+    kind = operand_kind(data.dtype) if data.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2) else None
+    if kind is None:
+        raise TypeError(f"flash_quant.attention_forward: {name}_data must be int8, uint8 (packed int4) or "
+                        f"float8, got {data.dtype}")
+    want = (b, h, s, d // 2) if kind == KIND_INT4 else (b, h, s, d)
+    if kind == KIND_INT4 and d % 2:
+        raise ValueError(f"flash_quant.attention_forward: packed int4 {name}_data needs an even head dim")
+    if tuple(data.shape) != want:
+        raise ValueError(f"flash_quant.attention_forward: {name}_data has shape {tuple(data.shape)}, "
+                         f"expected {want}")
+    if scale is None:
+        raise ValueError(f"flash_quant.attention_forward: {name}_data given without {name}_scale")
+    sshape = (b, h, s, d) if name == "v" else (b, h, s, 1)
+    s4 = _bcast(scale, sshape, f"{name}_scale", torch.float32)
+    z4 = _bcast(zp, sshape, f"{name}_zero_point", torch.int32)
+    for t, n in ((s4, "scale"), (z4, "zero_point")):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"flash_quant.attention_forward: {name}_{n} is on {t.device}, {name} on {x.device}")
+    return data, kind, s4, z4
+
+
+def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_scale=None,
+         k_zero_point=None, k_mean=None, v_data=None, v_scale=None, v_zero_point=None,
+         attn_mask=None, is_causal=False, scale=None, pv_precision="none"):
+    """Check the arguments (before any kernel runs) and resolve the kernel's modes.
+    Returns a dict of launch arguments; raises TypeError / ValueError / RuntimeError with
+    the argument's name otherwise."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_quant.attention_forward: {name} must be a tensor")
+        if t.dim() != 4:
+            raise ValueError(f"flash_quant.attention_forward: {name} must have rank 4 (B, H, S, D), got {t.dim()}")
+        if t.dtype not in _TL_DTYPE:
+            raise TypeError(f"flash_quant.attention_forward: {name} must be float32/float16/bfloat16, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_quant.attention_forward: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise RuntimeError(f"flash_quant.attention_forward: q, k, v devices differ ({q.device}, {k.device}, {v.device})")
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Skv, Dk = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"flash_quant.attention_forward: v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"flash_quant.attention_forward: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"flash_quant.attention_forward: Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if not (16 <= D <= 256) or D % 8:
+        raise ValueError(f"flash_quant.attention_forward: head dim {D} must be a multiple of 8 in [16, 256]")
+    if Sq < 1 or Skv < 1 or B < 1:
+        raise ValueError(f"flash_quant.attention_forward: empty batch or sequence ({tuple(q.shape)}, {tuple(k.shape)})")
+    if pv_precision not in _PV_PRECISIONS:
+        raise ValueError(f"flash_quant.attention_forward: pv_precision must be one of {_PV_PRECISIONS}, got {pv_precision!r}")
+    qt, qkind, qs, qz = _check_operand("q", q, q_data, q_scale, q_zero_point, (B, Hq, Sq, D))
+    kt, kkind, ks, kz = _check_operand("k", k, k_data, k_scale, k_zero_point, (B, Hkv, Skv, D))
+    vt, vkind, vs, vz = _check_operand("v", v, v_data, v_scale, v_zero_point, (B, Hkv, Skv, D))
+    km = _bcast(k_mean, (B, Hkv, 1, D), "k_mean", torch.float32)
+    if km is not None and km.device != q.device:
+        raise RuntimeError(f"flash_quant.attention_forward: k_mean is on {km.device}, q on {q.device}")
+    mask = None
+    mask_kind = 0
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask_kind = 1
+        elif attn_mask.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            mask_kind = 2
+        else:
+            raise TypeError(f"flash_quant.attention_forward: attn_mask must be bool or floating, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise RuntimeError(f"flash_quant.attention_forward: attn_mask is on {attn_mask.device}, q on {q.device}")
+        mask = _bcast(attn_mask, (B, Hq, Sq, Skv), "attn_mask")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    scale = float(scale)
+
+    if qkind == kkind == KIND_INT8 and qz is None and kz is None:
+        qk_mode = 0
+    elif qkind == kkind == KIND_INT4 and qz is None and kz is None:
+        qk_mode = 1
+    elif qkind == kkind == KIND_FP8 and qz is None and kz is None:
+        qk_mode = 2
+    else:
+        qk_mode = 3
+    v_quant = vkind != KIND_FLOAT
+    v_per_col = v_quant and vs.stride(2) == 0 and vz is None and vkind != KIND_INT4
+    v_deq_in_loop = v_quant and not v_per_col
+    if pv_precision == "fp8_e4m3":
+        pv_mode = 1 if (vkind == KIND_FP8 and v_per_col) else 3
+    elif pv_precision == "int8":
+        pv_mode = 2 if (vkind == KIND_INT8 and v_per_col) else 4
+    else:
+        pv_mode = 0
+    v_trans = vt.stride(2) == 1 and vt.stride(3) != 1 and vkind != KIND_INT4
+    return dict(
+        q=qt, k=kt, v=vt, qs=qs, qz=qz, ks=ks, kz=kz, vs=vs, vz=vz, km=km, mask=mask,
+        B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D, scale=scale, dtype=q.dtype, device=q.device,
+        Q_KIND=qkind, K_KIND=kkind, V_KIND=vkind, QK_MODE=qk_mode, PV_MODE=pv_mode,
+        Q_QUANT=qkind != KIND_FLOAT, K_QUANT=kkind != KIND_FLOAT, V_QUANT=v_quant,
+        Q_ZP=qz is not None, K_ZP=kz is not None, V_ZP=vz is not None,
+        V_DEQ_IN_LOOP=v_deq_in_loop, V_TRANS=v_trans, HAS_KM=km is not None,
+        MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+    )
+
+
+def _strides(t, n):
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None,
+                             k_scale=None, k_zero_point=None, k_mean=None, v_data=None, v_scale=None,
+                             v_zero_point=None, attn_mask=None, is_causal=False, scale=None,
+                             pv_precision="none", config: Optional[autotune.Config] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel; returns (out, lse). `config` forces a launch config."""
+    p = plan(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
+             v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision)
+    B, Hq, Hkv, Sq, Skv, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Skv"], p["D"]
+    dev = p["device"]
+    out = torch.empty((B, Hq, Sq, D), dtype=p["dtype"], device=dev)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    dummy = lse  # never dereferenced: its constexpr flag is off
+    block_d = max(16, triton.next_power_of_2(D))
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if p["Q_KIND"] == KIND_INT4 or p["K_KIND"] == KIND_INT4:
+        block_d = max(32, block_d)  # int4 dots need >= 16 packed columns
+    qs, qz, ks, kz, vs, vz, km, mask = (p[n] for n in ("qs", "qz", "ks", "kz", "vs", "vz", "km", "mask"))
+    args = [
+        p["q"], p["k"], p["v"],
+        qs if qs is not None else dummy, ks if ks is not None else dummy, vs if vs is not None else dummy,
+        qz if qz is not None else dummy, kz if kz is not None else dummy, vz if vz is not None else dummy,
+        km if km is not None else dummy, mask if mask is not None else dummy, out, lse,
+        p["scale"], Hq, Hq // Hkv, Sq, Skv,
+        *p["q"].stride(), *p["k"].stride(), *p["v"].stride(),
+        *_strides(qs, 4)[:3], *_strides(qz, 4)[:3],
+        *_strides(ks, 4)[:3], *_strides(kz, 4)[:3],
+        *_strides(vs, 4)[:2], *_strides(vs, 4)[2:], *_strides(vz, 4),
+        *(tuple(km.stride()[:2]) + (km.stride(3),) if km is not None else (0, 0, 0)),
+        *_strides(mask, 4),
+        *out.stride(),
+    ]
+    consts = dict(
+        Q_KIND=p["Q_KIND"], K_KIND=p["K_KIND"], V_KIND=p["V_KIND"], QK_MODE=p["QK_MODE"],
+        PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], V_QUANT=p["V_QUANT"],
+        Q_ZP=p["Q_ZP"], K_ZP=p["K_ZP"], V_ZP=p["V_ZP"], V_DEQ_IN_LOOP=p["V_DEQ_IN_LOOP"],
+        V_TRANS=p["V_TRANS"], HAS_KM=p["HAS_KM"], MASK_KIND=p["MASK_KIND"], IS_CAUSAL=p["IS_CAUSAL"],
+        COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
+        DOT_F32=interpreting and p["dtype"] == torch.bfloat16,
+        HEAD_DIM=D, BLOCK_D=block_d,
+    )
+
+    def launch(cfg: autotune.Config):
+        grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
+        _attn_fwd_kernel[grid](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is None:
+        eight_bit = p["QK_MODE"] in (0, 1, 2)
+        nbytes = p["dtype"].itemsize if hasattr(p["dtype"], "itemsize") else 2
+        sq_bucket = "Sq<=64" if Sq <= 64 else ("Sq<=1024" if Sq <= 1024 else "Sq>1024")
+        key = ("attention_forward", dev.type, block_d, p["QK_MODE"], p["PV_MODE"], p["V_KIND"],
+               p["IS_CAUSAL"], p["MASK_KIND"], str(p["dtype"]).replace("torch.", ""), sq_bucket)
+        cands = autotune.forward_candidates(block_d, eight_bit, nbytes)
+        default = autotune.forward_default(block_d, eight_bit, nbytes, Sq)
+        config = autotune.select(key, cands, default, launch)
+    launch(config)
+    return out, lse
+
+
+def attention_forward_cuda(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point,
+                           k_mean, v_data, v_scale, v_zero_point, attn_mask, is_causal, scale,
+                           pv_precision):
+    if q.device.type != "cuda":
+        raise RuntimeError(f"flash_quant.attention_forward (CUDA kernel): q is on {q.device}")
+    with torch.cuda.device(q.device):
+        return attention_forward_launch(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale,
+                                        k_zero_point, k_mean, v_data, v_scale, v_zero_point,
+                                        attn_mask, is_causal, scale, pv_precision)
+
+
+torch.library.register_kernel("flash_quant::attention_forward", "cuda", attention_forward_cuda)

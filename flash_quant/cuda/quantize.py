@@ -1,0 +1,534 @@
+"""Triton kernels for flash_quant::quantize and flash_quant::dequantize (CUDA key).
+
+Semantics: docs/op_contract.md. Kernels:
+
+* ``_colstats_kernel``: one pass over x, per (leading index, channel): sum, max, min.
+  Gives the smoothing mean and the group ranges of per_channel / per_head / per_tensor.
+* ``_quantize_kernel``: one pass over x that subtracts the mean, finds each group's
+  range (per_token: per row; per_block: per run of ``block_size`` rows) or reads it
+  (column-group granularities), writes the scale / zero point and the codes. INT4 codes
+  are packed two per byte in the kernel.
+* ``_dequantize_kernel``: ``(data - zero_point) * scale + mean`` in the output dtype.
+
+Layout of 8-bit ``per_channel`` data (how V is quantized for the 8-bit P·V product):
+the codes are stored transposed, in a buffer of shape ``lead + (D, S_pad)`` with
+``S_pad = round_up(S, 16)``, and returned as the logical ``lead + (S, D)`` view of it
+(stride 1 along S). 8-bit tensor-core matmuls need their B operand K-major, and for P·V
+the reduction dim is the key sequence. :func:`data_layout` says which layout a call
+gets. All other data is contiguous.
+
+``quantize_launch`` / ``dequantize_launch`` take tensors on any device (CPU tensors run
+under ``TRITON_INTERPRET=1``); ``quantize_cuda`` / ``dequantize_cuda`` are the checked
+op kernels registered for the CUDA key at import.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _C  # noqa: F401  (defines the op schemas)
+from .common import pack_int4, round_half_even, round_to_fp8, unpack_int4
+
+__all__ = [
+    "PRECISIONS",
+    "GRANULARITIES",
+    "STRATEGIES",
+    "data_layout",
+    "quantize_launch",
+    "dequantize_launch",
+    "quantize_cuda",
+    "dequantize_cuda",
+]
+
+# precision -> (code, qmin, qmax, data dtype)
+PRECISIONS = {
+    "int8": (0, -128.0, 127.0, torch.int8),
+    "int4": (1, -8.0, 7.0, torch.uint8),
+    "fp8_e4m3": (2, -448.0, 448.0, torch.float8_e4m3fn),
+    "fp8_e5m2": (3, -57344.0, 57344.0, torch.float8_e5m2),
+}
+GRANULARITIES = ("per_tensor", "per_head", "per_token", "per_block", "per_channel")
+STRATEGIES = ("symmetric", "asymmetric", "legacy")
+
+_MODE_ROW, _MODE_BLOCK, _MODE_COLS = 0, 1, 2
+from ..ops import CUDA_KMAJOR_ALIGN as _S_ALIGN  # padding of the sequence dim of K-major 8-bit data
+
+
+def data_layout(shape, precision: str, granularity: str) -> str:
+    """"transposed" when the CUDA quantize stores the codes K-major for P·V (8-bit,
+    per_channel, rank >= 2), else "contiguous"."""
+    from ..ops import cuda_kmajor_layout  # the rule the fake kernel mirrors
+
+    return "transposed" if cuda_kmajor_layout(shape, precision, granularity) else "contiguous"
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L2, S, D,
+                     sx1, sx2, sxs, sxd,
+                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (leading index l, channel d): sum, max and min of x[l, :, d] in fp32."""
+    pid_d = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    l1 = pid_l // L2
+    l2 = pid_l % L2
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    base = x_ptr + l1.to(tl.int64) * sx1 + l2.to(tl.int64) * sx2
+    acc_sum = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    acc_max = tl.full((BLOCK_S, BLOCK_D), float("-inf"), dtype=tl.float32)
+    acc_min = tl.full((BLOCK_S, BLOCK_D), float("inf"), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        m = (offs_s[:, None] < S) & dmask[None, :]
+        x = tl.load(base + offs_s[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
+                    other=0.0).to(tl.float32)
+        acc_sum += x
+        acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
+        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+    out = pid_l * D + offs_d
+    tl.store(sum_ptr + out, tl.sum(acc_sum, axis=0), mask=dmask)
+    tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=dmask)
+    tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=dmask)
+
+
+@triton.jit
+def _scale_from_range(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr):
+    """(scale, zero point as fp32) of a group whose values span [lo, hi] (lo <= 0 <= hi)."""
+    if ASYM:
+        s = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + (QMAX - QMIN))
+        s = tl.where(s == 0.0, 1.0, s)
+        z = round_half_even(tl.minimum(tl.maximum(QMIN - tl.math.div_rn(lo, s), QMIN - 1.0),
+                                       QMAX + 1.0))
+        z = tl.minimum(tl.maximum(z, QMIN), QMAX)
+    else:
+        amax = tl.maximum(-lo, hi)
+        s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
+        s = tl.where(s == 0.0, 1.0, s)
+        z = tl.zeros_like(s)
+    return s, z
+
+
+@triton.jit
+def _encode(y, s, z, PREC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+            ASYM: tl.constexpr):
+    """Codes of fp32 values `y` for broadcastable scale `s` / zero point `z`."""
+    r = tl.math.div_rn(y, s)
+    if PREC >= 2:  # fp8: (x / s) rounded to the float8 type
+        r = tl.minimum(tl.maximum(r, QMIN), QMAX)
+        if PREC == 2:
+            return round_to_fp8(r, 3, -6).to(tl.float8e4nv)
+        else:
+            return round_to_fp8(r, 2, -14).to(tl.float8e5)
+    else:
+        if ASYM:
+            r = round_half_even(tl.minimum(tl.maximum(r, -1024.0), 1024.0)) + z
+            r = tl.minimum(tl.maximum(r, QMIN), QMAX)
+        else:
+            r = round_half_even(tl.minimum(tl.maximum(r, -QMAX), QMAX))
+        return r.to(tl.int32)
+
+
+@triton.jit
+def _store_codes(data_ptr, codes, offs_r, rmask, so_s, so_d, D,
+                 PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    if PREC == 1:
+        packed = pack_int4(codes, BLOCK_R, BLOCK_D)
+        half = tl.arange(0, BLOCK_D // 2)
+        m = rmask[:, None] & (half[None, :] < D // 2)
+        tl.store(data_ptr + offs_r[:, None].to(tl.int64) * so_s + half[None, :] * so_d, packed,
+                 mask=m)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (offs_d[None, :] < D)
+        if PREC == 0:
+            codes = codes.to(tl.int8)
+        tl.store(data_ptr + offs_r[:, None].to(tl.int64) * so_s + offs_d[None, :].to(tl.int64) * so_d,
+                 codes, mask=m)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, mean_ptr, lo_ptr, hi_ptr, data_ptr, scale_ptr, zp_ptr,
+                     L2, S, D, group_rows, n_groups,
+                     sx1, sx2, sxs, sxd,
+                     so_l, so_s, so_d,
+                     sg_l, sg_d,
+                     MODE: tl.constexpr, PREC: tl.constexpr, QMIN: tl.constexpr,
+                     QMAX: tl.constexpr, ASYM: tl.constexpr, HAS_MEAN: tl.constexpr,
+                     WRITE_COL_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Quantize one (row group or row chunk) x (all channels) slab of x[l].
+
+    MODE 0: BLOCK_R rows, one group per row. MODE 1: one group of `group_rows` rows, read
+    in chunks of BLOCK_R twice (range, then codes). MODE 2: BLOCK_R rows whose groups are
+    columns; the group ranges come from lo/hi (index l * sg_l + d * sg_d, already with
+    the mean removed); WRITE_COL_SCALE stores the per-channel scale once (program 0)."""
+    pid_g = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    l1 = pid_l // L2
+    l2 = pid_l % L2
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    x_base = x_ptr + l1.to(tl.int64) * sx1 + l2.to(tl.int64) * sx2
+    o_base = data_ptr + pid_l.to(tl.int64) * so_l
+    if HAS_MEAN:
+        mean = tl.load(mean_ptr + pid_l * D + offs_d, mask=dmask, other=0.0)
+    else:
+        mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    if MODE == 1:
+        r0 = pid_g * group_rows
+        r1 = tl.minimum(r0 + group_rows, S)
+        lo = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        hi = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for c in range(r0, r1, BLOCK_R):
+            offs_r = c + tl.arange(0, BLOCK_R)
+            m = (offs_r[:, None] < r1) & dmask[None, :]
+            x = tl.load(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
+                        other=0.0).to(tl.float32)
+            y = tl.where(m, x - mean[None, :], 0.0)
+            lo = tl.minimum(lo, y)
+            hi = tl.maximum(hi, y)
+        glo = tl.min(tl.min(lo, axis=1), axis=0)
+        ghi = tl.max(tl.max(hi, axis=1), axis=0)
+        s, z = _scale_from_range(glo, ghi, QMIN, QMAX, ASYM)
+        tl.store(scale_ptr + pid_l * n_groups + pid_g, s)
+        tl.store(zp_ptr + pid_l * n_groups + pid_g, z.to(tl.int32))
+        for c in range(r0, r1, BLOCK_R):
+            offs_r = c + tl.arange(0, BLOCK_R)
+            rmask = offs_r < r1
+            m = rmask[:, None] & dmask[None, :]
+            x = tl.load(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
+                        other=0.0).to(tl.float32)
+            codes = _encode(x - mean[None, :], s, z, PREC, QMIN, QMAX, ASYM)
+            _store_codes(o_base, codes, offs_r, rmask, so_s, so_d, D, PREC, BLOCK_R, BLOCK_D)
+    else:
+        offs_r = pid_g * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = offs_r < S
+        m = rmask[:, None] & dmask[None, :]
+        x = tl.load(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
+                    other=0.0).to(tl.float32)
+        y = tl.where(m, x - mean[None, :], 0.0)
+        if MODE == 0:
+            rlo = tl.minimum(tl.min(y, axis=1), 0.0)
+            rhi = tl.maximum(tl.max(y, axis=1), 0.0)
+            s, z = _scale_from_range(rlo, rhi, QMIN, QMAX, ASYM)
+            tl.store(scale_ptr + pid_l * S + offs_r, s, mask=rmask)
+            tl.store(zp_ptr + pid_l * S + offs_r, z.to(tl.int32), mask=rmask)
+            codes = _encode(y, s[:, None], z[:, None], PREC, QMIN, QMAX, ASYM)
+        else:
+            clo = tl.load(lo_ptr + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
+            chi = tl.load(hi_ptr + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
+            s, z = _scale_from_range(tl.minimum(clo, 0.0), tl.maximum(chi, 0.0), QMIN, QMAX, ASYM)
+            if WRITE_COL_SCALE:
+                first = (offs_d * 0 + pid_g) == 0
+                tl.store(scale_ptr + pid_l * D + offs_d, s, mask=dmask & first)
+                tl.store(zp_ptr + pid_l * D + offs_d, z.to(tl.int32), mask=dmask & first)
+            codes = _encode(y, s[None, :], z[None, :], PREC, QMIN, QMAX, ASYM)
+        _store_codes(o_base, codes, offs_r, rmask, so_s, so_d, D, PREC, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _dequantize_kernel(data_ptr, scale_ptr, zp_ptr, mean_ptr, out_ptr,
+                       L2, S, D, block_size,
+                       sd1, sd2, sds, sdd,
+                       ss1, ss2, ssg, ssd,
+                       sz1, sz2, szg, szd,
+                       sm1, sm2, smd,
+                       so1, so2, sos, sod,
+                       PREC: tl.constexpr, HAS_ZP: tl.constexpr, HAS_MEAN: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    l1 = (pid_l // L2).to(tl.int64)
+    l2 = (pid_l % L2).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_r < S
+    m = rmask[:, None] & (offs_d[None, :] < D)
+    dbase = data_ptr + l1 * sd1 + l2 * sd2
+    if PREC == 1:
+        half = tl.arange(0, BLOCK_D // 2)
+        hm = rmask[:, None] & (half[None, :] < D // 2)
+        packed = tl.load(dbase + offs_r[:, None].to(tl.int64) * sds + half[None, :] * sdd, mask=hm,
+                         other=0.0)
+        lo, hi = unpack_int4(packed)
+        x = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_D)).to(tl.float32)
+    else:
+        x = tl.load(dbase + offs_r[:, None].to(tl.int64) * sds + offs_d[None, :].to(tl.int64) * sdd,
+                    mask=m, other=0.0).to(tl.float32)
+    grp = (offs_r // block_size).to(tl.int64)
+    if HAS_ZP:
+        z = tl.load(zp_ptr + l1 * sz1 + l2 * sz2 + grp[:, None] * szg + offs_d[None, :] * szd,
+                    mask=m, other=0)
+        x = x - z.to(tl.float32)
+    s = tl.load(scale_ptr + l1 * ss1 + l2 * ss2 + grp[:, None] * ssg + offs_d[None, :] * ssd,
+                mask=m, other=0.0)
+    x = x * s
+    if HAS_MEAN:
+        mu = tl.load(mean_ptr + l1 * sm1 + l2 * sm2 + offs_d * smd, mask=offs_d < D, other=0.0)
+        x = x + mu[None, :]
+    tl.store(out_ptr + l1 * so1 + l2 * so2 + offs_r[:, None].to(tl.int64) * sos + offs_d[None, :] * sod,
+             x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    """View t (rank >= 1) as (L1, L2, S, D); only rank > 4 may copy."""
+    if t.dim() == 1:
+        return t.view(1, 1, 1, t.shape[0]) if t.is_contiguous() else t.reshape(1, 1, 1, -1)
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    if t.dim() == 4:
+        return t
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _row_block(block_d: int) -> int:
+    # keep a tile near 4K elements: enough independent loads per program, few registers
+    return max(1, min(64, 4096 // block_d))
+
+
+def _check_quantize_args(x, precision, granularity, block_size, strategy, smooth):
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"flash_quant.quantize: x must be a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1:
+        raise ValueError("flash_quant.quantize: x must have rank >= 1")
+    if precision not in PRECISIONS:
+        raise ValueError(f"flash_quant.quantize: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"flash_quant.quantize: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"flash_quant.quantize: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "asymmetric" and precision.startswith("fp8"):
+        raise ValueError("flash_quant.quantize: strategy 'asymmetric' is only defined for int8 / int4")
+    if strategy == "legacy" and granularity != "per_tensor":
+        raise ValueError("flash_quant.quantize: strategy 'legacy' needs granularity 'per_tensor'")
+    if granularity == "per_head" and x.dim() < 3:
+        raise ValueError("flash_quant.quantize: granularity 'per_head' needs x of rank >= 3")
+    if granularity == "per_channel" and x.dim() < 2:
+        raise ValueError("flash_quant.quantize: granularity 'per_channel' needs x of rank >= 2")
+    if granularity == "per_block" and x.dim() < 2:
+        raise ValueError("flash_quant.quantize: granularity 'per_block' needs x of rank >= 2")
+    if granularity == "per_block" and block_size < 1:
+        raise ValueError(f"flash_quant.quantize: block_size must be >= 1 for per_block, got {block_size}")
+    if smooth and x.dim() < 2:
+        raise ValueError("flash_quant.quantize: smooth=True needs x of rank >= 2")
+    if precision == "int4" and x.shape[-1] % 2:
+        raise ValueError(f"flash_quant.quantize: int4 needs an even last dim, got {x.shape[-1]}")
+    if x.shape[-1] > 16384:
+        raise ValueError(f"flash_quant.quantize: last dim {x.shape[-1]} exceeds the kernel limit 16384")
+
+
+def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_size: int,
+                    strategy: str, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the quantize kernels on x (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)
+    prec_code, qmin, qmax, ddtype = PRECISIONS[precision]
+    asym = strategy == "asymmetric"
+    shape = tuple(x.shape)
+    rank = len(shape)
+    dev = x.device
+    x4 = _as4d(x)
+    L1, L2, S, D = x4.shape
+    L = L1 * L2
+    block_d = _pow2(D, 16 if prec_code == 1 else 1)
+    lead = shape[:-2] if rank >= 2 else ()
+
+    # --- data buffer (contiguous, or transposed K-major for 8-bit per_channel)
+    d_cols = D // 2 if prec_code == 1 else D
+    transposed = data_layout(shape, precision, granularity) == "transposed"
+    if transposed:
+        s_pad = -(-S // _S_ALIGN) * _S_ALIGN
+        buf = torch.empty(lead + (D, s_pad), dtype=ddtype, device=dev)
+        if s_pad != S:
+            buf[..., S:].zero_()
+        data = buf[..., :S].transpose(-1, -2)
+        so_l, so_s, so_d = D * s_pad, 1, s_pad
+    else:
+        data = torch.empty(shape[:-1] + (d_cols,), dtype=ddtype, device=dev)
+        so_l, so_s, so_d = S * d_cols, d_cols, 1
+
+    mean = torch.empty((0,), dtype=torch.float32, device=dev)
+    colstats = None
+    need_cols = granularity in ("per_channel", "per_head", "per_tensor")
+    if smooth or need_cols:
+        csum = torch.empty((L, D), dtype=torch.float32, device=dev)
+        cmax = torch.empty((L, D), dtype=torch.float32, device=dev)
+        cmin = torch.empty((L, D), dtype=torch.float32, device=dev)
+        bd = min(block_d, 64)
+        bs = max(16, min(256, 4096 // bd))
+        _colstats_kernel[(triton.cdiv(D, bd), L)](
+            x4, csum, cmax, cmin, L2, S, D, *x4.stride(), BLOCK_S=bs, BLOCK_D=bd)
+        colstats = (csum, cmax, cmin)
+        if smooth:
+            mean = (csum / S).view(lead + (1, D))
+    mean_arg = mean if smooth else x4  # dummy pointer when unused
+
+    sshape = _scale_shape(shape, granularity, block_size)
+    br = _row_block(block_d)
+    if granularity in ("per_token", "per_block"):
+        scale = torch.empty(sshape, dtype=torch.float32, device=dev)
+        zp = torch.empty(sshape, dtype=torch.int32, device=dev)
+        if granularity == "per_token" or block_size == 1:
+            grid = (triton.cdiv(S, br), L)
+            mode, n_groups, grows = _MODE_ROW, S, 1
+        else:
+            n_groups = -(-S // block_size)
+            grows = block_size
+            br = min(br, _pow2(grows))
+            grid = (n_groups, L)
+            mode = _MODE_BLOCK
+        _quantize_kernel[grid](
+            x4, mean_arg, x4, x4, data, scale, zp, L2, S, D, grows, n_groups,
+            *x4.stride(), so_l, so_s, so_d, 0, 0,
+            MODE=mode, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
+            WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d)
+    else:
+        csum, cmax, cmin = colstats
+        if smooth:
+            m2 = mean.view(L, D)
+            lo, hi = cmin - m2, cmax - m2
+        else:
+            lo, hi = cmin, cmax
+        lo = lo.clamp_max(0.0)
+        hi = hi.clamp_min(0.0)
+        if granularity == "per_channel":
+            scale = torch.empty((L, D), dtype=torch.float32, device=dev)
+            zp = torch.empty((L, D), dtype=torch.int32, device=dev)
+            sg_l, sg_d, write = D, 1, True
+        else:
+            if granularity == "per_head":
+                lo, hi = lo.amin(dim=1, keepdim=True), hi.amax(dim=1, keepdim=True)
+            else:
+                lo, hi = lo.amin().view(1, 1), hi.amax().view(1, 1)
+            scale, zp = _scale_from_range_torch(lo, hi, qmin, qmax, asym)
+            sg_l, sg_d, write = (1 if granularity == "per_head" else 0), 0, False
+            lo, hi = lo.contiguous(), hi.contiguous()
+        grid = (triton.cdiv(S, br), L)
+        _quantize_kernel[grid](
+            x4, mean_arg, lo, hi, data, scale, zp, L2, S, D, 1, 1,
+            *x4.stride(), so_l, so_s, so_d, sg_l, sg_d,
+            MODE=_MODE_COLS, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
+            WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d)
+        scale = scale.view(sshape)
+        zp = zp.view(sshape)
+    return data, scale, zp, mean
+
+
+def _scale_from_range_torch(lo, hi, qmin, qmax, asym):
+    """Same arithmetic as _scale_from_range, on small group tensors."""
+    if asym:
+        s = (hi - lo) / (qmax - qmin)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.round(qmin - lo / s).clamp(qmin, qmax)
+    else:
+        s = torch.maximum(-lo, hi) / qmax
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.zeros_like(s)
+    return s.contiguous(), z.to(torch.int32).contiguous()
+
+
+def _scale_shape(shape, granularity, block_size):
+    rank = len(shape)
+    if granularity == "per_tensor":
+        return (1,) * rank
+    if granularity == "per_token":
+        return shape[:-1] + (1,)
+    if granularity == "per_head":
+        return shape[:-2] + (1, 1)
+    if granularity == "per_block":
+        return shape[:-2] + (-(-shape[-2] // block_size), 1)
+    return shape[:-2] + (1, shape[-1])
+
+
+def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      mean: torch.Tensor, precision: str, block_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """(data - zero_point) * scale + mean in `dtype` (CUDA, or CPU under interpretation)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"flash_quant.dequantize: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    prec_code, _, _, ddtype = PRECISIONS[precision]
+    if data.dtype != ddtype:
+        raise TypeError(f"flash_quant.dequantize: data dtype {data.dtype} does not match precision "
+                        f"{precision!r} (expected {ddtype})")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"flash_quant.dequantize: dtype must be float32/float16/bfloat16, got {dtype}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"flash_quant.dequantize: scale must be float32, got {scale.dtype}")
+    if data.dim() < 1 or scale.dim() > data.dim():
+        raise ValueError(f"flash_quant.dequantize: scale of rank {scale.dim()} does not fit data of rank {data.dim()}")
+    if block_size < 1:
+        raise ValueError(f"flash_quant.dequantize: block_size must be >= 1, got {block_size}")
+    shape = tuple(data.shape)
+    if prec_code == 1:
+        shape = shape[:-1] + (shape[-1] * 2,)
+    D = shape[-1]
+    S = shape[-2] if len(shape) >= 2 else 1
+    lead = shape[:-2] if len(shape) >= 2 else ()
+    groups = scale.shape[-2] if scale.dim() >= 2 else 1
+    if groups > 1 and groups != -(-S // block_size):
+        raise ValueError(f"flash_quant.dequantize: scale has {groups} row groups but data has {S} rows "
+                         f"in blocks of {block_size}")
+    gshape = lead + (groups, D) if len(shape) >= 2 else (D,)
+    try:
+        s_full = scale.expand(gshape)
+        z_full = zero_point.expand(gshape) if zero_point.numel() else None
+        m_full = mean.expand(lead + (1, D)) if mean.numel() else None
+    except RuntimeError as exc:
+        raise ValueError(f"flash_quant.dequantize: scale {tuple(scale.shape)} / zero_point "
+                         f"{tuple(zero_point.shape)} / mean {tuple(mean.shape)} do not broadcast to "
+                         f"{shape}: {exc}") from None
+    if z_full is not None and zero_point.dtype != torch.int32:
+        raise TypeError(f"flash_quant.dequantize: zero_point must be int32, got {zero_point.dtype}")
+    out = torch.empty(shape, dtype=dtype, device=data.device)
+    d4, s4, o4 = _as4d(data), _as4d(s_full), _as4d(out)
+    z4 = _as4d(z_full) if z_full is not None else s4
+    m4 = _as4d(m_full) if m_full is not None else s4
+    L1, L2 = o4.shape[0], o4.shape[1]
+    bd = _pow2(D, 16 if prec_code == 1 else 1)
+    br = _row_block(bd)
+    bsz = block_size if groups > 1 else (1 << 30)
+    ssg = s4.stride(2) if groups > 1 else 0
+    szg = z4.stride(2) if groups > 1 else 0
+    _dequantize_kernel[(triton.cdiv(S, br), L1 * L2)](
+        d4, s4, z4, m4, o4, L2, S, D, bsz,
+        *d4.stride(),
+        s4.stride(0), s4.stride(1), ssg, s4.stride(3),
+        z4.stride(0), z4.stride(1), szg, z4.stride(3),
+        m4.stride(0), m4.stride(1), m4.stride(3),
+        *o4.stride(),
+        PREC=prec_code, HAS_ZP=z_full is not None, HAS_MEAN=m_full is not None,
+        BLOCK_R=br, BLOCK_D=bd)
+    return out
+
+
+# ----------------------------------------------------------------- op kernels (CUDA key)
+def quantize_cuda(x, precision, granularity, block_size, strategy, smooth):
+    if x.device.type != "cuda":
+        raise RuntimeError(f"flash_quant.quantize (CUDA kernel): x is on {x.device}")
+    with torch.cuda.device(x.device):
+        return quantize_launch(x, precision, granularity, block_size, strategy, smooth)
+
+
+def dequantize_cuda(data, scale, zero_point, mean, precision, block_size, dtype):
+    for name, t in (("data", data), ("scale", scale), ("zero_point", zero_point), ("mean", mean)):
+        if t.numel() and t.device != data.device:
+            raise RuntimeError(f"flash_quant.dequantize (CUDA kernel): {name} is on {t.device}, data on {data.device}")
+    with torch.cuda.device(data.device):
+        return dequantize_launch(data, scale, zero_point, mean, precision, block_size, dtype)
+
+
+torch.library.register_kernel("flash_quant::quantize", "cuda", quantize_cuda)
+torch.library.register_kernel("flash_quant::dequantize", "cuda", dequantize_cuda)

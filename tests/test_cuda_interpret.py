@@ -1,0 +1,315 @@
+"""CI tests of the CUDA backend's Triton kernels, interpreted on the CPU.
+
+TRITON_INTERPRET=1 runs every kernel of flash_quant/cuda/{quantize,forward}.py in numpy,
+on CPU tensors, through their raw launchers (quantize_launch, dequantize_launch,
+attention_forward_launch). Judged against the contract's formulas (a torch reference
+written here, in float32 / float64) and the fp64 attention reference of
+flash_quant.testing, and against the CPU backend's op when it is registered. Shapes are
+small (the interpreter is slow); the GPU tests (test_cuda_gpu.py) run realistic sizes.
+
+The interpreter's own fp32 -> fp8 cast mis-rounds when rounding carries into the
+exponent; the kernels round explicitly under interpretation (FP8_EXACT) or always
+(quantize), so results here match torch's float8 conversion.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from flash_quant.cuda.common import enable_interpreter_numpy_compat  # noqa: E402
+
+enable_interpreter_numpy_compat()
+
+from flash_quant.cuda import autotune  # noqa: E402
+from flash_quant.cuda.forward import attention_forward_launch  # noqa: E402
+from flash_quant.cuda.quantize import data_layout, dequantize_launch, quantize_launch  # noqa: E402
+from flash_quant.testing import error_stats, make_qkv, reference_attention  # noqa: E402
+
+QRANGE = {"int8": (-128.0, 127.0), "int4": (-8.0, 7.0), "fp8_e4m3": (-448.0, 448.0),
+          "fp8_e5m2": (-57344.0, 57344.0)}
+
+
+# ------------------------------------------------------------------ contract reference
+def ref_quantize(x, precision, granularity, bs, strategy, smooth):
+    """The contract's quantize, in float32 torch: (codes as float, scale, zp, mean)."""
+    xf = x.float()
+    mean = torch.empty(0)
+    if smooth:
+        mean = xf.mean(dim=-2, keepdim=True)
+        xf = xf - mean
+    qmin, qmax = QRANGE[precision]
+    shape = xf.shape
+
+    def red(f):
+        if granularity == "per_tensor":
+            return f(xf.reshape(-1)).reshape((1,) * xf.dim())
+        if granularity == "per_token":
+            return f(xf, dim=-1, keepdim=True)
+        if granularity == "per_head":
+            return f(f(xf, dim=-1, keepdim=True), dim=-2, keepdim=True)
+        if granularity == "per_channel":
+            return f(xf, dim=-2, keepdim=True)
+        s, g = shape[-2], -(-shape[-2] // bs)
+        fill = float("-inf") if f is torch.amax else float("inf")
+        xp = torch.nn.functional.pad(xf, (0, 0, 0, g * bs - s), value=fill)
+        return f(f(xp.unflatten(-2, (g, bs)), dim=-1), dim=-1, keepdim=True)
+
+    lo, hi = red(torch.amin).clamp_max(0), red(torch.amax).clamp_min(0)
+    if strategy == "asymmetric":
+        s = (hi - lo) / (qmax - qmin)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.round(qmin - lo / s).clamp(qmin, qmax)
+    else:
+        s = torch.maximum(-lo, hi) / qmax
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.zeros_like(s)
+    ex = (lambda t: t.repeat_interleave(bs, dim=-2)[..., : shape[-2], :]) if granularity == "per_block" else (lambda t: t)
+    se, ze = ex(s), ex(z)
+    if precision.startswith("fp8"):
+        dt = torch.float8_e4m3fn if precision == "fp8_e4m3" else torch.float8_e5m2
+        q = (xf / se).to(dt).float()
+    elif strategy == "asymmetric":
+        q = (torch.round(xf / se) + ze).clamp(qmin, qmax)
+    else:
+        q = torch.round(xf / se).clamp(-qmax, qmax)
+    return q, s, z.int(), mean
+
+
+def codes_of(data, precision):
+    if precision == "int4":
+        b = data.int()
+        lo, hi = ((b & 0xF) ^ 8) - 8, (((b >> 4) & 0xF) ^ 8) - 8
+        return torch.stack([lo, hi], -1).flatten(-2).float()
+    return data.float()
+
+
+def cpu_op_available():
+    try:
+        import flash_quant  # noqa: F401
+
+        x = torch.randn(1, 1, 2, 16)
+        torch.ops.flash_quant.attention_forward(x, x, x, *([None] * 11), False, None, "none")
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+# ------------------------------------------------------------------------ quantization
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("granularity", ["per_token", "per_block", "per_channel", "per_head", "per_tensor"])
+def test_quantize_matches_contract(precision, granularity):
+    strategies = ["symmetric", "legacy"] if granularity == "per_tensor" else ["symmetric"]
+    if not precision.startswith("fp8"):
+        strategies.append("asymmetric")
+    for strategy, smooth in itertools.product(strategies, [False, True]):
+        x = (torch.randn(2, 3, 37, 24) * 3 + torch.randn(2, 3, 1, 24)).to(torch.float16)
+        x[0, 0, 5] = 0  # an all-zero row: scale 1 for per_token
+        x[1, 2, 7, 3] = 0.5 * (x[1, 2, 7].abs().max() + 0)  # something near a rounding tie
+        data, s, z, mean = quantize_launch(x, precision, granularity, 16, strategy, smooth)
+        rq, rs, rz, rm = ref_quantize(x, precision, granularity, 16, "symmetric" if strategy == "legacy" else strategy, smooth)
+        tag = f"{precision} {granularity} {strategy} smooth={smooth}"
+        assert s.shape == rs.shape and s.dtype == torch.float32, tag
+        assert z.shape == rs.shape and z.dtype == torch.int32, tag
+        torch.testing.assert_close(s, rs, rtol=2e-6, atol=0, msg=tag)
+        assert torch.equal(z, rz), tag
+        if smooth:
+            torch.testing.assert_close(mean, rm, rtol=1e-5, atol=1e-6, msg=tag)
+        else:
+            assert mean.numel() == 0
+        c = codes_of(data, precision)
+        mismatch = (c != rq).float().mean().item()
+        assert mismatch == 0.0, f"{tag}: {mismatch:.2%} of codes differ"
+        # dequantize inverts it: (q - z) * s + mean
+        zp = z if strategy == "asymmetric" else torch.empty(0, dtype=torch.int32)
+        bs = 16 if granularity == "per_block" else 1
+        dq = dequantize_launch(data, s, zp, mean, precision, bs, torch.float32)
+        ex = (lambda t: t.repeat_interleave(16, dim=-2)[..., :37, :]) if granularity == "per_block" else (lambda t: t)
+        want = (rq - ex(rz).float()) * ex(rs) + (rm if smooth else 0)
+        torch.testing.assert_close(dq, want, rtol=1e-6, atol=1e-6, msg=tag)
+
+
+def test_quantize_layouts_and_ranks():
+    # 8-bit per_channel data is stored K-major (transposed, S padded to 16)
+    x = torch.randn(2, 3, 21, 32)
+    data, s, _, _ = quantize_launch(x, "fp8_e4m3", "per_channel", 1, "symmetric", False)
+    assert data_layout(x.shape, "fp8_e4m3", "per_channel") == "transposed"
+    assert data.shape == x.shape and data.stride()[-2:] == (1, 32)
+    assert s.shape == (2, 3, 1, 32)
+    # int4 nibble order: element 2i low, 2i+1 high
+    x = torch.tensor([[1.0, -2.0, 7.0, -8.0 * 7 / 8]])
+    data, s, _, _ = quantize_launch(x, "int4", "per_token", 1, "symmetric", False)
+    q = torch.round(x / s).clamp(-7, 7).int()
+    assert data.tolist() == [[int((q[0, 0] & 0xF) | ((q[0, 1] & 0xF) << 4)),
+                              int((q[0, 2] & 0xF) | ((q[0, 3] & 0xF) << 4))]]
+    # rank 1 and rank 3, non-contiguous input
+    for shape in [(40,), (5, 40), (3, 9, 40)]:
+        x = torch.randn(*shape).transpose(-1, -2).contiguous().transpose(-1, -2) if len(shape) > 1 else torch.randn(*shape)
+        data, s, z, _ = quantize_launch(x, "int8", "per_token", 1, "symmetric", False)
+        rq, rs, _, _ = ref_quantize(x, "int8", "per_token", 1, "symmetric", False)
+        assert torch.equal(data.float(), rq) and torch.allclose(s, rs)
+
+
+def test_quantize_errors():
+    x = torch.randn(2, 4, 8, 16)
+    with pytest.raises(ValueError, match="asymmetric"):
+        quantize_launch(x, "fp8_e4m3", "per_token", 1, "asymmetric", False)
+    with pytest.raises(ValueError, match="legacy"):
+        quantize_launch(x, "int8", "per_token", 1, "legacy", False)
+    with pytest.raises(ValueError, match="precision"):
+        quantize_launch(x, "int2", "per_token", 1, "symmetric", False)
+    with pytest.raises(ValueError, match="even"):
+        quantize_launch(torch.randn(4, 7), "int4", "per_token", 1, "symmetric", False)
+    with pytest.raises(TypeError, match="x must be"):
+        quantize_launch(x.to(torch.int32), "int8", "per_token", 1, "symmetric", False)
+
+
+# -------------------------------------------------------------------------- attention
+def quantize_operands(q, k, v, preset):
+    """Operand tensors of attention_forward for a preset, made with our quantize kernels,
+    and the dequantized (q, k, v) that the kernel's arithmetic is the attention of."""
+    kw = {}
+    qd, kd, vd = q.float(), k.float(), v.float()
+    pv = "none"
+    if preset in ("accurate", "fast", "int4", "fp8", "int8pv", "asym"):
+        prec = {"int4": "int4", "fp8": "fp8_e4m3"}.get(preset, "int8")
+        strat = "asymmetric" if preset == "asym" else "symmetric"
+        smooth = preset != "fp8"
+        a, s, z, _ = quantize_launch(q, prec, "per_token", 1, strat, False)
+        kw.update(q_data=a, q_scale=s, q_zero_point=z if strat == "asymmetric" else None)
+        qd = (codes_of(a, prec) - z.float()) * s
+        b, t, zk, mean = quantize_launch(k, prec, "per_token", 1, strat, smooth)
+        kw.update(k_data=b, k_scale=t, k_zero_point=zk if strat == "asymmetric" else None,
+                  k_mean=mean if smooth else None)
+        kd = (codes_of(b, prec) - zk.float()) * t + (mean if smooth else 0)
+    if preset in ("fast", "int8pv"):
+        vprec = "fp8_e4m3" if preset == "fast" else "int8"
+        c, u, _, _ = quantize_launch(v, vprec, "per_channel", 1, "symmetric", False)
+        kw.update(v_data=c, v_scale=u)
+        vd = c.float() * u
+        pv = "fp8_e4m3" if preset == "fast" else "int8"
+    if preset == "asym":
+        c, u, zv, _ = quantize_launch(v, "int8", "per_token", 1, "asymmetric", False)
+        kw.update(v_data=c, v_scale=u, v_zero_point=zv)
+        vd = (c.float() - zv.float()) * u
+    return kw, pv, (qd, kd, vd)
+
+
+# (preset, bound on rel-L2 vs fp64 of the dequantized operands, bound vs fp64 of the inputs)
+PRESET_TOL = {"fp16": (3e-3, 3e-3), "accurate": (3e-3, 2.5e-2), "fast": (6e-2, 8e-2),
+              "int4": (3e-3, 0.4), "fp8": (3e-3, 0.25), "int8pv": (2e-2, 4e-2),
+              "asym": (3e-3, 3e-2)}
+
+CASES = [
+    # preset, B, Hq, Hkv, Sq, Skv, D, causal, mask, dtype
+    ("fp16", 1, 2, 2, 17, 17, 64, False, None, torch.float16),
+    ("fp16", 1, 2, 1, 130, 130, 32, True, None, torch.bfloat16),
+    ("accurate", 1, 2, 2, 130, 130, 128, False, None, torch.float16),
+    ("accurate", 2, 4, 2, 17, 40, 96, True, None, torch.bfloat16),
+    ("accurate", 1, 2, 2, 1, 17, 64, False, "bool", torch.float16),
+    ("accurate", 1, 2, 2, 17, 17, 32, True, "additive", torch.float16),
+    ("fast", 1, 2, 2, 130, 130, 128, True, None, torch.float16),
+    ("fast", 1, 4, 2, 17, 33, 64, False, "bool", torch.bfloat16),
+    ("int4", 1, 2, 2, 130, 130, 64, False, None, torch.float16),
+    ("int4", 1, 2, 1, 17, 17, 96, True, None, torch.bfloat16),
+    ("fp8", 1, 2, 2, 40, 130, 128, False, None, torch.float16),
+    ("int8pv", 1, 2, 2, 33, 33, 64, True, None, torch.float16),
+    ("asym", 1, 2, 1, 17, 30, 32, False, "additive", torch.float16),
+]
+
+
+def make_mask(kind, b, h, sq, skv):
+    if kind is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(b, 1, sq, skv) > 0.3
+        m[..., 0, :] = False  # a fully masked row: out 0, lse -inf
+        return m
+    m = torch.randn(1, h, sq, skv)
+    m[..., -1, 1:] = float("-inf")
+    return m
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c[:9]))
+def test_attention_forward(case):
+    preset, B, Hq, Hkv, Sq, Skv, D, causal, mask_kind, dtype = case
+    q, k, v = make_qkv(B, Hq, Sq, D, hkv=Hkv, skv=Skv, family="realistic" if preset != "fp16" else "normal",
+                       dtype=dtype)
+    mask = make_mask(mask_kind, B, Hq, Sq, Skv)
+    kw, pv, (qd, kd, vd) = quantize_operands(q, k, v, preset)
+    # a quantized operand's float tensor is never read: pass zero-stride placeholders
+    qa = torch.empty((), dtype=dtype).expand(q.shape) if "q_data" in kw else q
+    ka = torch.empty((), dtype=dtype).expand(k.shape) if "k_data" in kw else k
+    va = torch.empty((), dtype=dtype).expand(v.shape) if "v_data" in kw else v
+    out, lse = attention_forward_launch(qa, ka, va, attn_mask=mask, is_causal=causal, pv_precision=pv, **kw)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    ref_d, lse_d = reference_attention(qd, kd, vd, attn_mask=mask, is_causal=causal, return_lse=True)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    tol_d, tol = PRESET_TOL[preset]
+    if dtype == torch.bfloat16:  # P and out in bf16: ~4e-3 rel-L2 from rounding alone
+        tol_d, tol = max(tol_d, 1e-2), max(tol, 1e-2)
+    e_d, e = error_stats(out, ref_d), error_stats(out, ref)
+    assert e_d["rel_l2"] < tol_d, f"vs dequantized operands: {e_d}"
+    assert e["rel_l2"] < tol, f"vs fp64 inputs: {e}"
+    fin = torch.isfinite(lse_d)
+    assert torch.equal(torch.isfinite(lse), fin), "lse -inf exactly on fully masked rows"
+    torch.testing.assert_close(lse[fin], lse_d[fin].float(), rtol=0, atol=2e-2 if pv == "none" else 5e-2)
+    assert (out.float()[~fin] == 0).all()
+
+
+def test_attention_matches_cpu_backend():
+    if not cpu_op_available():
+        pytest.skip("CPU kernel of flash_quant::attention_forward is not registered yet (csrc/cpu)")
+    q, k, v = make_qkv(1, 2, 33, 64, family="realistic")
+    for preset in ("fp16", "accurate", "fast", "int4"):
+        kw, pv, _ = quantize_operands(q, k, v, preset)
+        cpu_out, cpu_lse = torch.ops.flash_quant.attention_forward(
+            q, k, v, kw.get("q_data"), kw.get("q_scale"), kw.get("q_zero_point"), kw.get("k_data"),
+            kw.get("k_scale"), kw.get("k_zero_point"), kw.get("k_mean"), kw.get("v_data"),
+            kw.get("v_scale"), kw.get("v_zero_point"), None, True, None, pv)
+        out, lse = attention_forward_launch(q, k, v, is_causal=True, pv_precision=pv, **kw)
+        tol = 6e-2 if pv != "none" else 3e-3  # P rounding happens at different running maxima
+        assert error_stats(out, cpu_out)["rel_l2"] < tol, preset
+        torch.testing.assert_close(lse, cpu_lse, rtol=0, atol=5e-2)
+
+
+def test_attention_scale_and_fp32():
+    q, k, v = make_qkv(1, 2, 20, 48, dtype=torch.float32)
+    out, lse = attention_forward_launch(q, k, v, scale=0.3)
+    ref, lse_r = reference_attention(q, k, v, scale=0.3, return_lse=True)
+    assert error_stats(out, ref)["rel_l2"] < 2e-3  # tf32-class dots on GPU, exact here
+    torch.testing.assert_close(lse, lse_r.float(), rtol=0, atol=1e-3)
+
+
+def test_attention_errors_before_launch():
+    q, k, v = make_qkv(1, 4, 8, 32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        attention_forward_launch(q, k[:, :3], v[:, :3])
+    with pytest.raises(ValueError, match="head dim"):
+        attention_forward_launch(q[..., :12], k[..., :12], v[..., :12])
+    with pytest.raises(ValueError, match="pv_precision"):
+        attention_forward_launch(q, k, v, pv_precision="int4")
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attention_forward_launch(q, k.half(), v)
+    with pytest.raises(ValueError, match="q_data given without q_scale"):
+        attention_forward_launch(q, k, v, q_data=torch.zeros(q.shape, dtype=torch.int8))
+    with pytest.raises(ValueError, match="k_scale"):
+        attention_forward_launch(q, k, v, k_data=torch.zeros(k.shape, dtype=torch.int8),
+                                 k_scale=torch.ones(1, 4, 7, 1))
+    with pytest.raises(ValueError, match="attn_mask"):
+        attention_forward_launch(q, k, v, attn_mask=torch.ones(3, 8, dtype=torch.bool))
+
+
+def test_autotune_describe_in_interpreter():
+    autotune.clear()
+    assert "no config" in autotune.describe()
+    cfg = autotune.forward_default(64, True, 2, 100)
+    assert cfg == autotune.Config(16, 16, 4, 1)  # the interpreter always uses the smallest tiles
