@@ -11,16 +11,17 @@ Layers, bottom up:
   flash_quant.planning      dynamic quantization, cost model, recommendations
 
 The public names load on first use, so `flash-quant recommend` (pure Python) starts
-without importing torch.
+without importing torch. (No submodule shares a public name: importing a submodule sets
+the package attribute of its name, which would shadow a lazily loaded function.)
 """
 import importlib
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "attention": "attention",
-    "attention_with_lse": "attention",
-    "quantize": "quantize",
+    "attention": "functional",
+    "attention_with_lse": "functional",
+    "quantize": "quantization",
     "QuantizedTensor": "quantized_tensor",
     "quantize_attention": "nn.swap",
     "AttentionConfig": "config",

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..attention import attention as _fq_attention
+from ..functional import attention as _fq_attention
 from ..config import AttentionConfig, resolve_config
 from ._extras import require
 

@@ -38,7 +38,7 @@ from typing import Dict, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..attention import attention as _fq_attention
+from ..functional import attention as _fq_attention
 from ..config import AttentionConfig, resolve_config
 from ..nn._fallback import FallbackCounter
 

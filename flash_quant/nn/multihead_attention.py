@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import attention as _fq_attention
+from ..functional import attention as _fq_attention
 from .._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from ..config import AttentionConfig, resolve_config
 from ._fallback import FallbackCounter

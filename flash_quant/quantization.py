@@ -1,4 +1,4 @@
-"""flash_quant.quantize: a float tensor to a QuantizedTensor, through the quantize op."""
+"""flash_quant.quantize (this module: quantization): a float tensor to a QuantizedTensor, through the quantize op."""
 from __future__ import annotations
 
 from typing import Union

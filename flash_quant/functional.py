@@ -9,7 +9,7 @@ import torch
 from . import ops
 from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
-from .quantize import quantize_operand
+from .quantization import quantize_operand
 from .quantized_tensor import QuantizedTensor
 from .rotation import rotate
 
