@@ -108,13 +108,16 @@ def test_half_inputs_give_half_outputs(dtype):
 
 @pytest.mark.parametrize("family", ["normal", "realistic"])
 def test_lse_matches_reference_with_smoothing(family):
-    """K is smoothed in the accurate preset; the op adds scale * q . mean back so the lse
-    is the unsmoothed one (the realistic family's scores reach |s| ~ 100: compare
-    relative to the lse's size there)."""
+    """K is smoothed in the accurate preset; the op adds scale * q . mean back (with the
+    INT8 q) so the lse is the unsmoothed one. On the realistic family q . mean reaches
+    ~100, so the INT8 rounding of q leaves ~0.1-0.3 absolute there: compare relatively."""
     q, k, v = make_qkv(1, 2, 64, 64, family=family)
     out, lse = flash_quant.attention_with_lse(q, k, v, config="accurate")
     _, ref_lse = reference_attention(q, k, v, return_lse=True)
-    assert ((lse.double() - ref_lse).abs() / ref_lse.abs().clamp_min(10)).max() < 5e-3
+    if family == "normal":
+        assert (lse.double() - ref_lse).abs().max() < 0.05
+    else:
+        assert error_stats(lse, ref_lse)["rel_l2"] < 5e-3
     _, lse32 = flash_quant.attention_with_lse(q, k, v, config="fp32")
     assert (lse32.double() - ref_lse).abs().max() < 1e-4
 
