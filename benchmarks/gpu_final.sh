@@ -16,6 +16,11 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee "$OUT/env.txt"
+# carried wheels (.whl: diffusers and its missing dependency) go to a private site dir
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
 python3 -m pip install --no-build-isolation --no-deps -e . -q > "$OUT/build.txt" 2>&1 || { tail -20 "$OUT/build.txt"; exit 1; }
 
 echo "== flux (limit ${FQ_FLUX_LIMIT:-260}s)"
@@ -23,10 +28,13 @@ timeout "${FQ_FLUX_LIMIT:-260}" python3 benchmarks/bench_flux.py --sizes 1024 20
   --warmup 2 --iters 5 --device cuda 2>&1 | tee "$OUT/flux_log.txt" | tail -30
 echo "== calibration (limit ${FQ_CAL_LIMIT:-150}s)"
 timeout "${FQ_CAL_LIMIT:-150}" python3 -m flash_quant.cli calibrate --device cuda --sdpa-baseline \
+  --presets ${FQ_CAL_PRESETS:-accurate fast int4 fp16} \
   --out-dir "$OUT/calibration" 2>&1 | tee "$OUT/calibration_log.txt" | tail -30
+[ "${FQ_SKIP_TRAINING:-0}" = 1 ] || {
 echo "== training curves (limit ${FQ_TRAIN_LIMIT:-120}s)"
 timeout "${FQ_TRAIN_LIMIT:-120}" python3 benchmarks/bench_training.py --mode curves --steps 400 \
   --out "$OUT/training" 2>&1 | tee "$OUT/training_log.txt" | tail -20
+}
 cp benchmarks/results/flux_* "$OUT/" 2>/dev/null || true
 cp benchmarks/results/calibration_* "$OUT/" 2>/dev/null || true
 cp flash_quant/planning/data/calibration_*.json "$OUT/" 2>/dev/null || true
