@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
+from ..groups import scale_shape
 from .common import pack_int4, round_half_even, round_to_fp8, unpack_int4
 
 __all__ = [
@@ -376,7 +377,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
             mean = (csum / S).view(lead + (1, D))
     mean_arg = mean if smooth else x4  # dummy pointer when unused
 
-    sshape = _scale_shape(shape, granularity, block_size)
+    sshape = scale_shape(shape, granularity, block_size)
     br = _row_block(block_d)
     if granularity in ("per_token", "per_block"):
         scale = torch.empty(sshape, dtype=torch.float32, device=dev)
@@ -438,19 +439,6 @@ def _scale_from_range_torch(lo, hi, qmin, qmax, asym):
         s = torch.where(s == 0, torch.ones_like(s), s)
         z = torch.zeros_like(s)
     return s.contiguous(), z.to(torch.int32).contiguous()
-
-
-def _scale_shape(shape, granularity, block_size):
-    rank = len(shape)
-    if granularity == "per_tensor":
-        return (1,) * rank
-    if granularity == "per_token":
-        return shape[:-1] + (1,)
-    if granularity == "per_head":
-        return shape[:-2] + (1, 1)
-    if granularity == "per_block":
-        return shape[:-2] + (-(-shape[-2] // block_size), 1)
-    return shape[:-2] + (1, shape[-1])
 
 
 def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
