@@ -25,11 +25,18 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
     return torch.block_diag(*([h] * (d // block)))
 
 
+@functools.lru_cache(maxsize=None)
+def _hadamard_on(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # One copy per (size, device, dtype): a host-to-device copy on every attention call
+    # would stall the GPU pipeline.
+    return _hadamard_cpu(d).to(device=device, dtype=dtype)
+
+
 def hadamard_matrix(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The (d, d) orthonormal rotation used by `rotate`."""
+    """The (d, d) orthonormal rotation used by `rotate` (cached per device and dtype)."""
     if d < 1:
         raise ValueError(f"head dim must be positive, got {d}")
-    return _hadamard_cpu(d).to(device=device, dtype=dtype)
+    return _hadamard_on(d, torch.device(device) if device is not None else torch.device("cpu"), dtype)
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:

@@ -69,12 +69,16 @@ def data_layout(shape, precision: str, granularity: str) -> str:
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L2, S, D,
+def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, L2, S, D, S_CHUNK,
                      sx1, sx2, sxs, sxd,
                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per (leading index l, channel d): sum, max and min of x[l, :, d] in fp32."""
+    """Per (sequence chunk c, leading index l, channel d): sum, max and min of
+    x[l, c*S_CHUNK:(c+1)*S_CHUNK, d] in fp32, stored at [c, l, d]. Splitting the sequence
+    keeps enough programs in flight when B·H is small (Flux: 24 heads); the host reduces
+    the chunks in a fixed order, so results stay deterministic."""
     pid_d = tl.program_id(0)
     pid_l = tl.program_id(1)
+    pid_c = tl.program_id(2)
     l1 = pid_l // L2
     l2 = pid_l % L2
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -83,15 +87,16 @@ def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L2, S, D,
     acc_sum = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     acc_max = tl.full((BLOCK_S, BLOCK_D), float("-inf"), dtype=tl.float32)
     acc_min = tl.full((BLOCK_S, BLOCK_D), float("inf"), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
+    s_end = tl.minimum(S, (pid_c + 1) * S_CHUNK)
+    for s0 in range(pid_c * S_CHUNK, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        m = (offs_s[:, None] < S) & dmask[None, :]
+        m = (offs_s[:, None] < s_end) & dmask[None, :]
         x = tl.load(base + offs_s[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
                     other=0.0).to(tl.float32)
         acc_sum += x
         acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
         acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
-    out = pid_l * D + offs_d
+    out = (pid_c * L + pid_l).to(tl.int64) * D + offs_d
     tl.store(sum_ptr + out, tl.sum(acc_sum, axis=0), mask=dmask)
     tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=dmask)
     tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=dmask)
@@ -365,13 +370,16 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
     colstats = None
     need_cols = granularity in ("per_channel", "per_head", "per_tensor")
     if smooth or need_cols:
-        csum = torch.empty((L, D), dtype=torch.float32, device=dev)
-        cmax = torch.empty((L, D), dtype=torch.float32, device=dev)
-        cmin = torch.empty((L, D), dtype=torch.float32, device=dev)
         bd = min(block_d, 64)
         bs = max(16, min(256, 4096 // bd))
-        _colstats_kernel[(triton.cdiv(D, bd), L)](
-            x4, csum, cmax, cmin, L2, S, D, *x4.stride(), BLOCK_S=bs, BLOCK_D=bd)
+        # enough sequence chunks for ~4 programs per SM on a large GPU (528 = 4 x 132)
+        chunks = max(1, min(triton.cdiv(S, bs), triton.cdiv(528, triton.cdiv(D, bd) * L)))
+        s_chunk = triton.cdiv(triton.cdiv(S, chunks), bs) * bs
+        chunks = triton.cdiv(S, s_chunk)
+        part = torch.empty((3, chunks, L, D), dtype=torch.float32, device=dev)
+        _colstats_kernel[(triton.cdiv(D, bd), L, chunks)](
+            x4, part[0], part[1], part[2], L, L2, S, D, s_chunk, *x4.stride(), BLOCK_S=bs, BLOCK_D=bd)
+        csum, cmax, cmin = part[0].sum(0), part[1].amax(0), part[2].amin(0)
         colstats = (csum, cmax, cmin)
         if smooth:
             mean = (csum / S).view(lead + (1, D))
