@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--results-dir", default="benchmarks/results")
     c.add_argument("--out-dir", default=None, help="also copy the outputs here (default: $OUT if set)")
     c.add_argument("--sdpa-baseline", action="store_true", help="also time SDPA's flash backend (family fa2)")
+    c.add_argument("--refit", metavar="CALIBRATION_JSON", default=None,
+                   help="no GPU: re-fit the stored measurements of this calibration file with the current "
+                        "model, rewrite its coefficients and its report in --results-dir (measurements kept)")
 
     e = sub.add_parser("measure-errors", help="attention error of each preset vs float64 (S=1024, CPU)")
     e.add_argument("--device", default="cpu")
@@ -81,6 +84,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             rec = recommend(model, args.phase, args.seq_len, args.hardware, batch=args.batch,
                             quality=args.quality, strategies=strategies)
             print(json.dumps(rec.to_json(), indent=1) if args.json else format_recommendation(rec))
+        elif args.command == "calibrate" and args.refit:
+            from .planning.calibrate import refit
+            refit(args.refit, results_dir=args.results_dir,
+                  command="flash-quant " + " ".join(sys.argv[1:] if argv is None else argv))
         elif args.command == "calibrate":
             from .planning.calibrate import run_calibration
             run_calibration(args.device, hardware=args.hardware, quick=args.quick, presets=args.presets,

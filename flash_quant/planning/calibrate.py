@@ -3,11 +3,17 @@ cost model's coefficients, and report predicted vs measured per shape.
 
 Timing: CUDA events around each call (CPU: perf_counter), `warmup` calls first, the
 median of `reps`.  Fit, per (kernel family, preset): the additive model of
-`cost_model` (launch, mma, sfu, mem, prep terms computed at peak rates) by least squares
+`cost_model` (launch, serial key-block steps of the forward's critical path — prefill and
+decode regimes —, mma, sfu, mem, prep terms computed at peak rates) by least squares
 on *relative* errors, non-negative, with a ridge pulling each coefficient towards the
 uncalibrated prior (weight `ridge`) so that shapes that cannot separate two terms leave
 them at the physical prior.  Reported: each shape's fit error and its leave-one-out
 error (the shape predicted by a fit on the other shapes: the honest number).
+
+`refit(path)` (`flash-quant calibrate --refit data/calibration_<hw>.json`) redoes the fit
+offline, without a GPU, from the measurements stored in that file with the current model
+version: it rewrites the coefficients and the markdown report and keeps the measured
+numbers and their provenance untouched.
 
 Also `measure_errors()` (`flash-quant measure-errors`): the attention error of each
 preset against float64 on the two input families at S=1024, written to
@@ -26,12 +32,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .cost_model import (FEATURES, AttentionCostModel, AttentionPrecision, AttentionShape, attention_terms,
+from .cost_model import (FEATURES, MODEL_VERSION, AttentionCostModel, AttentionPrecision, AttentionShape, attention_terms,
                          prior_coefficients)
 from .hardware import DATA_DIR, HardwareSpec, get_hardware, hardware_for_device_name
 
 __all__ = ["BENCH_SHAPES", "QUICK_SHAPES", "DEFAULT_PRESETS", "measure", "fit", "fit_group",
-           "run_calibration", "markdown_report", "measure_errors"]
+           "run_calibration", "markdown_report", "measure_errors", "refit"]
 
 S = AttentionShape
 #: flash_quant's benchmark shapes (prefill) plus two decode shapes of CONTEXT.md.
@@ -47,6 +53,8 @@ QUICK_SHAPES = (
 )
 DEFAULT_PRESETS = ("accurate", "fast", "int4", "fp16")
 RIDGE = 0.05
+#: Features the ridge does not pull towards a prior (see _nnls_ridge).
+UNPENALIZED = ("launch", "serial", "serial_decode")
 
 
 def _time(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
@@ -125,22 +133,45 @@ def _precision(preset: str, family: str) -> AttentionPrecision:
     return AttentionPrecision.from_config(preset, input_precision="fp16")
 
 
+def _nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """min ||A x - b||, x >= 0 (Lawson-Hanson active set)."""
+    n = A.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    w = A.T @ (b - A @ x)
+    tol = 1e-12 * max(1.0, float(np.abs(A).max()))
+    for _ in range(max_iter):
+        if passive.all() or (w[~passive] <= tol).all():
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        for _ in range(max_iter):
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / np.maximum(x[neg] - z[neg], 1e-300))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+        w = A.T @ (b - A @ x)
+    return x
+
+
 def _nnls_ridge(X: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float) -> np.ndarray:
-    """min sum(((X c - y) / y)^2) + ridge * sum(((c - prior) / prior)^2), c >= 0."""
+    """min sum(((X c - y) / y)^2) + ridge * sum over rate terms of ((c - prior) / prior)^2,
+    c >= 0.  The fixed-cost and latency terms (launch, serial, serial_decode) have no
+    trustworthy prior (host overhead and per-step latency are what the fit measures), so
+    they are not pulled; a rate term that no shape exercises keeps its prior."""
     A = X / y[:, None]
     b = np.ones_like(y)
-    R = np.sqrt(ridge) * np.diag(1.0 / prior)
-    A_full, b_full = np.vstack([A, R]), np.concatenate([b, np.full(len(prior), np.sqrt(ridge))])
-    active = np.ones(len(prior), dtype=bool)
-    c = np.zeros(len(prior))
-    for _ in range(len(prior) + 1):
-        sol, *_ = np.linalg.lstsq(A_full[:, active], b_full, rcond=None)
-        c[:] = 0.0
-        c[active] = sol
-        if (sol >= 0).all():
-            return c
-        active[np.where(active)[0][sol < 0]] = False
-    return c
+    w = np.array([0.0 if f in UNPENALIZED else 1.0 for f in FEATURES])
+    R = np.sqrt(ridge) * np.diag(w / prior)
+    prior = prior * w
+    A_full, b_full = np.vstack([A, R]), np.concatenate([b, np.sqrt(ridge) * w])
+    return _nnls(A_full, b_full)
 
 
 def fit_group(shapes: Sequence[AttentionShape], seconds: Sequence[float], prec: AttentionPrecision,
@@ -192,7 +223,7 @@ def fit(measurements: Sequence[dict], hardware, ridge: float = RIDGE) -> dict:
         fits[key] = {"coef": coef, "n": len(shapes),
                      "max_abs_fit_err": max(abs(e) for e in fit_err),
                      "max_abs_loo_err": max((abs(e) for e in loo_err if e == e), default=float("nan"))}
-    return {"fits": fits, "rows": rows, "ridge": ridge, "features": list(FEATURES)}
+    return {"fits": fits, "rows": rows, "ridge": ridge, "features": list(FEATURES), "model_version": MODEL_VERSION}
 
 
 def markdown_report(cal: dict) -> str:
@@ -200,6 +231,10 @@ def markdown_report(cal: dict) -> str:
              f"Measured {cal.get('date', '?')} with `{cal.get('command', '?')}` "
              f"(torch {cal.get('torch', '?')}, triton {cal.get('triton', '-')}; median of {cal.get('reps', '?')} "
              f"after {cal.get('warmup', '?')} warm-up calls; inputs {cal.get('dtype', '?')}).", "",
+             *_refit_lines(cal),
+             f"Model version {cal.get('model_version', 1)}: t = Σ coefficient × feature, features "
+             f"{', '.join(cal.get('features', FEATURES))} (docs/planning.md §5); fitted per preset by "
+             f"non-negative least squares on relative errors, ridge {cal.get('ridge', RIDGE)} towards the prior.", "",
              "Errors are predicted / measured - 1. *fit*: the model fitted on all shapes of its preset; "
              "*LOO*: fitted without that shape (held out); *uncal.*: registry efficiencies only.", "",
              "| preset | shape | measured µs | TFLOPS | fit µs | fit err | LOO µs | LOO err | uncal. µs | uncal. err |",
@@ -215,12 +250,62 @@ def markdown_report(cal: dict) -> str:
         coef = ", ".join(f"{k} {v:.3g}" for k, v in f["coef"].items())
         lines.append(f"| {key} | {f['n']} | {100 * f['max_abs_fit_err']:.1f} % | {100 * f['max_abs_loo_err']:.1f} % | "
                      f"{ok(f['max_abs_fit_err'])} / {ok(f['max_abs_loo_err'])} | {coef} |")
+    notes = cal.get("notes", [])
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     failed = cal.get("failed", [])
     if failed:
         lines += ["", "Failed runs (not in the fit):", ""] + [f"- {f['family']}/{f['preset']} "
                                                              f"{AttentionShape.from_json(f['shape']).label()}: {f['error']}"
                                                              for f in failed]
     return "\n".join(lines) + "\n"
+
+
+def _refit_lines(cal: dict) -> List[str]:
+    r = cal.get("refit")
+    if not r:
+        return []
+    return [f"**Fit redone offline on {r['date']}** with `{r['command']}` (cost-model version "
+            f"{r['model_version']}, previously {r.get('previous_model_version', '?')}): the measured times "
+            f"above are those of the original run, unchanged; only the model, its coefficients and the "
+            f"predicted columns are new. No GPU was used for the refit.", ""]
+
+
+def refit(path: str, *, results_dir: Optional[str] = os.path.join("benchmarks", "results"),
+          ridge: float = RIDGE, command: str = "", notes: Optional[Sequence[str]] = None, log=print) -> dict:
+    """Re-fit a stored calibration from its measurements (no GPU): rewrite its
+    coefficients, rows and model version in `path` and its markdown report in
+    results_dir/calibration_<measurement date>_<hardware>.md.  The measurements and
+    their provenance (device, date, torch/triton, command, reps) are kept as they are."""
+    with open(path) as f:
+        cal = json.load(f)
+    ms = cal.get("measurements")
+    if not ms or not any("seconds" in m for m in ms):
+        raise ValueError(f"{path}: no stored measurements to re-fit")
+    hw = get_hardware(cal["hardware"])
+    before = json.dumps(ms, sort_keys=True)
+    new = fit(ms, hw, ridge)
+    assert json.dumps(ms, sort_keys=True) == before, "refit must not alter measurements"
+    previous = cal["refit"].get("previous_model_version", 1) if "refit" in cal else cal.get("model_version", 1)
+    cal.update(new)
+    cal["refit"] = {"date": datetime.date.today().isoformat(), "model_version": MODEL_VERSION,
+                    "previous_model_version": previous,
+                    "command": command or f"flash-quant calibrate --refit {path}"}
+    if notes is not None:
+        cal["notes"] = list(notes)
+    with open(path, "w") as f:
+        json.dump(cal, f, indent=1)
+    log(f"wrote {path}")
+    if results_dir:
+        os.makedirs(results_dir, exist_ok=True)
+        md = os.path.join(results_dir, f"calibration_{cal.get('date', 'undated')}_{_slug(hw.key)}.md")
+        with open(md, "w") as f:
+            f.write(markdown_report(cal))
+        log(f"wrote {md}")
+    for key, fi in cal["fits"].items():
+        log(f"  {key:<22} max |fit err| {100 * fi['max_abs_fit_err']:5.1f} %   "
+            f"max |LOO err| {100 * fi['max_abs_loo_err']:5.1f} %")
+    return cal
 
 
 def _slug(s: str) -> str:

@@ -16,9 +16,13 @@ hardware registry (`hardware.py`).  Each kernel family combines the terms its wa
 Uncalibrated, the terms are divided by efficiency factors (measured where the registry
 has them, else the documented assumptions of `hardware.DEFAULT_EFFICIENCY`).  Calibrated
 (`calibrate.py` wrote ``data/calibration_<hardware>.json``), a (family, precision) pair
-whose coefficients were fitted on measured timings predicts
-``t = c_launch + c_mma*T_mma + c_sfu*T_sfu + c_mem*T_mem + c_prep*T_prep`` with the T's
-computed at peak rates; the fit's error and its leave-one-out error are stored with it.
+whose coefficients were fitted on measured timings predicts (MODEL_VERSION 2)
+``t = c_launch*kernels*1us + c_serial*steps*1us + c_serial_decode*steps_decode*1us
++ c_mma*T_mma + c_sfu*T_sfu + c_mem*T_mem + c_prep*T_prep`` with the T's computed at peak
+rates and ``steps`` the critical path of flash_quant's Triton forward in key blocks (see
+`kernel_schedule`: its grid has no split-KV, one program walks all visible keys of a
+BLOCK_M query tile serially, and programs run in waves of SMs x programs-per-SM); the
+fit's error and its leave-one-out error are stored with it.
 
 No torch import: this runs inside ``flash-quant recommend``.
 """
@@ -35,12 +39,18 @@ from .hardware import DATA_DIR, HardwareSpec, get_hardware
 
 __all__ = [
     "prior_coefficients", "AttentionShape", "AttentionPrecision", "AttentionCost", "AttentionCostModel",
-    "FAMILIES", "FEATURES", "attention_terms", "load_calibration", "scale_bytes_per_row",
+    "FAMILIES", "FEATURES", "MODEL_VERSION", "attention_terms", "kernel_schedule", "KernelSchedule",
+    "load_calibration", "scale_bytes_per_row",
 ]
 
 FAMILIES = ("fa1", "fa2", "fa3", "fa4", "flash_quant")
-# Names of the calibrated model's features, in coefficient order.
-FEATURES = ("launch", "mma", "sfu", "mem", "prep")
+# Names of the calibrated model's features, in coefficient order.  "serial" is the
+# forward kernel's critical path in key-block steps for Sq > 64 (prefill tiles), and
+# "serial_decode" the same for Sq <= 64: that is a separate autotune key of the forward
+# (cuda/forward.py: sq_bucket) with its own tile config, so its per-step time is its own.
+FEATURES = ("launch", "serial", "serial_decode", "mma", "sfu", "mem", "prep")
+#: Version of the calibrated model's feature set (stored with every calibration).
+MODEL_VERSION = 2
 
 # Work constants (documented assumptions, not measurements):
 SOFTMAX_ALU_OPS = 4          # per score: scale, running max, subtract, row-sum accumulate
@@ -49,7 +59,12 @@ PV_QUANT_ALU_OPS = 2         # per score: scale P and convert it to the 8-bit ty
 DEQUANT_ALU_OPS = {"int4": 2, "nvfp4": 3, "mxfp4": 3, "int8": 2, "fp8_e4m3": 2, "fp8_e5m2": 2}
 EMULATED_EXP_OPS = 8         # FMA-unit ops of one polynomial exp2 (FA4-style emulation)
 LAUNCH_S = 5e-6              # per kernel launch, prior of the calibrated fit
+SERIAL_STEP_S = 1e-6         # per key-block step of one program, prior of the calibrated fit
 Q_TILE = 128                 # query rows per program (how often a K/V tile is re-dequantized)
+# Occupancy of the forward kernel (assumptions, per SM): shared memory and 32-bit registers.
+SMEM_PER_SM = {"hopper": 227 * 1024, "blackwell": 227 * 1024, "ampere": 163 * 1024}
+DEFAULT_SMEM_PER_SM = 99 * 1024
+REGS_PER_SM = 65536
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,7 @@ class AttentionTerms:
     prep_bytes: float
     qk_compute: str
     pv_compute: str
+    schedule: Optional["KernelSchedule"] = None
 
     @property
     def t_sfu(self) -> float:
@@ -240,8 +256,83 @@ class AttentionTerms:
 
     def features(self) -> Tuple[float, ...]:
         """Feature vector of the calibrated model (see FEATURES), in seconds; the launch
-        feature is kernels x 1 µs, so its coefficient reads as µs per kernel launch."""
-        return (self.kernels * 1e-6, self.t_mma, self.t_sfu, self.t_mem, self.t_prep)
+        feature is kernels x 1 µs, so its coefficient reads as µs per kernel launch (it
+        also carries the per-call host overhead: within one preset the kernel count is
+        fixed, so the two cannot be told apart); the serial features are key-block steps
+        x 1 µs, so their coefficients read as µs per step of one program."""
+        sch = self.schedule
+        steps = sch.steps if sch is not None else 0.0
+        dec = sch is not None and sch.decode_regime
+        return (self.kernels * 1e-6, 0.0 if dec else steps * 1e-6, steps * 1e-6 if dec else 0.0,
+                self.t_mma, self.t_sfu, self.t_mem, self.t_prep)
+
+
+@dataclass(frozen=True)
+class KernelSchedule:
+    """How flash_quant's Triton forward runs a shape (cuda/forward.py).
+
+    grid = (ceil(Sq / BLOCK_M), B * Hq): one program per query tile, which walks every
+    visible key block (causal: up to its diagonal) serially; there is no split over keys.
+    Programs run `occupancy` per SM, so in waves of SMs * occupancy.  `steps` is the
+    critical path in key-block steps of the busiest program slot: ceil(programs / slots)
+    * blocks per program (wave quantization); causal (heaviest tiles first) the larger of
+    the longest program and total blocks / slots.  BLOCK_M / BLOCK_N are the nominal
+    config of cuda/autotune.py (the first candidate; Sq <= 64: BLOCK_M 64, 4 warps) —
+    the autotuner may pick another per key, which the fitted per-step coefficient absorbs.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    occupancy: int
+    programs: int
+    waves: int
+    steps: float
+    decode_regime: bool
+
+
+def _nominal_config(head_dim: int, eight_bit: bool, in_bytes: float, seq_q: int) -> Tuple[int, int, int, int]:
+    """Mirror of autotune.forward_default (no torch import here)."""
+    d2 = max(16, 1 << (head_dim - 1).bit_length())
+    if in_bytes == 4:
+        c = (64, 32, 4, 2)
+    elif d2 <= 64:
+        c = (128, 64, 4, 3)
+    elif d2 <= 128:
+        c = (128, 128, 8, 3) if eight_bit else (128, 64, 8, 3)
+    else:
+        c = (64, 64, 4, 2)
+    if seq_q <= 64:
+        c = (min(64, c[0]), c[1], 4, c[3])
+    return c
+
+
+def kernel_schedule(shape: AttentionShape, prec: "AttentionPrecision", hw: HardwareSpec) -> KernelSchedule:
+    """Grid, occupancy, waves and critical path of flash_quant's forward for `shape`."""
+    in_b = _bytes(prec.input)
+    qk_bits = format_info(prec.qk).bits
+    bm, bn, warps, stages = _nominal_config(shape.head_dim, qk_bits <= 8, in_b, shape.seq_q)
+    d2 = max(16, 1 << (shape.head_dim - 1).bit_length())
+    q_b = min(_bytes(prec.q), in_b) if qk_bits <= 8 else in_b
+    k_b = min(_bytes(prec.k), in_b) if qk_bits <= 8 else in_b
+    v_b = _bytes(prec.v) if format_info(prec.pv).bits <= 8 else in_b
+    smem = stages * bn * d2 * (k_b + v_b) + bm * d2 * q_b
+    regs = bm * d2 + 2 * bm * bn + warps * 32 * 32      # acc + scores/probabilities + base
+    smem_sm = SMEM_PER_SM.get(hw.arch, DEFAULT_SMEM_PER_SM)
+    occ = max(1, min(int(smem_sm // smem), REGS_PER_SM // regs, 64 // warps))
+    n_m = -(-shape.seq_q // bm)
+    bh = shape.batch * shape.heads_q
+    programs = bh * n_m
+    slots = max(1, hw.sm_count) * occ
+    waves = -(-programs // slots)
+    if shape.causal:
+        # top-left alignment (as SDPA): tile m walks keys [0, min(Skv, (m + 1) * BLOCK_M))
+        blocks = [-(-min(shape.seq_kv, (m + 1) * bm) // bn) for m in range(n_m)]
+        steps = max(float(max(blocks)), bh * sum(blocks) / slots)
+    else:
+        steps = float(waves * -(-shape.seq_kv // bn))
+    return KernelSchedule(bm, bn, warps, stages, occ, programs, waves, steps, shape.seq_q <= 64)
 
 
 def attention_terms(shape: AttentionShape, prec: AttentionPrecision, hw: HardwareSpec,
@@ -304,7 +395,7 @@ def attention_terms(shape: AttentionShape, prec: AttentionPrecision, hw: Hardwar
     return AttentionTerms(t_mma=t_mma, t_exp=t_exp, t_alu=t_alu, t_mem=kernel_bytes / bw,
                           t_prep=prep_bytes / bw, kernels=kernels, flops=int(shape.flops * density),
                           kernel_bytes=kernel_bytes, prep_bytes=prep_bytes,
-                          qk_compute=qk_c, pv_compute=pv_c)
+                          qk_compute=qk_c, pv_compute=pv_c, schedule=kernel_schedule(shape, prec, hw))
 
 
 @dataclass
@@ -337,8 +428,8 @@ def prior_coefficients(hw: HardwareSpec, prec: "AttentionPrecision") -> Dict[str
     eff_mma, _ = hw.efficiency_factor("mma", hw.compute_precision(prec.qk))
     eff_exp, _ = hw.efficiency_factor("exp")
     eff_mem, _ = hw.efficiency_factor("memory")
-    return {"launch": LAUNCH_S * 1e6, "mma": 1.0 / eff_mma, "sfu": 1.0 / eff_exp,
-            "mem": 1.0 / eff_mem, "prep": 1.0 / eff_mem}
+    return {"launch": LAUNCH_S * 1e6, "serial": SERIAL_STEP_S * 1e6, "serial_decode": SERIAL_STEP_S * 1e6,
+            "mma": 1.0 / eff_mma, "sfu": 1.0 / eff_exp, "mem": 1.0 / eff_mem, "prep": 1.0 / eff_mem}
 
 
 def _calibration_path(hw_key: str) -> str:
@@ -358,7 +449,9 @@ def load_calibration(hw_key: str, path: Optional[str] = None) -> Optional[dict]:
     for key, fit in fits.items():
         coef = fit.get("coef")
         if not isinstance(coef, dict) or set(coef) != set(FEATURES):
-            raise ValueError(f"{path}: fit {key!r} must have coefficients {FEATURES}, got {coef!r}")
+            raise ValueError(f"{path}: fit {key!r} must have coefficients {FEATURES} (model version "
+                             f"{MODEL_VERSION}), got {coef!r}; re-fit it offline with "
+                             f"`flash-quant calibrate --refit {path}`")
     return data
 
 
@@ -436,7 +529,9 @@ class AttentionCostModel:
 
 
 _BOTTLENECK_NAMES = {"mma": "tensor-core matmul", "sfu": "exp/softmax units", "mem": "memory bandwidth",
-                     "prep": "quantization passes", "launch": "launch/host overhead"}
+                     "prep": "quantization passes", "launch": "launch/host overhead",
+                     "serial": "serial key-block latency (too few programs)",
+                     "serial_decode": "serial key-block latency (too few programs)"}
 
 
 def _bottleneck(components: Dict[str, float]) -> str:
