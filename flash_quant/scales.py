@@ -43,13 +43,10 @@ def mse_scale(
     xf = x.float()
     base = absmax_scale(xf, precision, granularity, block_size)
     gshape = tuple(base.shape)
-    zeros = torch.zeros(gshape, dtype=torch.int32, device=x.device)
-    empty = base.new_empty((0,))
     best_scale, best_err = None, None
     for r in clip_ratios:
         s = base * r
-        data = ops.quantize_with_scale(xf, s, None, precision, block_size)
-        back = ops.dequantize(data, s, zeros, empty, precision, block_size, torch.float32)
+        back = _round_trip(xf, expand_groups(s, xf.shape, block_size), precision)
         err = reduce_groups((back - xf).square(), gshape, block_size)
         if best_scale is None:
             best_scale, best_err = s, err
@@ -58,3 +55,15 @@ def mse_scale(
             best_scale = torch.where(better, s, best_scale)
             best_err = torch.where(better, err, best_err)
     return best_scale
+
+
+def _round_trip(x: torch.Tensor, s: torch.Tensor, precision: str) -> torch.Tensor:
+    """dequantize(quantize_with_scale(x, s)) for symmetric scales, in a few elementwise
+    ops (no packing): the same rounding as the kernels (half to even, clamp to ±qmax)."""
+    qmax = QMAX[precision]
+    v = (x / s).clamp(-qmax, qmax)
+    if precision.startswith("fp8"):
+        v = v.to(ops.DATA_DTYPES[precision]).float()
+    else:
+        v = v.round()
+    return v * s
