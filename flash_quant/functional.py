@@ -1,6 +1,7 @@
 """flash_quant.attention: a drop-in for F.scaled_dot_product_attention that quantizes."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
@@ -84,16 +85,17 @@ def attention_with_lse(
         dt = cfg.compute_dtype.float_dtype
         q, k, v = (t.to(dt) if t.dtype != dt else t for t in (q, k, v))
 
-    rotated = _rotation_wanted(cfg, query, key)
-    qq = _quantized(query, q, cfg.q, rotated)
-    kq = _quantized(key, k, cfg.k, rotated)
-    vq = _quantized(value, v, cfg.v, False)
-    if rotated:
-        # The kernels read only the quantized (rotated) data. The float q/k stand for the
-        # operands in autograd, so they must live in the rotated basis too — but only when
-        # a gradient is wanted: otherwise the rotation matmul would be wasted work.
-        q = rotate(q) if _wants_grad(query) else q
-        k = rotate(k) if _wants_grad(key) else k
+    if _rotation_wanted(cfg, query, key):
+        # Rotate once; the rotated floats are both what gets quantized and what the op
+        # sees as q / k, so autograd carries gradients back through the rotation.
+        q = rotate(q) if isinstance(query, torch.Tensor) else q
+        k = rotate(k) if isinstance(key, torch.Tensor) else k
+    with torch.no_grad():  # straight-through: gradients reach q/k/v through the attention
+        # op's own formula, so the quantization steps need no autograd graph (nor its
+        # saved copies of q and k)
+        qq = _quantized(query, q, cfg.q)
+        kq = _quantized(key, k, cfg.k)
+        vq = _quantized(value, v, cfg.v)
 
     mask = _prepare_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out, lse = ops.attention_forward(
@@ -147,10 +149,6 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     check_mask(attn_mask, b, h, sq, key.shape[2], query.device)
 
 
-def _wants_grad(x: Operand) -> bool:
-    return isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
-
-
 def _operand_float(x: Operand) -> torch.Tensor:
     """The float tensor the op sees as q/k/v. For a QuantizedTensor: a zero-stride
     placeholder of the right shape and dtype (the kernels read its data instead)."""
@@ -168,14 +166,14 @@ def _rotation_wanted(cfg: AttentionConfig, query, key) -> bool:
     return cfg.q.rotate and (cfg.q.quantized or cfg.k.quantized)
 
 
-def _quantized(given: Operand, x: torch.Tensor, cfg: OperandConfig, rotated: bool):
+def _quantized(given: Operand, x: torch.Tensor, cfg: OperandConfig):
+    """The operand's QuantizedTensor: as given, or quantized from `x` (already rotated
+    when the config rotates), or None for an unquantized operand."""
     if isinstance(given, QuantizedTensor):
         return given
     if not cfg.quantized:
         return None
-    if cfg.rotate != rotated:
-        cfg = OperandConfig(cfg.precision, cfg.strategy, cfg.granularity, smooth=cfg.smooth, rotate=rotated)
-    return quantize_operand(x, cfg)
+    return quantize_operand(x, dataclasses.replace(cfg, rotate=False))
 
 
 def _op_args(qt: Optional[QuantizedTensor], role: str):
