@@ -443,7 +443,7 @@ def attention_backward_triton(
     # Centre K for dQ: unquantized K minus its mean over the sequence (the smoothed,
     # quantized K is already centred). Exact: rows of dS sum to zero.
     if k_data is None:
-        kc = k.to(torch.float32).mean(dim=2)  # (B, Hkv, D)
+        kc = k.mean(dim=2, dtype=torch.float32)  # (B, Hkv, D), no fp32 copy of K
         has_kc = True
     else:
         kc, has_kc = km, False
