@@ -291,7 +291,7 @@ def test_backward_fp32_matches_fp64_reference(is_causal):
 @pytest.mark.parametrize("family, d, rel_bar", [("normal", 64, 0.03), ("normal", 128, 0.03),
                                                 ("realistic", 128, 0.03), ("realistic", 64, 0.04)])
 def test_backward_accurate_preset_bars(family, d, rel_bar):
-    q, k, v = make_qkv(1, 1, 1024, d, family=family)
+    q, k, v = make_qkv(1, 2, 1024, d, family=family)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = flash_quant.attention(*leaves, config="accurate")
     g = torch.randn_like(out)
