@@ -176,3 +176,22 @@ def test_mse_scale_search(precision):
     assert bool((err(s) <= err(a) + 1e-6).all())
     if precision == "int4":
         assert err(s).sum() < 0.9 * err(a).sum()
+
+
+def test_quantize_with_scale_errors_name_the_problem():
+    op = torch.ops.flash_quant.quantize_with_scale
+    x = torch.randn(2, 8, 16)
+    s = torch.ones(2, 8, 1)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        op(x, s.double(), None, "int8", 1)
+    with pytest.raises(RuntimeError, match="not a group shape"):
+        op(x, torch.ones(2, 3, 1), None, "int8", 1)
+    with pytest.raises(RuntimeError, match="precision must be"):
+        op(x, s, None, "int2", 1)
+    with pytest.raises(RuntimeError, match="even"):
+        op(torch.randn(2, 8, 15), s, None, "int4", 1)
+    with pytest.raises(RuntimeError, match="zero_point must be int32"):
+        op(x, s, torch.zeros(2, 8, 1), "int8", 1)
+    # blocked rows: 8 rows in blocks of 3 -> 3 groups
+    data = op(x, torch.full((2, 3, 1), 0.1), None, "int8", 3)
+    assert data.dtype == torch.int8 and data.shape == x.shape
