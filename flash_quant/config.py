@@ -60,12 +60,6 @@ class Precision(str, enum.Enum):
         return self in (Precision.INT8, Precision.INT4)
 
     @property
-    def bits(self) -> int:
-        return {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp16": 16, "bf16": 16}.get(
-            self.value, 32
-        )
-
-    @property
     def float_dtype(self):
         """The torch dtype of an unquantized precision (None for quantized ones)."""
         import torch

@@ -7,7 +7,6 @@ formulas (built only from registered ops). docs/op_contract.md is the contract.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -25,9 +24,13 @@ __all__ = [
     "expand_groups",
     "reduce_groups",
     "DATA_DTYPES",
+    "QMAX",
 ]
 
 _ops = torch.ops.flash_quant
+
+#: Largest quantized magnitude of each precision (docs/op_contract.md, scale = absmax / QMAX).
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 
 #: Storage dtype of each quantized precision.
 DATA_DTYPES = {
@@ -98,7 +101,7 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
         if smooth:
             xf = xf - xf.mean(dim=-2, keepdim=True)
         s = expand_groups(scale, x.shape, block_size)
-        qmax = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[precision]
+        qmax = QMAX[precision]
         g = expand_groups(grad_scale, x.shape, block_size)
         if strategy == "asymmetric":
             qmin = {"int8": -128.0, "int4": -8.0}[precision]
@@ -302,10 +305,6 @@ def _attention_double_backward(ctx, *grads):
 torch.library.register_autograd(
     "flash_quant::attention_backward", _attention_double_backward, setup_context=_attention_backward_setup
 )
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 def _register_device_backends():

@@ -19,7 +19,7 @@ from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 
 __all__ = ["QMAX", "absmax_scale", "mse_scale", "DEFAULT_CLIP_RATIOS"]
 
-QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+QMAX = ops.QMAX
 DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
 
 
