@@ -188,6 +188,7 @@ SHAPES = {"flux": (1, 24, 4608, 128), "b4": (4, 32, 4096, 128), "d64": (8, 32, 2
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="flux,b4")
+    ap.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting variants after this")
     args = ap.parse_args()
     t_start = time.time()
@@ -201,6 +202,9 @@ def main():
     variants.append(("pv1 magic=1 tma=0 tilemax=0", 1, True, False, False, False))
     variants.append(("pv0 magic=1 tma=1 ws=1", 0, True, False, True, True))
     variants.append(("pv1 magic=1 tma=1 ws=1", 1, True, True, True, True))
+    if args.variants:
+        keep = args.variants.split(",")
+        variants = [v for v in variants if any(k == v[0] for k in keep)]
     configs = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3)]
     for sname in args.shapes.split(","):
         B, H, S, D = SHAPES[sname]

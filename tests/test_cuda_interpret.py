@@ -220,6 +220,8 @@ CASES = [
     ("int4", 1, 2, 1, 17, 17, 96, True, None, torch.bfloat16),
     ("fp8", 1, 2, 2, 40, 130, 128, False, None, torch.float16),
     ("int8pv", 1, 2, 2, 33, 33, 64, True, None, torch.float16),
+    ("int8pv", 1, 2, 2, 130, 130, 128, False, None, torch.float16),
+    ("int8pv", 1, 2, 1, 17, 40, 64, False, "bool", torch.bfloat16),
     ("asym", 1, 2, 1, 17, 30, 32, False, "additive", torch.float16),
 ]
 
@@ -287,6 +289,22 @@ def test_attention_scale_and_fp32():
     ref, lse_r = reference_attention(q, k, v, scale=0.3, return_lse=True)
     assert error_stats(out, ref)["rel_l2"] < 2e-3  # tf32-class dots on GPU, exact here
     torch.testing.assert_close(lse, lse_r.float(), rtol=0, atol=1e-3)
+
+
+def test_attention_negative_scale_and_int8_p_with_float_v():
+    """A non-positive softmax scale takes the explicit (unfolded) score path; int8 P with
+    a 16-bit V (P·V mode 4) rounds P as the int8 mode does."""
+    q, k, v = make_qkv(1, 2, 40, 64, family="realistic")
+    kw, _, (qd, kd, _) = quantize_operands(q, k, v, "accurate")
+    for scale in (-0.2, 0.0):
+        out, lse = attention_forward_launch(q, k, v, scale=scale, **kw)
+        ref, lse_r = reference_attention(qd, kd, v, scale=scale, return_lse=True)
+        assert error_stats(out, ref)["rel_l2"] < 3e-3, scale
+        torch.testing.assert_close(lse, lse_r.float(), rtol=0, atol=2e-2)
+    out, _ = attention_forward_launch(q, k, v, is_causal=True, pv_precision="int8", **kw)
+    ref = reference_attention(qd, kd, v, is_causal=True)
+    err = error_stats(out, ref)["rel_l2"]
+    assert 1e-4 < err < 2e-2, err  # P's int8 rounding is visible, and small
 
 
 def test_attention_errors_before_launch():

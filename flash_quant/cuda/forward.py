@@ -16,7 +16,12 @@ P·V modes (``PV_MODE``): 0 P in the input's 16-bit type, V dequantized (or its 
 the per-channel scale applied after the loop); 1 P rounded to e4m3 times FP8 V on the
 tensor cores (V per-channel scale after the loop, fp32 promotion every BLOCK_N <= 128
 keys through ``max_num_imprecise_acc``); 2 P quantized to int8 (scale: the row's max over
-the key tile / 127) times INT8 V, int32 per key block, rescaled per row; 3 / 4 the same P roundings with a 16-bit dot for any other V.
+the key tile / 127, computed as round(127 * exp2(s - tile max))) times INT8 V, int32 per
+key block, rescaled per row; 3 / 4 the same P roundings with a 16-bit dot for any other V.
+
+Unmasked key blocks fold the per-row factor (Q scale * scale * log2 e) into one FMA per
+score, which needs that factor > 0: the quantizers' scales are (an all-zero row gets 1)
+and a non-positive softmax scale takes the explicit path (``SCALE_POS``).
 
 Causal blocks above the diagonal are skipped; only the diagonal / sequence-tail blocks
 pay for masking. Tails are masked loads, the head dim is padded to a power of two by
@@ -47,8 +52,9 @@ from .common import (
     load_codes,
     load_dequant,
     operand_kind,
-    round_half_even,
+    int_to_float,
     round_to_fp8,
+    round_to_int,
     score_mask,
 )
 
@@ -77,10 +83,17 @@ def _dot16(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _p_tile_scale(p):
-    """INT8 scale of P per row over this key tile (1 for an all-zero row)."""
-    tmax = tl.max(p, 1)
-    return tl.where(tmax > 0.0, tmax * (1.0 / 127.0), 1.0)
+def _load_tile(ptrs, rmask, cmask, RCHECK: tl.constexpr, CCHECK: tl.constexpr):
+    """Load a 2-D tile, masking rows / columns only where they can be out of range (the
+    key blocks before the last one are full: unmasked loads pipeline and vectorize best)."""
+    if RCHECK and CCHECK:
+        return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    elif RCHECK:
+        return tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    elif CCHECK:
+        return tl.load(ptrs, mask=cmask[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit
@@ -92,9 +105,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                     PV_MODE: tl.constexpr, K_QUANT: tl.constexpr, K_ZP: tl.constexpr,
                     V_ZP: tl.constexpr, V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr,
                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr,
-                    COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
+                    SCALE_POS: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < Skv
@@ -105,10 +119,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             qk = tl.dot(q1, tl.trans(khi), qk, out_dtype=tl.int32)
             qk = qk.to(tl.float32)
         elif QK_MODE == 0:
-            k = load_codes(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM, K_KIND, BLOCK_D)
+            k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
+                           CHECK, HEAD_DIM != BLOCK_D)
             qk = tl.dot(q0, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         elif QK_MODE == 2:
-            k = load_codes(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM, K_KIND, BLOCK_D)
+            k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
+                           CHECK, HEAD_DIM != BLOCK_D)
             qk = tl.dot(q0, tl.trans(k))
         else:
             k = load_dequant(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM,
@@ -116,67 +132,91 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                              K_KIND, False, K_ZP, BLOCK_N, BLOCK_D)
             qk = _dot16(q0, tl.trans(k.to(COMPUTE)), tl.zeros((q0.shape[0], BLOCK_N), dtype=tl.float32),
                         DOT_F32)
+        # t: the scores without the per-row factor qs2 (Q scale * scale * log2 e), > 0
         if K_QUANT:
-            ks = tl.load(ks_base + offs_n * sks_s, mask=nmask, other=0.0)
-            s = qk * (qs2[:, None] * ks[None, :])
+            if CHECK:
+                ks = tl.load(ks_base + offs_n * sks_s, mask=nmask, other=0.0)
+            else:
+                ks = tl.load(ks_base + offs_n * sks_s)
+            t = qk * ks[None, :]
         else:
-            s = qk * qs2[:, None]
-        if CHECK or MASK_KIND != 0:
+            t = qk
+        if CHECK or MASK_KIND != 0 or not SCALE_POS:
             visible, bias = score_mask(offs_m, offs_n, Sq, Skv, mask_base, smm, smn,
                                        IS_CAUSAL and CHECK, CHECK, MASK_KIND)
+            s = t * qs2[:, None]
             if MASK_KIND == 2:
                 s = s + bias * 1.4426950408889634
             s = tl.where(visible, s, float("-inf"))
+            m_tile = tl.max(s, 1)
+        else:
+            # unmasked blocks: qs2 > 0 commutes with the max, and one FMA per score
+            # then applies it and subtracts the max (saves a multiply per score)
+            m_tile = tl.max(t, 1) * qs2
         # ---- online softmax (fp32, exp2)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK_KIND != 0:
+        m_new = tl.maximum(m_i, m_tile)
+        if MASK_KIND != 0 or CHECK or not SCALE_POS:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_MODE == 2 or PV_MODE == 4:
+            # int8 P per row and key tile, relative to the tile's own row max: e lies in
+            # [0, 1] with max 1, so the tile scale 1/127 needs no extra reduction and the
+            # tile's factor beta = exp2(tile max - running max) goes on the product.
+            # (A fixed 1/127 on exp2(s - running max) rounds away the small probabilities
+            # of flat rows: 2.8 % vs 1.7 % rel-L2.)
+            if CHECK or MASK_KIND != 0 or not SCALE_POS:
+                mt_use = tl.where(m_tile == float("-inf"), 0.0, m_tile)
+                e = tl.math.exp2(s - mt_use[:, None])
+            else:
+                e = tl.math.exp2(t * qs2[:, None] - m_tile[:, None])
+            beta = tl.math.exp2(m_tile - m_use)
+            l_i = l_i * alpha + beta * tl.sum(e, 1)
+            pq = round_to_int(e * 127.0)
+        else:
+            if CHECK or MASK_KIND != 0 or not SCALE_POS:
+                p = tl.math.exp2(s - m_use[:, None])
+            else:
+                p = tl.math.exp2(t * qs2[:, None] - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         m_i = m_new
         # ---- acc += P V
         if PV_MODE == 1 or PV_MODE == 2:
             if V_TRANS:
-                vt = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
-                             mask=(offs_d[:, None] < HEAD_DIM) & nmask[None, :], other=0.0)
-                v = tl.trans(vt)
+                v = tl.trans(_load_tile(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
+                                        dmask, nmask, HEAD_DIM != BLOCK_D, CHECK))
             else:
-                v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                            mask=nmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = _load_tile(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, nmask, dmask,
+                               CHECK, HEAD_DIM != BLOCK_D)
             if PV_MODE == 1:
                 acc = tl.dot(_to_fp8e4(p, FP8_EXACT), v, acc, max_num_imprecise_acc=BLOCK_N)
             else:
-                # int8 P per row and key tile: scale = tile max / 127 (a fixed 1/127 rounds
-                # away the small probabilities of flat rows: 2.8 % vs 1.7 % rel-L2).
-                psc = _p_tile_scale(p)
-                pq = round_half_even(p / psc[:, None]).to(tl.int8)
-                acc += tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * psc[:, None]
+                pv = int_to_float(tl.dot(pq.to(tl.int8), v, out_dtype=tl.int32))
+                acc += pv * (beta * (1.0 / 127.0))[:, None]
         else:
             if V_KIND == 0 and not V_DEQ_IN_LOOP:
                 if V_TRANS:
-                    vt = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
-                                 mask=(offs_d[:, None] < HEAD_DIM) & nmask[None, :], other=0.0)
-                    vc = tl.trans(vt).to(COMPUTE)
+                    vc = tl.trans(_load_tile(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
+                                             dmask, nmask, HEAD_DIM != BLOCK_D, CHECK)).to(COMPUTE)
                 else:
-                    vc = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                                 mask=nmask[:, None] & (offs_d[None, :] < HEAD_DIM),
-                                 other=0.0).to(COMPUTE)
+                    vc = _load_tile(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, nmask,
+                                    dmask, CHECK, HEAD_DIM != BLOCK_D).to(COMPUTE)
             else:
                 vc = load_dequant(v_base, offs_n, offs_d, svs, svd, nmask, HEAD_DIM,
                                   vs_base, svs_s, svs_d, vz_base, svz_s, svz_d,
                                   V_KIND, V_DEQ_IN_LOOP, V_ZP, BLOCK_N, BLOCK_D).to(COMPUTE)
-            if PV_MODE == 3:
-                pc = _to_fp8e4(p, FP8_EXACT).to(COMPUTE)
-            elif PV_MODE == 4:
-                psc = _p_tile_scale(p)
-                pc = (round_half_even(p / psc[:, None]) * psc[:, None]).to(COMPUTE)
+            if PV_MODE == 4:  # the int8 P codes are exact in 16 bits
+                pv = _dot16(int_to_float(pq).to(COMPUTE), vc,
+                            tl.zeros((pq.shape[0], BLOCK_D), dtype=tl.float32), DOT_F32)
+                acc += pv * (beta * (1.0 / 127.0))[:, None]
             else:
-                pc = p.to(COMPUTE)
-            acc = _dot16(pc, vc, acc, DOT_F32)
+                if PV_MODE == 3:
+                    pc = _to_fp8e4(p, FP8_EXACT).to(COMPUTE)
+                else:
+                    pc = p.to(COMPUTE)
+                acc = _dot16(pc, vc, acc, DOT_F32)
     return acc, l_i, m_i
 
 
@@ -200,7 +240,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
                      Q_QUANT: tl.constexpr, K_QUANT: tl.constexpr, V_QUANT: tl.constexpr,
                      Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
                      V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
-                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
                      COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n_m = tl.num_programs(0)
@@ -258,13 +298,13 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
         offs_m, 0, full_end, Sq, Skv,
         sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
         K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-        MASK_KIND, IS_CAUSAL, False, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+        MASK_KIND, IS_CAUSAL, False, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
         offs_m, full_end, hi, Sq, Skv,
         sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
         K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-        MASK_KIND, IS_CAUSAL, True, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+        MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     # ---- epilogue
     empty = l_i == 0.0
@@ -463,7 +503,7 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], V_QUANT=p["V_QUANT"],
         Q_ZP=p["Q_ZP"], K_ZP=p["K_ZP"], V_ZP=p["V_ZP"], V_DEQ_IN_LOOP=p["V_DEQ_IN_LOOP"],
         V_TRANS=p["V_TRANS"], HAS_KM=p["HAS_KM"], MASK_KIND=p["MASK_KIND"], IS_CAUSAL=p["IS_CAUSAL"],
-        COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
+        SCALE_POS=p["scale"] > 0, COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
         DOT_F32=interpreting and p["dtype"] == torch.bfloat16,
         HEAD_DIM=D, BLOCK_D=block_d,
     )
