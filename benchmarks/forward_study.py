@@ -173,6 +173,31 @@ def run_variant(q, k, v, pv, magic, tile_max, tma, ws, bm, bn, warps, stages, ch
     return ms, err
 
 
+def product_ms(q, k, v, recipe, cfg):
+    """flash_quant's own forward kernel on pre-quantized operands at a forced config.
+    recipe: "accurate" (bf16 V), "accurate-vT" (bf16 V stored K-major), "fast" (INT8 P·V)."""
+    from flash_quant.cuda import autotune
+    from flash_quant.cuda.forward import attention_forward_launch
+
+    ops = torch.ops.flash_quant
+    a, s, _, _ = ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
+    b, t, _, m = ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
+    kw = dict(q_data=a, q_scale=s, k_data=b, k_scale=t, k_mean=m)
+    vv, pv = v, "none"
+    if recipe == "accurate-vT":
+        vv = v.transpose(2, 3).contiguous().transpose(2, 3)
+    elif recipe == "fast":
+        c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
+        kw.update(v_data=c, v_scale=u)
+        pv = "int8"
+    ph = lambda x: torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)  # noqa: E731
+    config = autotune.Config(*cfg)
+    f = lambda: attention_forward_launch(ph(q), ph(k), ph(v) if recipe == "fast" else vv,  # noqa: E731
+                                         pv_precision=pv, config=config, **kw)
+    f()
+    return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+
+
 def sdpa_ms(q, k, v, backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
@@ -189,6 +214,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="flux,b4")
     ap.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
+    ap.add_argument("--product", action="store_true", help="also time flash_quant's kernel")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting variants after this")
     args = ap.parse_args()
     t_start = time.time()
@@ -215,10 +241,21 @@ def main():
               f"flash {base['flash']:.3f} ms ({flops / base['flash'] / 1e9:.0f} TFLOPS)")
         print("| variant | config | ms | TFLOPS | x cuDNN | rel-L2 |")
         print("|---|---|---|---|---|---|")
+        if args.product:
+            import flash_quant  # noqa: F401  (registers the CUDA kernels)
+            for recipe in ("accurate", "accurate-vT", "fast"):
+                for cfg in configs:
+                    try:
+                        ms = product_ms(q, k, v, recipe, cfg)
+                        print(f"| product {recipe} | {'/'.join(map(str, cfg))} | {ms:.3f} | {flops / ms / 1e9:.0f} | "
+                              f"{base['cudnn'] / ms:.2f} | |", flush=True)
+                    except Exception as exc:
+                        print(f"| product {recipe} | {'/'.join(map(str, cfg))} | failed: {str(exc)[:80]} | | | |")
         for name, pv, magic, tile, tma, ws in variants:
             if tma and TensorDescriptor is None:
                 continue
             best = None
+            each = []
             for bm, bn, w, st in configs:
                 if time.time() - t_start > args.budget_s:
                     print("(budget reached)")
@@ -228,6 +265,7 @@ def main():
                 except Exception as exc:  # a config the compiler refuses: report, go on
                     print(f"| {name} | {bm}/{bn}/{w}/{st} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:90]} | | | |")
                     continue
+                each.append(f"{bm}/{bn}/{w}/{st}={ms:.3f}")
                 if best is None or ms < best[0]:
                     best = (ms, (bm, bn, w, st))
             if best is None:
@@ -235,7 +273,7 @@ def main():
             ms, cfg = best
             _, err = run_variant(q, k, v, pv, magic, tile, tma, ws, *cfg, check=True)
             print(f"| {name} | {'/'.join(map(str, cfg))} | {ms:.3f} | {flops / ms / 1e9:.0f} | "
-                  f"{base['cudnn'] / ms:.2f} | {err * 100:.2f}% |", flush=True)
+                  f"{base['cudnn'] / ms:.2f} | {err * 100:.2f}% |  ({', '.join(each)})", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
 

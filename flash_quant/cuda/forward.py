@@ -241,7 +241,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
                      Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
                      V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
                      MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
-                     COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
+                     EVEN_KV: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
@@ -299,12 +299,13 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
         sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
         K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
         MASK_KIND, IS_CAUSAL, False, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
-        offs_m, full_end, hi, Sq, Skv,
-        sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
-        K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-        MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+    if not EVEN_KV:  # the diagonal / tail blocks (no second loop at all when none exist)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
+            offs_m, full_end, hi, Sq, Skv,
+            sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
+            K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
+            MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     # ---- epilogue
     empty = l_i == 0.0
@@ -510,7 +511,8 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
 
     def launch(cfg: autotune.Config):
         grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
-        _attn_fwd_kernel[grid](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        even_kv = not p["IS_CAUSAL"] and Skv % cfg.block_n == 0
+        _attn_fwd_kernel[grid](*args, **consts, EVEN_KV=even_kv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
