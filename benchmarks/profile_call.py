@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["accurate", "fast"])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--cprofile", type=int, default=0, help="also print the N costliest Python functions")
     args = ap.parse_args()
     B, H, S, D = (int(x) for x in args.shape.split(","))
     dt = getattr(torch, args.dtype)
@@ -63,6 +64,17 @@ def main() -> None:
         for ms, n, key in sorted(rows, reverse=True)[:15]:
             print(f"| {key[:70]} | {ms:.4f} | {n} | {ms / total * 100:.1f} % |")
         print(f"| (all GPU work) | {total:.4f} | | |")
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(args.calls):
+                f()
+            pr.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(args.cprofile)
 
 
 if __name__ == "__main__":
