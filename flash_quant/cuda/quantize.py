@@ -2,8 +2,9 @@
 
 Semantics: docs/op_contract.md. Kernels:
 
-* ``_colstats_kernel``: one pass over x, per (leading index, channel): sum, max, min.
-  Gives the smoothing mean and the group ranges of per_channel / per_head / per_tensor.
+* ``_colstats_kernel``: one pass over x, per (sequence chunk, leading index, channel):
+  sum, max, min; ``_colstats_reduce_kernel`` combines the chunks into the smoothing mean
+  and the group ranges of per_channel / per_head / per_tensor.
 * ``_quantize_kernel``: one pass over x that subtracts the mean, finds each group's
   range (per_token: per row; per_block: per run of ``block_size`` rows) or reads it
   (column-group granularities), writes the scale / zero point and the codes. INT4 codes
@@ -100,6 +101,35 @@ def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, L2, S, D, S_CHUNK,
     tl.store(sum_ptr + out, tl.sum(acc_sum, axis=0), mask=dmask)
     tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=dmask)
     tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=dmask)
+
+
+@triton.jit
+def _colstats_reduce_kernel(part_ptr, stats_ptr, chunks, L, D, inv_s,
+                            SMOOTH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine the sequence chunks of _colstats_kernel (in chunk order: deterministic) into
+    stats[0] = mean (sum / S; 0 without smoothing), stats[1] = min(min - mean, 0) and
+    stats[2] = max(max - mean, 0), per (leading index l, channel). One launch instead of
+    a handful of small torch reductions: the quantize call is host-bound at Flux sizes."""
+    pid_l = tl.program_id(0)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        csum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        cmax = tl.full((BLOCK_D,), float("-inf"), dtype=tl.float32)
+        cmin = tl.full((BLOCK_D,), float("inf"), dtype=tl.float32)
+        for c in range(0, chunks):
+            row = (c * L + pid_l).to(tl.int64) * D + offs_d
+            csum += tl.load(part_ptr + row, mask=dmask, other=0.0)
+            cmax = tl.maximum(cmax, tl.load(part_ptr + (chunks * L) * D + row, mask=dmask, other=0.0))
+            cmin = tl.minimum(cmin, tl.load(part_ptr + (2 * chunks * L) * D + row, mask=dmask, other=0.0))
+        if SMOOTH:
+            mean = csum * inv_s
+        else:
+            mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        out = pid_l.to(tl.int64) * D + offs_d
+        tl.store(stats_ptr + out, mean, mask=dmask)
+        tl.store(stats_ptr + L * D + out, tl.minimum(cmin - mean, 0.0), mask=dmask)
+        tl.store(stats_ptr + 2 * L * D + out, tl.maximum(cmax - mean, 0.0), mask=dmask)
 
 
 @triton.jit
@@ -379,10 +409,12 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         part = torch.empty((3, chunks, L, D), dtype=torch.float32, device=dev)
         _colstats_kernel[(triton.cdiv(D, bd), L, chunks)](
             x4, part[0], part[1], part[2], L, L2, S, D, s_chunk, *x4.stride(), BLOCK_S=bs, BLOCK_D=bd)
-        csum, cmax, cmin = part[0].sum(0), part[1].amax(0), part[2].amin(0)
-        colstats = (csum, cmax, cmin)
+        stats = torch.empty((3, L, D), dtype=torch.float32, device=dev)
+        _colstats_reduce_kernel[(L,)](part, stats, chunks, L, D, 1.0 / S, SMOOTH=smooth,
+                                      BLOCK_D=min(block_d, 1024))
+        colstats = (stats[1], stats[2])  # group ranges, mean removed, clamped around 0
         if smooth:
-            mean = (csum / S).view(lead + (1, D))
+            mean = stats[0].view(lead + (1, D))
     mean_arg = mean if smooth else x4  # dummy pointer when unused
 
     sshape = scale_shape(shape, granularity, block_size)
@@ -405,14 +437,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
             MODE=mode, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
             WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d)
     else:
-        csum, cmax, cmin = colstats
-        if smooth:
-            m2 = mean.view(L, D)
-            lo, hi = cmin - m2, cmax - m2
-        else:
-            lo, hi = cmin, cmax
-        lo = lo.clamp_max(0.0)
-        hi = hi.clamp_min(0.0)
+        lo, hi = colstats
         if granularity == "per_channel":
             scale = torch.empty((L, D), dtype=torch.float32, device=dev)
             zp = torch.empty((L, D), dtype=torch.int32, device=dev)
