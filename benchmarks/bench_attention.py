@@ -109,6 +109,23 @@ def bench(fn, quick):
                                    return_mode="median")
 
 
+def graph_ms(fn, quick):
+    """GPU time of fn alone: fn captured once in a CUDA graph, the replay timed. Eager
+    rows of many small launches are bound by the host (Python + launch overhead); this
+    is what the same work costs on the GPU, e.g. under torch.compile / CUDA graphs."""
+    import triton.testing
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay, quick)
+
+
 def peak_extra_mib(fn):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -197,7 +214,7 @@ def main():
     rows = []
     tag = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-    def record(shape, method, phase, fn, fl, ref=None, r0=0):
+    def record(shape, method, phase, fn, fl, ref=None, r0=0, graph=False):
         name, b, hq, hkv, s, d, causal = shape
         row = dict(shape=name, method=method, phase=phase)
         try:
@@ -207,6 +224,11 @@ def main():
             torch.cuda.synchronize()
             ms = bench(fn, args.quick)
             row.update(ms=ms, tflops=fl / (ms * 1e-3) / 1e12, peak_mib=peak_extra_mib(fn))
+            if graph:
+                try:
+                    row["graph_ms"] = graph_ms(fn, args.quick)
+                except Exception as exc:  # not capturable: say so
+                    row["graph_na"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
             if ref is not None and out is not None and torch.is_tensor(out) and out.dim() == 4:
                 row.update(accuracy(out, ref, r0))
         except Exception as exc:  # the row prints n/a with the reason, never a number
@@ -218,8 +240,10 @@ def main():
             print(f"{name:24s} {phase:8s} {method:24s} n/a ({row['na']})", flush=True)
         else:
             acc = f"rel-L2 {row['rel_l2']:.2e} cos {row['cosine']:.6f}" if "rel_l2" in row else ""
+            gr = f" graph {row['graph_ms']:.3f} ms" if "graph_ms" in row else (
+                f" graph n/a ({row['graph_na']})" if "graph_na" in row else "")
             print(f"{name:24s} {phase:8s} {method:24s} {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOPS "
-                  f"peak+{row['peak_mib']:8.1f} MiB {acc}", flush=True)
+                  f"peak+{row['peak_mib']:8.1f} MiB {acc}{gr}", flush=True)
         return row
 
     for shape in shapes:
@@ -246,7 +270,7 @@ def main():
                 ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
                 if vprec != "none":
                     ops.quantize(v, vprec, "per_channel", 1, "symmetric", False)
-            r = record(shape, f"quantize-qkv(v {vprec})", "quant", quant_all, 0.0)
+            r = record(shape, f"quantize-qkv(v {vprec})", "quant", quant_all, 0.0, graph=True)
             if "ms" in r:
                 r["gbps"] = byts / (r["ms"] * 1e-3) / 1e9
                 print(f"{'':24s} quant    {'':24s} {r['gbps']:.0f} GB/s (bytes read + written, colstats pass not counted)")
@@ -258,7 +282,7 @@ def main():
                 continue
             record(shape, f"fq-{recipe}-kernel", "fwd", fn, fl, ref, r0)
         for preset in E2E_PRESETS:
-            record(shape, f"fq-{preset}-e2e", "fwd", e2e_fn(preset, q, k, v, causal, gqa), fl, ref, r0)
+            record(shape, f"fq-{preset}-e2e", "fwd", e2e_fn(preset, q, k, v, causal, gqa), fl, ref, r0, graph=True)
         if not args.no_backward and name in BWD_SHAPES and (not args.quick or name == "flux-1024"):
             qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             g = torch.randn_like(q)
@@ -298,12 +322,17 @@ def main():
             kr = [r for r in rows if r["shape"] == sh and r["method"] == f"fq-{preset}-kernel" and "ms" in r]
             if qr and kr:
                 qms = qr[0]["ms"]
-                summary[f"{sh}: quantize kernels / (quantize + attention kernel), {preset}"] = qms / (qms + kr[0]["ms"])
+                summary[f"{sh}: quantize / (quantize + attention kernel), {preset}, eager (host-bound)"] = qms / (qms + kr[0]["ms"])
+                if "graph_ms" in qr[0]:
+                    qg = qr[0]["graph_ms"]
+                    summary[f"{sh}: quantize / (quantize + attention kernel), {preset}, GPU time (CUDA graph)"] = qg / (qg + kr[0]["ms"])
     for preset in ("accurate", "fast", "int4"):
         kr = [r for r in rows if r["shape"] == "flux-1024" and r["method"] == f"fq-{preset}-kernel" and "ms" in r]
         er = [r for r in rows if r["shape"] == "flux-1024" and r["method"] == f"fq-{preset}-e2e" and "ms" in r]
         if kr and er:
-            summary[f"flux: (e2e - kernel) / e2e, {preset} (flash_quant.attention incl. rotation)"] = (er[0]["ms"] - kr[0]["ms"]) / er[0]["ms"]
+            summary[f"flux: (e2e - kernel) / e2e, {preset} (flash_quant.attention incl. rotation), eager"] = (er[0]["ms"] - kr[0]["ms"]) / er[0]["ms"]
+            if "graph_ms" in er[0]:
+                summary[f"flux: (e2e - kernel) / e2e, {preset}, GPU time (CUDA graph)"] = (er[0]["graph_ms"] - kr[0]["ms"]) / er[0]["graph_ms"]
     try:
         from flash_quant.cuda import autotune
 
@@ -321,17 +350,20 @@ def write_results(meta, rows, summary, out_dir, tag, quiet=False):
     lines = [f"# Attention benchmark — {meta['device']}, {meta['date']}",
              "", f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, inputs {meta['dtype']}; "
              f"command `{meta['command']}`. TFLOPS = 4·B·H·Sq·Skv·D (÷2 causal; bwd ×2.5, fwd+bwd ×3.5) over the "
-             "median time. Accuracy vs float64 on the last query rows of heads 0-1 of batch 0.", "",
-             "| shape | phase | method | ms | TFLOPS | peak extra MiB | rel-L2 | cosine |",
-             "|---|---|---|---|---|---|---|---|"]
+             "median time. Accuracy vs float64 on the last query rows of heads 0-1 of batch 0. "
+             "*graph ms*: the same call captured in a CUDA graph and replayed (GPU time without the "
+             "host's Python and launch overhead, which bounds the eager rows of many small launches).", "",
+             "| shape | phase | method | ms | TFLOPS | graph ms | peak extra MiB | rel-L2 | cosine |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "na" in r:
-            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | n/a ({r['na']}) | | | | |")
+            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | n/a ({r['na']}) | | | | | |")
         else:
             rel = f"{r['rel_l2']:.2e}" if "rel_l2" in r else ""
             cos = f"{r['cosine']:.6f}" if "cosine" in r else ""
             pk = f"{r['peak_mib']:.1f}" if "peak_mib" in r else ""
-            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | {r['ms']:.3f} | {r['tflops']:.1f} | {pk} | {rel} | {cos} |")
+            gr = f"{r['graph_ms']:.3f}" if "graph_ms" in r else ("n/a" if "graph_na" in r else "")
+            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | {r['ms']:.3f} | {r['tflops']:.1f} | {gr} | {pk} | {rel} | {cos} |")
     if summary:
         lines += ["", "| summary | value |", "|---|---|"] + [f"| {k} | {v:.1%} |" for k, v in summary.items()]
     lines += ["", "```", str(meta.get("autotune", "")), "```"]
