@@ -236,17 +236,32 @@ def _attention_forward_fake(q, k, v, *args):
 _FWD_OPERANDS = 13  # q, k, v and the ten quantized-operand tensors, in schema order
 
 
+# (float operand, its quantized data) positions in the schema
+_DATA_OF = ((0, 3), (1, 6), (2, 10))
+
+
 def _attention_setup(ctx, inputs, output):
-    tensors = inputs[:_FWD_OPERANDS]
+    tensors = list(inputs[:_FWD_OPERANDS])
     attn_mask, is_causal, scale, pv_precision = inputs[_FWD_OPERANDS:]
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    # Every backend's backward reads a quantized operand's data, never its float tensor
+    # (docs/op_contract.md: a zero-stride placeholder may stand in for it). Keep only the
+    # float's metadata, so the graph does not hold e.g. the rotated copies of q and k:
+    # at 4x32x4096x128 bf16 that is 256 MiB of the fwd+bwd peak.
+    ctx.placeholders = []
+    for i, d in _DATA_OF:
+        if tensors[d] is not None:
+            ctx.placeholders.append((i, tensors[i].shape, tensors[i].dtype, tensors[i].device))
+            tensors[i] = None
     ctx.save_for_backward(*tensors, attn_mask, out, lse)
     ctx.flags = (is_causal, scale, pv_precision)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    saved = ctx.saved_tensors
+    saved = list(ctx.saved_tensors)
+    for i, shape, dtype, device in ctx.placeholders:
+        saved[i] = torch.empty((), dtype=dtype, device=device).expand(shape)
     q, k, v = saved[:3]
     operands = saved[3:_FWD_OPERANDS]
     attn_mask, out, lse = saved[_FWD_OPERANDS:]
