@@ -23,6 +23,10 @@ Unmasked key blocks fold the per-row factor (Q scale * scale * log2 e) into one 
 score, which needs that factor > 0: the quantizers' scales are (an all-zero row gets 1)
 and a non-positive softmax scale takes the explicit path (``SCALE_POS``).
 
+Split-KV: when the query blocks cannot fill the GPU (decode: Sq <= 64), a third grid axis
+splits the keys into ranges; each program writes its range's normalised fp32 output and
+lse, and ``_combine_splits_kernel`` merges them (lse = logsumexp of the ranges' lse).
+
 Causal blocks above the diagonal are skipped; only the diagonal / sequence-tail blocks
 pay for masking. Tails are masked loads, the head dim is padded to a power of two by
 masks. GQA maps query head h to kv head h // (Hq / Hkv). Fully masked rows give out 0 and
@@ -58,7 +62,7 @@ from .common import (
     score_mask,
 )
 
-__all__ = ["attention_forward_launch", "attention_forward_cuda", "plan"]
+__all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_count"]
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _PV_PRECISIONS = ("none", "int8", "fp8_e4m3")
@@ -222,7 +226,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
 
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
-                     sm_scale, Hq, kv_group, Sq, Skv,
+                     sm_scale, Hq, kv_group, Sq, Skv, split_len, split_so, split_sl,
                      sqb, sqh, sqs, sqd,
                      skb, skh, sks, skd,
                      svb, svh, svs, svd,
@@ -241,8 +245,9 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
                      Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
                      V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
                      MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
-                     EVEN_KV: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     EVEN_KV: tl.constexpr, SPLIT: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr,
+                     DOT_F32: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     n_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -293,16 +298,21 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     else:
         hi = Skv
         full_end = (Skv // BLOCK_N) * BLOCK_N
+    # split-KV (short query blocks against long contexts): this program's key range;
+    # without splitting split_len exceeds Skv and the range is everything
+    lo = tl.program_id(2) * split_len
+    hi = tl.minimum(hi, lo + split_len)
+    full_hi = tl.maximum(lo, tl.minimum(full_end, hi))
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
-        offs_m, 0, full_end, Sq, Skv,
+        offs_m, lo, full_hi, Sq, Skv,
         sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
         K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
         MASK_KIND, IS_CAUSAL, False, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
     if not EVEN_KV:  # the diagonal / tail blocks (no second loop at all when none exist)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
-            offs_m, full_end, hi, Sq, Skv,
+            offs_m, full_hi, hi, Sq, Skv,
             sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
             K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
             MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -327,9 +337,45 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
             km = tl.load(km_base + offs_d * skm_d, mask=dmask, other=0.0)
             qkm = tl.sum(q0.to(tl.float32) * km[None, :], 1)
         lse = lse + qkm * q_scale * sm_scale
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    # SPLIT: O / LSE are the fp32 partial buffers, split_so / split_sl apart per split
+    pid_s = tl.program_id(2).to(tl.int64)
+    o_ptrs = O + pid_s * split_so + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=mmask)
+    tl.store(LSE + pid_s * split_sl + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _combine_splits_kernel(OP, LSEP, O, LSE, n_splits, rows, Hq, Sq,
+                           sob, soh, som, sod,
+                           HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the split-KV partials of `rows` = B·Hq·Sq query rows: lse = logsumexp_s lse_s,
+    out = sum_s exp(lse_s - lse) out_s (splits without a visible key carry lse -inf)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_r < rows
+    dmask = offs_d < HEAD_DIM
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    for sp in range(0, n_splits):
+        m = tl.maximum(m, tl.load(LSEP + sp * rows + offs_r, mask=rmask, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    wsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for sp in range(0, n_splits):
+        w = tl.exp(tl.load(LSEP + sp * rows + offs_r, mask=rmask, other=float("-inf")) - m_use)
+        o = tl.load(OP + (sp * rows + offs_r)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        acc += w[:, None] * o
+        wsum += w
+    empty = wsum == 0.0
+    out = acc / tl.where(empty, 1.0, wsum)[:, None]
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, wsum)))
+    bh = offs_r // Sq
+    mm = (offs_r % Sq).to(tl.int64)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    o_ptrs = O + (b * sob + h * soh + mm * som)[:, None] + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSE + offs_r, lse, mask=rmask)
 
 
 # ------------------------------------------------------------------------------- host
@@ -470,9 +516,10 @@ def _strides(t, n):
 def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None,
                              k_scale=None, k_zero_point=None, k_mean=None, v_data=None, v_scale=None,
                              v_zero_point=None, attn_mask=None, is_causal=False, scale=None,
-                             pv_precision="none", config: Optional[autotune.Config] = None
-                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel; returns (out, lse). `config` forces a launch config."""
+                             pv_precision="none", config: Optional[autotune.Config] = None,
+                             num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel; returns (out, lse). `config` forces a launch config,
+    `num_splits` the number of key ranges (split-KV; default: :func:`split_count`)."""
     p = plan(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
              v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision)
     B, Hq, Hkv, Sq, Skv, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Skv"], p["D"]
@@ -489,15 +536,15 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         p["q"], p["k"], p["v"],
         qs if qs is not None else dummy, ks if ks is not None else dummy, vs if vs is not None else dummy,
         qz if qz is not None else dummy, kz if kz is not None else dummy, vz if vz is not None else dummy,
-        km if km is not None else dummy, mask if mask is not None else dummy, out, lse,
-        p["scale"], Hq, Hq // Hkv, Sq, Skv,
+        km if km is not None else dummy, mask if mask is not None else dummy,
+    ]
+    args_tail = [
         *p["q"].stride(), *p["k"].stride(), *p["v"].stride(),
         *_strides(qs, 4)[:3], *_strides(qz, 4)[:3],
         *_strides(ks, 4)[:3], *_strides(kz, 4)[:3],
         *_strides(vs, 4)[:2], *_strides(vs, 4)[2:], *_strides(vz, 4),
         *(tuple(km.stride()[:2]) + (km.stride(3),) if km is not None else (0, 0, 0)),
         *_strides(mask, 4),
-        *out.stride(),
     ]
     consts = dict(
         Q_KIND=p["Q_KIND"], K_KIND=p["K_KIND"], V_KIND=p["V_KIND"], QK_MODE=p["QK_MODE"],
@@ -510,10 +557,27 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
     )
 
     def launch(cfg: autotune.Config):
-        grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
+        n_m = triton.cdiv(Sq, cfg.block_m)
+        splits = num_splits if num_splits is not None else split_count(B * Hq * n_m, Sq, Skv, cfg.block_n, dev)
+        split_len = triton.cdiv(triton.cdiv(Skv, max(1, splits)), cfg.block_n) * cfg.block_n
+        splits = triton.cdiv(Skv, split_len)
         even_kv = not p["IS_CAUSAL"] and Skv % cfg.block_n == 0
-        _attn_fwd_kernel[grid](*args, **consts, EVEN_KV=even_kv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kw = dict(consts, EVEN_KV=even_kv, SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if splits == 1:
+            _attn_fwd_kernel[(n_m, B * Hq, 1)](*args, out, lse, p["scale"], Hq, Hq // Hkv, Sq, Skv,
+                                              Skv + cfg.block_n, 0, 0, *args_tail, *out.stride(), **kw)
+            return
+        rows = B * Hq * Sq
+        o_part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=dev)
+        lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
+        _attn_fwd_kernel[(n_m, B * Hq, splits)](*args, o_part, lse_part, p["scale"], Hq, Hq // Hkv, Sq, Skv,
+                                                split_len, rows * D, rows, *args_tail,
+                                                *o_part.stride()[1:], **kw)
+        br = 16
+        _combine_splits_kernel[(triton.cdiv(rows, br),)](
+            o_part, lse_part, out, lse, splits, rows, Hq, Sq, *out.stride(),
+            HEAD_DIM=D, BLOCK_R=br, BLOCK_D=block_d)
 
     if config is None:
         eight_bit = p["QK_MODE"] in (0, 1, 2)
@@ -526,6 +590,24 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         config = autotune.select(key, cands, default, launch)
     launch(config)
     return out, lse
+
+
+_SM_COUNT = {}
+
+
+def split_count(programs: int, Sq: int, Skv: int, block_n: int, device: torch.device) -> int:
+    """Key ranges per query block for split-KV: only for short query blocks (Sq <= 64, e.g.
+    decode) whose programs cannot fill the GPU, about two programs per SM, each range at
+    least two key tiles. 1 = no splitting."""
+    if Sq > 64 or device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SM_COUNT.get(idx)
+    if sms is None:
+        sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(Skv, 2 * block_n), 128))
 
 
 def attention_forward_cuda(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point,
