@@ -358,9 +358,12 @@ def test_fit_recovers_known_coefficients_and_reports_loo():
 def test_kernel_schedule_waves_and_serial_steps():
     hw = hardware.get_hardware("h100_sxm")
     fp16 = AttentionPrecision.from_config("fp16")
-    # decode: one program per (batch, query head), each walks all keys: 32 programs < 132 SMs
+    # decode: 32 (batch, query head) programs < 132 SMs: the keys split into ranges
+    # (split-KV) so that about two programs run per SM; each walks its range
     dec = cost_model.kernel_schedule(AttentionShape.decode(1, 32, 8, 32768, 128), fp16, hw)
-    assert dec.programs == 32 and dec.waves == 1 and dec.decode_regime and dec.steps == 32768 / dec.block_n
+    split_len = -(-(-(-32768 // dec.splits)) // dec.block_n) * dec.block_n
+    assert dec.splits == -(-2 * 132 // 32) and dec.programs == 32 * dec.splits and dec.decode_regime
+    assert dec.steps == dec.waves * split_len / dec.block_n < 32768 / dec.block_n / 4
     pre = cost_model.kernel_schedule(AttentionShape(4, 32, 4096, 128), fp16, hw)
     slots = hw.sm_count * pre.occupancy
     assert pre.programs == 4 * 32 * 4096 // pre.block_m and pre.waves == -(-pre.programs // slots)

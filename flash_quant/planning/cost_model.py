@@ -16,12 +16,13 @@ hardware registry (`hardware.py`).  Each kernel family combines the terms its wa
 Uncalibrated, the terms are divided by efficiency factors (measured where the registry
 has them, else the documented assumptions of `hardware.DEFAULT_EFFICIENCY`).  Calibrated
 (`calibrate.py` wrote ``data/calibration_<hardware>.json``), a (family, precision) pair
-whose coefficients were fitted on measured timings predicts (MODEL_VERSION 2)
+whose coefficients were fitted on measured timings predicts (MODEL_VERSION 3)
 ``t = c_launch*kernels*1us + c_serial*steps*1us + c_serial_decode*steps_decode*1us
 + c_mma*T_mma + c_sfu*T_sfu + c_mem*T_mem + c_prep*T_prep`` with the T's computed at peak
 rates and ``steps`` the critical path of flash_quant's Triton forward in key blocks (see
-`kernel_schedule`: its grid has no split-KV, one program walks all visible keys of a
-BLOCK_M query tile serially, and programs run in waves of SMs x programs-per-SM); the
+`kernel_schedule`: one program walks the visible keys of a BLOCK_M query tile — or, split-KV
+for short query blocks, of one key range — serially, and programs run in waves of SMs x
+programs-per-SM); the
 fit's error and its leave-one-out error are stored with it.
 
 No torch import: this runs inside ``flash-quant recommend``.
@@ -50,7 +51,7 @@ FAMILIES = ("fa1", "fa2", "fa3", "fa4", "flash_quant")
 # (cuda/forward.py: sq_bucket) with its own tile config, so its per-step time is its own.
 FEATURES = ("launch", "serial", "serial_decode", "mma", "sfu", "mem", "prep")
 #: Version of the calibrated model's feature set (stored with every calibration).
-MODEL_VERSION = 2
+MODEL_VERSION = 3  # 3: split-KV decode schedule, statistics + reduce kernels counted
 
 # Work constants (documented assumptions, not measurements):
 SOFTMAX_ALU_OPS = 4          # per score: scale, running max, subtract, row-sum accumulate
@@ -271,8 +272,10 @@ class AttentionTerms:
 class KernelSchedule:
     """How flash_quant's Triton forward runs a shape (cuda/forward.py).
 
-    grid = (ceil(Sq / BLOCK_M), B * Hq): one program per query tile, which walks every
-    visible key block (causal: up to its diagonal) serially; there is no split over keys.
+    grid = (ceil(Sq / BLOCK_M), B * Hq, splits): one program per query tile and key range,
+    which walks the visible key blocks of its range (causal: up to its diagonal)
+    serially. Non-causal short query blocks (Sq <= 64) that cannot fill the GPU split the
+    keys (split-KV, mirroring cuda/forward.split_count; a merge kernel follows).
     Programs run `occupancy` per SM, so in waves of SMs * occupancy.  `steps` is the
     critical path in key-block steps of the busiest program slot: ceil(programs / slots)
     * blocks per program (wave quantization); causal (heaviest tiles first) the larger of
@@ -290,6 +293,7 @@ class KernelSchedule:
     waves: int
     steps: float
     decode_regime: bool
+    splits: int = 1
 
 
 def _nominal_config(head_dim: int, eight_bit: bool, in_bytes: float, seq_q: int) -> Tuple[int, int, int, int]:
@@ -330,9 +334,19 @@ def kernel_schedule(shape: AttentionShape, prec: "AttentionPrecision", hw: Hardw
         # top-left alignment (as SDPA): tile m walks keys [0, min(Skv, (m + 1) * BLOCK_M))
         blocks = [-(-min(shape.seq_kv, (m + 1) * bm) // bn) for m in range(n_m)]
         steps = max(float(max(blocks)), bh * sum(blocks) / slots)
+        splits = 1
     else:
-        steps = float(waves * -(-shape.seq_kv // bn))
-    return KernelSchedule(bm, bn, warps, stages, occ, programs, waves, steps, shape.seq_q <= 64)
+        splits = 1
+        if shape.seq_q <= 64 and programs < hw.sm_count:  # split-KV, as cuda/forward.split_count
+            splits = max(1, min(-(-2 * hw.sm_count // programs), -(-shape.seq_kv // (2 * bn)), 128))
+            split_len = -(-(-(-shape.seq_kv // splits)) // bn) * bn
+            splits = -(-shape.seq_kv // split_len)
+            programs *= splits
+            waves = -(-programs // slots)
+            steps = float(waves * (split_len // bn))
+        else:
+            steps = float(waves * -(-shape.seq_kv // bn))
+    return KernelSchedule(bm, bn, warps, stages, occ, programs, waves, steps, shape.seq_q <= 64, splits)
 
 
 def attention_terms(shape: AttentionShape, prec: AttentionPrecision, hw: HardwareSpec,
@@ -385,17 +399,20 @@ def attention_terms(shape: AttentionShape, prec: AttentionPrecision, hw: Hardwar
         stored = getattr(prec, operand)
         prep_bytes += rows * d * (in_b + _bytes(stored)) + rows * scale_bytes_per_row(gran, seq, d)
         kernels += 1
-        if operand == "k" and prec.smooth_k:
-            prep_bytes += rows * d * in_b                 # the mean is a second read of K
-            kernels += 1
+        if (operand == "k" and prec.smooth_k) or gran in ("per_channel", "per_head", "per_tensor"):
+            prep_bytes += rows * d * in_b                 # column statistics: a second read
+            kernels += 2                                  # the statistics pass and its reduce
         if operand in ("q", "k") and prec.rotate:
             prep_bytes += 2 * rows * d * in_b             # rotated copy written and re-read
             kernels += 1
     bw = hw.memory_bandwidth_tbs.value * 1e12
+    schedule = kernel_schedule(shape, prec, hw)
+    if schedule.splits > 1:
+        kernels += 1                                      # the split-KV merge
     return AttentionTerms(t_mma=t_mma, t_exp=t_exp, t_alu=t_alu, t_mem=kernel_bytes / bw,
                           t_prep=prep_bytes / bw, kernels=kernels, flops=int(shape.flops * density),
                           kernel_bytes=kernel_bytes, prep_bytes=prep_bytes,
-                          qk_compute=qk_c, pv_compute=pv_c, schedule=kernel_schedule(shape, prec, hw))
+                          qk_compute=qk_c, pv_compute=pv_c, schedule=schedule)
 
 
 @dataclass
@@ -446,6 +463,10 @@ def load_calibration(hw_key: str, path: Optional[str] = None) -> Optional[dict]:
     fits = data.get("fits")
     if not isinstance(fits, dict):
         raise ValueError(f"{path}: no 'fits' object; re-run `flash-quant calibrate`")
+    if data.get("model_version", MODEL_VERSION) != MODEL_VERSION:
+        raise ValueError(f"{path}: fitted for cost-model version {data.get('model_version')}, this is "
+                         f"version {MODEL_VERSION}; re-fit it offline with `flash-quant calibrate --refit "
+                         f"{path}` (same measurements) or re-run `flash-quant calibrate` on the GPU")
     for key, fit in fits.items():
         coef = fit.get("coef")
         if not isinstance(coef, dict) or set(coef) != set(FEATURES):
