@@ -1,8 +1,11 @@
 """`flash-quant calibrate`: time flash_quant's attention on the present device, fit the
 cost model's coefficients, and report predicted vs measured per shape.
 
-Timing: CUDA events around each call (CPU: perf_counter), `warmup` calls first, the
-median of `reps`.  Fit, per (kernel family, preset): the additive model of
+Timing: on CUDA the call is captured in a CUDA graph and each replay timed with CUDA
+events — the GPU's time: host overhead (Python, launches) depends on the host CPU, not on
+the GPU modelled, and made the decode measurements noisy; a call that cannot be captured
+is timed eagerly, and each row says which (`timing`). CPU: perf_counter. `warmup` calls
+first, the median of `reps`.  Fit, per (kernel family, preset): the additive model of
 `cost_model` (launch, serial key-block steps of the forward's critical path — prefill and
 decode regimes —, mma, sfu, mem, prep terms computed at peak rates) by least squares
 on *relative* errors, non-negative, with a ridge pulling each coefficient towards the
@@ -28,7 +31,7 @@ import platform
 import shutil
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,12 +64,42 @@ RIDGE = 0.05
 UNPENALIZED = ("launch", "serial", "serial_decode")
 
 
-def _time(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
+def _graph(fn: Callable[[], object]):
+    """fn captured in a CUDA graph (after a warm-up on a side stream), or None when it
+    cannot be captured."""
+    import torch
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+    except Exception:  # e.g. a host sync inside fn: time it eagerly instead
+        torch.cuda.synchronize()
+        return None
+
+
+def _time(fn: Callable[[], object], device: str, warmup: int, reps: int) -> Tuple[float, str]:
+    """Median seconds of one call and how it was timed. On CUDA the call is replayed from
+    a CUDA graph: the GPU's time, without the host's Python and launch overhead (which
+    depends on the host CPU, not on the GPU being modelled, and at decode sizes would
+    otherwise be most of, and the noise in, every measurement). "eager" otherwise."""
     import torch
     for _ in range(warmup):
         fn()
     times = []
+    mode = "eager"
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        graph = _graph(fn)
+        if graph is not None:
+            fn, mode = graph.replay, "cuda_graph"
+            for _ in range(warmup):
+                fn()
         torch.cuda.synchronize()
         for _ in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -80,7 +113,7 @@ def _time(fn: Callable[[], object], device: str, warmup: int, reps: int) -> floa
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), mode
 
 
 def measure(device: str, shapes: Sequence[AttentionShape], presets: Sequence[str], *, warmup: int = 5,
@@ -119,14 +152,15 @@ def measure(device: str, shapes: Sequence[AttentionShape], presets: Sequence[str
                 def fn(preset=preset):
                     return attention_fn(q, k, v, shape.causal, gqa, preset)
             try:
-                t = _time(fn, device, warmup, reps)
+                t, mode = _time(fn, device, warmup, reps)
             except Exception as e:  # a shape a backend refuses is reported, not hidden
                 log(f"  {shape.label():<32} {family}/{preset}: FAILED ({type(e).__name__}: {e})")
                 rows.append({"shape": shape.to_json(), "family": family, "preset": preset, "error": str(e)})
                 continue
             log(f"  {shape.label():<32} {family}/{preset:<9} {t * 1e6:11.1f} us  "
-                f"{shape.flops / t / 1e12:8.2f} TFLOPS")
-            rows.append({"shape": shape.to_json(), "family": family, "preset": preset, "seconds": t})
+                f"{shape.flops / t / 1e12:8.2f} TFLOPS  ({mode})")
+            rows.append({"shape": shape.to_json(), "family": family, "preset": preset, "seconds": t,
+                         "timing": mode})
         del q, k, v
     return rows
 
@@ -233,7 +267,8 @@ def fit(measurements: Sequence[dict], hardware, ridge: float = RIDGE) -> dict:
 def markdown_report(cal: dict) -> str:
     lines = [f"# Cost-model calibration — {cal.get('device_name', '?')} ({cal.get('hardware', '?')})", "",
              f"Measured {cal.get('date', '?')} with `{cal.get('command', '?')}` "
-             f"(torch {cal.get('torch', '?')}, triton {cal.get('triton', '-')}; median of {cal.get('reps', '?')} "
+             f"(torch {cal.get('torch', '?')}, triton {cal.get('triton', '-')}; timing: "
+             f"{', '.join(sorted({m.get('timing', 'eager') for m in cal.get('measurements', [])}))}; median of {cal.get('reps', '?')} "
              f"after {cal.get('warmup', '?')} warm-up calls; inputs {cal.get('dtype', '?')}).", "",
              *_refit_lines(cal),
              f"Model version {cal.get('model_version', 1)}: t = Σ coefficient × feature, features "
