@@ -259,6 +259,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
     mmask = offs_m < Sq
 
     # ---- Q tile, its row scale folded with scale * log2(e)
@@ -287,6 +288,20 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     vz_base = VZ + b * svz_b + hk * svz_h
     mask_base = MASK + b * smb + h * smh
 
+    # k_mean's lse term, before the loop: the Q tile need not stay live past it (keeping
+    # it live for the epilogue spilled registers at BLOCK_M 128)
+    if HAS_KM:
+        km_base = KM + b * skm_b + hk * skm_h
+        if QK_MODE == 1:
+            half = tl.arange(0, BLOCK_D // 2)
+            hm = half < HEAD_DIM // 2
+            km_e = tl.load(km_base + (2 * half) * skm_d, mask=hm, other=0.0)
+            km_o = tl.load(km_base + (2 * half + 1) * skm_d, mask=hm, other=0.0)
+            qkm = tl.sum(q0.to(tl.float32) * km_e[None, :], 1) + tl.sum(q1.to(tl.float32) * km_o[None, :], 1)
+        else:
+            km = tl.load(km_base + offs_d * skm_d, mask=dmask, other=0.0)
+            qkm = tl.sum(q0.to(tl.float32) * km[None, :], 1)
+        qkm = qkm * q_scale * sm_scale
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -320,23 +335,12 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     # ---- epilogue
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    dmask = offs_d < HEAD_DIM
     if V_QUANT and not V_DEQ_IN_LOOP:  # per-channel (or coarser) V scale, after the loop
         vsc = tl.load(vs_base + offs_d * svs_d, mask=dmask, other=0.0)
         out = out * vsc[None, :]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     if HAS_KM:
-        km_base = KM + b * skm_b + hk * skm_h
-        if QK_MODE == 1:
-            half = tl.arange(0, BLOCK_D // 2)
-            hm = half < HEAD_DIM // 2
-            km_e = tl.load(km_base + (2 * half) * skm_d, mask=hm, other=0.0)
-            km_o = tl.load(km_base + (2 * half + 1) * skm_d, mask=hm, other=0.0)
-            qkm = tl.sum(q0.to(tl.float32) * km_e[None, :], 1) + tl.sum(q1.to(tl.float32) * km_o[None, :], 1)
-        else:
-            km = tl.load(km_base + offs_d * skm_d, mask=dmask, other=0.0)
-            qkm = tl.sum(q0.to(tl.float32) * km[None, :], 1)
-        lse = lse + qkm * q_scale * sm_scale
+        lse = lse + qkm
     # SPLIT: O / LSE are the fp32 partial buffers, split_so / split_sl apart per split
     pid_s = tl.program_id(2).to(tl.int64)
     o_ptrs = O + pid_s * split_so + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
