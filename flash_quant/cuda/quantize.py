@@ -72,11 +72,11 @@ def data_layout(shape, precision: str, granularity: str) -> str:
 @triton.jit
 def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, L2, S, D, S_CHUNK,
                      sx1, sx2, sxs, sxd,
-                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per (sequence chunk c, leading index l, channel d): sum, max and min of
-    x[l, c*S_CHUNK:(c+1)*S_CHUNK, d] in fp32, stored at [c, l, d]. Splitting the sequence
-    keeps enough programs in flight when B·H is small (Flux: 24 heads); the host reduces
-    the chunks in a fixed order, so results stay deterministic."""
+                     RANGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (sequence chunk c, leading index l, channel d): sum (and with RANGE max and
+    min) of x[l, c*S_CHUNK:(c+1)*S_CHUNK, d] in fp32, stored at [c, l, d]. Splitting the
+    sequence keeps enough programs in flight when B·H is small (Flux: 24 heads);
+    _colstats_reduce_kernel combines the chunks in a fixed order (deterministic)."""
     pid_d = tl.program_id(0)
     pid_l = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -95,21 +95,24 @@ def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, L2, S, D, S_CHUNK,
         x = tl.load(base + offs_s[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
                     other=0.0).to(tl.float32)
         acc_sum += x
-        acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
-        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+        if RANGE:
+            acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
+            acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
     out = (pid_c * L + pid_l).to(tl.int64) * D + offs_d
     tl.store(sum_ptr + out, tl.sum(acc_sum, axis=0), mask=dmask)
-    tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=dmask)
-    tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=dmask)
+    if RANGE:
+        tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=dmask)
+        tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=dmask)
 
 
 @triton.jit
 def _colstats_reduce_kernel(part_ptr, stats_ptr, chunks, L, D, inv_s,
-                            SMOOTH: tl.constexpr, BLOCK_D: tl.constexpr):
+                            SMOOTH: tl.constexpr, RANGE: tl.constexpr, BLOCK_D: tl.constexpr):
     """Combine the sequence chunks of _colstats_kernel (in chunk order: deterministic) into
     stats[0] = mean (sum / S; 0 without smoothing), stats[1] = min(min - mean, 0) and
     stats[2] = max(max - mean, 0), per (leading index l, channel). One launch instead of
-    a handful of small torch reductions: the quantize call is host-bound at Flux sizes."""
+    a handful of small torch reductions: the quantize call is host-bound at Flux sizes.
+    Without RANGE only the mean is written."""
     pid_l = tl.program_id(0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -120,16 +123,18 @@ def _colstats_reduce_kernel(part_ptr, stats_ptr, chunks, L, D, inv_s,
         for c in range(0, chunks):
             row = (c * L + pid_l).to(tl.int64) * D + offs_d
             csum += tl.load(part_ptr + row, mask=dmask, other=0.0)
-            cmax = tl.maximum(cmax, tl.load(part_ptr + (chunks * L) * D + row, mask=dmask, other=0.0))
-            cmin = tl.minimum(cmin, tl.load(part_ptr + (2 * chunks * L) * D + row, mask=dmask, other=0.0))
+            if RANGE:
+                cmax = tl.maximum(cmax, tl.load(part_ptr + (chunks * L) * D + row, mask=dmask, other=0.0))
+                cmin = tl.minimum(cmin, tl.load(part_ptr + (2 * chunks * L) * D + row, mask=dmask, other=0.0))
         if SMOOTH:
             mean = csum * inv_s
         else:
             mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
         out = pid_l.to(tl.int64) * D + offs_d
         tl.store(stats_ptr + out, mean, mask=dmask)
-        tl.store(stats_ptr + L * D + out, tl.minimum(cmin - mean, 0.0), mask=dmask)
-        tl.store(stats_ptr + 2 * L * D + out, tl.maximum(cmax - mean, 0.0), mask=dmask)
+        if RANGE:
+            tl.store(stats_ptr + L * D + out, tl.minimum(cmin - mean, 0.0), mask=dmask)
+            tl.store(stats_ptr + 2 * L * D + out, tl.maximum(cmax - mean, 0.0), mask=dmask)
 
 
 @triton.jit
@@ -400,19 +405,21 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
     colstats = None
     need_cols = granularity in ("per_channel", "per_head", "per_tensor")
     if smooth or need_cols:
-        bd = min(block_d, 64)
+        bd = min(block_d, 128)  # whole rows of D <= 128: 256-byte coalesced loads
         bs = max(16, min(256, 4096 // bd))
-        # enough sequence chunks for ~4 programs per SM on a large GPU (528 = 4 x 132)
-        chunks = max(1, min(triton.cdiv(S, bs), triton.cdiv(528, triton.cdiv(D, bd) * L)))
+        # enough sequence chunks for ~8 programs per SM on a large GPU (1056 = 8 x 132)
+        chunks = max(1, min(triton.cdiv(S, bs), triton.cdiv(1056, triton.cdiv(D, bd) * L)))
         s_chunk = triton.cdiv(triton.cdiv(S, chunks), bs) * bs
         chunks = triton.cdiv(S, s_chunk)
-        part = torch.empty((3, chunks, L, D), dtype=torch.float32, device=dev)
+        part = torch.empty((3 if need_cols else 1, chunks, L, D), dtype=torch.float32, device=dev)
         _colstats_kernel[(triton.cdiv(D, bd), L, chunks)](
-            x4, part[0], part[1], part[2], L, L2, S, D, s_chunk, *x4.stride(), BLOCK_S=bs, BLOCK_D=bd)
-        stats = torch.empty((3, L, D), dtype=torch.float32, device=dev)
-        _colstats_reduce_kernel[(L,)](part, stats, chunks, L, D, 1.0 / S, SMOOTH=smooth,
+            x4, part[0], part[1 if need_cols else 0], part[2 if need_cols else 0], L, L2, S, D, s_chunk,
+            *x4.stride(), RANGE=need_cols,
+            BLOCK_S=bs, BLOCK_D=bd)
+        stats = torch.empty((3 if need_cols else 1, L, D), dtype=torch.float32, device=dev)
+        _colstats_reduce_kernel[(L,)](part, stats, chunks, L, D, 1.0 / S, SMOOTH=smooth, RANGE=need_cols,
                                       BLOCK_D=min(block_d, 1024))
-        colstats = (stats[1], stats[2])  # group ranges, mean removed, clamped around 0
+        colstats = (stats[1], stats[2]) if need_cols else None  # ranges, mean removed, clamped at 0
         if smooth:
             mean = stats[0].view(lead + (1, D))
     mean_arg = mean if smooth else x4  # dummy pointer when unused
