@@ -23,7 +23,9 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from flash_quant.cuda.common import enable_interpreter_numpy_compat  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flash_quant.cuda.common import enable_interpreter_numpy_compat, int_to_float, round_to_int  # noqa: E402
 
 enable_interpreter_numpy_compat()
 
@@ -34,6 +36,33 @@ from flash_quant.testing import error_stats, make_qkv, reference_attention  # no
 
 QRANGE = {"int8": (-128.0, 127.0), "int4": (-8.0, 7.0), "fp8_e4m3": (-448.0, 448.0),
           "fp8_e5m2": (-57344.0, 57344.0)}
+
+
+# ------------------------------------------------------------------ bit-trick conversions
+@triton.jit
+def _convert_kernel(src_i, dst_f, src_f, dst_i, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(dst_f + offs, int_to_float(tl.load(src_i + offs, mask=m, other=0)), mask=m)
+    tl.store(dst_i + offs, round_to_int(tl.load(src_f + offs, mask=m, other=0.0)), mask=m)
+
+
+def test_int_float_bit_tricks_are_exact():
+    """int_to_float / round_to_int (the forward's INT8 P·V conversions) are exact on their
+    documented range |x| < 2**22: every INT8 dot over D <= 256 / BLOCK_N <= 128, and
+    round_to_int rounds half to even like torch.round."""
+    lim = 2 ** 22 - 1
+    ints = torch.cat([torch.arange(-300, 301), torch.tensor([lim, -lim, 127 * 127 * 256, -127 * 127 * 256]),
+                      torch.randint(-lim, lim, (2000,))]).to(torch.int32)
+    floats = torch.cat([torch.arange(-600, 601) * 0.5, torch.tensor([126.5, 127.0, -126.5, 0.49999997, 2.5e6 + 0.5]),
+                        (torch.rand(2000) - 0.5) * 2 ** 22]).to(torch.float32)
+    n = max(len(ints), len(floats))
+    ints = torch.nn.functional.pad(ints, (0, n - len(ints)))
+    floats = torch.nn.functional.pad(floats, (0, n - len(floats)))
+    out_f, out_i = torch.empty(n), torch.empty(n, dtype=torch.int32)
+    _convert_kernel[(triton.cdiv(n, 256),)](ints, out_f, floats, out_i, n, BLOCK=256)
+    assert torch.equal(out_f, ints.to(torch.float32))
+    assert torch.equal(out_i, torch.round(floats).to(torch.int32))
 
 
 # ------------------------------------------------------------------ contract reference
