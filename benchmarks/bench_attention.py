@@ -113,17 +113,9 @@ def graph_ms(fn, quick):
     """GPU time of fn alone: fn captured once in a CUDA graph, the replay timed. Eager
     rows of many small launches are bound by the host (Python + launch overhead); this
     is what the same work costs on the GPU, e.g. under torch.compile / CUDA graphs."""
-    import triton.testing
+    from flash_quant.testing import capture_cuda_graph
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay, quick)
+    return bench(capture_cuda_graph(fn).replay, quick)
 
 
 def peak_extra_mib(fn):

@@ -173,47 +173,32 @@ def run_kernel(out_dir, shapes):
         fwd_flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
         row = {"shape": f"{b}x{h}x{s}x{d}" + (" causal" if causal else "")}
 
+        def case(attend):
+            """(backward ms, fwd+bwd ms, fwd+bwd peak bytes) of attend(q, k, v)."""
+            qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+            out = attend(qq, kk, vv)
+            bwd_ms = _bench(lambda: torch.autograd.grad(out, (qq, kk, vv), do, retain_graph=True))
+
+            def fb():
+                torch.autograd.grad(attend(qq, kk, vv), (qq, kk, vv), do)
+            fb_ms = _bench(fb)
+            del out
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fb()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            return bwd_ms, fb_ms, peak
+
         def sdpa_case(backend):
-            def fwd():
+            def attend(qq, kk, vv):
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
-            qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-            out = fwd()
-            bwd_ms = _bench(lambda: torch.autograd.grad(out, (qq, kk, vv), do, retain_graph=True))
-
-            def fb():
-                o = fwd()
-                torch.autograd.grad(o, (qq, kk, vv), do)
-            fb_ms = _bench(fb)
-            torch.cuda.synchronize()
-            del out
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fb()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            return bwd_ms, fb_ms, peak
+            return case(attend)
 
         def fq_case(config):
-            qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-
-            def fwd():
-                return flash_quant.attention(qq, kk, vv, is_causal=causal, config=config)
-            out = fwd()
-            bwd_ms = _bench(lambda: torch.autograd.grad(out, (qq, kk, vv), do, retain_graph=True))
-
-            def fb():
-                o = fwd()
-                torch.autograd.grad(o, (qq, kk, vv), do)
-            fb_ms = _bench(fb)
-            del out
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fb()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            return bwd_ms, fb_ms, peak
+            return case(lambda qq, kk, vv: flash_quant.attention(qq, kk, vv, is_causal=causal, config=config))
 
         for name, fn in (("cudnn", lambda: sdpa_case(SDPBackend.CUDNN_ATTENTION)),
                          ("fa2", lambda: sdpa_case(SDPBackend.FLASH_ATTENTION)),

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["reference_attention", "reference_attention_backward", "make_qkv", "error_stats"]
+__all__ = ["reference_attention", "reference_attention_backward", "make_qkv", "error_stats",
+           "capture_cuda_graph"]
 
 
 def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -104,3 +105,18 @@ def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> dict:
     na, ne = a.norm().item(), e.norm().item()
     cos = float((a @ e).item() / (na * ne)) if na > 0 and ne > 0 else float(na == ne)
     return {"rel_l2": rel, "cosine": cos, "max_abs": (a - e).abs().max().item() if a.numel() else 0.0}
+
+
+def capture_cuda_graph(fn) -> "torch.cuda.CUDAGraph":
+    """fn captured in a CUDA graph after one warm-up call on a side stream (as capture
+    requires). Replaying it times the GPU's work alone, without the host's Python and
+    launch overhead. Raises when fn cannot be captured (e.g. a host sync inside)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

@@ -65,19 +65,11 @@ UNPENALIZED = ("launch", "serial", "serial_decode")
 
 
 def _graph(fn: Callable[[], object]):
-    """fn captured in a CUDA graph (after a warm-up on a side stream), or None when it
-    cannot be captured."""
+    """fn captured in a CUDA graph, or None when it cannot be captured."""
     import torch
+    from ..testing import capture_cuda_graph
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph
+        return capture_cuda_graph(fn)
     except Exception:  # e.g. a host sync inside fn: time it eagerly instead
         torch.cuda.synchronize()
         return None
