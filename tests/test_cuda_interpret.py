@@ -365,6 +365,8 @@ def test_attention_errors_before_launch():
         attention_forward_launch(q[..., :12], k[..., :12], v[..., :12])
     with pytest.raises(ValueError, match="pv_precision"):
         attention_forward_launch(q, k, v, pv_precision="int4")
+    with pytest.raises(ValueError, match="num_splits"):
+        attention_forward_launch(q, k, v, num_splits=0)
     with pytest.raises(TypeError, match="dtypes differ"):
         attention_forward_launch(q, k.half(), v)
     with pytest.raises(ValueError, match="q_data given without q_scale"):

@@ -524,6 +524,8 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
                              num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (out, lse). `config` forces a launch config,
     `num_splits` the number of key ranges (split-KV; default: :func:`split_count`)."""
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"flash_quant.attention_forward: num_splits must be an int >= 1, got {num_splits!r}")
     p = plan(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
              v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision)
     B, Hq, Hkv, Sq, Skv, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Skv"], p["D"]
@@ -563,7 +565,7 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
     def launch(cfg: autotune.Config):
         n_m = triton.cdiv(Sq, cfg.block_m)
         splits = num_splits if num_splits is not None else split_count(B * Hq * n_m, Sq, Skv, cfg.block_n, dev)
-        split_len = triton.cdiv(triton.cdiv(Skv, max(1, splits)), cfg.block_n) * cfg.block_n
+        split_len = triton.cdiv(triton.cdiv(Skv, splits), cfg.block_n) * cfg.block_n
         splits = triton.cdiv(Skv, split_len)
         even_kv = not p["IS_CAUSAL"] and Skv % cfg.block_n == 0
         kw = dict(consts, EVEN_KV=even_kv, SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
