@@ -82,6 +82,53 @@ def ptxas_report(compiled) -> tuple:
     return regs, spill
 
 
+_CLASSES = (  # SASS opcode -> class, first match wins
+    ("tensor", ("HGMMA", "IGMMA", "QGMMA", "WARPGROUP", "HMMA", "IMMA")),
+    ("mufu", ("MUFU",)),
+    ("fp32", ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FCHK", "FMAX", "FMIN")),
+    ("fp16x2", ("HFMA2", "HADD2", "HMUL2", "HMNMX2", "HSETP2")),
+    ("convert", ("F2F", "F2I", "I2F", "F2FP", "I2FP", "F2IP")),
+    ("memory", ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "UBLKCP", "UTMALDG", "SYNCS", "LDGDEPBAR", "DEPBAR")),
+    ("int/logic", ("IADD", "IMAD", "LOP", "SHF", "PRMT", "LEA", "ISETP", "IABS", "SEL", "MOV", "IMNMX", "SHL", "SHR", "VIADD", "VIMNMX")),
+)
+
+
+def sass_loop_mix(compiled) -> dict:
+    """Instruction mix of the largest loop of a compiled kernel (the key loop of the
+    attention kernels): SASS from the bundled ``nvdisasm``, the loop found as the longest
+    backward branch; counts per class plus the total. Fewer instructions per iteration is
+    the lever when the softmax, not the tensor cores, bounds a kernel."""
+    nvdisasm = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    labels, instrs = {}, []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", line)
+        if m:
+            instrs.append((m.group(2), m.group(3)))
+    best = (0, 0)
+    for i, (op, operands) in enumerate(instrs):
+        if op.startswith("BRA"):
+            target = re.search(r"(\.L_x_\d+)", operands)
+            if target and labels.get(target.group(1), i + 1) <= i and i - labels[target.group(1)] > best[1] - best[0]:
+                best = (labels[target.group(1)], i)
+    counts = {name: 0 for name, _ in _CLASSES}
+    counts["other"] = 0
+    for op, _ in instrs[best[0]:best[1] + 1]:
+        base = op.split(".")[0]
+        cls = next((name for name, ops in _CLASSES if base in ops), "other")
+        counts[cls] += 1
+    counts["total"] = best[1] + 1 - best[0]
+    return counts
+
+
 class _Capture:
     """Stands in for a @triton.jit kernel: records the launch arguments instead."""
 
