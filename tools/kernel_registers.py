@@ -10,6 +10,7 @@ BLOCK_M 128, 4 warps) was found and checked at no device time.
 
     python tools/kernel_registers.py                 # forward, the autotune candidates
     python tools/kernel_registers.py --backward      # dQ and dK/dV kernels as well
+    python tools/kernel_registers.py --sass          # + SASS instructions per score of the key loop
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def _operands(recipe, B, H, S, D):
     return kw, "none"
 
 
-def forward_report(recipe, D, cfg, causal):
+def forward_report(recipe, D, cfg, causal, sass=False):
     store = {}
     original = fw._attn_fwd_kernel
     fw._attn_fwd_kernel = _Capture(store, "fwd")
@@ -167,7 +168,12 @@ def forward_report(recipe, D, cfg, causal):
         fw.attention_forward_launch(pv_precision=pv, is_causal=causal, config=cfg, num_splits=1, **kw)
     finally:
         fw._attn_fwd_kernel = original
-    return ptxas_report(compile_like_launch(original, *store["fwd"]))
+    compiled = compile_like_launch(original, *store["fwd"])
+    regs, spill = ptxas_report(compiled)
+    if sass:  # instructions per score of the key loop (per thread: BLOCK_M*BLOCK_N / threads scores)
+        mix = sass_loop_mix(compiled)
+        return regs, spill, mix["total"] * cfg.num_warps * 32 / (cfg.block_m * cfg.block_n)
+    return regs, spill
 
 
 def backward_report(recipe, D, cfg_dq, cfg_kv, causal):
@@ -188,9 +194,9 @@ def backward_report(recipe, D, cfg_dq, cfg_kv, causal):
     return [ptxas_report(compile_like_launch(originals[n], *store[n])) for n in ("_bwd_dq", "_bwd_dkdv")]
 
 
-def _fmt(cfg, regs, spill):
+def _fmt(cfg, regs, spill, per_score=None):
     return f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}: {regs} regs" + (
-        f" SPILL {spill} B" if spill else "")
+        f" SPILL {spill} B" if spill else "") + (f", {per_score:.1f} instr/score" if per_score else "")
 
 
 def main():
@@ -198,6 +204,7 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--recipes", nargs="+", default=["accurate", "fast", "16bit"])
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--sass", action="store_true", help="also the key loop's SASS instructions per score")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     print("config = BLOCK_M/BLOCK_N/warps/stages; sm_90a, ptxas -v")
@@ -205,7 +212,7 @@ def main():
         for recipe in args.recipes:
             for causal in (False, True):
                 cands = autotune.forward_candidates(max(16, triton.next_power_of_2(D)), recipe != "16bit", 2)
-                cells = [_fmt(c, *forward_report(recipe, D, c, causal)) for c in cands]
+                cells = [_fmt(c, *forward_report(recipe, D, c, causal, args.sass)) for c in cands]
                 print(f"forward D={D} {recipe}{' causal' if causal else ''}: " + "; ".join(cells), flush=True)
             if args.backward and recipe != "fast":
                 for causal in (False, True):
