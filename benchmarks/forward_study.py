@@ -422,6 +422,7 @@ def main():
     ap.add_argument("--shapes", default="flux,b4")
     ap.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
     ap.add_argument("--product", action="store_true", help="also time flash_quant's kernel")
+    ap.add_argument("--recipes", default="accurate,accurate-vT,fast", help="product recipes (--product)")
     ap.add_argument("--configs", default="", help="BLOCK_M/BLOCK_N/warps/stages,... (default: four)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting variants after this")
     args = ap.parse_args()
@@ -463,7 +464,7 @@ def main():
         print("|---|---|---|---|---|---|")
         if args.product:
             import flash_quant  # noqa: F401  (registers the CUDA kernels)
-            for recipe in ("accurate", "accurate-vT", "fast"):
+            for recipe in args.recipes.split(","):
                 for cfg in configs:
                     try:
                         ms = product_ms(q, k, v, recipe, cfg)

@@ -25,7 +25,7 @@ op kernels registered for the CUDA key at import.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -335,9 +335,24 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def _row_block(block_d: int) -> int:
-    # keep a tile near 4K elements: enough independent loads per program, few registers
-    return max(1, min(64, 4096 // block_d))
+class LaunchTuning(NamedTuple):
+    """Launch parameters of the quantize kernels (module default :data:`TUNING`;
+    benchmarks/quantize_study.py times alternatives). ``colstats_programs``: programs of
+    the column-statistics pass (the sequence is cut into chunks to reach it);
+    ``*_tile``: elements per program tile; ``*_warps``: warps per program."""
+    colstats_programs: int = 528  # ~4 per SM on a 132-SM GPU
+    colstats_tile: int = 4096
+    colstats_warps: int = 4
+    quant_tile: int = 4096
+    quant_warps: int = 4
+
+
+TUNING = LaunchTuning()
+
+
+def _row_block(block_d: int, tile: int = 4096) -> int:
+    # keep a tile near `tile` elements: enough independent loads per program, few registers
+    return max(1, min(64, tile // block_d))
 
 
 def _check_quantize_args(x, precision, granularity, block_size, strategy, smooth):
@@ -408,16 +423,16 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         # (64-wide column blocks, ~4 programs per SM: whole 128-wide rows with ~8 per SM
         # measured no faster for K and 13 µs slower for V at the Flux shape, H100)
         bd = min(block_d, 64)
-        bs = max(16, min(256, 4096 // bd))
+        bs = max(16, min(256, TUNING.colstats_tile // bd))
         # enough sequence chunks for ~4 programs per SM on a large GPU (528 = 4 x 132)
-        chunks = max(1, min(triton.cdiv(S, bs), triton.cdiv(528, triton.cdiv(D, bd) * L)))
+        chunks = max(1, min(triton.cdiv(S, bs), triton.cdiv(TUNING.colstats_programs, triton.cdiv(D, bd) * L)))
         s_chunk = triton.cdiv(triton.cdiv(S, chunks), bs) * bs
         chunks = triton.cdiv(S, s_chunk)
         part = torch.empty((3 if need_cols else 1, chunks, L, D), dtype=torch.float32, device=dev)
         _colstats_kernel[(triton.cdiv(D, bd), L, chunks)](
             x4, part[0], part[1 if need_cols else 0], part[2 if need_cols else 0], L, L2, S, D, s_chunk,
             *x4.stride(), RANGE=need_cols,
-            BLOCK_S=bs, BLOCK_D=bd)
+            BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps)
         stats = torch.empty((3 if need_cols else 1, L, D), dtype=torch.float32, device=dev)
         _colstats_reduce_kernel[(L,)](part, stats, chunks, L, D, 1.0 / S, SMOOTH=smooth, RANGE=need_cols,
                                       BLOCK_D=min(block_d, 1024))
@@ -427,7 +442,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
     mean_arg = mean if smooth else x4  # dummy pointer when unused
 
     sshape = scale_shape(shape, granularity, block_size)
-    br = _row_block(block_d)
+    br = _row_block(block_d, TUNING.quant_tile)
     if granularity in ("per_token", "per_block"):
         scale = torch.empty(sshape, dtype=torch.float32, device=dev)
         zp = torch.empty(sshape, dtype=torch.int32, device=dev)
@@ -444,7 +459,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
             x4, mean_arg, x4, x4, data, scale, zp, L2, S, D, grows, n_groups,
             *x4.stride(), so_l, so_s, so_d, 0, 0,
             MODE=mode, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
-            WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d)
+            WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d, num_warps=TUNING.quant_warps)
     else:
         lo, hi = colstats
         if granularity == "per_channel":
@@ -464,7 +479,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
             x4, mean_arg, lo, hi, data, scale, zp, L2, S, D, 1, 1,
             *x4.stride(), so_l, so_s, so_d, sg_l, sg_d,
             MODE=_MODE_COLS, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
-            WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d)
+            WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d, num_warps=TUNING.quant_warps)
         scale = scale.view(sshape)
         zp = zp.view(sshape)
     return data, scale, zp, mean

@@ -1,0 +1,71 @@
+"""Study: launch parameters of the quantize kernels (GPU time of one attention call's
+quantization, accurate preset: per-token INT8 Q, per-token INT8 K smoothed).
+
+The quantization share of the accurate preset at the Flux shape (quantize / (quantize +
+attention kernel), GPU time) sits just above the 10 % bar; this times the Q + K
+quantization as a CUDA-graph replay (GPU work only) for each
+:class:`flash_quant.cuda.quantize.LaunchTuning` below and prints the fastest. The
+product's defaults come from here.
+
+Run on the GPU:  python benchmarks/quantize_study.py [--shape 1,24,4608,128]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+
+import flash_quant  # noqa: F401  (registers the CUDA kernels)
+from flash_quant.cuda import quantize as qz
+from flash_quant.testing import capture_cuda_graph
+
+
+def graph_us(fn) -> float:
+    graph = capture_cuda_graph(fn)
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1,24,4608,128")
+    args = ap.parse_args()
+    B, H, S, D = (int(x) for x in args.shape.split(","))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ops = torch.ops.flash_quant
+
+    def call():
+        ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
+        ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
+
+    def k_stats_only():
+        ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
+
+    default = qz.TUNING
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+          f"shape {B}x{H}x{S}x{D} bf16; GPU time of Q + K quantization (CUDA graph replay, median)")
+    print("| colstats programs | colstats tile | colstats warps | quant tile | quant warps | Q+K us | K us |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    grid = itertools.product((528, 1056, 2112), (4096, 8192), (4, 8), (4096, 8192), (4, 8))
+    for cp, ct, cw, qt, qw in grid:
+        qz.TUNING = qz.LaunchTuning(cp, ct, cw, qt, qw)
+        try:
+            call()
+            both, konly = graph_us(call), graph_us(k_stats_only)
+        except Exception as exc:  # a tile the compiler refuses: report, go on
+            print(f"| {cp} | {ct} | {cw} | {qt} | {qw} | failed: {str(exc).splitlines()[0][:60]} | |")
+            continue
+        rows.append((both, qz.TUNING))
+        mark = " (default)" if qz.TUNING == default else ""
+        print(f"| {cp} | {ct} | {cw} | {qt} | {qw} | {both:.1f}{mark} | {konly:.1f} |", flush=True)
+    qz.TUNING = default
+    best = min(rows, key=lambda r: r[0])
+    print(f"\nfastest: {best[1]} {best[0]:.1f} us; default {default}: "
+          f"{next(t for t, c in rows if c == default):.1f} us")
+
+
+if __name__ == "__main__":
+    main()
