@@ -23,11 +23,6 @@ Unmasked key blocks fold the per-row factor (Q scale * scale * log2 e) into one 
 score, which needs that factor > 0: the quantizers' scales are (an all-zero row gets 1)
 and a non-positive softmax scale takes the explicit path (``SCALE_POS``).
 
-Fewer instructions per score (the softmax, not the tensor cores, bounds these kernels):
-with a 16-bit P the row sums come from a tensor-core dot of P with a (BLOCK_N, 16) tile of
-ones (``ROWSUM_MMA``: l is carried as 16 equal columns), and with INT8 P·V the INT8 scores'
-int->float conversion shares one FMA with the K-scale multiply (``FOLD_KS``).
-
 Split-KV: when the query blocks cannot fill the GPU (decode: Sq <= 64), a third grid axis
 splits the keys into ranges; each program writes its range's normalised fp32 output and
 lse, and ``_combine_splits_kernel`` merges them (lse = logsumexp of the ranges' lse).
@@ -114,8 +109,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                     PV_MODE: tl.constexpr, K_QUANT: tl.constexpr, K_ZP: tl.constexpr,
                     V_ZP: tl.constexpr, V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr,
                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr,
-                    SCALE_POS: tl.constexpr, ROWSUM_MMA: tl.constexpr, FOLD_KS: tl.constexpr,
-                    COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
+                    SCALE_POS: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
@@ -131,10 +125,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
         elif QK_MODE == 0:
             k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
                            CHECK, HEAD_DIM != BLOCK_D)
-            if FOLD_KS:  # the bits of 1.5 * 2**23 + qk (as int_to_float); the K-scale FMA below subtracts it
-                qk = (tl.dot(q0, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
-            else:
-                qk = tl.dot(q0, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            qk = tl.dot(q0, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         elif QK_MODE == 2:
             k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
                            CHECK, HEAD_DIM != BLOCK_D)
@@ -151,10 +142,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 ks = tl.load(ks_base + offs_n * sks_s, mask=nmask, other=0.0)
             else:
                 ks = tl.load(ks_base + offs_n * sks_s)
-            if FOLD_KS:
-                t = tl.fma(qk, ks[None, :], (ks * -12582912.0)[None, :])
-            else:
-                t = qk * ks[None, :]
+            t = qk * ks[None, :]
         else:
             t = qk
         if CHECK or MASK_KIND != 0 or not SCALE_POS:
@@ -195,10 +183,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 p = tl.math.exp2(s - m_use[:, None])
             else:
                 p = tl.math.exp2(t * qs2[:, None] - m_use[:, None])
-            if ROWSUM_MMA:  # l_i is (rows, 16): the row sums come from P @ ones below
-                l_i = l_i * alpha[:, None]
-            else:
-                l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         m_i = m_new
         # ---- acc += P V
@@ -235,8 +220,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                     pc = _to_fp8e4(p, FP8_EXACT).to(COMPUTE)
                 else:
                     pc = p.to(COMPUTE)
-                if ROWSUM_MMA:
-                    l_i = _dot16(pc, tl.full((BLOCK_N, 16), 1.0, tl.float32).to(COMPUTE), l_i, DOT_F32)
                 acc = _dot16(pc, vc, acc, DOT_F32)
     return acc, l_i, m_i
 
@@ -262,8 +245,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
                      Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
                      V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
                      MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
-                     ROWSUM_MMA: tl.constexpr, FOLD_KS: tl.constexpr, EVEN_KV: tl.constexpr,
-                     SPLIT: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr,
+                     EVEN_KV: tl.constexpr, SPLIT: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr,
                      DOT_F32: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     n_m = tl.num_programs(0)
@@ -321,10 +303,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
             qkm = tl.sum(q0.to(tl.float32) * km[None, :], 1)
         qkm = qkm * q_scale * sm_scale
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    if ROWSUM_MMA:
-        l_i = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    else:
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
     # blocks fully visible to every row of the tile need no causal / bounds masking
@@ -344,18 +323,16 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
         offs_m, lo, full_hi, Sq, Skv,
         sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
         K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-        MASK_KIND, IS_CAUSAL, False, SCALE_POS, ROWSUM_MMA, FOLD_KS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+        MASK_KIND, IS_CAUSAL, False, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
     if not EVEN_KV:  # the diagonal / tail blocks (no second loop at all when none exist)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
             offs_m, full_hi, hi, Sq, Skv,
             sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
             K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-            MASK_KIND, IS_CAUSAL, True, SCALE_POS, ROWSUM_MMA, FOLD_KS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+            MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     # ---- epilogue
-    if ROWSUM_MMA:
-        l_i = tl.max(l_i, 1)  # the 16 columns of P @ ones are equal
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if V_QUANT and not V_DEQ_IN_LOOP:  # per-channel (or coarser) V scale, after the loop
@@ -533,11 +510,6 @@ def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_s
         Q_ZP=qz is not None, K_ZP=kz is not None, V_ZP=vz is not None,
         V_DEQ_IN_LOOP=v_deq_in_loop, V_TRANS=v_trans, HAS_KM=km is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
-        # row sums of a 16-bit P by a tensor-core dot with ones instead of a per-score add;
-        # the K-scale multiply of INT8 scores fused with the int->float conversion (measured
-        # per P·V mode: benchmarks/results/forward_study_2026-11-23.md, run 4)
-        ROWSUM_MMA=pv_mode in (0, 3) and q.dtype != torch.float32,
-        FOLD_KS=qk_mode == 0 and kkind != KIND_FLOAT and pv_mode == 2,
     )
 
 
@@ -585,8 +557,7 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], V_QUANT=p["V_QUANT"],
         Q_ZP=p["Q_ZP"], K_ZP=p["K_ZP"], V_ZP=p["V_ZP"], V_DEQ_IN_LOOP=p["V_DEQ_IN_LOOP"],
         V_TRANS=p["V_TRANS"], HAS_KM=p["HAS_KM"], MASK_KIND=p["MASK_KIND"], IS_CAUSAL=p["IS_CAUSAL"],
-        SCALE_POS=p["scale"] > 0, ROWSUM_MMA=p["ROWSUM_MMA"], FOLD_KS=p["FOLD_KS"],
-        COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
+        SCALE_POS=p["scale"] > 0, COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
         DOT_F32=interpreting and p["dtype"] == torch.bfloat16,
         HEAD_DIM=D, BLOCK_D=block_d,
     )
