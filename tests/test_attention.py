@@ -161,7 +161,12 @@ def test_pre_quantized_operands_match_inline():
     vq = quantize(v, "int8", flash_quant.PerChannel())
     inline = flash_quant.attention(q, k, v, enable_gqa=True, config=cfg)
     pre = flash_quant.attention(q, kq, vq, enable_gqa=True, config=cfg)
-    assert torch.allclose(inline, pre, atol=1e-6)
+    # Normally bitwise equal. Not asserted bitwise: the Hadamard rotation is a BLAS matmul,
+    # whose rounding can change with its threading (one CI run under load differed at
+    # atol 1e-6), and one INT8 code flipped at a rounding boundary moves the output by far
+    # more than an ulp. A pre-quantized operand handled wrongly (scale, smoothing mean,
+    # rotation, layout) is off by the preset's error or more (~2e-2), far above this bound.
+    assert error_stats(pre, inline)["rel_l2"] < 1e-3
 
 
 # ----------------------------------------------------------------------------- errors
