@@ -18,6 +18,15 @@ Techniques (each a constexpr of ``_study_kernel``):
   pointer loads.
 * ``WS``: ``tl.range(..., warp_specialize=True)`` on the key loop.
 * ``PV``: 0 bf16 P·V, 1 INT8 P·V (V per channel, K-major), 2 FP8 e4m3 P·V.
+* ``FOLD``: the int32 -> fp32 magic subtraction folded into the K-scale multiply (one FMA).
+* ``LAZY``: FA4's conditional rescale (only when a row max grew by more than 2**8).
+* ``EXP16``: exponentials as ``ex2.approx.f16x2`` (inline PTX; on sm_90 ptxas splits it
+  into two MUFU ops, so it saves nothing on Hopper).
+* ``LSUM_DOT``: row sums of P by a tensor-core dot with a tile of ones.
+
+``_pipe_kernel`` is the key loop software-pipelined by hand (Q·Kᵀ of tile j issued with
+P·V of tile j-1). Results: benchmarks/results/forward_study_2026-11-23.md (runs 1-4; run 4
+is the A/B of the winners inside the product kernel, where neither helped).
 
 Run on the GPU:  python benchmarks/forward_study.py  [--shapes flux,b4]
 Prints one table: variant, config, ms, TFLOPS, ratio to cuDNN, rel-L2 against fp32.
