@@ -341,6 +341,27 @@ def test_attention_split_kv(preset, causal, mask_kind):
     assert error_stats(many, ref)["rel_l2"] < PRESET_TOL[preset][0] + 1e-2
 
 
+@pytest.mark.parametrize("preset,hq,hkv,sq", [("accurate", 8, 2, 1), ("fp16", 4, 2, 5), ("int8pv", 6, 3, 20),
+                                           ("int4", 4, 1, 3), ("fast", 8, 2, 2)])
+def test_attention_packed_gqa(preset, hq, hkv, sq):
+    """Short GQA queries packed per kv head (PACK_GQA) equal the per-query-head launch, with
+    and without split-KV, for Q stored (B, S, H, D) as transformers passes it."""
+    B, Skv, D = 2, 70, 64
+    q, k, v = make_qkv(B, hq, sq, D, hkv=hkv, skv=Skv, family="realistic", dtype=torch.float16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided rows, as from (B, S, H, D)
+    kw, pv, (qd, kd, vd) = quantize_operands(q, k, v, preset)
+    flat, lse_flat = attention_forward_launch(q, k, v, pv_precision=pv, pack_gqa=False, num_splits=1, **kw)
+    for splits in (1, 3):
+        packed, lse_p = attention_forward_launch(q, k, v, pv_precision=pv, pack_gqa=True, num_splits=splits,
+                                                 **kw)
+        assert error_stats(packed, flat)["rel_l2"] < 2e-3, splits
+        torch.testing.assert_close(lse_p, lse_flat, rtol=0, atol=1e-4)
+    ref = reference_attention(qd, kd, vd)
+    assert error_stats(packed, ref)["rel_l2"] < PRESET_TOL[preset][0] + 1e-2
+    with pytest.raises(ValueError, match="pack_gqa"):
+        attention_forward_launch(q, k, v, is_causal=True, pack_gqa=True)
+
+
 def test_attention_negative_scale_and_int8_p_with_float_v():
     """A non-positive softmax scale takes the explicit (unfolded) score path; int8 P with
     a 16-bit V (P·V mode 4) rounds P as the int8 mode does."""

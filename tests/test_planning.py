@@ -358,11 +358,14 @@ def test_fit_recovers_known_coefficients_and_reports_loo():
 def test_kernel_schedule_waves_and_serial_steps():
     hw = hardware.get_hardware("h100_sxm")
     fp16 = AttentionPrecision.from_config("fp16")
-    # decode: 32 (batch, query head) programs < 132 SMs: the keys split into ranges
-    # (split-KV) so that about two programs run per SM; each walks its range
+    # decode: the 4 query heads of a GQA group are packed into one program (8 kv heads ->
+    # 8 programs < 132 SMs), and the keys split into ranges (split-KV) so that about two
+    # programs run per SM; each walks its range
     dec = cost_model.kernel_schedule(AttentionShape.decode(1, 32, 8, 32768, 128), fp16, hw)
-    split_len = -(-(-(-32768 // dec.splits)) // dec.block_n) * dec.block_n
-    assert dec.splits == -(-2 * 132 // 32) and dec.programs == 32 * dec.splits and dec.decode_regime
+    split_len = -(-(-(-32768 // -(-2 * 132 // 8))) // dec.block_n) * dec.block_n  # ~2 per SM, whole tiles
+    assert dec.splits == 32768 // split_len and dec.programs == 8 * dec.splits and dec.decode_regime
+    mha = cost_model.kernel_schedule(AttentionShape.decode(1, 32, 32, 32768, 128), fp16, hw)
+    assert mha.programs == 32 * mha.splits  # no GQA group: one program per query head
     assert dec.steps == dec.waves * split_len / dec.block_n < 32768 / dec.block_n / 4
     pre = cost_model.kernel_schedule(AttentionShape(4, 32, 4096, 128), fp16, hw)
     slots = hw.sm_count * pre.occupancy

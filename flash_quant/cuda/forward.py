@@ -29,7 +29,9 @@ lse, and ``_combine_splits_kernel`` merges them (lse = logsumexp of the ranges' 
 
 Causal blocks above the diagonal are skipped; only the diagonal / sequence-tail blocks
 pay for masking. Tails are masked loads, the head dim is padded to a power of two by
-masks. GQA maps query head h to kv head h // (Hq / Hkv). Fully masked rows give out 0 and
+masks. GQA maps query head h to kv head h // (Hq / Hkv); for short queries (Sq <= 64,
+non-causal, no mask) the group's query heads are packed into one program's rows
+(``PACK_GQA``), so each K/V tile is read once per kv head rather than once per query head. Fully masked rows give out 0 and
 lse -inf. ``attention_forward_launch`` works on tensors of any device (CPU under
 ``TRITON_INTERPRET=1``); ``attention_forward_cuda`` is the op kernel registered at import.
 """
@@ -245,7 +247,8 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
                      Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
                      V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
                      MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
-                     EVEN_KV: tl.constexpr, SPLIT: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr,
+                     EVEN_KV: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
+                     COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr,
                      DOT_F32: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     n_m = tl.num_programs(0)
@@ -253,29 +256,49 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     if IS_CAUSAL:
         pid_m = n_m - 1 - pid_m  # heaviest (longest) rows first
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = (pid_bh % Hq).to(tl.int64)
-    hk = h // kv_group
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    mmask = offs_m < Sq
+    if PACK_GQA:
+        # one program per kv head: its rows are the (query head of the group, query row)
+        # pairs, so the group's queries share each K/V tile load (decode reads the cache
+        # once per kv head instead of once per query head); no causal, no mask, no Q zp
+        b = (pid_bh // (Hq // kv_group)).to(tl.int64)
+        hk = (pid_bh % (Hq // kv_group)).to(tl.int64)
+        mmask = offs_m < kv_group * Sq
+        h = hk * kv_group + (offs_m // Sq).to(tl.int64)  # per row
+        pos = offs_m % Sq
+        h0 = hk * kv_group  # (the mask / zero-point bases below are unused when packed)
+    else:
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        hk = h // kv_group
+        mmask = offs_m < Sq
+        pos = offs_m
+        h0 = h
+    if PACK_GQA:  # Q rows addressed by element offsets from the batch's base
+        q_base = Q + b * sqb
+        q_rows = h * sqh + pos * sqs
+        q_rstride = 1
+    else:
+        q_base = Q + b * sqb + h * sqh
+        q_rows = offs_m
+        q_rstride = sqs
 
     # ---- Q tile, its row scale folded with scale * log2(e)
-    q_base = Q + b * sqb + h * sqh
     if QK_MODE == 1:
-        q0, q1 = load_codes(q_base, offs_m, offs_d, sqs, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
+        q0, q1 = load_codes(q_base, q_rows, offs_d, q_rstride, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
     elif QK_MODE == 3:
-        q0 = load_dequant(q_base, offs_m, offs_d, sqs, sqd, mmask, HEAD_DIM,
-                          QS, 0, 0, QZ + b * sqz_b + h * sqz_h, sqz_s, 0,
+        q0 = load_dequant(q_base, q_rows, offs_d, q_rstride, sqd, mmask, HEAD_DIM,
+                          QS, 0, 0, QZ + b * sqz_b + h0 * sqz_h, sqz_s, 0,
                           Q_KIND, False, Q_ZP, BLOCK_M, BLOCK_D).to(COMPUTE)
         q1 = q0
     else:
-        q0 = load_codes(q_base, offs_m, offs_d, sqs, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
+        q0 = load_codes(q_base, q_rows, offs_d, q_rstride, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
         q1 = q0
     if Q_QUANT:
-        q_scale = tl.load(QS + b * sqs_b + h * sqs_h + offs_m * sqs_s, mask=mmask, other=0.0)
+        q_scale = tl.load(QS + b * sqs_b + h * sqs_h + pos * sqs_s, mask=mmask, other=0.0)
     else:
         q_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     qs2 = q_scale * (sm_scale * 1.4426950408889634)
@@ -286,7 +309,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     kz_base = KZ + b * skz_b + hk * skz_h
     vs_base = VS + b * svs_b + hk * svs_h
     vz_base = VZ + b * svz_b + hk * svz_h
-    mask_base = MASK + b * smb + h * smh
+    mask_base = MASK + b * smb + h0 * smh
 
     # k_mean's lse term, before the loop: the Q tile need not stay live past it (keeping
     # it live for the epilogue spilled registers at BLOCK_M 128)
@@ -343,9 +366,9 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
         lse = lse + qkm
     # SPLIT: O / LSE are the fp32 partial buffers, split_so / split_sl apart per split
     pid_s = tl.program_id(2).to(tl.int64)
-    o_ptrs = O + pid_s * split_so + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o_ptrs = O + pid_s * split_so + b * sob + (h * soh + pos * som)[:, None] + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
-    tl.store(LSE + pid_s * split_sl + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=mmask)
+    tl.store(LSE + pid_s * split_sl + (b * Hq + h) * Sq + pos, lse, mask=mmask)
 
 
 @triton.jit
@@ -510,6 +533,8 @@ def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_s
         Q_ZP=qz is not None, K_ZP=kz is not None, V_ZP=vz is not None,
         V_DEQ_IN_LOOP=v_deq_in_loop, V_TRANS=v_trans, HAS_KM=km is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
+        # short query blocks of a GQA group share their K/V loads (see _attn_fwd_kernel)
+        PACK_GQA=Hq > Hkv and Sq <= 64 and not is_causal and mask_kind == 0 and qz is None,
     )
 
 
@@ -521,9 +546,12 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
                              k_scale=None, k_zero_point=None, k_mean=None, v_data=None, v_scale=None,
                              v_zero_point=None, attn_mask=None, is_causal=False, scale=None,
                              pv_precision="none", config: Optional[autotune.Config] = None,
-                             num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                             num_splits: Optional[int] = None,
+                             pack_gqa: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (out, lse). `config` forces a launch config,
-    `num_splits` the number of key ranges (split-KV; default: :func:`split_count`)."""
+    `num_splits` the number of key ranges (split-KV; default: :func:`split_count`),
+    `pack_gqa=False` turns off the packing of a GQA group's short queries (default: on
+    where it applies; True where it does not apply is refused)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"flash_quant.attention_forward: num_splits must be an int >= 1, got {num_splits!r}")
     p = plan(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
@@ -562,22 +590,31 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         HEAD_DIM=D, BLOCK_D=block_d,
     )
 
+    pack = p["PACK_GQA"]
+    if pack_gqa is not None:
+        if pack_gqa and not pack:
+            raise ValueError("flash_quant.attention_forward: pack_gqa=True needs Hq > Hkv, Sq <= 64, "
+                             "no causal flag, no mask and no Q zero point")
+        pack = bool(pack_gqa)
+    # packed: one program row-block per kv head over its group's (head, query row) pairs
+    rows_per_head, heads = ((Hq // Hkv) * Sq, Hkv) if pack else (Sq, Hq)
+
     def launch(cfg: autotune.Config):
-        n_m = triton.cdiv(Sq, cfg.block_m)
-        splits = num_splits if num_splits is not None else split_count(B * Hq * n_m, Sq, Skv, cfg.block_n, dev)
+        n_m = triton.cdiv(rows_per_head, cfg.block_m)
+        splits = num_splits if num_splits is not None else split_count(B * heads * n_m, Sq, Skv, cfg.block_n, dev)
         split_len = triton.cdiv(triton.cdiv(Skv, splits), cfg.block_n) * cfg.block_n
         splits = triton.cdiv(Skv, split_len)
         even_kv = not p["IS_CAUSAL"] and Skv % cfg.block_n == 0
-        kw = dict(consts, EVEN_KV=even_kv, SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kw = dict(consts, EVEN_KV=even_kv, SPLIT=splits > 1, PACK_GQA=pack, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits == 1:
-            _attn_fwd_kernel[(n_m, B * Hq, 1)](*args, out, lse, p["scale"], Hq, Hq // Hkv, Sq, Skv,
+            _attn_fwd_kernel[(n_m, B * heads, 1)](*args, out, lse, p["scale"], Hq, Hq // Hkv, Sq, Skv,
                                               Skv + cfg.block_n, 0, 0, *args_tail, *out.stride(), **kw)
             return
         rows = B * Hq * Sq
         o_part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=dev)
         lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
-        _attn_fwd_kernel[(n_m, B * Hq, splits)](*args, o_part, lse_part, p["scale"], Hq, Hq // Hkv, Sq, Skv,
+        _attn_fwd_kernel[(n_m, B * heads, splits)](*args, o_part, lse_part, p["scale"], Hq, Hq // Hkv, Sq, Skv,
                                                 split_len, rows * D, rows, *args_tail,
                                                 *o_part.stride()[1:], **kw)
         br = 16
@@ -590,7 +627,8 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         nbytes = p["dtype"].itemsize if hasattr(p["dtype"], "itemsize") else 2
         sq_bucket = "Sq<=64" if Sq <= 64 else ("Sq<=1024" if Sq <= 1024 else "Sq>1024")
         key = ("attention_forward", dev.type, block_d, p["QK_MODE"], p["PV_MODE"], p["V_KIND"],
-               p["IS_CAUSAL"], p["MASK_KIND"], str(p["dtype"]).replace("torch.", ""), sq_bucket)
+               p["IS_CAUSAL"], p["MASK_KIND"], str(p["dtype"]).replace("torch.", ""), sq_bucket,
+               "packed" if pack else "")
         cands = autotune.forward_candidates(block_d, eight_bit, nbytes)
         default = autotune.forward_default(block_d, eight_bit, nbytes, Sq)
         config = autotune.select(key, cands, default, launch)

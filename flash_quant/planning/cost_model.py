@@ -51,7 +51,8 @@ FAMILIES = ("fa1", "fa2", "fa3", "fa4", "flash_quant")
 # (cuda/forward.py: sq_bucket) with its own tile config, so its per-step time is its own.
 FEATURES = ("launch", "serial", "serial_decode", "mma", "sfu", "mem", "prep")
 #: Version of the calibrated model's feature set (stored with every calibration).
-MODEL_VERSION = 3  # 3: split-KV decode schedule, statistics + reduce kernels counted
+MODEL_VERSION = 4  # 3: split-KV decode schedule, statistics + reduce kernels counted;
+#                   4: GQA packing of short queries (one program per kv head)
 
 # Work constants (documented assumptions, not measurements):
 SOFTMAX_ALU_OPS = 4          # per score: scale, running max, subtract, row-sum accumulate
@@ -276,6 +277,8 @@ class KernelSchedule:
     which walks the visible key blocks of its range (causal: up to its diagonal)
     serially. Non-causal short query blocks (Sq <= 64) that cannot fill the GPU split the
     keys (split-KV, mirroring cuda/forward.split_count; a merge kernel follows).
+    GQA short queries (Sq <= 64, non-causal) are packed per kv head: grid
+    (ceil(group * Sq / BLOCK_M), B * Hkv, splits), as cuda/forward's PACK_GQA.
     Programs run `occupancy` per SM, so in waves of SMs * occupancy.  `steps` is the
     critical path in key-block steps of the busiest program slot: ceil(programs / slots)
     * blocks per program (wave quantization); causal (heaviest tiles first) the larger of
@@ -325,8 +328,14 @@ def kernel_schedule(shape: AttentionShape, prec: "AttentionPrecision", hw: Hardw
     regs = bm * d2 + 2 * bm * bn + warps * 32 * 32      # acc + scores/probabilities + base
     smem_sm = SMEM_PER_SM.get(hw.arch, DEFAULT_SMEM_PER_SM)
     occ = max(1, min(int(smem_sm // smem), REGS_PER_SM // regs, 64 // warps))
-    n_m = -(-shape.seq_q // bm)
-    bh = shape.batch * shape.heads_q
+    group = shape.heads_q // shape.heads_kv
+    if group > 1 and shape.seq_q <= 64 and not shape.causal:
+        # GQA packing, as cuda/forward (PACK_GQA): one program row-block per kv head
+        n_m = -(-(group * shape.seq_q) // bm)
+        bh = shape.batch * shape.heads_kv
+    else:
+        n_m = -(-shape.seq_q // bm)
+        bh = shape.batch * shape.heads_q
     programs = bh * n_m
     slots = max(1, hw.sm_count) * occ
     waves = -(-programs // slots)
