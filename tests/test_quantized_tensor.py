@@ -175,6 +175,10 @@ def test_mse_scale_search(precision):
     err = lambda sc: (_round_trip(x, expand_groups(sc, x.shape, 1), precision) - x).square().sum(-1)
     assert bool((err(s) <= err(a) + 1e-6).all())
     if precision == "int4":
+        # the gain is a statistic (~0.884 of absmax's error on Gaussian rows of 32): over
+        # 2048 rows its spread is ~0.003, over the 240 rows above ~0.008 (0.902 seen once)
+        x = torch.randn(4, 8, 64, 32)
+        s, a = mse_scale(x, precision, "per_token", 1), absmax_scale(x, precision, "per_token", 1)
         assert err(s).sum() < 0.9 * err(a).sum()
 
 
