@@ -119,7 +119,8 @@ def test_lse_matches_reference_with_smoothing(family):
     else:
         assert error_stats(lse, ref_lse)["rel_l2"] < 5e-3
     _, lse32 = flash_quant.attention_with_lse(q, k, v, config="fp32")
-    assert (lse32.double() - ref_lse).abs().max() < 1e-4
+    # fp32 rounding grows with |lse| (~100 on the realistic family: an ulp is 8e-6 there)
+    assert ((lse32.double() - ref_lse).abs() <= 1e-4 + 1e-5 * ref_lse.abs()).all()
 
 
 def test_fully_masked_rows_are_zero_and_lse_is_minus_inf():
