@@ -11,12 +11,18 @@ and random weights, in bf16 (~24 GB). Inputs: batch 1, 512 text tokens, and 4096
 tokens at 1024² (16384 at 2048²), i.e. (H/16)·(W/16).
 
 Modes, all on the same inputs and weights:
-  sdpa           diffusers' FluxAttnProcessor → F.scaled_dot_product_attention, whatever
-                 backend SDPA picks by default;
-  <preset>       flash_quant's FluxQuantAttnProcessor with that preset;
-  no_attention   the same processor with the attention op replaced by "return V"
-                 (projections, QK-norm, RoPE, concatenation and output projections all
-                 still run): the step time of everything but attention.
+  sdpa                diffusers' FluxAttnProcessor → F.scaled_dot_product_attention, whatever
+                      backend SDPA picks by default;
+  <preset>            flash_quant's FluxQuantAttnProcessor with that preset (its default:
+                      QK-norm + concatenation + RoPE fused into one attention_prologue
+                      kernel per tensor);
+  <preset>_unfused    the same with diffusers' own QK-norm / RoPE / concatenation steps;
+  no_attention        the processor with diffusers' steps and the attention op replaced by
+                      "return V" (projections, QK-norm, RoPE, concatenation and output
+                      projections all still run): the step time of everything but attention;
+  no_attention_fused  likewise with the fused prologue;
+  sdpa_fused          the fused prologue followed by SDPA (default backend): separates
+                      what the prologue gains from what flash_quant's attention gains.
 A step is one transformer forward (FLUX.1-dev uses guidance distillation: no CFG pass).
 Timing: CUDA events around each step after --warmup steps; the median of --iters.
 Accuracy: cosine similarity of each preset's output to the SDPA output.
@@ -87,16 +93,22 @@ def make_inputs(cfg, side_px: int, text_tokens: int, device, dtype):
     return out
 
 
-def _attention_free_processor():
+BASELINE_MODES = ("sdpa", "no_attention", "no_attention_fused", "sdpa_fused")
+
+
+def _processor_with_attention(attend, fuse_prologue: bool):
+    """A FluxQuantAttnProcessor whose attention op is `attend(q, k, v, mask)`."""
     from flash_quant.integrations.diffusers_flux import FluxQuantAttnProcessor
 
-    class AttentionFree(FluxQuantAttnProcessor):
-        """Everything FluxQuantAttnProcessor does except the attention op: returns V."""
-
+    class Processor(FluxQuantAttnProcessor):
         def _attend(self, q, k, v, mask):
-            return v
+            return attend(q, k, v, mask)
 
-    return AttentionFree("fp32")
+    return Processor("fp32", fuse_prologue=fuse_prologue)
+
+
+def _sdpa(q, k, v, mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def set_mode(model, mode):
@@ -104,12 +116,18 @@ def set_mode(model, mode):
 
     from flash_quant.integrations.diffusers_flux import apply_flux_attention
 
-    proc = _attention_free_processor() if mode == "no_attention" else FluxAttnProcessor()
+    procs = {
+        "no_attention": lambda: _processor_with_attention(lambda q, k, v, mask: v, fuse_prologue=False),
+        "no_attention_fused": lambda: _processor_with_attention(lambda q, k, v, mask: v, fuse_prologue=True),
+        "sdpa_fused": lambda: _processor_with_attention(_sdpa, fuse_prologue=True),
+    }
+    proc = procs[mode]() if mode in procs else FluxAttnProcessor()
     for m in model.modules():
         if isinstance(m, FluxAttention):
             m.set_processor(proc)
-    if mode not in ("sdpa", "no_attention"):
-        report = apply_flux_attention(model, mode)
+    if mode not in BASELINE_MODES:
+        preset, unfused = (mode[: -len("_unfused")], True) if mode.endswith("_unfused") else (mode, False)
+        report = apply_flux_attention(model, preset, fuse_prologue=not unfused)
         assert not report.skipped, report
 
 
@@ -140,7 +158,9 @@ def cosine(a, b) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image side in pixels")
-    ap.add_argument("--presets", nargs="+", default=["fast", "accurate"])
+    ap.add_argument("--presets", nargs="+", default=["fast", "fast_unfused", "accurate"],
+                    help="flash_quant modes: a preset name, or <preset>_unfused")
+    ap.add_argument("--baselines", nargs="+", default=list(BASELINE_MODES), choices=BASELINE_MODES)
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -181,7 +201,7 @@ def main(argv=None):
         inputs = make_inputs(cfg, size, args.text_tokens, device, dtype)
         image_tokens = inputs["hidden_states"].shape[1]
         results = {}
-        for mode in ["sdpa", "no_attention"] + list(args.presets):
+        for mode in ["sdpa", "no_attention"] + [b for b in args.baselines if b not in ("sdpa", "no_attention")] + list(args.presets):
             set_mode(model, mode)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -189,7 +209,7 @@ def main(argv=None):
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             results[mode] = (ms, out.float().cpu() if mode == "sdpa" else out)
             row = {"size": size, "image_tokens": image_tokens, "mode": mode, "step_ms": ms, "all_ms": all_ms, "peak_gib": peak}
-            if mode not in ("sdpa", "no_attention"):
+            if mode != "sdpa" and not mode.startswith("no_attention"):
                 row["speedup_vs_sdpa"] = results["sdpa"][0] / ms
                 row["cosine_vs_sdpa"] = cosine(out.float().cpu(), results["sdpa"][1])
                 bar = BARS.get((mode, size))
@@ -198,9 +218,12 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "all_ms"}))
         sdpa_ms, free_ms = results["sdpa"][0], results["no_attention"][0]
+        fused_free = results.get("no_attention_fused", (None,))[0]
         for row in rows:
             if row["size"] == size:
                 row["attention_share_sdpa"] = (sdpa_ms - free_ms) / sdpa_ms
+                if fused_free is not None:
+                    row["prologue_saving_share_sdpa"] = (free_ms - fused_free) / sdpa_ms
         del inputs, results
     write(env, rows, args.out)
 
@@ -214,7 +237,9 @@ def write(env, rows, stem):
         "",
         f"{env['device']}, torch {env['torch']}, {env['dtype']}, {env['model']} ({env['params'] / 1e9:.2f} B params), "
         f"{env['text_tokens']} text tokens; median of {env['iters']} steps after {env['warmup']} warm-up.",
-        "`no_attention`: the flash_quant processor with the attention op replaced by `return V`.",
+        "`no_attention`: diffusers' steps with the attention op replaced by `return V` (the step without attention); "
+        "`*_fused` / presets: QK-norm + concatenation + RoPE fused into one `attention_prologue` kernel per tensor; "
+        "`*_unfused`: diffusers' own steps around flash_quant attention; `sdpa_fused`: fused prologue + SDPA.",
         "",
         "| image | tokens | mode | step ms | vs SDPA | cosine vs SDPA | bar | peak GiB |",
         "|---|---|---|---|---|---|---|---|",
@@ -229,6 +254,10 @@ def write(env, rows, stem):
         lines.append(f"| {r['size']}² | {r['image_tokens']}+{env['text_tokens']} | {r['mode']} | {r['step_ms']:.1f} | {speed} | {cos} | {bar} | {peak} |")
     shares = {r["size"]: r["attention_share_sdpa"] for r in rows}
     lines += ["", "Attention share of the SDPA step ((sdpa − no_attention) / sdpa): " + ", ".join(f"{s}²: {v * 100:.0f} %" for s, v in shares.items())]
+    saved = {r["size"]: r["prologue_saving_share_sdpa"] for r in rows if "prologue_saving_share_sdpa" in r}
+    if saved:
+        lines += ["", "Share of the SDPA step the fused prologue removes ((no_attention − no_attention_fused) / sdpa): "
+                  + ", ".join(f"{s}²: {v * 100:.0f} %" for s, v in saved.items())]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 

@@ -34,6 +34,23 @@ TORCH_LIBRARY(flash_quant, m) {
       "dequantize(Tensor data, Tensor scale, Tensor zero_point, Tensor mean, str precision, "
       "int block_size, ScalarType dtype) -> Tensor");
 
+  // The steps between a projection and attention, in one pass (Flux / SD3-style
+  // transformer blocks): per-head RMS normalisation, prepending prefix tokens (the text
+  // stream of a joint block), rotary embedding on interleaved pairs, and the (B, H, S, D)
+  // layout attention wants.
+  //   x       : (B, S, H, D) any strides; prefix: (B, P, H, D) or None (P = 0)
+  //   eps     : RMS-normalise each (token, head) vector over D when given:
+  //             y = x / sqrt(mean(x^2) + eps), times weight (D,) for x's tokens and
+  //             prefix_weight (D,) for the prefix's, each when given
+  //   cos, sin: (P + S, D) rotary tables, both or neither (D even):
+  //             out[2i] = y[2i] cos[2i] - y[2i+1] sin[2i];
+  //             out[2i+1] = y[2i+1] cos[2i+1] + y[2i] sin[2i+1]
+  // Returns (B, H, P + S, D) contiguous in x.dtype, computed in float32 (float64 for
+  // float64 x) and rounded once.
+  m.def(
+      "attention_prologue(Tensor x, Tensor? prefix, Tensor? weight, Tensor? prefix_weight, "
+      "float? eps, Tensor? cos, Tensor? sin) -> Tensor");
+
   // Attention with SDPA semantics, (B, H, S, D) layout.
   // q, k, v: floating tensors that carry shape, dtype and gradient. When *_data is given,
   // the kernel computes with that quantized operand (data, per-row or broadcastable

@@ -5,7 +5,8 @@ Layers, bottom up:
                             flash_quant/cuda, csrc/mps + metal)
   flash_quant.ops           typed wrappers, fake kernels, autograd (importing it loads
                             the ops and registers the kernels of every device present)
-  flash_quant.quantize / QuantizedTensor / flash_quant.attention   the functional API
+  flash_quant.quantize / QuantizedTensor / flash_quant.attention / attention_prologue
+                            the functional API
   flash_quant.nn            modules (MultiheadAttention)
   flash_quant.integrations  SDPA routing, diffusers, transformers
   flash_quant.planning      dynamic quantization, cost model, recommendations
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "attention": "functional",
     "attention_with_lse": "functional",
+    "attention_prologue": "prologue",
     "quantize": "quantization",
     "QuantizedTensor": "quantized_tensor",
     "quantize_attention": "nn.swap",

@@ -64,3 +64,44 @@ def check_mask(attn_mask, b: int, h: int, sq: int, skv: int, device) -> None:
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
             f"{(b, h, sq, skv)}"
         ) from None
+
+
+def check_attention_prologue(x, prefix, weight, prefix_weight, eps, cos, sin) -> None:
+    """attention_prologue's contract (csrc/schema.cpp); the CPU/MPS kernel checks the same
+    in C++ (csrc/attention_prologue.cpp)."""
+    if x.dim() != 4:
+        raise ValueError(f"attention_prologue: x must be (B, S, H, D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"attention_prologue: x must be a floating tensor, got {x.dtype}")
+    b, s, h, d = x.shape
+    total = s
+    if prefix is not None:
+        if prefix.dim() != 4 or (prefix.shape[0], prefix.shape[2], prefix.shape[3]) != (b, h, d):
+            raise ValueError(f"attention_prologue: prefix must be (B, P, H, D) with x's B, H and D "
+                             f"{tuple(x.shape)}, got {tuple(prefix.shape)}")
+        if prefix.dtype != x.dtype or prefix.device != x.device:
+            raise TypeError("attention_prologue: prefix must match x's dtype and device")
+        total += prefix.shape[1]
+    elif prefix_weight is not None:
+        raise ValueError("attention_prologue: prefix_weight given without a prefix")
+    for w in (weight, prefix_weight):
+        if w is None:
+            continue
+        if eps is None:
+            raise ValueError("attention_prologue: a norm weight needs eps (RMS normalisation)")
+        if w.dim() != 1 or w.shape[0] != d:
+            raise ValueError(f"attention_prologue: norm weights must be (D,) = ({d},), got {tuple(w.shape)}")
+        if w.device != x.device:
+            raise ValueError("attention_prologue: norm weights must be on x's device")
+    if eps is not None and not (eps >= 0 and eps != float("inf")):
+        raise ValueError(f"attention_prologue: eps must be finite and >= 0, got {eps}")
+    if (cos is None) != (sin is None):
+        raise ValueError("attention_prologue: give both cos and sin, or neither")
+    if cos is not None:
+        if d % 2:
+            raise ValueError(f"attention_prologue: rotary embedding pairs channels: head dim must be even, got {d}")
+        for t in (cos, sin):
+            if t.dim() != 2 or tuple(t.shape) != (total, d):
+                raise ValueError(f"attention_prologue: cos / sin must be (P + S, D) = ({total}, {d}), got {tuple(t.shape)}")
+            if not t.is_floating_point() or t.device != x.device:
+                raise TypeError("attention_prologue: cos / sin must be floating tensors on x's device")

@@ -20,6 +20,7 @@ __all__ = [
     "dequantize",
     "attention_forward",
     "attention_backward",
+    "attention_prologue",
     "scale_shape",
     "expand_groups",
     "reduce_groups",
@@ -196,6 +197,81 @@ def _dequantize_backward(ctx, grad):
 
 
 torch.library.register_autograd("flash_quant::dequantize", _dequantize_backward, setup_context=_dequantize_setup)
+
+
+# ----------------------------------------------------------------- attention prologue
+def attention_prologue(
+    x: torch.Tensor,
+    prefix: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    prefix_weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """RMS norm per head, prefix tokens, rotary embedding, (B, S, H, D) -> (B, H, P + S, D)
+    in one pass (csrc/schema.cpp states the formulas)."""
+    return _ops.attention_prologue(x, prefix, weight, prefix_weight, eps, cos, sin)
+
+
+@torch.library.register_fake("flash_quant::attention_prologue")
+def _attention_prologue_fake(x, prefix, weight, prefix_weight, eps, cos, sin):
+    b, s, h, d = x.shape
+    p = 0 if prefix is None else prefix.shape[1]
+    return x.new_empty((b, h, p + s, d))
+
+
+def _attention_prologue_setup(ctx, inputs, output):
+    x, prefix, weight, prefix_weight, eps, cos, sin = inputs
+    ctx.save_for_backward(x, prefix, weight, prefix_weight, cos, sin)
+    ctx.eps = eps
+
+
+def _rope_partner(t: torch.Tensor) -> torch.Tensor:
+    """The rotary partner of each channel: (-t[2i+1], t[2i]) at (2i, 2i+1)."""
+    pairs = t.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def _rms_norm_backward(x, weight, eps, grad):
+    """Gradients of y = x * rsqrt(mean(x^2) + eps) (* weight) for x and weight, given dL/dy."""
+    xf = x.to(grad.dtype)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    n = xf * r
+    grad_w = None if weight is None else (grad * n).flatten(0, -2).sum(0).to(weight.dtype)
+    dn = grad if weight is None else grad * weight.to(grad.dtype)
+    dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+    return dx, grad_w
+
+
+def _attention_prologue_backward(ctx, grad):
+    x, prefix, weight, prefix_weight, cos, sin = ctx.saved_tensors
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = grad.to(ct).transpose(1, 2)  # (B, P + S, H, D)
+    if cos is not None:  # y*c + partner(y)*s is linear in y: its transpose is g*c - partner(g*s)
+        c, s = (t.to(ct)[None, :, None, :] for t in (cos, sin))
+        g = g * c - _rope_partner(g * s)
+    p = 0 if prefix is None else prefix.shape[1]
+    gp, gx = g[:, :p], g[:, p:]
+    if ctx.eps is None:
+        dx, dw, dp, dpw = gx, None, (gp if prefix is not None else None), None
+    else:
+        dx, dw = _rms_norm_backward(x, weight, ctx.eps, gx)
+        dp, dpw = (None, None) if prefix is None else _rms_norm_backward(prefix, prefix_weight, ctx.eps, gp)
+    return (
+        dx.to(x.dtype),
+        None if dp is None else dp.to(prefix.dtype),
+        dw,
+        dpw,
+        None,  # eps
+        None,  # cos: the rotary tables get no gradient (docs/op_contract.md)
+        None,  # sin
+    )
+
+
+torch.library.register_autograd(
+    "flash_quant::attention_prologue", _attention_prologue_backward, setup_context=_attention_prologue_setup
+)
 
 
 # ------------------------------------------------------------------- attention forward

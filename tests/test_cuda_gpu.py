@@ -172,3 +172,26 @@ def test_long_sequence_fp8_promotion():
     out, _ = _fwd(q, k, v, kw, pv)
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu())
     assert error_stats(out.cpu(), ref)["rel_l2"] < 2.5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_prologue_gpu(dtype):
+    """The Triton prologue at Flux's joint-block size (512 text + 4096 image tokens, 24 heads
+    of 128): half an ulp of the float64 contract (the GPU rounds to nearest), the CPU
+    kernel's result, and the gradients of the registered autograd formula."""
+    from test_attention_prologue import TOL, inputs, reference
+
+    x, prefix, w, pw, eps, cos, sin = inputs(1, 4096, 512, 24, 128, dtype)
+    args = [t.to(DEV) if isinstance(t, torch.Tensor) else t for t in (x, prefix, w, pw, eps, cos, sin)]
+    out = torch.ops.flash_quant.attention_prologue(*args)
+    ref = reference(*args)
+    err = (out.double() - ref).abs()
+    assert (err <= TOL[dtype] * ref.abs() + 1e-5).all(), f"max error {err.max().item():.3g}"
+    cpu = torch.ops.flash_quant.attention_prologue(x, prefix, w, pw, eps, cos, sin)
+    torch.testing.assert_close(out.cpu().float(), cpu.float(), rtol=2 * TOL[dtype], atol=1e-5)
+    xs = args[0][:, :64].clone().requires_grad_(True)
+    small = [xs, args[1][:, :16], args[2], args[3], eps, args[5][:80], args[6][:80]]
+    torch.ops.flash_quant.attention_prologue(*small).float().square().sum().backward()
+    xd = xs.detach().double().requires_grad_(True)
+    reference(xd, *small[1:]).square().sum().backward()
+    torch.testing.assert_close(xs.grad.double(), xd.grad, rtol=0.02, atol=0.02)

@@ -413,3 +413,28 @@ def test_autotune_describe_in_interpreter():
     assert "no config" in autotune.describe()
     cfg = autotune.forward_default(64, True, 2, 100)
     assert cfg == autotune.Config(16, 16, 4, 1)  # the interpreter always uses the smallest tiles
+
+
+# ------------------------------------------------------------------ attention prologue
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s,p,h,d", [(1, 0, 1, 32), (17, 5, 2, 64), (70, 9, 1, 96), (3, 2, 2, 128)])
+@pytest.mark.parametrize("steps", ["all", "rope_only", "norm_only", "layout_only"])
+def test_attention_prologue_kernel(dtype, s, p, h, d, steps):
+    """The Triton kernel against the float64 contract (prefix tiles straddling the
+    boundary, padded head dims, strided x) and against the CPU kernel."""
+    from flash_quant.cuda.prologue import attention_prologue_launch
+    from test_attention_prologue import TOL, inputs, reference
+
+    norm, rope = steps in ("all", "norm_only"), steps in ("all", "rope_only")
+    x, prefix, w, pw, eps, cos, sin = inputs(2, s, p, h, d, dtype, norm=norm, rope=rope)
+    x = torch.cat([x, x], dim=-1)[..., :d]  # strided along the token and head dims
+    out = attention_prologue_launch(x, prefix, w, pw, eps, cos, sin)
+    ref = reference(x, prefix, w, pw, eps, cos, sin)
+    assert out.shape == (2, h, s + p, d) and out.dtype == dtype
+    # The interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest):
+    # a whole ulp (2 TOL) here, half an ulp in the GPU test.
+    tol = TOL[dtype] * (2 if dtype == torch.bfloat16 else 1)
+    err = (out.double() - ref).abs()
+    assert (err <= tol * ref.abs() + 1e-5).all(), f"max error {err.max().item():.3g}"
+    cpu = torch.ops.flash_quant.attention_prologue(x, prefix, w, pw, eps, cos, sin)
+    torch.testing.assert_close(out.float(), cpu.float(), rtol=2 * tol, atol=1e-5)

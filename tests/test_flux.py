@@ -50,15 +50,18 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
-def test_fp32_matches_sdpa_processor():
+@pytest.mark.parametrize("fuse_prologue", [True, False])
+def test_fp32_matches_sdpa_processor(fuse_prologue):
     model, x = tiny_transformer(), tiny_inputs()
     with torch.no_grad():
         expect = model(**x)[0]
-        report = apply_flux_attention(model, "fp32")
+        report = apply_flux_attention(model, "fp32", fuse_prologue=fuse_prologue)
         out = model(**x)[0]
     assert len(report.joint) == 1 and len(report.single) == 2 and not report.skipped
     assert all(isinstance(p, FluxQuantAttnProcessor) for p in model.attn_processors.values())
     torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
+    counts = model.transformer_blocks[0].attn.processor.prologue_counts
+    assert counts == ({"fused": 3} if fuse_prologue else {"diffusers: fuse_prologue=False": 3})
     assert remove_flux_attention(model) == 3
     assert all(type(p) is FluxAttnProcessor for p in model.attn_processors.values())
 
@@ -126,3 +129,24 @@ def test_tiny_example_runs(tmp_path, capsys):
     assert out.exists() and (tmp_path / "tiny_sdpa.png").exists()
     assert image.size == (64, 64)
     assert "[sdpa]" in text and "[flash_quant accurate]" in text and "1 joint + 2 single-stream" in text
+
+
+def test_fused_prologue_bf16_and_unfusable_block_counted(caplog):
+    """bf16: the fused prologue (one rounding) against diffusers' steps (three); a block
+    whose QK norm is not an RMSNorm takes diffusers' steps, counted and logged once."""
+    model, x = tiny_transformer().to(torch.bfloat16), tiny_inputs()
+    x = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() and "ids" not in k else v)
+         for k, v in x.items()}
+    with torch.no_grad():
+        apply_flux_attention(model, "bf16", fuse_prologue=False)
+        unfused = model(**x)[0]
+        apply_flux_attention(model, "bf16")
+        fused = model(**x)[0]
+        assert cosine(fused, unfused) > 0.9999
+        attn = model.single_transformer_blocks[1].attn
+        attn.norm_q = torch.nn.LayerNorm(32, elementwise_affine=False)
+        model(**x)
+        model(**x)
+    counts = attn.processor.prologue_counts
+    assert counts["diffusers: QK norms are not RMSNorms with one eps and no bias"] == 2
+    assert sum("not fused" in r.message for r in caplog.records) == 1

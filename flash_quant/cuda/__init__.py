@@ -1,6 +1,7 @@
 """CUDA backend: Triton kernels registered for the CUDA key of the flash_quant ops.
 
 Importing this package registers them (flash_quant does so when CUDA is available).
-quantize: quantize / dequantize; forward: attention_forward; backward: attention_backward.
+quantize: quantize / dequantize; forward: attention_forward; backward: attention_backward;
+prologue: attention_prologue.
 """
-from . import backward, forward, quantize  # noqa: F401
+from . import backward, forward, prologue, quantize  # noqa: F401

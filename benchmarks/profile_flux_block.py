@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Where a Flux step's GPU time goes, by kernel category, per attention processor.
+
+    python benchmarks/profile_flux_block.py                    # GPU, 1024², sdpa + fast
+    python benchmarks/profile_flux_block.py --size 2048 --modes sdpa fast accurate
+    python benchmarks/profile_flux_block.py --tiny --device cpu   # smoke test
+
+Builds a Flux transformer with FLUX.1-dev's width (24 heads × 128) but one double-stream
+and one single-stream block (random weights, bf16), runs a few steps under
+torch.profiler and sums the device time of every kernel into categories (matmul,
+attention, flash_quant quantization, normalisation / RoPE / other elementwise). The
+per-block figures times 19 / 38 estimate the full model. Modes are bench_flux.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_flux  # noqa: E402  (same model builder, inputs and processor modes)
+
+CATEGORIES = (
+    # (category, substrings of the kernel name, lower case); first match wins
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "_attn_fwd", "attention", "_forward_kernel", "_combine_splits")),
+    ("flash_quant quantize / prologue", ("quantize", "_colstats", "_reduce_stats", "hadamard", "_rotate", "_prologue")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "sm80", "addmm", "matmul", "mm_")),
+)
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "elementwise / norm / rope / copy"
+
+
+def profile_mode(model, inputs, mode, device, iters):
+    from torch.profiler import ProfilerActivity, profile
+
+    bench_flux.set_mode(model, mode)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(**inputs, return_dict=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(iters):
+                model(**inputs, return_dict=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    per_kernel = collections.Counter()
+    for ev in prof.events():
+        if device.type == "cuda":
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[ev.name] += ev.device_time / iters  # µs
+        elif ev.cpu_parent is None and ev.name.startswith("aten::"):
+            per_kernel[ev.name] += ev.cpu_time_total / iters
+    per_cat = collections.Counter()
+    for name, us in per_kernel.items():
+        per_cat[categorise(name)] += us
+    return per_kernel, per_cat
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--modes", nargs="+", default=["sdpa", "fast"])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = dict(bench_flux.TINY if args.tiny else bench_flux.FULL, num_layers=1, num_single_layers=1)
+    size = 128 if args.tiny else args.size
+    model = bench_flux.build_model(cfg, device, torch.bfloat16)
+    inputs = bench_flux.make_inputs(cfg, size, 16 if args.tiny else 512, device, torch.bfloat16)
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "size": size, "image_tokens": inputs["hidden_states"].shape[1]}
+    print(json.dumps(env))
+    for mode in args.modes:
+        per_kernel, per_cat = profile_mode(model, inputs, mode, device, args.iters)
+        total = sum(per_cat.values())
+        print(f"\n== {mode}: one double + one single block, {total / 1e3:.3f} ms per step "
+              f"(×19/38 blocks ≈ {(total / 2) * 57 / 1e3:.1f} ms)")
+        for cat, us in per_cat.most_common():
+            print(f"  {cat:34s} {us / 1e3:8.3f} ms  {100 * us / total:5.1f} %")
+        print(f"  top {args.top} kernels:")
+        for name, us in per_kernel.most_common(args.top):
+            print(f"    {us:9.1f} µs  [{categorise(name)[:10]}]  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
