@@ -68,6 +68,27 @@ def profile_mode(model, inputs, mode, device, iters):
     return per_kernel, per_cat
 
 
+def host_times(model, inputs, device, iters):
+    """(host time to enqueue one step, synchronised step time), ms, medians. A step whose
+    enqueue time reaches its run time leaves the GPU waiting on Python."""
+    import statistics
+    import time
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    enqueue, step = [], []
+    with torch.inference_mode():
+        for _ in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            model(**inputs, return_dict=False)
+            t1 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
+            enqueue.append((t1 - t0) * 1e3)
+            step.append((t2 - t0) * 1e3)
+    return statistics.median(enqueue), statistics.median(step)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024)
@@ -76,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="also print the N host functions with the most own time over --iters steps")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cfg = dict(bench_flux.TINY if args.tiny else bench_flux.FULL, num_layers=1, num_single_layers=1)
@@ -87,14 +110,28 @@ def main(argv=None):
     print(json.dumps(env))
     for mode in args.modes:
         per_kernel, per_cat = profile_mode(model, inputs, mode, device, args.iters)
+        enqueue_ms, step_ms = host_times(model, inputs, device, args.iters)
         total = sum(per_cat.values())
         print(f"\n== {mode}: one double + one single block, {total / 1e3:.3f} ms per step "
               f"(×19/38 blocks ≈ {(total / 2) * 57 / 1e3:.1f} ms)")
+        print(f"  host enqueue {enqueue_ms:.3f} ms per step, step (synchronised) {step_ms:.3f} ms "
+              f"({'host-bound' if enqueue_ms > 0.95 * step_ms else 'GPU-bound'})")
         for cat, us in per_cat.most_common():
             print(f"  {cat:34s} {us / 1e3:8.3f} ms  {100 * us / total:5.1f} %")
         print(f"  top {args.top} kernels:")
         for name, us in per_kernel.most_common(args.top):
             print(f"    {us:9.1f} µs  [{categorise(name)[:10]}]  {name[:110]}")
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            with torch.inference_mode():
+                prof.enable()
+                for _ in range(args.iters):
+                    model(**inputs, return_dict=False)
+                prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
 
 
 if __name__ == "__main__":
