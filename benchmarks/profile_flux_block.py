@@ -97,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="run one step per mode in torch.cuda sync debug mode and print what synchronises")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="also print the N host functions with the most own time over --iters steps")
     args = ap.parse_args(argv)
@@ -121,6 +123,18 @@ def main(argv=None):
         print(f"  top {args.top} kernels:")
         for name, us in per_kernel.most_common(args.top):
             print(f"    {us:9.1f} µs  [{categorise(name)[:10]}]  {name[:110]}")
+        if args.sync_check and device.type == "cuda":
+            import traceback
+            import warnings
+
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+                warnings.simplefilter("always")
+                model(**inputs, return_dict=False)
+            torch.cuda.set_sync_debug_mode(0)
+            print(f"  synchronising calls in one step: {len(caught)}")
+            for w in caught[:3]:
+                print(f"    {w.message} at {w.filename}:{w.lineno}")
         if args.cprofile:
             import cProfile
             import pstats

@@ -329,6 +329,15 @@ def test_attention_scale_and_fp32():
     torch.testing.assert_close(lse, lse_r.float(), rtol=0, atol=1e-3)
 
 
+def split_tolerance(pv_precision):
+    """Bound on rel-L2 between a split-KV launch and the unsplit one. Exact P modes and the
+    int8 P (rounded against each key tile's own max; split ranges are whole tiles) differ
+    by fp32 merge rounding only. FP8 P is rounded against the running row max, which a
+    split resets: each range rounds P on another grid, so the two launches differ by the
+    FP8 P error itself (40 seeds of the packed case: mean 2.4e-3, max 5.4e-3)."""
+    return 1.5e-2 if pv_precision == "fp8_e4m3" else 2e-3
+
+
 @pytest.mark.parametrize("preset,causal,mask_kind", [("accurate", False, None), ("fast", True, None),
                                                      ("fp16", False, "bool"), ("int8pv", False, "additive")])
 def test_attention_split_kv(preset, causal, mask_kind):
@@ -345,7 +354,7 @@ def test_attention_split_kv(preset, causal, mask_kind):
     fin = torch.isfinite(lse1)
     assert torch.equal(fin, torch.isfinite(lse4))
     torch.testing.assert_close(lse4[fin], lse1[fin], rtol=0, atol=1e-4)
-    assert error_stats(many, one)["rel_l2"] < 2e-3
+    assert error_stats(many, one)["rel_l2"] < split_tolerance(pv)
     ref = reference_attention(qd, kd, vd, attn_mask=mask, is_causal=causal)
     assert error_stats(many, ref)["rel_l2"] < PRESET_TOL[preset][0] + 1e-2
 
@@ -363,7 +372,7 @@ def test_attention_packed_gqa(preset, hq, hkv, sq):
     for splits in (1, 3):
         packed, lse_p = attention_forward_launch(q, k, v, pv_precision=pv, pack_gqa=True, num_splits=splits,
                                                  **kw)
-        assert error_stats(packed, flat)["rel_l2"] < 2e-3, splits
+        assert error_stats(packed, flat)["rel_l2"] < split_tolerance(pv if splits > 1 else "none"), splits
         torch.testing.assert_close(lse_p, lse_flat, rtol=0, atol=1e-4)
     ref = reference_attention(qd, kd, vd)
     assert error_stats(packed, ref)["rel_l2"] < PRESET_TOL[preset][0] + 1e-2
