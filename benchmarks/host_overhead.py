@@ -79,6 +79,7 @@ def main(argv=None):
         "flash_quant.attention fast": lambda: flash_quant.attention(q, k, v, config="fast"),
         "sdpa (default backend)": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
     }
+    print(f"flash_quant imported from {flash_quant.__file__}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"shape {b}x{h}x{s}x{d} bf16; host µs per call (median of {args.iters})")
     for mode in (False, True):

@@ -1,7 +1,6 @@
 """flash_quant.attention: a drop-in for F.scaled_dot_product_attention that quantizes."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
@@ -10,7 +9,7 @@ import torch
 from . import ops
 from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
-from .quantization import quantize_operand
+from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
 from .rotation import rotate
 
@@ -93,14 +92,13 @@ def attention_with_lse(
     with torch.no_grad():  # straight-through: gradients reach q/k/v through the attention
         # op's own formula, so the quantization steps need no autograd graph (nor its
         # saved copies of q and k)
-        qq = _quantized(query, q, cfg.q)
-        kq = _quantized(key, k, cfg.k)
-        vq = _quantized(value, v, cfg.v)
+        q_args = _operand_args(query, q, cfg.q, "q")
+        k_args = _operand_args(key, k, cfg.k, "k")
+        v_args = _operand_args(value, v, cfg.v, "v")
 
     mask = _prepare_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out, lse = ops.attention_forward(
-        q, k, v,
-        *_op_args(qq, role="q"), *_op_args(kq, role="k"), *_op_args(vq, role="v"),
+        q, k, v, *q_args, *k_args, *v_args,
         attn_mask=mask, is_causal=bool(is_causal), scale=scale, pv_precision=cfg.pv.value,
     )
     return out.to(out_dtype), lse
@@ -166,36 +164,37 @@ def _rotation_wanted(cfg: AttentionConfig, query, key) -> bool:
     return cfg.q.rotate and (cfg.q.quantized or cfg.k.quantized)
 
 
-def _quantized(given: Operand, x: torch.Tensor, cfg: OperandConfig):
-    """The operand's QuantizedTensor: as given, or quantized from `x` (already rotated
-    when the config rotates), or None for an unquantized operand."""
+def _operand_args(given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str):
+    """The op's (data, scale, zero_point[, mean]) for one operand: a given QuantizedTensor's
+    fields, or `x` (already rotated when the config rotates) quantized per `cfg`, or Nones
+    for an unquantized operand. No QuantizedTensor is built per call."""
     if isinstance(given, QuantizedTensor):
-        return given
+        return _op_args(given.data, given.scale, given.zero_point, given.mean, given.granularity,
+                        given.strategy, given.orig_shape, role)
     if not cfg.quantized:
-        return None
-    return quantize_operand(x, dataclasses.replace(cfg, rotate=False))
+        return (None, None, None, None) if role == "k" else (None, None, None)
+    data, scale, zero_point, mean = quantize_codes(x, cfg)
+    return _op_args(data, scale, zero_point, mean if cfg.smooth else None, cfg.granularity, cfg.strategy,
+                    tuple(x.shape), role)
 
 
-def _op_args(qt: Optional[QuantizedTensor], role: str):
+def _op_args(data, scale, zero_point, mean, granularity, strategy, shape, role: str):
     """(data, scale, zero_point[, mean]) as the op wants them: Q/K scales expanded to
     rows when blocked, zero points only for asymmetric operands."""
-    if qt is None:
-        return (None, None, None, None) if role == "k" else (None, None, None)
-    if qt.granularity.name == "per_channel" and role in ("q", "k"):
+    if granularity.name == "per_channel" and role in ("q", "k"):
         raise ValueError(f"a per_channel {role.upper()} cannot be used in attention: its scale varies along the head dim")
-    scale, zp = qt.scale, (qt.zero_point if qt.strategy is Strategy.ASYMMETRIC else None)
-    if qt.granularity.name == "per_block":  # the op takes row scales: expand the blocks
-        rows = qt.orig_shape[:-1] + (1,)
-        scale = ops.expand_groups(scale, rows, qt.granularity.block_size)
-        zp = None if zp is None else ops.expand_groups(zp, rows, qt.granularity.block_size)
-    args = (qt.data, scale, zp)
+    zp = zero_point if strategy is Strategy.ASYMMETRIC else None
+    if granularity.name == "per_block":  # the op takes row scales: expand the blocks
+        rows = tuple(shape[:-1]) + (1,)
+        scale = ops.expand_groups(scale, rows, granularity.block_size)
+        zp = None if zp is None else ops.expand_groups(zp, rows, granularity.block_size)
     if role == "k":
-        return args + (qt.mean,)
-    if role == "q" and qt.mean is not None:
+        return (data, scale, zp, mean)
+    if role == "q" and mean is not None:
         raise ValueError("a smoothed query cannot be used in attention (smoothing Q needs a correction); smooth K only")
-    if role == "v" and qt.mean is not None:
+    if role == "v" and mean is not None:
         raise ValueError("a smoothed value cannot be used in attention; smooth K only")
-    return args
+    return (data, scale, zp)
 
 
 def _prepare_mask(attn_mask, b, h, sq, skv):

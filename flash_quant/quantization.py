@@ -12,7 +12,7 @@ from .quantized_tensor import QuantizedTensor
 from .rotation import rotate as _rotate
 from .scales import mse_scale
 
-__all__ = ["quantize", "quantize_operand"]
+__all__ = ["quantize", "quantize_operand", "quantize_codes"]
 
 
 def quantize(
@@ -47,6 +47,19 @@ def quantize(
 
 def quantize_operand(x: torch.Tensor, cfg: OperandConfig) -> QuantizedTensor:
     """Quantize with a validated OperandConfig (no value checks: this runs per call)."""
+    src = _rotate(x) if cfg.rotate else x
+    data, scale, zero_point, mean = quantize_codes(src, cfg)
+    return QuantizedTensor(
+        data, scale, zero_point, precision=cfg.precision, strategy=cfg.strategy, granularity=cfg.granularity,
+        orig_shape=tuple(x.shape), orig_dtype=x.dtype, mean=mean if cfg.smooth else None,
+        rotated=cfg.rotate, check_values=False,
+    )
+
+
+def quantize_codes(x: torch.Tensor, cfg: OperandConfig):
+    """The quantize op's (data, scale, zero_point, mean) for `x` as given (`cfg.rotate` is
+    not applied here). The attention call's per-call path: it needs the tensors only, not
+    a QuantizedTensor around them."""
     g = cfg.granularity
     rank = x.dim()
     if g.name in ("per_head",) and rank < 3:
@@ -55,18 +68,9 @@ def quantize_operand(x: torch.Tensor, cfg: OperandConfig) -> QuantizedTensor:
         raise ValueError(f"{g.name if not cfg.smooth else 'smoothing'} needs a tensor of rank >= 2, got rank {rank}")
     if cfg.precision is Precision.INT4 and x.shape[-1] % 2:
         raise ValueError(f"INT4 packs two values per byte: the last dim must be even, got {x.shape[-1]}")
-    src = _rotate(x) if cfg.rotate else x
     if cfg.scale_search == "mse":
-        data, scale, zero_point, mean = _quantize_searched(src, cfg)
-    else:
-        data, scale, zero_point, mean = ops.quantize(
-            src, cfg.precision.value, g.name, g.block_size, cfg.strategy.value, cfg.smooth
-        )
-    return QuantizedTensor(
-        data, scale, zero_point, precision=cfg.precision, strategy=cfg.strategy, granularity=g,
-        orig_shape=tuple(x.shape), orig_dtype=x.dtype, mean=mean if cfg.smooth else None,
-        rotated=cfg.rotate, check_values=False,
-    )
+        return _quantize_searched(x, cfg)
+    return ops.quantize(x, cfg.precision.value, g.name, g.block_size, cfg.strategy.value, cfg.smooth)
 
 
 def _quantize_searched(x: torch.Tensor, cfg: OperandConfig):

@@ -417,6 +417,59 @@ def test_attention_errors_before_launch():
         attention_forward_launch(q, k, v, attn_mask=torch.ones(3, 8, dtype=torch.bool))
 
 
+def test_launch_plans_are_per_signature():
+    """The launchers cache what they derive from a call's signature (flash_quant.cuda.host):
+    a repeated call reuses its plan; a call that differs only in strides (a transposed
+    view) or in a flag gets its own plan and the right result; a bad call caches nothing
+    and still raises before any launch."""
+    from flash_quant.cuda import forward as fwd, quantize as qz
+
+    fwd._PLANS.clear()
+    qz._PLANS.clear()
+    q, k, v = make_qkv(1, 2, 24, 64, family="realistic", dtype=torch.float16)
+    kw, pv, (qd, kd, vd) = quantize_operands(q, k, v, "int8pv")
+    hits = qz._PLANS.hits
+    kw2, _, _ = quantize_operands(q, k, v, "int8pv")
+    assert qz._PLANS.hits == hits + 3  # Q, K, V: same signatures
+    for name in kw:
+        assert (kw[name] is None and kw2[name] is None) or torch.equal(kw[name], kw2[name]), name
+    first, _ = attention_forward_launch(q, k, v, pv_precision=pv, **kw)
+    again, _ = attention_forward_launch(q, k, v, pv_precision=pv, **kw)
+    assert fwd._PLANS.hits == 1 and torch.equal(first, again)
+    causal, _ = attention_forward_launch(q, k, v, pv_precision=pv, is_causal=True, **kw)
+    assert fwd._PLANS.misses == 2
+    ref_causal = reference_attention(qd, kd, vd, is_causal=True)
+    assert error_stats(causal, ref_causal)["rel_l2"] < PRESET_TOL["int8pv"][0]
+
+    # same shapes, other strides: Q stored (B, S, H, D) as transformers passes it
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    a, s, _, _ = quantize_launch(qt, "int8", "per_token", 1, "symmetric", False)
+    b, t, _, _ = quantize_launch(q, "int8", "per_token", 1, "symmetric", False)
+    assert torch.equal(a, b) and torch.equal(s, t)
+    out_t, _ = attention_forward_launch(qt, k, v)
+    out_c, _ = attention_forward_launch(q, k, v)
+    torch.testing.assert_close(out_t, out_c, rtol=0, atol=0)
+
+    n = len(fwd._PLANS)
+    with pytest.raises(ValueError, match="head dim"):
+        attention_forward_launch(q[..., :12], k[..., :12], v[..., :12])
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_launch(q, "int8", "per_row", 1, "symmetric", False)
+    assert len(fwd._PLANS) == n
+
+
+def test_plan_cache_is_bounded():
+    from flash_quant.cuda.host import PlanCache, cdiv, next_pow2
+
+    cache = PlanCache("test", capacity=3)
+    for i in range(5):
+        cache.put(i, str(i))
+    assert len(cache) == 3 and cache.get(0) is None and cache.get(4) == "4"
+    assert cache.get([1]) is None  # unhashable: a miss, not an error
+    assert [cdiv(a, 4) for a in (1, 4, 5)] == [1, 1, 2]
+    assert [next_pow2(n) for n in (0, 1, 2, 3, 64, 65)] == [1, 1, 2, 4, 64, 128]
+
+
 def test_autotune_describe_in_interpreter():
     autotune.clear()
     assert "no config" in autotune.describe()

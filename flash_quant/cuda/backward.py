@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
+from .host import cdiv, next_pow2
 from .common import (KIND_FLOAT, KIND_FP8, KIND_INT4, KIND_INT8, LOG2E, load_codes,
                      load_dequant, load_row_vector, score_mask)
 
@@ -471,11 +472,11 @@ def attention_backward_triton(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, next_pow2(D))
     interp = _INTERPRET or dev.type != "cuda"
 
     pm = 16 if interp else 64
-    _bwd_preprocess[(triton.cdiv(SQ, pm), B * HQ)](
+    _bwd_preprocess[(cdiv(SQ, pm), B * HQ)](
         out, grad_out, lse_c, delta, lse2, qt, qsc, qzp, km,
         *out.stride(), *grad_out.stride(), *sq_, *s_qsc, *s_qzp, *km.stride(),
         HQ, group, SQ, D, sm_scale,
@@ -484,7 +485,7 @@ def attention_backward_triton(
     common_strides = (*sq_, *sk_, *vt.stride(), *grad_out.stride())
 
     def launch_dq(cfg):
-        _bwd_dq[(triton.cdiv(SQ, cfg.block_m), B * HQ)](
+        _bwd_dq[(cdiv(SQ, cfg.block_m), B * HQ)](
             qt, kt, vt, grad_out, dq, lse2, delta,
             qsc, qzp, ksc, kzp, kc, vsc, vzp, m,
             *common_strides, *dq.stride(),
@@ -497,7 +498,7 @@ def attention_backward_triton(
         )
 
     def launch_dkdv(cfg):
-        _bwd_dkdv[(triton.cdiv(SKV, cfg.block_n), B * HKV)](
+        _bwd_dkdv[(cdiv(SKV, cfg.block_n), B * HKV)](
             qt, kt, vt, grad_out, dk, dv, lse2, delta,
             qsc, qzp, ksc, kzp, vsc, vzp, m,
             *common_strides, *dk.stride(), *dv.stride(),
@@ -516,7 +517,7 @@ def attention_backward_triton(
     else:
         nbytes = q.element_size()
         key = (BLOCK_D, qk_int8, qmode, kmode, vmode, bool(is_causal), mask_mode, str(q.dtype),
-               group > 1, min(triton.next_power_of_2(max(SQ, SKV)), 8192))
+               group > 1, min(next_pow2(max(SQ, SKV)), 8192))
         cand_dq, cand_kv = _candidates("dq", BLOCK_D, nbytes), _candidates("dkdv", BLOCK_D, nbytes)
         cfg_dq = autotune.select(("attention_backward_dq",) + key, cand_dq, cand_dq[0], launch_dq)
         cfg_kv = autotune.select(("attention_backward_dkdv",) + key, cand_kv, cand_kv[0], launch_dkdv)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -52,9 +52,6 @@ from .common import (
     KIND_FP8,
     KIND_INT4,
     KIND_INT8,
-    LN2,
-    LOG2E,
-    interleave_int4,
     load_codes,
     load_dequant,
     operand_kind,
@@ -63,6 +60,7 @@ from .common import (
     round_to_int,
     score_mask,
 )
+from .host import PlanCache, cdiv, next_pow2, tensor_signature
 
 __all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_count"]
 
@@ -542,6 +540,108 @@ def _strides(t, n):
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
+# The call's tensor arguments, in attention_forward_launch's order; a plan names the
+# kernel's pointer arguments by their index here (-1: a dummy pointer, never read).
+_Q, _K, _V, _QD, _QS, _QZ, _KD, _KS, _KZ, _KM, _VD, _VS, _VZ, _MASK = range(14)
+
+
+class _ForwardPlan(NamedTuple):
+    """What attention_forward_launch derives from a call's signature (host.PlanCache)."""
+    pointers: Tuple[int, ...]  # q, k, v, qs, ks, vs, qz, kz, vz, km, mask: tensor index or -1
+    strides: Tuple[int, ...]  # the kernel's stride arguments (of the broadcast views)
+    consts: Dict
+    B: int
+    Hq: int
+    Hkv: int
+    Sq: int
+    Skv: int
+    D: int
+    scale: float
+    out_dtype: torch.dtype
+    device: torch.device
+    block_d: int
+    pack: bool
+    tune_key: Tuple
+    candidates: Tuple
+    default: autotune.Config
+    grids: Dict  # (config, num_splits) -> (grid, splits, split_len, meta), filled by launches
+
+
+_PLANS = PlanCache("attention_forward")
+
+
+def _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa) -> _ForwardPlan:
+    p = plan(*tensors[:13], attn_mask=tensors[_MASK], is_causal=is_causal, scale=scale,
+             pv_precision=pv_precision)
+    B, Hq, Hkv, Sq, Skv, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Skv"], p["D"]
+    dev = p["device"]
+    block_d = max(16, next_pow2(D))
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if p["Q_KIND"] == KIND_INT4 or p["K_KIND"] == KIND_INT4:
+        block_d = max(32, block_d)  # int4 dots need >= 16 packed columns
+    given = lambda i, on: i if on else -1  # noqa: E731
+    pointers = (
+        _QD if tensors[_QD] is not None else _Q, _KD if tensors[_KD] is not None else _K,
+        _VD if tensors[_VD] is not None else _V,
+        given(_QS, p["qs"] is not None), given(_KS, p["ks"] is not None), given(_VS, p["vs"] is not None),
+        given(_QZ, p["qz"] is not None), given(_KZ, p["kz"] is not None), given(_VZ, p["vz"] is not None),
+        given(_KM, p["km"] is not None), given(_MASK, p["mask"] is not None),
+    )
+    qs, qz, ks, kz, vs, vz, km, mask = (p[n] for n in ("qs", "qz", "ks", "kz", "vs", "vz", "km", "mask"))
+    strides = (
+        *p["q"].stride(), *p["k"].stride(), *p["v"].stride(),
+        *_strides(qs, 4)[:3], *_strides(qz, 4)[:3],
+        *_strides(ks, 4)[:3], *_strides(kz, 4)[:3],
+        *_strides(vs, 4)[:2], *_strides(vs, 4)[2:], *_strides(vz, 4),
+        *(tuple(km.stride()[:2]) + (km.stride(3),) if km is not None else (0, 0, 0)),
+        *_strides(mask, 4),
+    )
+    consts = dict(
+        Q_KIND=p["Q_KIND"], K_KIND=p["K_KIND"], V_KIND=p["V_KIND"], QK_MODE=p["QK_MODE"],
+        PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], V_QUANT=p["V_QUANT"],
+        Q_ZP=p["Q_ZP"], K_ZP=p["K_ZP"], V_ZP=p["V_ZP"], V_DEQ_IN_LOOP=p["V_DEQ_IN_LOOP"],
+        V_TRANS=p["V_TRANS"], HAS_KM=p["HAS_KM"], MASK_KIND=p["MASK_KIND"], IS_CAUSAL=p["IS_CAUSAL"],
+        SCALE_POS=p["scale"] > 0, COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
+        DOT_F32=interpreting and p["dtype"] == torch.bfloat16,
+        HEAD_DIM=D, BLOCK_D=block_d,
+    )
+    pack = p["PACK_GQA"]
+    if pack_gqa is not None:
+        if pack_gqa and not pack:
+            raise ValueError("flash_quant.attention_forward: pack_gqa=True needs Hq > Hkv, Sq <= 64, "
+                             "no causal flag, no mask and no Q zero point")
+        pack = bool(pack_gqa)
+    eight_bit = p["QK_MODE"] in (0, 1, 2)
+    nbytes = p["dtype"].itemsize
+    sq_bucket = "Sq<=64" if Sq <= 64 else ("Sq<=1024" if Sq <= 1024 else "Sq>1024")
+    tune_key = ("attention_forward", dev.type, block_d, p["QK_MODE"], p["PV_MODE"], p["V_KIND"],
+                p["IS_CAUSAL"], p["MASK_KIND"], str(p["dtype"]).replace("torch.", ""), sq_bucket,
+                "packed" if pack else "")
+    return _ForwardPlan(
+        pointers=pointers, strides=strides, consts=consts, B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D,
+        scale=p["scale"], out_dtype=p["dtype"], device=dev, block_d=block_d, pack=pack, tune_key=tune_key,
+        candidates=tuple(autotune.forward_candidates(block_d, eight_bit, nbytes)),
+        default=autotune.forward_default(block_d, eight_bit, nbytes, Sq), grids={})
+
+
+def _grid(p: _ForwardPlan, cfg: autotune.Config, num_splits: Optional[int]):
+    """(grid, splits, split_len, launch meta) of one config; cached on the plan."""
+    g = p.grids.get((cfg, num_splits))
+    if g is None:
+        # packed: one program row-block per kv head over its group's (head, query row) pairs
+        rows_per_head, heads = ((p.Hq // p.Hkv) * p.Sq, p.Hkv) if p.pack else (p.Sq, p.Hq)
+        n_m = cdiv(rows_per_head, cfg.block_m)
+        splits = num_splits if num_splits is not None else split_count(
+            p.B * heads * n_m, p.Sq, p.Skv, cfg.block_n, p.device)
+        split_len = cdiv(cdiv(p.Skv, splits), cfg.block_n) * cfg.block_n
+        splits = cdiv(p.Skv, split_len)
+        even_kv = not p.consts["IS_CAUSAL"] and p.Skv % cfg.block_n == 0
+        meta = dict(p.consts, EVEN_KV=even_kv, SPLIT=splits > 1, PACK_GQA=p.pack, BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        g = p.grids[(cfg, num_splits)] = ((n_m, p.B * heads, splits), splits, split_len, meta)
+    return g
+
+
 def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None,
                              k_scale=None, k_zero_point=None, k_mean=None, v_data=None, v_scale=None,
                              v_zero_point=None, attn_mask=None, is_causal=False, scale=None,
@@ -554,84 +654,35 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
     where it applies; True where it does not apply is refused)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"flash_quant.attention_forward: num_splits must be an int >= 1, got {num_splits!r}")
-    p = plan(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
-             v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision)
-    B, Hq, Hkv, Sq, Skv, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Skv"], p["D"]
-    dev = p["device"]
-    out = torch.empty((B, Hq, Sq, D), dtype=p["dtype"], device=dev)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
-    dummy = lse  # never dereferenced: its constexpr flag is off
-    block_d = max(16, triton.next_power_of_2(D))
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if p["Q_KIND"] == KIND_INT4 or p["K_KIND"] == KIND_INT4:
-        block_d = max(32, block_d)  # int4 dots need >= 16 packed columns
-    qs, qz, ks, kz, vs, vz, km, mask = (p[n] for n in ("qs", "qz", "ks", "kz", "vs", "vz", "km", "mask"))
-    args = [
-        p["q"], p["k"], p["v"],
-        qs if qs is not None else dummy, ks if ks is not None else dummy, vs if vs is not None else dummy,
-        qz if qz is not None else dummy, kz if kz is not None else dummy, vz if vz is not None else dummy,
-        km if km is not None else dummy, mask if mask is not None else dummy,
-    ]
-    args_tail = [
-        *p["q"].stride(), *p["k"].stride(), *p["v"].stride(),
-        *_strides(qs, 4)[:3], *_strides(qz, 4)[:3],
-        *_strides(ks, 4)[:3], *_strides(kz, 4)[:3],
-        *_strides(vs, 4)[:2], *_strides(vs, 4)[2:], *_strides(vz, 4),
-        *(tuple(km.stride()[:2]) + (km.stride(3),) if km is not None else (0, 0, 0)),
-        *_strides(mask, 4),
-    ]
-    consts = dict(
-        Q_KIND=p["Q_KIND"], K_KIND=p["K_KIND"], V_KIND=p["V_KIND"], QK_MODE=p["QK_MODE"],
-        PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], V_QUANT=p["V_QUANT"],
-        Q_ZP=p["Q_ZP"], K_ZP=p["K_ZP"], V_ZP=p["V_ZP"], V_DEQ_IN_LOOP=p["V_DEQ_IN_LOOP"],
-        V_TRANS=p["V_TRANS"], HAS_KM=p["HAS_KM"], MASK_KIND=p["MASK_KIND"], IS_CAUSAL=p["IS_CAUSAL"],
-        SCALE_POS=p["scale"] > 0, COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
-        DOT_F32=interpreting and p["dtype"] == torch.bfloat16,
-        HEAD_DIM=D, BLOCK_D=block_d,
-    )
-
-    pack = p["PACK_GQA"]
-    if pack_gqa is not None:
-        if pack_gqa and not pack:
-            raise ValueError("flash_quant.attention_forward: pack_gqa=True needs Hq > Hkv, Sq <= 64, "
-                             "no causal flag, no mask and no Q zero point")
-        pack = bool(pack_gqa)
-    # packed: one program row-block per kv head over its group's (head, query row) pairs
-    rows_per_head, heads = ((Hq // Hkv) * Sq, Hkv) if pack else (Sq, Hq)
+    tensors = (q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
+               v_data, v_scale, v_zero_point, attn_mask)
+    key = (tuple(tensor_signature(t) for t in tensors), is_causal, scale, pv_precision, pack_gqa)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa)
+        _PLANS.put(key, p)
+    out = torch.empty((p.B, p.Hq, p.Sq, p.D), dtype=p.out_dtype, device=p.device)
+    lse = torch.empty((p.B, p.Hq, p.Sq), dtype=torch.float32, device=p.device)
+    ptrs = [tensors[i] if i >= 0 else lse for i in p.pointers]  # lse: a dummy, never dereferenced
 
     def launch(cfg: autotune.Config):
-        n_m = triton.cdiv(rows_per_head, cfg.block_m)
-        splits = num_splits if num_splits is not None else split_count(B * heads * n_m, Sq, Skv, cfg.block_n, dev)
-        split_len = triton.cdiv(triton.cdiv(Skv, splits), cfg.block_n) * cfg.block_n
-        splits = triton.cdiv(Skv, split_len)
-        even_kv = not p["IS_CAUSAL"] and Skv % cfg.block_n == 0
-        kw = dict(consts, EVEN_KV=even_kv, SPLIT=splits > 1, PACK_GQA=pack, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid, splits, split_len, meta = _grid(p, cfg, num_splits)
         if splits == 1:
-            _attn_fwd_kernel[(n_m, B * heads, 1)](*args, out, lse, p["scale"], Hq, Hq // Hkv, Sq, Skv,
-                                              Skv + cfg.block_n, 0, 0, *args_tail, *out.stride(), **kw)
+            _attn_fwd_kernel[grid](*ptrs, out, lse, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
+                                   p.Skv + cfg.block_n, 0, 0, *p.strides, *out.stride(), **meta)
             return
-        rows = B * Hq * Sq
-        o_part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=dev)
-        lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
-        _attn_fwd_kernel[(n_m, B * heads, splits)](*args, o_part, lse_part, p["scale"], Hq, Hq // Hkv, Sq, Skv,
-                                                split_len, rows * D, rows, *args_tail,
-                                                *o_part.stride()[1:], **kw)
+        rows = p.B * p.Hq * p.Sq
+        o_part = torch.empty((splits, p.B, p.Hq, p.Sq, p.D), dtype=torch.float32, device=p.device)
+        lse_part = torch.empty((splits, rows), dtype=torch.float32, device=p.device)
+        _attn_fwd_kernel[grid](*ptrs, o_part, lse_part, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
+                               split_len, rows * p.D, rows, *p.strides, *o_part.stride()[1:], **meta)
         br = 16
-        _combine_splits_kernel[(triton.cdiv(rows, br),)](
-            o_part, lse_part, out, lse, splits, rows, Hq, Sq, *out.stride(),
-            HEAD_DIM=D, BLOCK_R=br, BLOCK_D=block_d)
+        _combine_splits_kernel[(cdiv(rows, br),)](
+            o_part, lse_part, out, lse, splits, rows, p.Hq, p.Sq, *out.stride(),
+            HEAD_DIM=p.D, BLOCK_R=br, BLOCK_D=p.block_d)
 
     if config is None:
-        eight_bit = p["QK_MODE"] in (0, 1, 2)
-        nbytes = p["dtype"].itemsize if hasattr(p["dtype"], "itemsize") else 2
-        sq_bucket = "Sq<=64" if Sq <= 64 else ("Sq<=1024" if Sq <= 1024 else "Sq>1024")
-        key = ("attention_forward", dev.type, block_d, p["QK_MODE"], p["PV_MODE"], p["V_KIND"],
-               p["IS_CAUSAL"], p["MASK_KIND"], str(p["dtype"]).replace("torch.", ""), sq_bucket,
-               "packed" if pack else "")
-        cands = autotune.forward_candidates(block_d, eight_bit, nbytes)
-        default = autotune.forward_default(block_d, eight_bit, nbytes, Sq)
-        config = autotune.select(key, cands, default, launch)
+        config = autotune.select(p.tune_key, list(p.candidates), p.default, launch)
     launch(config)
     return out, lse
 
@@ -651,7 +702,7 @@ def split_count(programs: int, Sq: int, Skv: int, block_n: int, device: torch.de
         sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(Skv, 2 * block_n), 128))
+    return max(1, min(cdiv(2 * sms, programs), cdiv(Skv, 2 * block_n), 128))
 
 
 def attention_forward_cuda(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point,

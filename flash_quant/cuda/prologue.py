@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
 from .._checks import check_attention_prologue
+from .host import cdiv, next_pow2
 
 __all__ = ["attention_prologue_launch", "attention_prologue_cuda"]
 
@@ -93,12 +94,12 @@ def attention_prologue_launch(
     out = torch.empty((B, H, P + S, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d = max(2, triton.next_power_of_2(D))
+    block_d = max(2, next_pow2(D))
     block_s = _block_s(block_d)
     p = prefix if prefix is not None else x
     rope = cos is not None
     c, s = (cos, sin) if rope else (x, x)
-    grid = (triton.cdiv(P + S, block_s), B * H)
+    grid = (cdiv(P + S, block_s), B * H)
     _prologue_kernel[grid](
         x, p, weight if weight is not None else x, prefix_weight if prefix_weight is not None else x,
         c, s, out,

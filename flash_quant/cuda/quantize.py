@@ -24,8 +24,7 @@ op kernels registered for the CUDA key at import.
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -34,6 +33,7 @@ import triton.language as tl
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
 from .common import pack_int4, round_half_even, round_to_fp8, unpack_int4
+from .host import PlanCache, cdiv, next_pow2
 
 __all__ = [
     "PRECISIONS",
@@ -70,12 +70,13 @@ def data_layout(shape, precision: str, granularity: str) -> str:
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, L2, S, D, S_CHUNK,
+def _colstats_kernel(x_ptr, work_ptr, part_off, L, L2, S, D, S_CHUNK,
                      sx1, sx2, sxs, sxd,
                      RANGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (sequence chunk c, leading index l, channel d): sum (and with RANGE max and
-    min) of x[l, c*S_CHUNK:(c+1)*S_CHUNK, d] in fp32, stored at [c, l, d]. Splitting the
-    sequence keeps enough programs in flight when B·H is small (Flux: 24 heads);
+    min) of x[l, c*S_CHUNK:(c+1)*S_CHUNK, d] in fp32, stored at [plane, c, l, d] of the
+    partials at work_ptr + part_off (planes: sum, max, min). Splitting the sequence keeps
+    enough programs in flight when B·H is small (Flux: 24 heads);
     _colstats_reduce_kernel combines the chunks in a fixed order (deterministic)."""
     pid_d = tl.program_id(0)
     pid_l = tl.program_id(1)
@@ -98,15 +99,17 @@ def _colstats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, L, L2, S, D, S_CHUNK,
         if RANGE:
             acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
             acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+    part = work_ptr + part_off
+    plane = tl.num_programs(2).to(tl.int64) * L * D
     out = (pid_c * L + pid_l).to(tl.int64) * D + offs_d
-    tl.store(sum_ptr + out, tl.sum(acc_sum, axis=0), mask=dmask)
+    tl.store(part + out, tl.sum(acc_sum, axis=0), mask=dmask)
     if RANGE:
-        tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=dmask)
-        tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=dmask)
+        tl.store(part + plane + out, tl.max(acc_max, axis=0), mask=dmask)
+        tl.store(part + 2 * plane + out, tl.min(acc_min, axis=0), mask=dmask)
 
 
 @triton.jit
-def _colstats_reduce_kernel(part_ptr, stats_ptr, chunks, L, D, inv_s,
+def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s,
                             SMOOTH: tl.constexpr, RANGE: tl.constexpr, BLOCK_D: tl.constexpr):
     """Combine the sequence chunks of _colstats_kernel (in chunk order: deterministic) into
     stats[0] = mean (sum / S; 0 without smoothing), stats[1] = min(min - mean, 0) and
@@ -114,6 +117,7 @@ def _colstats_reduce_kernel(part_ptr, stats_ptr, chunks, L, D, inv_s,
     a handful of small torch reductions: the quantize call is host-bound at Flux sizes.
     Without RANGE only the mean is written."""
     pid_l = tl.program_id(0)
+    part_ptr = stats_ptr + part_off  # the partials follow the stats planes in one buffer
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
@@ -193,7 +197,7 @@ def _store_codes(data_ptr, codes, offs_r, rmask, so_s, so_d, D,
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, mean_ptr, lo_ptr, hi_ptr, data_ptr, scale_ptr, zp_ptr,
+def _quantize_kernel(x_ptr, mean_ptr, range_ptr, data_ptr, scale_ptr, zp_ptr, lo_off, hi_off,
                      L2, S, D, group_rows, n_groups,
                      sx1, sx2, sxs, sxd,
                      so_l, so_s, so_d,
@@ -206,8 +210,9 @@ def _quantize_kernel(x_ptr, mean_ptr, lo_ptr, hi_ptr, data_ptr, scale_ptr, zp_pt
 
     MODE 0: BLOCK_R rows, one group per row. MODE 1: one group of `group_rows` rows, read
     in chunks of BLOCK_R twice (range, then codes). MODE 2: BLOCK_R rows whose groups are
-    columns; the group ranges come from lo/hi (index l * sg_l + d * sg_d, already with
-    the mean removed); WRITE_COL_SCALE stores the per-channel scale once (program 0)."""
+    columns; the group ranges come from range_ptr (min at lo_off, max at hi_off, index
+    l * sg_l + d * sg_d, already with the mean removed); WRITE_COL_SCALE stores the
+    per-channel scale once (program 0)."""
     pid_g = tl.program_id(0)
     pid_l = tl.program_id(1)
     l1 = pid_l // L2
@@ -262,8 +267,8 @@ def _quantize_kernel(x_ptr, mean_ptr, lo_ptr, hi_ptr, data_ptr, scale_ptr, zp_pt
             tl.store(zp_ptr + pid_l * S + offs_r, z.to(tl.int32), mask=rmask)
             codes = _encode(y, s[:, None], z[:, None], PREC, QMIN, QMAX, ASYM)
         else:
-            clo = tl.load(lo_ptr + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
-            chi = tl.load(hi_ptr + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
+            clo = tl.load(range_ptr + lo_off + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
+            chi = tl.load(range_ptr + hi_off + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
             s, z = _scale_from_range(tl.minimum(clo, 0.0), tl.maximum(chi, 0.0), QMIN, QMAX, ASYM)
             if WRITE_COL_SCALE:
                 first = (offs_d * 0 + pid_g) == 0
@@ -331,10 +336,6 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
-
-
 class LaunchTuning(NamedTuple):
     """Launch parameters of the quantize kernels (module default :data:`TUNING`;
     benchmarks/quantize_study.py times alternatives). ``colstats_programs``: programs of
@@ -387,101 +388,167 @@ def _check_quantize_args(x, precision, granularity, block_size, strategy, smooth
         raise ValueError(f"flash_quant.quantize: last dim {x.shape[-1]} exceeds the kernel limit 16384")
 
 
-def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_size: int,
-                    strategy: str, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the quantize kernels on x (CUDA, or CPU under TRITON_INTERPRET=1)."""
+class _QuantizePlan(NamedTuple):
+    """Everything quantize_launch derives from a call's signature (see host.PlanCache)."""
+    as4d: bool                 # rank > 4: x is reshaped to 4-d per call (may copy)
+    x_strides: Tuple[int, ...]  # of the 4-d view
+    data_shape: Tuple[int, ...]  # contiguous data, or the K-major buffer lead + (D, S_pad)
+    transposed: bool
+    pad_tail: bool             # K-major buffer with S_pad > S: zero the padding
+    S: int
+    data_dtype: torch.dtype
+    out_strides: Tuple[int, int, int]  # so_l, so_s, so_d of the codes
+    stats_shape: Optional[Tuple[int, ...]]  # one fp32 work buffer: stats planes, then chunk partials
+    plane: int                 # L * D: elements of one stats plane (mean, min, max)
+    colstats_grid: Optional[Tuple[int, int, int]]
+    colstats_args: Tuple
+    colstats_meta: Dict
+    reduce_args: Tuple
+    reduce_meta: Dict
+    mean_shape: Optional[Tuple[int, ...]]
+    scale_shape: Tuple[int, ...]
+    scale_alloc: Optional[Tuple[int, ...]]  # None: the scale comes from a torch reduction (per_head/tensor)
+    quant_grid: Tuple[int, int]
+    quant_args: Tuple
+    quant_meta: Dict
+
+
+_PLANS = PlanCache("quantize")
+
+
+def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _QuantizePlan:
     _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)
     prec_code, qmin, qmax, ddtype = PRECISIONS[precision]
     asym = strategy == "asymmetric"
     shape = tuple(x.shape)
     rank = len(shape)
-    dev = x.device
     x4 = _as4d(x)
     L1, L2, S, D = x4.shape
     L = L1 * L2
-    block_d = _pow2(D, 16 if prec_code == 1 else 1)
+    block_d = next_pow2(max(D, 16 if prec_code == 1 else 1))
     lead = shape[:-2] if rank >= 2 else ()
 
     # --- data buffer (contiguous, or transposed K-major for 8-bit per_channel)
     d_cols = D // 2 if prec_code == 1 else D
     transposed = data_layout(shape, precision, granularity) == "transposed"
     if transposed:
-        s_pad = -(-S // _S_ALIGN) * _S_ALIGN
-        buf = torch.empty(lead + (D, s_pad), dtype=ddtype, device=dev)
-        if s_pad != S:
-            buf[..., S:].zero_()
-        data = buf[..., :S].transpose(-1, -2)
-        so_l, so_s, so_d = D * s_pad, 1, s_pad
+        s_pad = cdiv(S, _S_ALIGN) * _S_ALIGN
+        data_shape = lead + (D, s_pad)
+        out_strides = (D * s_pad, 1, s_pad)
     else:
-        data = torch.empty(shape[:-1] + (d_cols,), dtype=ddtype, device=dev)
-        so_l, so_s, so_d = S * d_cols, d_cols, 1
+        s_pad = S
+        data_shape = shape[:-1] + (d_cols,)
+        out_strides = (S * d_cols, d_cols, 1)
 
-    mean = torch.empty((0,), dtype=torch.float32, device=dev)
-    colstats = None
     need_cols = granularity in ("per_channel", "per_head", "per_tensor")
+    planes = 3 if need_cols else 1
+    stats_shape = colstats_grid = None
+    colstats_args = reduce_args = ()
+    colstats_meta = reduce_meta = {}
     if smooth or need_cols:
         # (64-wide column blocks, ~4 programs per SM: whole 128-wide rows with ~8 per SM
         # measured no faster for K and 13 µs slower for V at the Flux shape, H100)
         bd = min(block_d, 64)
         bs = max(16, min(256, TUNING.colstats_tile // bd))
         # enough sequence chunks for ~4 programs per SM on a large GPU (528 = 4 x 132)
-        chunks = max(1, min(triton.cdiv(S, bs), triton.cdiv(TUNING.colstats_programs, triton.cdiv(D, bd) * L)))
-        s_chunk = triton.cdiv(triton.cdiv(S, chunks), bs) * bs
-        chunks = triton.cdiv(S, s_chunk)
-        part = torch.empty((3 if need_cols else 1, chunks, L, D), dtype=torch.float32, device=dev)
-        _colstats_kernel[(triton.cdiv(D, bd), L, chunks)](
-            x4, part[0], part[1 if need_cols else 0], part[2 if need_cols else 0], L, L2, S, D, s_chunk,
-            *x4.stride(), RANGE=need_cols,
-            BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps)
-        stats = torch.empty((3 if need_cols else 1, L, D), dtype=torch.float32, device=dev)
-        _colstats_reduce_kernel[(L,)](part, stats, chunks, L, D, 1.0 / S, SMOOTH=smooth, RANGE=need_cols,
-                                      BLOCK_D=min(block_d, 1024))
-        colstats = (stats[1], stats[2]) if need_cols else None  # ranges, mean removed, clamped at 0
-        if smooth:
-            mean = stats[0].view(lead + (1, D))
-    mean_arg = mean if smooth else x4  # dummy pointer when unused
+        chunks = max(1, min(cdiv(S, bs), cdiv(TUNING.colstats_programs, cdiv(D, bd) * L)))
+        s_chunk = cdiv(cdiv(S, chunks), bs) * bs
+        chunks = cdiv(S, s_chunk)
+        # stats planes first (so the mean is a view at offset 0), then the partials
+        stats_shape = (planes * L * D + planes * chunks * L * D,)
+        colstats_grid = (cdiv(D, bd), L, chunks)
+        colstats_args = (planes * L * D, L, L2, S, D, s_chunk, *x4.stride())
+        colstats_meta = dict(RANGE=need_cols, BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps)
+        reduce_args = (planes * L * D, chunks, L, D, 1.0 / S)
+        reduce_meta = dict(SMOOTH=smooth, RANGE=need_cols, BLOCK_D=min(block_d, 1024))
 
     sshape = scale_shape(shape, granularity, block_size)
     br = _row_block(block_d, TUNING.quant_tile)
+    common = dict(PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
+                  num_warps=TUNING.quant_warps)
     if granularity in ("per_token", "per_block"):
-        scale = torch.empty(sshape, dtype=torch.float32, device=dev)
-        zp = torch.empty(sshape, dtype=torch.int32, device=dev)
+        scale_alloc = sshape
         if granularity == "per_token" or block_size == 1:
-            grid = (triton.cdiv(S, br), L)
+            grid = (cdiv(S, br), L)
             mode, n_groups, grows = _MODE_ROW, S, 1
         else:
-            n_groups = -(-S // block_size)
+            n_groups = cdiv(S, block_size)
             grows = block_size
-            br = min(br, _pow2(grows))
+            br = min(br, next_pow2(grows))
             grid = (n_groups, L)
             mode = _MODE_BLOCK
-        _quantize_kernel[grid](
-            x4, mean_arg, x4, x4, data, scale, zp, L2, S, D, grows, n_groups,
-            *x4.stride(), so_l, so_s, so_d, 0, 0,
-            MODE=mode, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
-            WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d, num_warps=TUNING.quant_warps)
+        quant_args = (0, 0, L2, S, D, grows, n_groups, *x4.stride(), *out_strides, 0, 0)
+        quant_meta = dict(common, MODE=mode, WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d)
     else:
-        lo, hi = colstats
+        # column groups: the ranges are stats planes 1 (min) and 2 (max), per (l, d)
         if granularity == "per_channel":
-            scale = torch.empty((L, D), dtype=torch.float32, device=dev)
-            zp = torch.empty((L, D), dtype=torch.int32, device=dev)
-            sg_l, sg_d, write = D, 1, True
-        else:
-            if granularity == "per_head":
-                lo, hi = lo.amin(dim=1, keepdim=True), hi.amax(dim=1, keepdim=True)
-            else:
-                lo, hi = lo.amin().view(1, 1), hi.amax().view(1, 1)
-            scale, zp = _scale_from_range_torch(lo, hi, qmin, qmax, asym)
+            scale_alloc = (L, D)
+            lo_off, hi_off, sg_l, sg_d, write = L * D, 2 * L * D, D, 1, True
+        else:  # per_head / per_tensor: group ranges reduced by torch, in their own buffer
+            scale_alloc = None
+            lo_off, hi_off = 0, (L if granularity == "per_head" else 1)
             sg_l, sg_d, write = (1 if granularity == "per_head" else 0), 0, False
-            lo, hi = lo.contiguous(), hi.contiguous()
-        grid = (triton.cdiv(S, br), L)
-        _quantize_kernel[grid](
-            x4, mean_arg, lo, hi, data, scale, zp, L2, S, D, 1, 1,
-            *x4.stride(), so_l, so_s, so_d, sg_l, sg_d,
-            MODE=_MODE_COLS, PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
-            WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d, num_warps=TUNING.quant_warps)
-        scale = scale.view(sshape)
-        zp = zp.view(sshape)
+        grid = (cdiv(S, br), L)
+        quant_args = (lo_off, hi_off, L2, S, D, 1, 1, *x4.stride(), *out_strides, sg_l, sg_d)
+        quant_meta = dict(common, MODE=_MODE_COLS, WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d)
+    return _QuantizePlan(
+        as4d=rank > 4, x_strides=tuple(x4.stride()), data_shape=data_shape, transposed=transposed,
+        pad_tail=transposed and s_pad != S, S=S, data_dtype=ddtype, out_strides=out_strides,
+        stats_shape=stats_shape, plane=L * D, colstats_grid=colstats_grid, colstats_args=colstats_args,
+        colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_meta=reduce_meta,
+        mean_shape=lead + (1, D) if smooth else None, scale_shape=sshape, scale_alloc=scale_alloc,
+        quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta)
+
+
+def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_size: int,
+                    strategy: str, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the quantize kernels on x (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if not isinstance(x, torch.Tensor):
+        _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)  # raises
+    key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
+           TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _plan_quantize(x, precision, granularity, block_size, strategy, smooth)
+        _PLANS.put(key, p)
+    dev = x.device
+    x4 = _as4d(x) if p.as4d else x  # rank <= 4: the kernels read x itself with the 4-d strides
+    buf = torch.empty(p.data_shape, dtype=p.data_dtype, device=dev)
+    if p.transposed:
+        if p.pad_tail:
+            buf[..., p.S:].zero_()
+        data = buf[..., :p.S].transpose(-1, -2)
+    else:
+        data = buf
+
+    work = None
+    if p.stats_shape is not None:
+        work = torch.empty(p.stats_shape, dtype=torch.float32, device=dev)
+        _colstats_kernel[p.colstats_grid](x4, work, *p.colstats_args, **p.colstats_meta)
+        _colstats_reduce_kernel[(p.colstats_grid[1],)](work, *p.reduce_args, **p.reduce_meta)
+    if p.mean_shape is not None:
+        mean = work[:p.plane].view(p.mean_shape)
+    else:
+        mean = torch.empty((0,), dtype=torch.float32, device=dev)
+    mean_arg = work if p.mean_shape is not None else x4  # dummy pointer when unused
+
+    if p.scale_alloc is not None:
+        scale = torch.empty(p.scale_alloc, dtype=torch.float32, device=dev)
+        zp = torch.empty(p.scale_alloc, dtype=torch.int32, device=dev)
+        ranges = work if work is not None else x4  # dummy pointer for row groups
+    else:  # per_head / per_tensor: the group range over the columns' ranges, in torch
+        prec_code, qmin, qmax, _ = PRECISIONS[precision]
+        L, D = p.colstats_grid[1], p.plane // p.colstats_grid[1]
+        lo, hi = work[p.plane:2 * p.plane].view(L, D), work[2 * p.plane:3 * p.plane].view(L, D)
+        if granularity == "per_head":
+            lo, hi = lo.amin(dim=1, keepdim=True), hi.amax(dim=1, keepdim=True)
+        else:
+            lo, hi = lo.amin().view(1, 1), hi.amax().view(1, 1)
+        scale, zp = _scale_from_range_torch(lo, hi, qmin, qmax, strategy == "asymmetric")
+        ranges = torch.cat([lo.reshape(-1), hi.reshape(-1)])
+    _quantize_kernel[p.quant_grid](x4, mean_arg, ranges, data, scale, zp, *p.quant_args, **p.quant_meta)
+    if p.scale_alloc != p.scale_shape:
+        scale, zp = scale.view(p.scale_shape), zp.view(p.scale_shape)
     return data, scale, zp, mean
 
 
@@ -542,12 +609,12 @@ def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch
     z4 = _as4d(z_full) if z_full is not None else s4
     m4 = _as4d(m_full) if m_full is not None else s4
     L1, L2 = o4.shape[0], o4.shape[1]
-    bd = _pow2(D, 16 if prec_code == 1 else 1)
+    bd = next_pow2(max(D, 16 if prec_code == 1 else 1))
     br = _row_block(bd)
     bsz = block_size if groups > 1 else (1 << 30)
     ssg = s4.stride(2) if groups > 1 else 0
     szg = z4.stride(2) if groups > 1 else 0
-    _dequantize_kernel[(triton.cdiv(S, br), L1 * L2)](
+    _dequantize_kernel[(cdiv(S, br), L1 * L2)](
         d4, s4, z4, m4, o4, L2, S, D, bsz,
         *d4.stride(),
         s4.stride(0), s4.stride(1), ssg, s4.stride(3),

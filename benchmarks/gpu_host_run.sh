@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU call for host-overhead work: build, the GPU tests, host time per call of this
+# tree against a reference tree, and the Flux step at 1024² (where eager calls are
+# host-bound). Results under $OUT (the device tool returns them).
+#
+#   bash benchmarks/gpu_host_run.sh [REF_DIR]
+#
+# REF_DIR (optional): a copy of an earlier flash_quant/ package to compare host times
+# with, e.g. made by `git archive <rev> flash_quant | tar -x -C .ref` and carried; it
+# gets this build's compiled _C. Carry `.whl` with diffusers' wheel for the Flux stage.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu_host_run}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+REF="${1:-}"
+{
+  echo "== $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+} 2>&1 | tee "$OUT/env.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+
+echo "== build"
+t0=$(date +%s)
+MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . -q > "$OUT/build.txt" 2>&1 \
+  || { tail -20 "$OUT/build.txt"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s"
+
+echo "== gpu tests (limit ${FQ_TEST_LIMIT:-150}s)"
+FLASH_QUANT_AUTOTUNE=0 timeout "${FQ_TEST_LIMIT:-150}" python3 -m pytest -q -m gpu tests/test_cuda_gpu.py \
+  -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -4
+
+echo "== host time per call (limit ${FQ_HOST_LIMIT:-60}s each)"
+timeout "${FQ_HOST_LIMIT:-60}" python3 benchmarks/host_overhead.py --iters 60 2>&1 | tee "$OUT/host_overhead.txt" \
+  | grep -E "flash_quant.attention|op quantize|op attention_forward|under|sdpa"
+if [ -n "$REF" ] && [ -d "$REF/flash_quant" ]; then
+  cp flash_quant/_C*.so "$REF/flash_quant/"
+  echo "-- reference tree $REF"
+  PYTHONPATH="$PWD/$REF:${PYTHONPATH:-}" timeout "${FQ_HOST_LIMIT:-60}" python3 benchmarks/host_overhead.py --iters 60 \
+    2>&1 | tee "$OUT/host_overhead_ref.txt" | grep -E "flash_quant.attention|op quantize|op attention_forward|under|sdpa|imported"
+fi
+
+echo "== flux 1024 (limit ${FQ_FLUX_LIMIT:-200}s)"
+timeout "${FQ_FLUX_LIMIT:-200}" python3 benchmarks/bench_flux.py --sizes ${FQ_FLUX_SIZES:-1024} \
+  --presets ${FQ_FLUX_PRESETS:-fast accurate} --baselines sdpa no_attention_fused sdpa_fused \
+  --warmup 2 --iters 5 --out "$OUT/flux" 2>&1 | tee "$OUT/flux_log.txt" | tail -14
