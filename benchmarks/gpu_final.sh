@@ -10,18 +10,7 @@ OUT="${OUT:-benchmarks/results/gpu_final}"
 RESULT_DIR="$OUT"
 OUT=/tmp/fq_gpu_final  # working folder; only the tarball and the log go to $RESULT_DIR
 mkdir -p "$OUT" "$RESULT_DIR"
-export PYTHONUNBUFFERED=1
-{
-  echo "== $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-} 2>&1 | tee "$OUT/env.txt"
-# carried wheels (.whl: diffusers and its missing dependency) go to a private site dir
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-python3 -m pip install --no-build-isolation --no-deps -e . -q > "$OUT/build.txt" 2>&1 || { tail -20 "$OUT/build.txt"; exit 1; }
+source benchmarks/gpu_prelude.sh
 
 echo "== flux (limit ${FQ_FLUX_LIMIT:-260}s)"
 timeout "${FQ_FLUX_LIMIT:-260}" python3 benchmarks/bench_flux.py --sizes 1024 2048 --presets fast accurate \

@@ -12,23 +12,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_host_run}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 REF="${1:-}"
-{
-  echo "== $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-} 2>&1 | tee "$OUT/env.txt"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-
-echo "== build"
-t0=$(date +%s)
-MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . -q > "$OUT/build.txt" 2>&1 \
-  || { tail -20 "$OUT/build.txt"; exit 1; }
-echo "built in $(( $(date +%s) - t0 )) s"
+source benchmarks/gpu_prelude.sh
 
 echo "== gpu tests (limit ${FQ_TEST_LIMIT:-150}s)"
 FLASH_QUANT_AUTOTUNE=0 timeout "${FQ_TEST_LIMIT:-150}" python3 -m pytest -q -m gpu tests/test_cuda_gpu.py \

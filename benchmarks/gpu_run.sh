@@ -10,7 +10,6 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_run}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 QUICK=""; SKIP_TESTS=0; TESTS_ONLY=0
 for a in "$@"; do
   case "$a" in
@@ -23,19 +22,7 @@ done
 TEST_LIMIT="${FQ_TEST_LIMIT:-170}"
 BENCH_LIMIT="${FQ_BENCH_LIMIT:-330}"
 
-{
-  echo "== $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
-} 2>&1 | tee "$OUT/env.txt"
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-
-echo "== build"
-python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -5 | tee "$OUT/build.txt"
+source benchmarks/gpu_prelude.sh
 python3 -c 'import flash_quant, torch; print("flash_quant imported; cuda kernels:", torch.cuda.is_available())' 2>&1 | tee -a "$OUT/build.txt"
 
 if [ "$SKIP_TESTS" = 0 ]; then
