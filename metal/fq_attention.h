@@ -112,9 +112,13 @@ inline float fq_visible_score(constant FqAttnParams& p, device const uchar* mask
 // P as it enters P·V: unquantized, INT8 with the scale (max of P over this key tile and
 // row) / 127 — a fixed 1/127 scale loses the small probabilities of flat rows (2.8 % vs
 // 1.7 % rel-L2 at S=1024, docs/op_contract.md) — or rounded to e4m3.
+// A tile whose largest P is under 127 · FLT_MIN (~1.5e-36: ~83 nats below the row's
+// running max) adds nothing representable to O, and its scale would be denormal, which
+// Metal flushes to 0 (x / 0 = NaN): such a tile's P rounds to 0 (as in the CPU kernel).
 inline float fq_round_p(float x, float tile_max) {
   if (fq_pv_mode == FQ_PV_INT8) {
-    const float s = tile_max > 0.0f ? tile_max / 127.0f : 1.0f;
+    if (tile_max < 1.5e-36f) return 0.0f;
+    const float s = tile_max / 127.0f;
     return rint(x / s) * s;
   }
   if (fq_pv_mode == FQ_PV_E4M3) return fq_round_fp8(x, FQ_E4M3);

@@ -25,7 +25,10 @@ BARS = {  # preset -> (normal, realistic) rel-L2 bars at S=1024, from the issue
 @pytest.mark.parametrize("family", ["normal", "realistic"])
 @pytest.mark.parametrize("preset", sorted(BARS))
 def test_accuracy_bars(preset, family, d):
-    q, k, v = make_qkv(1, 2, 1024, d, family=family)
+    # 8 heads: the bars are on the expected error, and one draw of 2 heads spreads too
+    # widely for the int4 realistic row (D=64, 60 draws of 2 heads: mean 10.6 %, max 12.0 %
+    # against its 12 % bar; 30 draws of 8 heads: mean 10.7 %, max 11.1 %)
+    q, k, v = make_qkv(1, 8, 1024, d, family=family)
     err = _err(flash_quant.attention(q, k, v, config=preset), q, k, v)
     bar = BARS[preset][family == "realistic"]
     print(f"{preset} {family} D={d}: rel-L2 {err:.4%} (bar {bar:.1%})")

@@ -415,6 +415,22 @@ def test_forward_pv_int8_scale_per_key_tile():
     assert not torch.allclose(out.double(), fixed, atol=1e-5)  # not the fixed-1/127 rounding
 
 
+def test_forward_pv_int8_tile_far_below_running_max():
+    """A key tile ~100 nats under a row's running max: its largest P (e^-100) is a denormal
+    and its int8 scale P_max / 127 underflows to 0. The tile adds nothing representable to
+    the output; it must not turn the row into NaN (seen on the realistic family, where one
+    row's scores span 94..372)."""
+    q, k, v = T.make_qkv(1, 1, 4, 64, skv=128, seed=11)
+    q = q / q.norm(dim=-1, keepdim=True) * 26.5  # |q|² ≈ 702: row i scores q_i·q_0 / 8
+    k = q[0, 0, 0].expand(1, 1, 128, 64).clone()
+    k[..., 64:, :] *= -1.0 / 7  # row 0: keys 0..63 score 87.8, keys 64..127 score -12.5
+    s = (q.double() @ k.double().transpose(-1, -2)) / 8
+    assert s[0, 0, 0, 0] - s[0, 0, 0, 64:].max() > 95
+    out, lse = fwd(q, k, v, pv="int8")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert T.error_stats(out, T.reference_attention(q, k, v))["rel_l2"] < 0.03
+
+
 def test_forward_errors():
     q, k, v = T.make_qkv(1, 4, 8, 64, hkv=2, seed=0)
     with pytest.raises(RuntimeError, match="head dim"):

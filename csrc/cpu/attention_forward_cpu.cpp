@@ -98,6 +98,11 @@ void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, bool inte
 // P·V operand precision. The row sum l keeps the unrounded P. INT8 uses one scale per
 // row and key tile, (max of P over the tile) / 127: a fixed 1/127 would round away the
 // small probabilities of flat rows (docs/op_contract.md).
+// A tile whose largest P is below kMinTileMax (a tile ~83 nats under the row's running
+// max) adds nothing representable to O, and its scale tile_max / 127 would be denormal
+// or 0 (P / 0 = NaN): its P is 0 after rounding.
+constexpr float kMinTileMax = 127.f * std::numeric_limits<float>::min();
+
 void round_p(float* P, int rows, PvPrecision pv) {
   const int64_t n = static_cast<int64_t>(rows) * kBN;
   if (pv == PvPrecision::Int8) {
@@ -105,7 +110,11 @@ void round_p(float* P, int rows, PvPrecision pv) {
       float* row = P + static_cast<int64_t>(r) * kBN;
       float tile_max = 0.f;
       for (int j = 0; j < kBN; ++j) tile_max = std::max(tile_max, row[j]);
-      const float s = tile_max > 0.f ? tile_max / 127.f : 1.f;
+      if (tile_max < kMinTileMax) {
+        std::fill(row, row + kBN, 0.f);
+        continue;
+      }
+      const float s = tile_max / 127.f;
       for (int j = 0; j < kBN; ++j) row[j] = round_half_even(row[j] / s) * s;
     }
   } else if (pv == PvPrecision::FP8E4M3) {
