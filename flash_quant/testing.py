@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["reference_attention", "reference_attention_backward", "make_qkv", "error_stats",
-           "capture_cuda_graph"]
+__all__ = ["reference_attention", "reference_attention_backward", "make_qkv", "make_far_key_tile_qkv",
+           "error_stats", "capture_cuda_graph"]
 
 
 def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -94,6 +94,18 @@ def make_qkv(
     elif family != "normal":
         raise ValueError(f"unknown input family {family!r}; expected 'normal' or 'realistic'")
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def make_far_key_tile_qkv(seed: Optional[int] = None):
+    """(q, k, v) of shape (1, 1, 4, 64) / (1, 1, 128, 64) fp32 where row 0 scores keys
+    0..63 at 87.8 and keys 64..127 at -12.5 (scale 1/8): the second 64-key tile lies
+    ~100 nats under the running max, so its largest P (e^-100) is a denormal. Quantized-P
+    kernels must round such a tile to (nearly) 0, not divide by its underflowed scale."""
+    q, _, v = make_qkv(1, 1, 4, 64, skv=128, seed=seed)
+    q = q / q.norm(dim=-1, keepdim=True) * 26.5  # |q|² ≈ 702: row i scores q_i·q_0 / 8
+    k = q[0, 0, 0].expand(1, 1, 128, 64).clone()
+    k[..., 64:, :] *= -1.0 / 7
+    return q, k, v
 
 
 def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> dict:

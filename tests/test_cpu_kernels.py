@@ -420,12 +420,7 @@ def test_forward_pv_int8_tile_far_below_running_max():
     and its int8 scale P_max / 127 underflows to 0. The tile adds nothing representable to
     the output; it must not turn the row into NaN (seen on the realistic family, where one
     row's scores span 94..372)."""
-    q, k, v = T.make_qkv(1, 1, 4, 64, skv=128, seed=11)
-    q = q / q.norm(dim=-1, keepdim=True) * 26.5  # |q|² ≈ 702: row i scores q_i·q_0 / 8
-    k = q[0, 0, 0].expand(1, 1, 128, 64).clone()
-    k[..., 64:, :] *= -1.0 / 7  # row 0: keys 0..63 score 87.8, keys 64..127 score -12.5
-    s = (q.double() @ k.double().transpose(-1, -2)) / 8
-    assert s[0, 0, 0, 0] - s[0, 0, 0, 64:].max() > 95
+    q, k, v = T.make_far_key_tile_qkv()
     out, lse = fwd(q, k, v, pv="int8")
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert T.error_stats(out, T.reference_attention(q, k, v))["rel_l2"] < 0.03

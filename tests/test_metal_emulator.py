@@ -360,10 +360,7 @@ def test_forward_int8_p_tile_far_below_running_max(emu):
     """A key tile ~100 nats under the running max: its int8 P scale underflows (Metal
     flushes denormals); the tile rounds to 0 instead of turning the row into NaN (the
     CPU kernel's test_forward_pv_int8_tile_far_below_running_max, same geometry)."""
-    q, k, v = make_qkv(1, 1, 4, 64, skv=128, seed=11)
-    q = q / q.norm(dim=-1, keepdim=True) * 26.5
-    k = q[0, 0, 0].expand(1, 1, 128, 64).clone()
-    k[..., 64:, :] *= -1.0 / 7  # row 0: keys 0..63 score 87.8, keys 64..127 score -12.5
+    q, k, v = _t.make_far_key_tile_qkv()
     out, lse = emu.attention_forward(q, k, v, pv_precision="int8")
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert error_stats(out, reference_attention(q, k, v))["rel_l2"] < 0.03
