@@ -70,7 +70,10 @@ class PlanCache:
 
     def put(self, key: Hashable, plan: Any) -> None:
         if len(self._plans) >= self.capacity:
-            self._plans.pop(next(iter(self._plans)))
+            try:  # (another thread may evict at the same time: plans are only a cache)
+                self._plans.pop(next(iter(self._plans)), None)
+            except (StopIteration, RuntimeError):
+                pass
         self._plans[key] = plan
 
     def clear(self) -> None:
