@@ -471,7 +471,7 @@ def test_launch_plans_are_per_signature():
 def test_plan_cache_is_bounded():
     from flash_quant.cuda.host import PlanCache, cdiv, next_pow2
 
-    cache = PlanCache("test", capacity=3)
+    cache = PlanCache(capacity=3)
     for i in range(5):
         cache.put(i, str(i))
     assert len(cache) == 3 and cache.get(0) is None and cache.get(4) == "4"

@@ -567,7 +567,7 @@ class _ForwardPlan(NamedTuple):
     grids: Dict  # (config, num_splits) -> (grid, splits, split_len, meta), filled by launches
 
 
-_PLANS = PlanCache("attention_forward")
+_PLANS = PlanCache()
 
 
 def _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa) -> _ForwardPlan:

@@ -50,8 +50,7 @@ class PlanCache:
     keeps such a loop from growing the cache without limit; each miss costs what an
     uncached call costs. ``hits`` / ``misses`` count lookups."""
 
-    def __init__(self, name: str, capacity: int = 256):
-        self.name = name
+    def __init__(self, capacity: int = 256):
         self.capacity = capacity
         self._plans: Dict[Hashable, Any] = {}
         self.hits = 0

@@ -391,15 +391,14 @@ def _check_quantize_args(x, precision, granularity, block_size, strategy, smooth
 class _QuantizePlan(NamedTuple):
     """Everything quantize_launch derives from a call's signature (see host.PlanCache)."""
     as4d: bool                 # rank > 4: x is reshaped to 4-d per call (may copy)
-    x_strides: Tuple[int, ...]  # of the 4-d view
     data_shape: Tuple[int, ...]  # contiguous data, or the K-major buffer lead + (D, S_pad)
     transposed: bool
     pad_tail: bool             # K-major buffer with S_pad > S: zero the padding
     S: int
     data_dtype: torch.dtype
-    out_strides: Tuple[int, int, int]  # so_l, so_s, so_d of the codes
+    L: int                     # leading index count of the 4-d view (a stats plane is L x D)
+    D: int
     stats_shape: Optional[Tuple[int, ...]]  # one fp32 work buffer: stats planes, then chunk partials
-    plane: int                 # L * D: elements of one stats plane (mean, min, max)
     colstats_grid: Optional[Tuple[int, int, int]]
     colstats_args: Tuple
     colstats_meta: Dict
@@ -413,7 +412,7 @@ class _QuantizePlan(NamedTuple):
     quant_meta: Dict
 
 
-_PLANS = PlanCache("quantize")
+_PLANS = PlanCache()
 
 
 def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _QuantizePlan:
@@ -492,9 +491,9 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
         quant_args = (lo_off, hi_off, L2, S, D, 1, 1, *x4.stride(), *out_strides, sg_l, sg_d)
         quant_meta = dict(common, MODE=_MODE_COLS, WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d)
     return _QuantizePlan(
-        as4d=rank > 4, x_strides=tuple(x4.stride()), data_shape=data_shape, transposed=transposed,
-        pad_tail=transposed and s_pad != S, S=S, data_dtype=ddtype, out_strides=out_strides,
-        stats_shape=stats_shape, plane=L * D, colstats_grid=colstats_grid, colstats_args=colstats_args,
+        as4d=rank > 4, data_shape=data_shape, transposed=transposed,
+        pad_tail=transposed and s_pad != S, S=S, data_dtype=ddtype, L=L, D=D,
+        stats_shape=stats_shape, colstats_grid=colstats_grid, colstats_args=colstats_args,
         colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_meta=reduce_meta,
         mean_shape=lead + (1, D) if smooth else None, scale_shape=sshape, scale_alloc=scale_alloc,
         quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta)
@@ -527,7 +526,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         _colstats_kernel[p.colstats_grid](x4, work, *p.colstats_args, **p.colstats_meta)
         _colstats_reduce_kernel[(p.colstats_grid[1],)](work, *p.reduce_args, **p.reduce_meta)
     if p.mean_shape is not None:
-        mean = work[:p.plane].view(p.mean_shape)
+        mean = work[:p.L * p.D].view(p.mean_shape)
     else:
         mean = torch.empty((0,), dtype=torch.float32, device=dev)
     mean_arg = work if p.mean_shape is not None else x4  # dummy pointer when unused
@@ -538,8 +537,8 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         ranges = work if work is not None else x4  # dummy pointer for row groups
     else:  # per_head / per_tensor: the group range over the columns' ranges, in torch
         prec_code, qmin, qmax, _ = PRECISIONS[precision]
-        L, D = p.colstats_grid[1], p.plane // p.colstats_grid[1]
-        lo, hi = work[p.plane:2 * p.plane].view(L, D), work[2 * p.plane:3 * p.plane].view(L, D)
+        n = p.L * p.D  # stats planes: mean, min, max
+        lo, hi = work[n:2 * n].view(p.L, p.D), work[2 * n:3 * n].view(p.L, p.D)
         if granularity == "per_head":
             lo, hi = lo.amin(dim=1, keepdim=True), hi.amax(dim=1, keepdim=True)
         else:
