@@ -57,7 +57,8 @@ def main():
     ap.add_argument("--shapes", default="flux,b4,b4c,d64,odd")
     ap.add_argument("--recipes", default="accurate,fast")
     ap.add_argument("--configs", default="128/128/2/8,128/128/3/8,128/64/2/8,128/64/3/8",
-                    help="Gluon configs BLOCK_M/BLOCK_N/NUM_BUF/warps")
+                    help="Gluon configs BLOCK_M/BLOCK_N/NUM_BUF/warps, or ws:BLOCK_M/BLOCK_N/NUM_BUF/consumer registers "
+                         "(the warp-specialized ping-pong kernel)")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -94,10 +95,11 @@ def main():
                 print(f"| {recipe} | wgmma | - | ineligible: {why} | | | | |")
                 continue
             for cfg in args.configs.split(","):
-                bm, bn, nb, nw = (int(x) for x in cfg.split("/"))
+                pp = cfg.startswith("ws:")
+                bm, bn, nb, nw = (int(x) for x in cfg.removeprefix("ws:").split("/"))
                 out = torch.empty_like(o_t)
                 lse = torch.empty_like(l_t)
-                f = lambda: forward_wgmma.launch(p, out, lse, bm, bn, nb, nw)  # noqa: E731
+                f = lambda: forward_wgmma.launch(p, out, lse, bm, bn, nb, nw if not pp else 4, pp, nw if pp else 240)  # noqa: E731
                 try:
                     ms = bench(f)
                 except Exception as exc:  # a config that does not compile / fit

@@ -86,7 +86,6 @@ def _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, n0, offs_m, Skv,
         m_tile = gl.max(t, 1) * qs2
         m_new = gl.maximum(m_i, m_tile)
         m_use = m_new
-        mt_use = m_tile
         if PV_INT8:
             e = gl.exp2(t * qs2[:, None] - m_tile[:, None])
         else:
@@ -95,7 +94,7 @@ def _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, n0, offs_m, Skv,
     if PV_INT8:
         # int8 P against the tile's own row max (codes round(127 e), e in [0, 1]); the
         # tile's factor beta = exp2(tile max - running max) goes on its product
-        beta = gl.exp2(mt_use - m_use)
+        beta = gl.exp2(m_tile - m_use)  # (m_tile, not mt_use: a row with no visible key here gets 0)
         l_new = l_i * alpha + beta * gl.sum(e, 1)
         p = gl.convert_layout(_f2i(e * 127.0).to(gl.int8), p_layout)
         c = beta * (1.0 / 127.0)
@@ -296,6 +295,216 @@ def attention_fwd_wgmma_kernel(
     gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + offs_m, lse, mask=mmask)
 
 
+# ------------------------------------------------------- warp-specialized (ping-pong)
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+                 b, h, hk, start_m, n_tiles, PV_INT8: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
+    """One warp: the two Q halves, then K / V tiles into the ring as slots free up."""
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, start_m + w * BLOCK_M, 0], q_bars.index(w), q_smem.index(w))
+    for j in range(n_tiles):
+        slot = j % NUM_BUF
+        free = ((j // NUM_BUF) & 1) ^ 1  # a fresh barrier's "previous phase" is complete
+        mbarrier.wait(k_empty.index(slot), free)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), free)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        if PV_INT8:
+            tma.async_copy_global_to_shared(v_desc, [b, hk, 0, j * BLOCK_N], v_ready.index(slot), v_smem.index(slot))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _ws_consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,
+                 QS, KS, KM, VS, O, LSE, qk_scale, sm_scale, b, h, hk, start_m, n_tiles, Sq, Skv, Hq,
+                 sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, skm_b, skm_h, skm_d, svs_b, svs_h, svs_d,
+                 sob, soh, som, sod,
+                 PV_INT8: gl.constexpr, HAS_KM: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 PV_K: gl.constexpr, PV_KWIDTH: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 NUM_BUF: gl.constexpr):
+    """One warpgroup: BLOCK_M query rows against the CTA's key tiles. GEMM issue rounds
+    alternate with the other warpgroup through the `turn` barriers, so one warpgroup's
+    softmax runs while the other's matmuls occupy the tensor cores."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, PV_K])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=PV_KWIDTH)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    P_DTYPE: gl.constexpr = v_smem.dtype  # 16-bit P: V's type; INT8 P: int8 (= V's too)
+
+    m0 = start_m + WG * BLOCK_M
+    if IS_CAUSAL:
+        n_full = gl.minimum((m0 + 1) // BLOCK_N, Skv // BLOCK_N)
+    else:
+        n_full = Skv // BLOCK_N
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+    mmask = offs_m < Sq
+    q_scale = gl.load(QS + b * sqs_b + h * sqs_h + offs_m * sqs_s, mask=mmask, other=0.0)
+    qs2 = q_scale * qk_scale
+    ks_base = KS + b * sks_b + hk * sks_h
+    mbarrier.wait(q_bars.index(WG), 0)
+    q = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
+    if HAS_KM:
+        kml: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        qc = q.load(kml).to(gl.float32)
+        km = gl.load(KM + b * skm_b + hk * skm_h
+                     + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kml)) * skm_d)
+        qkm = gl.convert_layout(gl.sum(qc * km[None, :], 1), row_s) * q_scale * sm_scale
+
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+    # round 0: Q·K_0ᵀ
+    mbarrier.wait(turn.index(WG), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    S = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero_s,
+                      use_acc=False, is_async=True)
+    mbarrier.arrive(turn.index(1 - WG))
+    S = warpgroup_mma_wait(0, deps=(S,))
+    mbarrier.arrive(k_empty.index(0))
+    if n_full > 0:
+        m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, 0, offs_m, Skv,
+                                              False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+    else:
+        m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, 0, offs_m, Skv,
+                                              True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+    # rounds 1 .. n_tiles-1: Q·K_jᵀ and P_{j-1}·V_{j-1}
+    for j in range(1, n_tiles):
+        slot = j % NUM_BUF
+        prev = (j - 1) % NUM_BUF
+        mbarrier.wait(turn.index(WG), j & 1)
+        mbarrier.wait(k_ready.index(slot), (j // NUM_BUF) & 1)
+        S = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero_s,
+                          use_acc=False, is_async=True)
+        pv = _pv(p, v_smem, v_ready, j - 1, acc, PV_INT8, HEAD_DIM, BLOCK_N, NUM_BUF, o_layout)
+        mbarrier.arrive(turn.index(1 - WG))
+        S = warpgroup_mma_wait(1, deps=(S,))
+        mbarrier.arrive(k_empty.index(slot))
+        c_prev = c
+        if j < n_full:
+            m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
+                                                  False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+        else:
+            m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
+                                                  True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+        pv = warpgroup_mma_wait(0, deps=(pv,))
+        mbarrier.arrive(v_empty.index(prev))
+        alpha_o = gl.convert_layout(alpha, row_o)
+        if PV_INT8:
+            acc = (acc + _i2f(pv) * gl.convert_layout(c_prev, row_o)[:, None]) * alpha_o[:, None]
+        else:
+            acc = pv * alpha_o[:, None]
+    # last round: P·V of the last tile
+    mbarrier.wait(turn.index(WG), n_tiles & 1)
+    pv = _pv(p, v_smem, v_ready, n_tiles - 1, acc, PV_INT8, HEAD_DIM, BLOCK_N, NUM_BUF, o_layout)
+    mbarrier.arrive(turn.index(1 - WG))
+    pv = warpgroup_mma_wait(0, deps=(pv,))
+    mbarrier.arrive(v_empty.index((n_tiles - 1) % NUM_BUF))
+    if PV_INT8:
+        acc = acc + _i2f(pv) * gl.convert_layout(c, row_o)[:, None]
+    else:
+        acc = pv
+
+    l_o = gl.convert_layout(l_i, row_o)
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
+    if PV_INT8:
+        vsc = gl.load(VS + b * svs_b + hk * svs_h + offs_d * svs_d)
+        out = out * vsc[None, :]
+    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+    o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+              + offs_mo.to(gl.int64)[:, None] * som + offs_d[None, :] * sod)
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_mo < Sq)[:, None])
+    empty = l_i == 0.0
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if HAS_KM:
+        lse = lse + qkm
+    gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + offs_m, lse, mask=mmask)
+
+
+@gluon.jit
+def attention_fwd_ws_kernel(
+        q_desc, k_desc, v_desc, QS, KS, KM, VS, O, LSE,
+        qk_scale, sm_scale, Hq, kv_group, Sq, Skv,
+        sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, skm_b, skm_h, skm_d, svs_b, svs_h, svs_d,
+        sob, soh, som, sod,
+        PV_INT8: gl.constexpr, HAS_KM: gl.constexpr, IS_CAUSAL: gl.constexpr,
+        PV_K: gl.constexpr, PV_KWIDTH: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """2·BLOCK_M query rows per program: two consumer warpgroups (the default partition
+    and worker 0) of BLOCK_M rows each, in ping-pong, and a producer warp (worker 1)."""
+    n_m = gl.num_programs(0)
+    pid_m = gl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m
+    pid_bh = gl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // kv_group
+    start_m = pid_m * (2 * BLOCK_M)
+    if IS_CAUSAL:
+        hi = gl.minimum(Skv, start_m + 2 * BLOCK_M)
+    else:
+        hi = Skv
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    if PV_INT8:
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, 1, 1, HEAD_DIM, BLOCK_N], v_desc.layout)
+    else:
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
+        mbarrier.init(v_empty.index(i), count=2)
+    mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
+
+    gl.warp_specialize([
+        (_ws_consumer, (0, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,
+                        QS, KS, KM, VS, O, LSE, qk_scale, sm_scale, b, h, hk, start_m, n_tiles, Sq, Skv, Hq,
+                        sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, skm_b, skm_h, skm_d, svs_b, svs_h, svs_d,
+                        sob, soh, som, sod, PV_INT8, HAS_KM, IS_CAUSAL, PV_K, PV_KWIDTH,
+                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF)),
+        (_ws_consumer, (1, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, turn,
+                        QS, KS, KM, VS, O, LSE, qk_scale, sm_scale, b, h, hk, start_m, n_tiles, Sq, Skv, Hq,
+                        sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, skm_b, skm_h, skm_d, svs_b, svs_h, svs_d,
+                        sob, soh, som, sod, PV_INT8, HAS_KM, IS_CAUSAL, PV_K, PV_KWIDTH,
+                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                        k_empty, v_empty, b, h, hk, start_m, n_tiles, PV_INT8, BLOCK_M, BLOCK_N, NUM_BUF)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_bars.index(i))
+        mbarrier.invalidate(turn.index(i))
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
 # ------------------------------------------------------------------------------- host
 _GL_DTYPE = {torch.int8: gl.int8, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -344,9 +553,10 @@ def _desc(t: torch.Tensor, block):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def launch(p: dict, out: torch.Tensor, lse: torch.Tensor, block_m: int = 128, block_n: int = 128,
-           num_buf: int = 2, num_warps: int = 8) -> None:
-    """Run the kernel for the call planned as `p` (see :func:`ineligible`) into out / lse."""
+def launch(p: dict, out: torch.Tensor, lse: torch.Tensor, block_m: int = 64, block_n: int = 128,
+           num_buf: int = 2, num_warps: int = 4, ping_pong: bool = False, consumer_regs: int = 240) -> None:
+    """Run the kernel for the call planned as `p` (see :func:`ineligible`) into out / lse.
+    ping_pong: the warp-specialized kernel (2 x block_m rows per program)."""
     D = p["D"]
     pv_int8 = p["PV_MODE"] == 2
     v = _v_view(p)
@@ -355,15 +565,19 @@ def launch(p: dict, out: torch.Tensor, lse: torch.Tensor, block_m: int = 128, bl
     v_desc = _desc(v, [1, 1, D, block_n] if pv_int8 else [1, 1, block_n, D])
     qs, ks, km, vs = p["qs"], p["ks"], p["km"], p["vs"]
     dummy = lse
-    grid = (cdiv(p["Sq"], block_m), p["B"] * p["Hq"])
-    attention_fwd_wgmma_kernel[grid](
-        q_desc, k_desc, v_desc, qs, ks, km if km is not None else dummy, vs if vs is not None else dummy,
-        out, lse, p["scale"] * LOG2E, p["scale"], p["Hq"], p["Hq"] // p["Hkv"], p["Sq"], p["Skv"],
-        *qs.stride()[:3], *ks.stride()[:3],
-        *((km.stride(0), km.stride(1), km.stride(3)) if km is not None else (0, 0, 0)),
-        *((vs.stride(0), vs.stride(1), vs.stride(3)) if vs is not None else (0, 0, 0)),
-        *out.stride(),
-        PV_INT8=pv_int8, HAS_KM=km is not None, IS_CAUSAL=p["IS_CAUSAL"],
-        P_DTYPE=gl.int8 if pv_int8 else _GL_DTYPE[p["dtype"]], PV_K=32 if pv_int8 else 16,
-        PV_KWIDTH=4 if pv_int8 else 2, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_BUF=num_buf, num_warps=num_warps)
+    rows = 2 * block_m if ping_pong else block_m
+    grid = (cdiv(p["Sq"], rows), p["B"] * p["Hq"])
+    args = (q_desc, k_desc, v_desc, qs, ks, km if km is not None else dummy, vs if vs is not None else dummy,
+            out, lse, p["scale"] * LOG2E, p["scale"], p["Hq"], p["Hq"] // p["Hkv"], p["Sq"], p["Skv"],
+            *qs.stride()[:3], *ks.stride()[:3],
+            *((km.stride(0), km.stride(1), km.stride(3)) if km is not None else (0, 0, 0)),
+            *((vs.stride(0), vs.stride(1), vs.stride(3)) if vs is not None else (0, 0, 0)),
+            *out.stride())
+    meta = dict(PV_INT8=pv_int8, HAS_KM=km is not None, IS_CAUSAL=p["IS_CAUSAL"],
+                PV_K=32 if pv_int8 else 16, PV_KWIDTH=4 if pv_int8 else 2, HEAD_DIM=D,
+                BLOCK_M=block_m, BLOCK_N=block_n, NUM_BUF=num_buf)
+    if ping_pong:
+        attention_fwd_ws_kernel[grid](*args, CONSUMER_REGS=consumer_regs, num_warps=4, **meta)
+    else:
+        attention_fwd_wgmma_kernel[grid](*args, P_DTYPE=gl.int8 if pv_int8 else _GL_DTYPE[p["dtype"]],
+                                         num_warps=num_warps, **meta)
