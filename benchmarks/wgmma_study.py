@@ -1,4 +1,4 @@
-"""Study: the Gluon wgmma forward (flash_quant/cuda/forward_wgmma.py) against the Triton
+"""Study: the Gluon wgmma forward kernels (benchmarks/wgmma_kernels.py) against the Triton
 forward kernel and SDPA cuDNN / flash, on the same run, at forced configs.
 
 For each shape and recipe (accurate: INT8 Q·Kᵀ + bf16 P·V; fast: INT8 P·V too) the
@@ -18,10 +18,12 @@ import os
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-import flash_quant  # noqa: E402,F401
-from flash_quant.cuda import autotune, forward, forward_wgmma  # noqa: E402
+from flash_quant.cuda import autotune, forward  # noqa: E402
+
+import wgmma_kernels as forward_wgmma  # noqa: E402  (this folder)
 
 SHAPES = {"flux": (1, 24, 4608, 128, False), "b4": (4, 32, 4096, 128, False),
           "b4c": (4, 32, 4096, 128, True), "d64": (8, 32, 2048, 64, False),

@@ -1,6 +1,7 @@
-"""Hopper (sm_90) attention forward in Gluon: explicit asynchronous warpgroup MMAs.
-
-The Triton kernel in forward.py serves every case of the op contract. On Hopper its key
+"""Study kernels (not used by the package): a Hopper (sm_90) attention forward in Gluon
+with explicit asynchronous warpgroup MMAs, timed by benchmarks/wgmma_study.py against
+flash_quant's Triton kernel (flash_quant/cuda/forward.py), which serves every case of
+the op contract. On Hopper its key
 loop is bound by the softmax instruction stream, and Triton's scheduler leaves the tensor
 cores idle while the softmax runs (benchmarks/results/forward_study_2026-11-23.md). This
 kernel covers the presets' common case with the schedule written out by hand:
@@ -15,10 +16,14 @@ kernel covers the presets' common case with the schedule written out by hand:
   and per-key K scales) with PV_MODE 0 (16-bit P, 16-bit V) or PV_MODE 2 (INT8 P per key
   tile against the tile's row max, INT8 V per channel, stored transposed: K-major).
 
-What it does not take (forward.py runs those): masks, zero points, INT4 / FP8 operands,
-split-KV and packed GQA (short queries), head dims other than 64 and 128, fp32.
-Gluon has no interpreter: CI compiles this kernel for sm_90a (tests/test_wgmma_compile.py);
-GPU tests compare it with the Triton kernel and the fp64 reference.
+``attention_fwd_ws_kernel`` adds FA3's ping-pong: two consumer warpgroups of BLOCK_M
+rows (a warp_specialize default partition and worker) alternate their matmul issue
+through mbarriers while a producer warp runs the TMA ring.
+
+Scope: the presets' common case only (no masks, zero points, INT4 / FP8 operands,
+split-KV, packed GQA; head dims 64 and 128; fp16 / bf16). Outcome on the H200 of
+2026-12-02 (benchmarks/results/wgmma_study_2026-12-02_h200.md): correct, but no faster
+than the Triton kernel where it matters, so the package does not ship it.
 """
 from __future__ import annotations
 
@@ -35,8 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import KIND_FLOAT
-from .host import cdiv
+from flash_quant.cuda.common import KIND_FLOAT
+from flash_quant.cuda.host import cdiv
 
 LOG2E = 1.4426950408889634
 
