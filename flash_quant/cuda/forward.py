@@ -60,6 +60,7 @@ from .common import (
     round_to_int,
     score_mask,
 )
+from . import host
 from .host import PlanCache, cdiv, next_pow2, tensor_signature
 
 __all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_count"]
@@ -565,6 +566,7 @@ class _ForwardPlan(NamedTuple):
     candidates: Tuple
     default: autotune.Config
     grids: Dict  # (config, num_splits) -> (grid, splits, split_len, meta), filled by launches
+    kernels: Dict  # compiled kernels of host.launch, filled by launches
 
 
 _PLANS = PlanCache()
@@ -621,7 +623,7 @@ def _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa) -> _Forward
         pointers=pointers, strides=strides, consts=consts, B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D,
         scale=p["scale"], out_dtype=p["dtype"], device=dev, block_d=block_d, pack=pack, tune_key=tune_key,
         candidates=tuple(autotune.forward_candidates(block_d, eight_bit, nbytes)),
-        default=autotune.forward_default(block_d, eight_bit, nbytes, Sq), grids={})
+        default=autotune.forward_default(block_d, eight_bit, nbytes, Sq), grids={}, kernels={})
 
 
 def _grid(p: _ForwardPlan, cfg: autotune.Config, num_splits: Optional[int]):
@@ -667,19 +669,22 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
 
     def launch(cfg: autotune.Config):
         grid, splits, split_len, meta = _grid(p, cfg, num_splits)
+        key = (cfg, num_splits)  # with the plan's signature, fixes grid, meta and the scalars
         if splits == 1:
-            _attn_fwd_kernel[grid](*ptrs, out, lse, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
-                                   p.Skv + cfg.block_n, 0, 0, *p.strides, *out.stride(), **meta)
+            host.launch(_attn_fwd_kernel, grid,
+                        (*ptrs, out, lse, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
+                         p.Skv + cfg.block_n, 0, 0, *p.strides, *out.stride()), meta, p.kernels, key)
             return
         rows = p.B * p.Hq * p.Sq
         o_part = torch.empty((splits, p.B, p.Hq, p.Sq, p.D), dtype=torch.float32, device=p.device)
         lse_part = torch.empty((splits, rows), dtype=torch.float32, device=p.device)
-        _attn_fwd_kernel[grid](*ptrs, o_part, lse_part, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
-                               split_len, rows * p.D, rows, *p.strides, *o_part.stride()[1:], **meta)
+        host.launch(_attn_fwd_kernel, grid,
+                    (*ptrs, o_part, lse_part, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
+                     split_len, rows * p.D, rows, *p.strides, *o_part.stride()[1:]), meta, p.kernels, key)
         br = 16
-        _combine_splits_kernel[(cdiv(rows, br),)](
-            o_part, lse_part, out, lse, splits, rows, p.Hq, p.Sq, *out.stride(),
-            HEAD_DIM=p.D, BLOCK_R=br, BLOCK_D=p.block_d)
+        host.launch(_combine_splits_kernel, (cdiv(rows, br),),
+                    (o_part, lse_part, out, lse, splits, rows, p.Hq, p.Sq, *out.stride()),
+                    dict(HEAD_DIM=p.D, BLOCK_R=br, BLOCK_D=p.block_d), p.kernels, ("combine",) + key)
 
     if config is None:
         config = autotune.select(p.tune_key, list(p.candidates), p.default, launch)

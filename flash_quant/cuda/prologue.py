@@ -20,7 +20,8 @@ import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
 from .._checks import check_attention_prologue
-from .host import cdiv, next_pow2
+from . import host
+from .host import PlanCache, cdiv, next_pow2, tensor_signature
 
 __all__ = ["attention_prologue_launch", "attention_prologue_cuda"]
 
@@ -100,16 +101,24 @@ def attention_prologue_launch(
     rope = cos is not None
     c, s = (cos, sin) if rope else (x, x)
     grid = (cdiv(P + S, block_s), B * H)
-    _prologue_kernel[grid](
+    # every integer argument, the grid and the constexprs follow from the tensors' signatures
+    key = tuple(tensor_signature(t) for t in (x, prefix, weight, prefix_weight, cos, sin)) + (eps is None,)
+    kernels = _KERNELS.get(key)
+    if kernels is None:
+        kernels = {}
+        _KERNELS.put(key, kernels)
+    host.launch(_prologue_kernel, grid, (
         x, p, weight if weight is not None else x, prefix_weight if prefix_weight is not None else x,
         c, s, out,
         H, S, P, D, 0.0 if eps is None else float(eps),
         *x.stride(), *p.stride(),
         c.stride(0), c.stride(-1), s.stride(0), s.stride(-1),
-        HAS_PREFIX=P > 0, NORM=eps is not None, HAS_W=weight is not None, HAS_PW=prefix_weight is not None, ROPE=rope,
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
-    )
+    ), dict(HAS_PREFIX=P > 0, NORM=eps is not None, HAS_W=weight is not None, HAS_PW=prefix_weight is not None,
+            ROPE=rope, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4), kernels, None)
     return out
+
+
+_KERNELS = PlanCache()  # call signature -> its compiled kernels (host.launch)
 
 
 def attention_prologue_cuda(x, prefix, weight, prefix_weight, eps, cos, sin):

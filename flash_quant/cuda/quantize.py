@@ -33,6 +33,7 @@ import triton.language as tl
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
 from .common import pack_int4, round_half_even, round_to_fp8, unpack_int4
+from . import host
 from .host import PlanCache, cdiv, next_pow2
 
 __all__ = [
@@ -410,6 +411,7 @@ class _QuantizePlan(NamedTuple):
     quant_grid: Tuple[int, int]
     quant_args: Tuple
     quant_meta: Dict
+    kernels: Dict  # compiled kernels of host.launch, filled by launches
 
 
 _PLANS = PlanCache()
@@ -496,7 +498,7 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
         stats_shape=stats_shape, colstats_grid=colstats_grid, colstats_args=colstats_args,
         colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_meta=reduce_meta,
         mean_shape=lead + (1, D) if smooth else None, scale_shape=sshape, scale_alloc=scale_alloc,
-        quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta)
+        quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta, kernels={})
 
 
 def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_size: int,
@@ -523,8 +525,10 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
     work = None
     if p.stats_shape is not None:
         work = torch.empty(p.stats_shape, dtype=torch.float32, device=dev)
-        _colstats_kernel[p.colstats_grid](x4, work, *p.colstats_args, **p.colstats_meta)
-        _colstats_reduce_kernel[(p.colstats_grid[1],)](work, *p.reduce_args, **p.reduce_meta)
+        host.launch(_colstats_kernel, p.colstats_grid, (x4, work, *p.colstats_args), p.colstats_meta,
+                    p.kernels, "colstats")
+        host.launch(_colstats_reduce_kernel, (p.colstats_grid[1],), (work, *p.reduce_args), p.reduce_meta,
+                    p.kernels, "reduce")
     if p.mean_shape is not None:
         mean = work[:p.L * p.D].view(p.mean_shape)
     else:
@@ -545,7 +549,8 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
             lo, hi = lo.amin().view(1, 1), hi.amax().view(1, 1)
         scale, zp = _scale_from_range_torch(lo, hi, qmin, qmax, strategy == "asymmetric")
         ranges = torch.cat([lo.reshape(-1), hi.reshape(-1)])
-    _quantize_kernel[p.quant_grid](x4, mean_arg, ranges, data, scale, zp, *p.quant_args, **p.quant_meta)
+    host.launch(_quantize_kernel, p.quant_grid, (x4, mean_arg, ranges, data, scale, zp, *p.quant_args),
+                p.quant_meta, p.kernels, "quantize")
     if p.scale_alloc != p.scale_shape:
         scale, zp = scale.view(p.scale_shape), zp.view(p.scale_shape)
     return data, scale, zp, mean
