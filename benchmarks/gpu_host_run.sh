@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_host_run.sh [REF_DIR]
 #
+# FQ_TEST_K (optional): a pytest -k expression selecting GPU tests.
 # REF_DIR (optional): a copy of an earlier flash_quant/ package to compare host times
 # with, e.g. made by `git archive <rev> flash_quant | tar -x -C .ref` and carried; it
 # gets this build's compiled _C. Carry `.whl` with diffusers' wheel for the Flux stage.
@@ -17,7 +18,7 @@ source benchmarks/gpu_prelude.sh
 
 echo "== gpu tests (limit ${FQ_TEST_LIMIT:-150}s)"
 FLASH_QUANT_AUTOTUNE=0 timeout "${FQ_TEST_LIMIT:-150}" python3 -m pytest -q -m gpu tests/test_cuda_gpu.py \
-  -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -4
+  ${FQ_TEST_K:+-k "$FQ_TEST_K"} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -4
 
 echo "== host time per call (limit ${FQ_HOST_LIMIT:-60}s each)"
 timeout "${FQ_HOST_LIMIT:-60}" python3 benchmarks/host_overhead.py --iters 60 2>&1 | tee "$OUT/host_overhead.txt" \
