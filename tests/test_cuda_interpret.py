@@ -8,7 +8,7 @@ flash_quant.testing, and against the CPU backend's op when it is registered. Sha
 small (the interpreter is slow); the GPU tests (test_cuda_gpu.py) run realistic sizes.
 
 The interpreter's own fp32 -> fp8 cast mis-rounds when rounding carries into the
-exponent; the kernels round explicitly under interpretation (FP8_EXACT) or always
+exponent; the kernels round explicitly under interpretation (INTERPRET) or always
 (quantize), so results here match torch's float8 conversion.
 """
 import os
@@ -303,6 +303,37 @@ def test_attention_forward(case):
     assert torch.equal(torch.isfinite(lse), fin), "lse -inf exactly on fully masked rows"
     torch.testing.assert_close(lse[fin], lse_d[fin].float(), rtol=0, atol=2e-2 if pv == "none" else 5e-2)
     assert (out.float()[~fin] == 0).all()
+
+
+@pytest.mark.parametrize("granularity", ["per_head", "per_tensor"])
+@pytest.mark.parametrize("pv", ["none", "int8"])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 130, 130, 64, True), (1, 2, 2, 17, 40, 128, False)],
+                         ids=["gqa-causal-130", "17x40"])
+def test_attention_k_scale_constant_along_keys(granularity, pv, shape):
+    """A K scale constant along the keys (per head / per tensor) is folded into the row
+    factor (KS_CONST; on full INT8 tiles with the int32 -> fp32 offset in the same FMA).
+    Same codes with the scale materialised per key row take the general path: the two
+    agree to rounding, and both match fp64 of the dequantized operands."""
+    B, Hq, Hkv, Sq, Skv, D, causal = shape
+    q, k, v = make_qkv(B, Hq, Sq, D, hkv=Hkv, skv=Skv, family="realistic", dtype=torch.float16)
+    a, s, _, _ = quantize_launch(q, "int8", "per_token", 1, "symmetric", False)
+    b, t, _, m = quantize_launch(k, "int8", granularity, 1, "symmetric", True)
+    kw = dict(q_data=a, q_scale=s, k_data=b, k_mean=m)
+    if pv == "int8":
+        c, u, _, _ = quantize_launch(v, "int8", "per_channel", 1, "symmetric", False)
+        kw.update(v_data=c, v_scale=u)
+    rows = t.expand(B, Hkv, Skv, 1)
+    assert rows.stride(2) == 0
+    out, lse = attention_forward_launch(q, k, v, k_scale=t, is_causal=causal, pv_precision=pv, **kw)
+    out_g, lse_g = attention_forward_launch(q, k, v, k_scale=rows.contiguous(), is_causal=causal,
+                                            pv_precision=pv, **kw)
+    # fp16 outputs: the paths differ by output rounding (and INT8 P codes at .5 ties)
+    assert error_stats(out, out_g.double())["rel_l2"] < (1e-2 if pv == "int8" else 1e-3)
+    torch.testing.assert_close(lse, lse_g, rtol=0, atol=1e-4)
+    vd = (c.float() * u) if pv == "int8" else v
+    ref, lse_d = reference_attention(a.float() * s, b.float() * t + m, vd, is_causal=causal, return_lse=True)
+    assert error_stats(out, ref)["rel_l2"] < (2e-2 if pv == "int8" else 3e-3)
+    torch.testing.assert_close(lse, lse_d.float(), rtol=0, atol=2e-2)
 
 
 def test_attention_matches_cpu_backend():

@@ -11,6 +11,7 @@ BLOCK_M 128, 4 warps) was found and checked at no device time.
     python tools/kernel_registers.py                 # forward, the autotune candidates
     python tools/kernel_registers.py --backward      # dQ and dK/dV kernels as well
     python tools/kernel_registers.py --sass          # + SASS instructions per score of the key loop
+    python tools/kernel_registers.py --sass --recipes fast fast-khead   # K scale per token vs per head
 """
 from __future__ import annotations
 
@@ -143,7 +144,12 @@ class _Capture:
 
 
 def _operands(recipe, B, H, S, D):
-    """CPU stand-ins with the dtypes and layouts of a recipe's operands."""
+    """CPU stand-ins with the dtypes and layouts of a recipe's operands. A "-khead" suffix
+    gives K one scale per head (constant along the keys: the kernel's KS_CONST path)."""
+    if recipe.endswith("-khead"):
+        kw, pv = _operands(recipe[:-len("-khead")], B, H, S, D)
+        kw["k_scale"] = torch.rand(B, H, 1, 1)
+        return kw, pv
     dt = torch.bfloat16
     x = torch.randn(B, H, S, D, dtype=dt)
     if recipe == "16bit":
@@ -211,7 +217,7 @@ def main():
     for D in args.head_dims:
         for recipe in args.recipes:
             for causal in (False, True):
-                cands = autotune.forward_candidates(max(16, triton.next_power_of_2(D)), recipe != "16bit", 2)
+                cands = autotune.forward_candidates(max(16, triton.next_power_of_2(D)), not recipe.startswith("16bit"), 2)
                 cells = [_fmt(c, *forward_report(recipe, D, c, causal, args.sass)) for c in cands]
                 print(f"forward D={D} {recipe}{' causal' if causal else ''}: " + "; ".join(cells), flush=True)
             if args.backward and recipe != "fast":

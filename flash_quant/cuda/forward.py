@@ -70,8 +70,8 @@ _PV_PRECISIONS = ("none", "int8", "fp8_e4m3")
 
 
 @triton.jit
-def _to_fp8e4(p, EXACT: tl.constexpr):
-    if EXACT:  # interpreter: its fp32 -> fp8 cast mis-rounds carries; round explicitly
+def _to_fp8e4(p, INTERPRET: tl.constexpr):
+    if INTERPRET:  # interpreter: its fp32 -> fp8 cast mis-rounds carries; round explicitly
         return round_to_fp8(p, 3, -6).to(tl.float8e4nv)
     else:
         return p.to(tl.float8e4nv)
@@ -102,15 +102,44 @@ def _load_tile(ptrs, rmask, cmask, RCHECK: tl.constexpr, CCHECK: tl.constexpr):
 
 
 @triton.jit
+def _folded_max(m, mq):
+    """For the folded exponent: c = mq + m rounded up to an fp32 (mq = 1.5 * 2**23 * qs2 >
+    0 is exact, see the kernel) and the reference max m' = c - mq >= m, exact (Sterbenz).
+    exp2(bits * qs2 - c) is then exp2(score - m') with m' >= the true max: P <= 1, as the
+    INT8 P codes need, and every later use of the max takes m' (consistent to the ulp)."""
+    c = mq + m
+    c = tl.where(c - mq < m, (c.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), c)
+    return c, c - mq
+
+
+@triton.jit
+def _exp2_arg(t, qk_i, qs2, m, c, FOLD: tl.constexpr, INTERPRET: tl.constexpr):
+    """The base-2 exponent qs2 * t - m per score, one FMA. FOLD: t is the int32 tile qk_i
+    (times constants already in qs2): qk_i's bits plus those of 1.5 * 2**23, read as fp32,
+    are qk_i + 1.5 * 2**23 exactly (|qk_i| < 2**22), and the offset sits in the per-row
+    constant c from _folded_max — the conversion costs one integer add per score instead
+    of an add and a subtract. The product must not round before the subtraction (a fused
+    multiply-add, as the GPU compiles it); the interpreter's is not fused, so there it is
+    formed in fp64 (exact for two fp32 factors)."""
+    if FOLD:
+        bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
+        if INTERPRET:
+            return (bits.to(tl.float64) * qs2.to(tl.float64)[:, None] - c.to(tl.float64)[:, None]).to(tl.float32)
+        return tl.fma(bits, qs2[:, None], -c[:, None])
+    else:
+        return t * qs2[:, None] - m[:, None]
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                     k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
                     offs_m, start, stop, Sq, Skv,
                     sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
                     K_KIND: tl.constexpr, V_KIND: tl.constexpr, QK_MODE: tl.constexpr,
-                    PV_MODE: tl.constexpr, K_QUANT: tl.constexpr, K_ZP: tl.constexpr,
+                    PV_MODE: tl.constexpr, K_QUANT: tl.constexpr, KS_CONST: tl.constexpr, K_ZP: tl.constexpr,
                     V_ZP: tl.constexpr, V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr,
                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr,
-                    SCALE_POS: tl.constexpr, COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr, DOT_F32: tl.constexpr,
+                    SCALE_POS: tl.constexpr, COMPUTE: tl.constexpr, INTERPRET: tl.constexpr, DOT_F32: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
@@ -123,22 +152,27 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             qk = tl.dot(q0, tl.trans(klo), out_dtype=tl.int32)
             qk = tl.dot(q1, tl.trans(khi), qk, out_dtype=tl.int32)
             qk = qk.to(tl.float32)
+            qk_i = qk  # (unused: only QK_MODE 0 folds)
         elif QK_MODE == 0:
             k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
                            CHECK, HEAD_DIM != BLOCK_D)
-            qk = tl.dot(q0, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            qk_i = tl.dot(q0, tl.trans(k), out_dtype=tl.int32)
+            qk = qk_i.to(tl.float32)  # (dead on the folded path below)
         elif QK_MODE == 2:
             k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
                            CHECK, HEAD_DIM != BLOCK_D)
             qk = tl.dot(q0, tl.trans(k))
+            qk_i = qk
         else:
             k = load_dequant(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM,
                              ks_base, 0, 0, kz_base, skz_s, 0,
                              K_KIND, False, K_ZP, BLOCK_N, BLOCK_D)
             qk = _dot16(q0, tl.trans(k.to(COMPUTE)), tl.zeros((q0.shape[0], BLOCK_N), dtype=tl.float32),
                         DOT_F32)
-        # t: the scores without the per-row factor qs2 (Q scale * scale * log2 e), > 0
-        if K_QUANT:
+            qk_i = qk
+        # t: the scores without the per-row factor qs2 (Q scale * scale * log2 e, and the K
+        # scale when it is constant along the keys: KS_CONST), > 0
+        if K_QUANT and not KS_CONST:
             if CHECK:
                 ks = tl.load(ks_base + offs_n * sks_s, mask=nmask, other=0.0)
             else:
@@ -154,12 +188,24 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 s = s + bias * 1.4426950408889634
             s = tl.where(visible, s, float("-inf"))
             m_tile = tl.max(s, 1)
+        elif QK_MODE == 0 and KS_CONST:  # the row max of the int32 tile, converted per row
+            m_tile = tl.max(qk_i, 1).to(tl.float32) * qs2
         else:
             # unmasked blocks: qs2 > 0 commutes with the max, and one FMA per score
             # then applies it and subtracts the max (saves a multiply per score)
             m_tile = tl.max(t, 1) * qs2
         # ---- online softmax (fp32, exp2)
+        FOLD: tl.constexpr = QK_MODE == 0 and KS_CONST and not (MASK_KIND != 0 or CHECK or not SCALE_POS)
+        mq = 12582912.0 * qs2
+        if FOLD and (PV_MODE == 2 or PV_MODE == 4):  # the tile's reference max, P <= 1
+            c_tile, m_tile = _folded_max(m_tile, mq)
+        else:
+            c_tile = m_tile
         m_new = tl.maximum(m_i, m_tile)
+        if FOLD and not (PV_MODE == 2 or PV_MODE == 4):
+            c_new, m_new = _folded_max(m_new, mq)
+        else:
+            c_new = m_new
         if MASK_KIND != 0 or CHECK or not SCALE_POS:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -175,7 +221,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 mt_use = tl.where(m_tile == float("-inf"), 0.0, m_tile)
                 e = tl.math.exp2(s - mt_use[:, None])
             else:
-                e = tl.math.exp2(t * qs2[:, None] - m_tile[:, None])
+                e = tl.math.exp2(_exp2_arg(t, qk_i, qs2, m_tile, c_tile, FOLD, INTERPRET))
             beta = tl.math.exp2(m_tile - m_use)
             l_i = l_i * alpha + beta * tl.sum(e, 1)
             pq = round_to_int(e * 127.0)
@@ -183,7 +229,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             if CHECK or MASK_KIND != 0 or not SCALE_POS:
                 p = tl.math.exp2(s - m_use[:, None])
             else:
-                p = tl.math.exp2(t * qs2[:, None] - m_use[:, None])
+                p = tl.math.exp2(_exp2_arg(t, qk_i, qs2, m_use, c_new, FOLD, INTERPRET))
             l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         m_i = m_new
@@ -196,7 +242,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 v = _load_tile(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, nmask, dmask,
                                CHECK, HEAD_DIM != BLOCK_D)
             if PV_MODE == 1:
-                acc = tl.dot(_to_fp8e4(p, FP8_EXACT), v, acc, max_num_imprecise_acc=BLOCK_N)
+                acc = tl.dot(_to_fp8e4(p, INTERPRET), v, acc, max_num_imprecise_acc=BLOCK_N)
             else:
                 pv = int_to_float(tl.dot(pq.to(tl.int8), v, out_dtype=tl.int32))
                 acc += pv * (beta * (1.0 / 127.0))[:, None]
@@ -218,7 +264,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 acc += pv * (beta * (1.0 / 127.0))[:, None]
             else:
                 if PV_MODE == 3:
-                    pc = _to_fp8e4(p, FP8_EXACT).to(COMPUTE)
+                    pc = _to_fp8e4(p, INTERPRET).to(COMPUTE)
                 else:
                     pc = p.to(COMPUTE)
                 acc = _dot16(pc, vc, acc, DOT_F32)
@@ -242,12 +288,12 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
                      sob, soh, som, sod,
                      Q_KIND: tl.constexpr, K_KIND: tl.constexpr, V_KIND: tl.constexpr,
                      QK_MODE: tl.constexpr, PV_MODE: tl.constexpr,
-                     Q_QUANT: tl.constexpr, K_QUANT: tl.constexpr, V_QUANT: tl.constexpr,
+                     Q_QUANT: tl.constexpr, K_QUANT: tl.constexpr, KS_CONST: tl.constexpr, V_QUANT: tl.constexpr,
                      Q_ZP: tl.constexpr, K_ZP: tl.constexpr, V_ZP: tl.constexpr,
                      V_DEQ_IN_LOOP: tl.constexpr, V_TRANS: tl.constexpr, HAS_KM: tl.constexpr,
                      MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
                      EVEN_KV: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
-                     COMPUTE: tl.constexpr, FP8_EXACT: tl.constexpr,
+                     COMPUTE: tl.constexpr, INTERPRET: tl.constexpr,
                      DOT_F32: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     n_m = tl.num_programs(0)
@@ -301,6 +347,11 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
     else:
         q_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     qs2 = q_scale * (sm_scale * 1.4426950408889634)
+    if KS_CONST:  # one K scale for every key of this head (per head / per tensor): a row factor
+        qs2 = qs2 * tl.load(KS + b * sks_b + hk * sks_h)
+        if QK_MODE == 0:  # 2 low mantissa bits cleared (relative 5e-7): 1.5 * 2**23 * qs2 is
+            # then exact, which the folded exponent needs (_folded_max)
+            qs2 = (qs2.to(tl.int32, bitcast=True) & -4).to(tl.float32, bitcast=True)
 
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -344,15 +395,15 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
         acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
         offs_m, lo, full_hi, Sq, Skv,
         sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
-        K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-        MASK_KIND, IS_CAUSAL, False, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+        K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, KS_CONST, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
+        MASK_KIND, IS_CAUSAL, False, SCALE_POS, COMPUTE, INTERPRET, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
     if not EVEN_KV:  # the diagonal / tail blocks (no second loop at all when none exist)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q0, q1, qs2, k_base, v_base, ks_base, kz_base, vs_base, vz_base, mask_base,
             offs_m, full_hi, hi, Sq, Skv,
             sks, skd, svs, svd, sks_s, skz_s, svs_s, svs_d, svz_s, svz_d, smm, smn,
-            K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
-            MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, FP8_EXACT, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
+            K_KIND, V_KIND, QK_MODE, PV_MODE, K_QUANT, KS_CONST, K_ZP, V_ZP, V_DEQ_IN_LOOP, V_TRANS,
+            MASK_KIND, IS_CAUSAL, True, SCALE_POS, COMPUTE, INTERPRET, DOT_F32, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     # ---- epilogue
     empty = l_i == 0.0
@@ -529,6 +580,7 @@ def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_s
         B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D, scale=scale, dtype=q.dtype, device=q.device,
         Q_KIND=qkind, K_KIND=kkind, V_KIND=vkind, QK_MODE=qk_mode, PV_MODE=pv_mode,
         Q_QUANT=qkind != KIND_FLOAT, K_QUANT=kkind != KIND_FLOAT, V_QUANT=v_quant,
+        KS_CONST=kkind != KIND_FLOAT and qk_mode in (0, 1, 2) and ks.stride(2) == 0,
         Q_ZP=qz is not None, K_ZP=kz is not None, V_ZP=vz is not None,
         V_DEQ_IN_LOOP=v_deq_in_loop, V_TRANS=v_trans, HAS_KM=km is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
@@ -600,10 +652,11 @@ def _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa) -> _Forward
     )
     consts = dict(
         Q_KIND=p["Q_KIND"], K_KIND=p["K_KIND"], V_KIND=p["V_KIND"], QK_MODE=p["QK_MODE"],
-        PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], V_QUANT=p["V_QUANT"],
+        PV_MODE=p["PV_MODE"], Q_QUANT=p["Q_QUANT"], K_QUANT=p["K_QUANT"], KS_CONST=p["KS_CONST"],
+        V_QUANT=p["V_QUANT"],
         Q_ZP=p["Q_ZP"], K_ZP=p["K_ZP"], V_ZP=p["V_ZP"], V_DEQ_IN_LOOP=p["V_DEQ_IN_LOOP"],
         V_TRANS=p["V_TRANS"], HAS_KM=p["HAS_KM"], MASK_KIND=p["MASK_KIND"], IS_CAUSAL=p["IS_CAUSAL"],
-        SCALE_POS=p["scale"] > 0, COMPUTE=_TL_DTYPE[p["dtype"]], FP8_EXACT=interpreting,
+        SCALE_POS=p["scale"] > 0, COMPUTE=_TL_DTYPE[p["dtype"]], INTERPRET=interpreting,
         DOT_F32=interpreting and p["dtype"] == torch.bfloat16,
         HEAD_DIM=D, BLOCK_D=block_d,
     )
