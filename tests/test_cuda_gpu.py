@@ -238,3 +238,23 @@ def test_direct_launch_reuses_kernel_and_respects_alignment():
     torch.testing.assert_close(mean_m, mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scale_m, scale, rtol=1e-5, atol=0)
     assert (data_m.int() - data.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("pv", ["none", "int8"])
+def test_k_scale_constant_along_keys_gpu(pv):
+    """The KS_CONST path (per-head K scale folded into the row factor, the int32 -> fp32
+    offset into the exponent's FMA) against the same codes with the scale materialised per
+    key row (the general path), at a ragged causal size with GQA."""
+    q, k, v = make_qkv(2, 8, 1000, 128, hkv=4, family="realistic", dtype=torch.bfloat16, device=DEV)
+    ops = torch.ops.flash_quant
+    a, s, _, _ = ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
+    b, t, _, m = ops.quantize(k, "int8", "per_head", 1, "symmetric", True)
+    kw = dict(q_data=a, q_scale=s, k_data=b, k_mean=m)
+    if pv == "int8":
+        c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
+        kw.update(v_data=c, v_scale=u)
+    out, lse = attention_forward_launch(q, k, v, k_scale=t, is_causal=True, pv_precision=pv, **kw)
+    rows = t.expand(2, 4, 1000, 1).contiguous()
+    out_g, lse_g = attention_forward_launch(q, k, v, k_scale=rows, is_causal=True, pv_precision=pv, **kw)
+    assert error_stats(out.cpu(), out_g.cpu().double())["rel_l2"] < (1e-2 if pv == "int8" else 4e-3)
+    torch.testing.assert_close(lse, lse_g, rtol=0, atol=1e-3)
