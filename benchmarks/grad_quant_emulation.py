@@ -1,0 +1,99 @@
+"""Emulation (float64, CPU): which Q/K quantization would bring the accurate preset's
+straight-through gradients under issue 4's 3 % bar on the realistic family at D = 64?
+
+The straight-through gradient of a quantized forward is the exact attention gradient at
+the dequantized operands, so it is emulated here without any kernel: rotate Q and K by
+the Hadamard matrix (as the accurate preset does), smooth K (subtract its mean over the
+sequence), quantize / dequantize, and compare autograd's float64 gradients at those
+operands with the float64 gradients at the exact (rotated) inputs; rel-L2 is invariant
+under the rotation. Variants:
+
+* ``groups=G``: symmetric INT8 with one scale per token and per group of D/G channels
+  (G = 1 is the preset's per-token scale);
+* ``qonly`` / ``konly``: quantize one operand only (which one carries the error);
+* ``norot``: no Hadamard rotation;
+* ``kres``: K as INT8 codes plus INT8 codes of its rounding residual (two INT8 Q·Kᵀ dots).
+
+Setting: make_qkv(1, 2, 1024, D, family="realistic", seed=s), scale 1/sqrt(D), dO ~ N(0,1).
+
+    python benchmarks/grad_quant_emulation.py [--seeds 4] [--head-dims 64 128]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flash_quant.rotation import hadamard_matrix  # noqa: E402
+from flash_quant.testing import make_qkv  # noqa: E402
+
+VARIANTS = ("groups=1", "groups=2", "groups=4", "qonly", "konly", "norot", "kres")
+
+
+def attention(q, k, v, scale):
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v
+
+
+def int8_qdq(x, groups=1):
+    """Symmetric INT8 round trip with one scale per (token, group of channels)."""
+    B, H, S, D = x.shape
+    xg = x.reshape(B, H, S, groups, D // groups)
+    s = xg.abs().amax(-1, keepdim=True) / 127
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return (torch.round(xg / s).clamp(-127, 127) * s).reshape(B, H, S, D)
+
+
+def operands(variant, q, k, H):
+    rot = variant != "norot"
+    qr, kr = (q @ H, k @ H) if rot else (q, k)
+    km = kr.mean(-2, keepdim=True)
+    groups = int(variant.split("=")[1]) if variant.startswith("groups=") else 1
+    qd = qr if variant == "konly" else int8_qdq(qr, groups)
+    if variant == "qonly":
+        kd = kr
+    elif variant == "kres":
+        first = int8_qdq(kr - km)
+        kd = first + int8_qdq(kr - km - first) + km
+    else:
+        kd = int8_qdq(kr - km, groups) + km
+    return (qr, kr), (qd, kd)
+
+
+def grads(q, k, v, do, scale):
+    a = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    attention(*a, scale).backward(do)
+    return [t.grad for t in a]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}; realistic family, B=1, H=2, S=1024; rel-L2 (%) of the "
+          f"straight-through gradient vs the float64 gradient, seeds 0..{args.seeds - 1}")
+    print("| D | variant | dQ | dK | dV |")
+    print("|---|---|---|---|---|")
+    for D in args.head_dims:
+        H = hadamard_matrix(D, dtype=torch.float64)
+        rows = {v: [] for v in VARIANTS}
+        for seed in range(args.seeds):
+            q, k, v = (t.double() for t in make_qkv(1, 2, 1024, D, family="realistic", seed=seed))
+            do = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            for variant in VARIANTS:
+                (qr, kr), (qd, kd) = operands(variant, q, k, H)
+                ref = grads(qr, kr, v, do, 1 / math.sqrt(D))
+                got = grads(qd, kd, v, do, 1 / math.sqrt(D))
+                rows[variant].append([((g - r).norm() / r.norm()).item() * 100 for g, r in zip(got, ref)])
+        for variant, errs in rows.items():
+            cells = [" ".join(f"{e[i]:.2f}" for e in errs) for i in range(3)]
+            print(f"| {D} | {variant} | {cells[0]} | {cells[1]} | {cells[2]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
