@@ -147,6 +147,31 @@ def _pv(p, v_smem, v_bars, tile, acc, PV_INT8: gl.constexpr, HEAD_DIM: gl.conste
 
 
 @gluon.jit
+def _store_out(acc, l_i, m_i, qkm, VS, O, LSE, b, h, hk, m0, Sq, Hq, svs_b, svs_h, svs_d,
+               sob, soh, som, sod, PV_INT8: gl.constexpr, HAS_KM: gl.constexpr,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, s_layout: gl.constexpr,
+               o_layout: gl.constexpr):
+    """Epilogue of BLOCK_M rows from m0: normalise, V's per-channel scale, store O and lse."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if PV_INT8:
+        vsc = gl.load(VS + b * svs_b + hk * svs_h + offs_d * svs_d)
+        out = out * vsc[None, :]
+    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+    o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+              + offs_mo.to(gl.int64)[:, None] * som + offs_d[None, :] * sod)
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_mo < Sq)[:, None])
+    empty = l_i == 0.0
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if HAS_KM:
+        lse = lse + qkm
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+@gluon.jit
 def attention_fwd_wgmma_kernel(
         q_desc, k_desc, v_desc, QS, KS, KM, VS, O, LSE,
         qk_scale, sm_scale, Hq, kv_group, Sq, Skv,
@@ -164,7 +189,6 @@ def attention_fwd_wgmma_kernel(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=PV_KWIDTH)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
     n_m = gl.num_programs(0)
     pid_m = gl.program_id(0)
@@ -214,6 +238,7 @@ def attention_fwd_wgmma_kernel(
 
     mbarrier.wait(q_bar, 0)
     q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    qkm = q_scale  # (a placeholder when there is no k_mean)
     if HAS_KM:  # k_mean's lse term: (Q codes . k_mean) * q_scale * scale
         kml: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         qc = q.load(kml).to(gl.float32)
@@ -282,22 +307,8 @@ def attention_fwd_wgmma_kernel(
         mbarrier.invalidate(v_bars.index(i))
     mbarrier.invalidate(q_bar)
 
-    # ---- epilogue: normalise, V's per-channel scale, store O and the lse
-    l_o = gl.convert_layout(l_i, row_o)
-    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
-    if PV_INT8:
-        vsc = gl.load(VS + b * svs_b + hk * svs_h + offs_d * svs_d)
-        out = out * vsc[None, :]
-    offs_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
-    o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
-              + offs_mo.to(gl.int64)[:, None] * som + offs_d[None, :] * sod)
-    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_mo < Sq)[:, None])
-    empty = l_i == 0.0
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    if HAS_KM:
-        lse = lse + qkm
-    gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + offs_m, lse, mask=mmask)
+    _store_out(acc, l_i, m_i, qkm, VS, O, LSE, b, h, hk, start_m, Sq, Hq, svs_b, svs_h, svs_d,
+               sob, soh, som, sod, PV_INT8, HAS_KM, HEAD_DIM, BLOCK_M, s_layout, o_layout)
 
 
 # ------------------------------------------------------- warp-specialized (ping-pong)
@@ -342,7 +353,6 @@ def _ws_consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bars, k_ready, v_re
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=PV_KWIDTH)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     P_DTYPE: gl.constexpr = v_smem.dtype  # 16-bit P: V's type; INT8 P: int8 (= V's too)
 
     m0 = start_m + WG * BLOCK_M
@@ -357,6 +367,7 @@ def _ws_consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bars, k_ready, v_re
     ks_base = KS + b * sks_b + hk * sks_h
     mbarrier.wait(q_bars.index(WG), 0)
     q = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
+    qkm = q_scale  # (a placeholder when there is no k_mean)
     if HAS_KM:
         kml: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         qc = q.load(kml).to(gl.float32)
@@ -420,21 +431,8 @@ def _ws_consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bars, k_ready, v_re
     else:
         acc = pv
 
-    l_o = gl.convert_layout(l_i, row_o)
-    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
-    if PV_INT8:
-        vsc = gl.load(VS + b * svs_b + hk * svs_h + offs_d * svs_d)
-        out = out * vsc[None, :]
-    offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
-    o_ptrs = (O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
-              + offs_mo.to(gl.int64)[:, None] * som + offs_d[None, :] * sod)
-    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_mo < Sq)[:, None])
-    empty = l_i == 0.0
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    if HAS_KM:
-        lse = lse + qkm
-    gl.store(LSE + (b * Hq + h).to(gl.int64) * Sq + offs_m, lse, mask=mmask)
+    _store_out(acc, l_i, m_i, qkm, VS, O, LSE, b, h, hk, m0, Sq, Hq, svs_b, svs_h, svs_d,
+               sob, soh, som, sod, PV_INT8, HAS_KM, HEAD_DIM, BLOCK_M, s_layout, o_layout)
 
 
 @gluon.jit
