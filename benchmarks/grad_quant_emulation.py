@@ -14,6 +14,10 @@ under the rotation. Variants:
 * ``norot``: no Hadamard rotation;
 * ``kres``: K as INT8 codes plus INT8 codes of its rounding residual (two INT8 Q·Kᵀ dots).
 
+A second table keeps the preset's forward (INT8 Q, K: its lse and O) and recomputes the
+backward's scores from other operands against that lse, as a flash backward does: the
+quantized ones (the straight-through gradient), float K, or float Q and K.
+
 Setting: make_qkv(1, 2, 1024, D, family="realistic", seed=s), scale 1/sqrt(D), dO ~ N(0,1).
 
     python benchmarks/grad_quant_emulation.py [--seeds 4] [--head-dims 64 128]
@@ -70,6 +74,13 @@ def grads(q, k, v, do, scale):
     return [t.grad for t in a]
 
 
+def flash_backward(o, lse, do, v, qb, kb, scale):
+    """dQ, dK, dV from scores recomputed with (qb, kb) against the saved lse and O."""
+    p = torch.exp((qb @ kb.transpose(-1, -2)) * scale - lse[..., None])
+    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    return ds @ kb * scale, ds.transpose(-1, -2) @ qb * scale, p.transpose(-1, -2) @ do
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=4)
@@ -93,6 +104,27 @@ def main():
         for variant, errs in rows.items():
             cells = [" ".join(f"{e[i]:.2f}" for e in errs) for i in range(3)]
             print(f"| {D} | {variant} | {cells[0]} | {cells[1]} | {cells[2]} |", flush=True)
+    print()
+    print("Backward recompute against the quantized forward's lse and O (groups=1 forward):")
+    print("| D | scores recomputed from | dQ | dK | dV |")
+    print("|---|---|---|---|---|")
+    for D in args.head_dims:
+        H = hadamard_matrix(D, dtype=torch.float64)
+        rows = {"quantized Q, K": [], "quantized Q, float K": [], "float Q, K": []}
+        for seed in range(args.seeds):
+            q, k, v = (t.double() for t in make_qkv(1, 2, 1024, D, family="realistic", seed=seed))
+            do = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            scale = 1 / math.sqrt(D)
+            (qr, kr), (qd, kd) = operands("groups=1", q, k, H)
+            ref = grads(qr, kr, v, do, scale)
+            s = (qd @ kd.transpose(-1, -2)) * scale
+            lse, o = torch.logsumexp(s, -1), torch.softmax(s, -1) @ v
+            for name, (qb, kb) in zip(rows, ((qd, kd), (qd, kr), (qr, kr))):
+                got = flash_backward(o, lse, do, v, qb, kb, scale)
+                rows[name].append([((g - r).norm() / r.norm()).item() * 100 for g, r in zip(got, ref)])
+        for name, errs in rows.items():
+            cells = [" ".join(f"{e[i]:.2f}" for e in errs) for i in range(3)]
+            print(f"| {D} | {name} | {cells[0]} | {cells[1]} | {cells[2]} |", flush=True)
 
 
 if __name__ == "__main__":
