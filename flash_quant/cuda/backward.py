@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .host import cdiv, next_pow2
+from . import host
+from .host import PlanCache, cdiv, next_pow2, tensor_signature
 from .common import (KIND_FLOAT, KIND_FP8, KIND_INT4, KIND_INT8, LOG2E, load_codes,
                      load_dequant, load_row_vector, score_mask)
 
@@ -55,6 +56,7 @@ BACKWARD_PRECISION = {
 }
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_KERNELS = PlanCache()  # call signature -> the compiled kernels of its launches (host.launch)
 
 # Operand modes (the KIND constants of common.py).
 _FLOAT, _INT8, _INT4, _FP8 = KIND_FLOAT, KIND_INT8, KIND_INT4, KIND_FP8
@@ -475,40 +477,47 @@ def attention_backward_triton(
     BLOCK_D = max(16, next_pow2(D))
     interp = _INTERPRET or dev.type != "cuda"
 
+    # every integer argument below is a function of the call's tensor signatures and flags:
+    # the compiled kernels of host.launch are kept per signature
+    sig = (tuple(tensor_signature(t) for t in (grad_out, q, k, v, out, lse, q_data, q_scale, q_zero_point,
+                                                 k_data, k_scale, k_zero_point, k_mean, v_data, v_scale,
+                                                 v_zero_point, attn_mask)), bool(is_causal))
+    kernels = _KERNELS.get(sig)
+    if kernels is None:
+        kernels = {}
+        _KERNELS.put(sig, kernels)
+
     pm = 16 if interp else 64
-    _bwd_preprocess[(cdiv(SQ, pm), B * HQ)](
+    host.launch(_bwd_preprocess, (cdiv(SQ, pm), B * HQ), (
         out, grad_out, lse_c, delta, lse2, qt, qsc, qzp, km,
         *out.stride(), *grad_out.stride(), *sq_, *s_qsc, *s_qzp, *km.stride(),
         HQ, group, SQ, D, sm_scale,
-        Q_MODE=qmode, Q_ZP=q_zp, HAS_KMEAN=has_kmean, BLOCK_M=pm, BLOCK_D=BLOCK_D,
-    )
+    ), dict(Q_MODE=qmode, Q_ZP=q_zp, HAS_KMEAN=has_kmean, BLOCK_M=pm, BLOCK_D=BLOCK_D), kernels, "pre")
     common_strides = (*sq_, *sk_, *vt.stride(), *grad_out.stride())
 
     def launch_dq(cfg):
-        _bwd_dq[(cdiv(SQ, cfg.block_m), B * HQ)](
+        host.launch(_bwd_dq, (cdiv(SQ, cfg.block_m), B * HQ), (
             qt, kt, vt, grad_out, dq, lse2, delta,
             qsc, qzp, ksc, kzp, kc, vsc, vzp, m,
             *common_strides, *dq.stride(),
             *s_qsc, *s_qzp, *s_ksc, *s_kzp, *kc.stride(), *s_vsc, *s_vzp, *s_m,
             HQ, group, SQ, SKV, D, sm_scale,
-            Q_MODE=qmode, K_MODE=kmode, V_MODE=vmode, Q_ZP=q_zp, K_ZP=k_zp, V_ZP=v_zp,
-            QK_INT8=qk_int8, HAS_KC=has_kc, MASK_MODE=mask_mode, IS_CAUSAL=bool(is_causal),
-            DT=dt, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        ), dict(Q_MODE=qmode, K_MODE=kmode, V_MODE=vmode, Q_ZP=q_zp, K_ZP=k_zp, V_ZP=v_zp,
+                QK_INT8=qk_int8, HAS_KC=has_kc, MASK_MODE=mask_mode, IS_CAUSAL=bool(is_causal),
+                DT=dt, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages), kernels, ("dq", cfg))
 
     def launch_dkdv(cfg):
-        _bwd_dkdv[(cdiv(SKV, cfg.block_n), B * HKV)](
+        host.launch(_bwd_dkdv, (cdiv(SKV, cfg.block_n), B * HKV), (
             qt, kt, vt, grad_out, dk, dv, lse2, delta,
             qsc, qzp, ksc, kzp, vsc, vzp, m,
             *common_strides, *dk.stride(), *dv.stride(),
             *s_qsc, *s_qzp, *s_ksc, *s_kzp, *s_vsc, *s_vzp, *s_m,
             HKV, group, SQ, SKV, D, sm_scale,
-            Q_MODE=qmode, K_MODE=kmode, V_MODE=vmode, Q_ZP=q_zp, K_ZP=k_zp, V_ZP=v_zp,
-            QK_INT8=qk_int8, MASK_MODE=mask_mode, IS_CAUSAL=bool(is_causal),
-            DT=dt, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        ), dict(Q_MODE=qmode, K_MODE=kmode, V_MODE=vmode, Q_ZP=q_zp, K_ZP=k_zp, V_ZP=v_zp,
+                QK_INT8=qk_int8, MASK_MODE=mask_mode, IS_CAUSAL=bool(is_causal),
+                DT=dt, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=BLOCK_D,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages), kernels, ("dkdv", cfg))
 
     if blocks is not None:
         cfg_dq, cfg_kv = autotune.Config(*blocks[0]), autotune.Config(*blocks[1])
