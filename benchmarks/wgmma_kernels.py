@@ -111,6 +111,30 @@ def _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, n0, offs_m, Skv,
 
 
 @gluon.jit
+def _softmax_tile(S, m_i, l_i, qs2, ks_base, sks_s, j, n_full, offs_m, Skv,
+                  IS_CAUSAL: gl.constexpr, PV_INT8: gl.constexpr, P_DTYPE: gl.constexpr,
+                  p_layout: gl.constexpr, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """_softmax_step of key tile j, masked only past the full tiles (causal diagonal, tail)."""
+    if j < n_full:
+        return _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
+                             False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+    else:
+        return _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
+                             True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+
+
+@gluon.jit
+def _rescale(acc, pv, alpha, c_prev, PV_INT8: gl.constexpr, o_layout: gl.constexpr):
+    """The accumulator after the previous tile's P·V, moved to the new running max."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    alpha_o = gl.convert_layout(alpha, row_o)
+    if PV_INT8:
+        return (acc + _i2f(pv) * gl.convert_layout(c_prev, row_o)[:, None]) * alpha_o[:, None]
+    else:
+        return pv * alpha_o[:, None]
+
+
+@gluon.jit
 def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, hk, tile, n_tiles,
               DO_K: gl.constexpr, DO_V: gl.constexpr, PV_INT8: gl.constexpr,
               BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
@@ -254,12 +278,8 @@ def attention_fwd_wgmma_kernel(
     S = warpgroup_mma_wait(0, deps=(S,))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    if n_full > 0:
-        m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, 0, offs_m, Skv,
-                                              False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
-    else:
-        m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, 0, offs_m, Skv,
-                                              True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+    m_i, l_i, alpha, p, c = _softmax_tile(S, m_i, l_i, qs2, ks_base, sks_s, 0, n_full, offs_m, Skv,
+                                          IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
     if num_warps > 4:  # every warpgroup is done with K slot 0 (one warpgroup: its wait says so)
         gl.thread_barrier()
@@ -275,19 +295,10 @@ def attention_fwd_wgmma_kernel(
         pv = _pv(p, v_smem, v_bars, j - 1, acc, PV_INT8, HEAD_DIM, BLOCK_N, NUM_BUF, o_layout)
         S = warpgroup_mma_wait(1, deps=(S,))
         c_prev = c
-        if j < n_full:
-            m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
-                                                  False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
-        else:
-            m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
-                                                  True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+        m_i, l_i, alpha, p, c = _softmax_tile(S, m_i, l_i, qs2, ks_base, sks_s, j, n_full, offs_m, Skv,
+                                              IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
         pv = warpgroup_mma_wait(0, deps=(pv,))
-        alpha_o = gl.convert_layout(alpha, row_o)
-        if PV_INT8:
-            cp = gl.convert_layout(c_prev, row_o)
-            acc = (acc + _i2f(pv) * cp[:, None]) * alpha_o[:, None]
-        else:
-            acc = pv * alpha_o[:, None]
+        acc = _rescale(acc, pv, alpha, c_prev, PV_INT8, o_layout)
         if num_warps > 4:  # every warpgroup is done with K slot j and V slot j-1
             gl.thread_barrier()
         _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, hk, j + NUM_BUF, n_tiles,
@@ -388,12 +399,8 @@ def _ws_consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bars, k_ready, v_re
     mbarrier.arrive(turn.index(1 - WG))
     S = warpgroup_mma_wait(0, deps=(S,))
     mbarrier.arrive(k_empty.index(0))
-    if n_full > 0:
-        m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, 0, offs_m, Skv,
-                                              False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
-    else:
-        m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, 0, offs_m, Skv,
-                                              True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+    m_i, l_i, alpha, p, c = _softmax_tile(S, m_i, l_i, qs2, ks_base, sks_s, 0, n_full, offs_m, Skv,
+                                          IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
     # rounds 1 .. n_tiles-1: Q·K_jᵀ and P_{j-1}·V_{j-1}
     for j in range(1, n_tiles):
         slot = j % NUM_BUF
@@ -407,19 +414,11 @@ def _ws_consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bars, k_ready, v_re
         S = warpgroup_mma_wait(1, deps=(S,))
         mbarrier.arrive(k_empty.index(slot))
         c_prev = c
-        if j < n_full:
-            m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
-                                                  False, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
-        else:
-            m_i, l_i, alpha, p, c = _softmax_step(S, m_i, l_i, qs2, ks_base, sks_s, j * BLOCK_N, offs_m, Skv,
-                                                  True, IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
+        m_i, l_i, alpha, p, c = _softmax_tile(S, m_i, l_i, qs2, ks_base, sks_s, j, n_full, offs_m, Skv,
+                                              IS_CAUSAL, PV_INT8, P_DTYPE, p_layout, s_layout, BLOCK_N)
         pv = warpgroup_mma_wait(0, deps=(pv,))
         mbarrier.arrive(v_empty.index(prev))
-        alpha_o = gl.convert_layout(alpha, row_o)
-        if PV_INT8:
-            acc = (acc + _i2f(pv) * gl.convert_layout(c_prev, row_o)[:, None]) * alpha_o[:, None]
-        else:
-            acc = pv * alpha_o[:, None]
+        acc = _rescale(acc, pv, alpha, c_prev, PV_INT8, o_layout)
     # last round: P·V of the last tile
     mbarrier.wait(turn.index(WG), n_tiles & 1)
     pv = _pv(p, v_smem, v_ready, n_tiles - 1, acc, PV_INT8, HEAD_DIM, BLOCK_N, NUM_BUF, o_layout)
