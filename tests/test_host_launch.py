@@ -85,6 +85,17 @@ def test_alignment_and_key_select_their_own_kernels(fake_driver):
     assert len(kernels) == 3
 
 
+def test_kernels_are_per_current_device(fake_driver, monkeypatch):
+    """A loaded kernel belongs to one device: another current device compiles (loads) again."""
+    fn = _JIT(["X"])
+    kernels = {}
+    x = torch.zeros(4)
+    host.launch(fn, (1,), (x,), {}, kernels, "k")
+    monkeypatch.setattr(_Driver.active, "get_current_device", staticmethod(lambda: 1))
+    host.launch(fn, (1,), (x,), {}, kernels, "k")
+    assert [e[0] for e in fn.log] == ["jit", "jit"] and len(kernels) == 2
+
+
 def test_switched_off_or_interpreted_launches_always_bind(fake_driver, monkeypatch):
     monkeypatch.setenv("FLASH_QUANT_DIRECT_LAUNCH", "0")
     fn = _JIT(["X"])

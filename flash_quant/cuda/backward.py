@@ -540,10 +540,11 @@ def _cuda_attention_backward(grad_out, q, k, v, out, lse,
                              k_data, k_scale, k_zero_point, k_mean,
                              v_data, v_scale, v_zero_point,
                              attn_mask, is_causal, scale, pv_precision):
-    return attention_backward_triton(
-        grad_out, q, k, v, out, lse, q_data, q_scale, q_zero_point,
-        k_data, k_scale, k_zero_point, k_mean, v_data, v_scale, v_zero_point,
-        attn_mask, is_causal, scale, pv_precision)
+    with torch.cuda.device(grad_out.device):  # launch on the tensors' device, as the forward does
+        return attention_backward_triton(
+            grad_out, q, k, v, out, lse, q_data, q_scale, q_zero_point,
+            k_data, k_scale, k_zero_point, k_mean, v_data, v_scale, v_zero_point,
+            attn_mask, is_causal, scale, pv_precision)
 
 
 def _register():

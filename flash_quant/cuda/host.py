@@ -101,9 +101,10 @@ def direct_launches() -> int:
 def launch(fn, grid: Sequence[int], args: tuple, meta: Dict[str, Any], kernels: Dict, key: Hashable) -> None:
     """``fn[grid](*args, **meta)``, the compiled kernel kept in `kernels` (a plan's dict).
 
-    A later call with the same `key` and the same 16-byte alignment of each tensor argument
-    calls that kernel's launcher directly. The caller promises that `key` fixes `grid`,
-    `meta` and every non-tensor argument: then the cached kernel is the one
+    A later call with the same `key`, the same 16-byte alignment of each tensor argument
+    and the same current device (a loaded kernel belongs to one) calls that kernel's
+    launcher directly. The caller promises that `key` fixes `grid`, `meta` and every
+    non-tensor argument: then the cached kernel is the one
     ``JITFunction.run`` would select, since Triton specialises a launch on the constexprs,
     on integers equal to 1 or divisible by 16, and on pointer alignment (part of the cache
     key here). Launch hooks (profilers) are honoured as ``run`` does. Off with
@@ -111,7 +112,9 @@ def launch(fn, grid: Sequence[int], args: tuple, meta: Dict[str, Any], kernels: 
     every call takes ``fn[grid]``.
     """
     align = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
-    entry = kernels.get((key, align))
+    # (an empty dict skips the driver query: nothing is cached under the interpreter)
+    device = driver.active.get_current_device() if kernels else None
+    entry = kernels.get((key, align, device)) if kernels else None
     if entry is None:
         compiled = fn[grid](*args, **meta)
         if (compiled is not None and hasattr(compiled, "packed_metadata")
@@ -120,11 +123,11 @@ def launch(fn, grid: Sequence[int], args: tuple, meta: Dict[str, Any], kernels: 
                 tail = tuple(meta[p.name] for p in fn.params[len(args):])
             except KeyError:  # a defaulted parameter: keep launching through fn[grid]
                 return
-            kernels[(key, align)] = (compiled, tail)
+            kernels[(key, align, driver.active.get_current_device())] = (compiled, tail)
         return
     compiled, tail = entry
     full = args + tail
-    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    stream = driver.active.get_current_stream(device)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
