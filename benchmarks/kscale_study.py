@@ -23,6 +23,7 @@ import triton
 import flash_quant  # noqa: F401  (registers the ops)
 from flash_quant.cuda import autotune
 from flash_quant.cuda.forward import attention_forward_launch
+from flash_quant.testing import kernel_operands
 
 SHAPES = {"flux": (1, 24, 4608, 128), "b4": (4, 32, 4096, 128), "d64": (8, 32, 2048, 64)}
 
@@ -34,7 +35,6 @@ def main():
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ops = torch.ops.flash_quant
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for name in args.shapes.split(","):
         B, H, S, D = SHAPES[name]
@@ -49,17 +49,11 @@ def main():
         print(f"### {name} {B}x{H}x{S}x{D}: cuDNN {cudnn:.3f} ms ({flops / cudnn / 1e9:.0f} TFLOPS)")
         print("| recipe | K scale | config | ms | TFLOPS | x cuDNN | rel-L2 vs fp32 |")
         print("|---|---|---|---|---|---|---|")
-        a, s, _, _ = ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
         ph = lambda x: torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)  # noqa: E731
         for recipe in ("accurate", "fast"):
             for kgran in ("per_token", "per_head"):
-                b, t, _, m = ops.quantize(k, "int8", kgran, 1, "symmetric", True)
-                kw = dict(q_data=a, q_scale=s, k_data=b, k_scale=t, k_mean=m)
-                vv, pv = v, "none"
-                if recipe == "fast":
-                    c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
-                    kw.update(v_data=c, v_scale=u)
-                    vv, pv = ph(v), "int8"
+                kw, pv = kernel_operands(q, k, v, recipe, kgran)
+                vv = ph(v) if "v_data" in kw else v
                 for cfg in args.configs.split(","):
                     config = autotune.Config(*(int(x) for x in cfg.split("/")))
                     g = lambda: attention_forward_launch(ph(q), ph(k), vv, pv_precision=pv,  # noqa: E731

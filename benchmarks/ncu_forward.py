@@ -15,6 +15,7 @@ import torch
 import flash_quant  # noqa: F401  (registers the ops)
 from flash_quant.cuda import autotune
 from flash_quant.cuda.forward import attention_forward_launch
+from flash_quant.testing import kernel_operands
 
 
 def main():
@@ -28,16 +29,9 @@ def main():
     B, H, S, D = (int(x) for x in args.shape.split(","))
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    ops = torch.ops.flash_quant
-    a, s, _, _ = ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
-    b, t, _, m = ops.quantize(k, "int8", args.kscale, 1, "symmetric", True)
-    kw = dict(q_data=a, q_scale=s, k_data=b, k_scale=t, k_mean=m)
-    vv, pv = v, "none"
-    if args.recipe == "fast":
-        c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
-        kw.update(v_data=c, v_scale=u)
-        vv, pv = torch.empty((), dtype=v.dtype, device=v.device).expand(v.shape), "int8"
+    kw, pv = kernel_operands(q, k, v, args.recipe, args.kscale)
     ph = lambda x: torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)  # noqa: E731
+    vv = ph(v) if "v_data" in kw else v
     config = autotune.Config(*(int(x) for x in args.config.split("/")))
     for _ in range(args.launches):
         attention_forward_launch(ph(q), ph(k), vv, pv_precision=pv, config=config, num_splits=1, **kw)

@@ -22,25 +22,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 from flash_quant.cuda import autotune, forward  # noqa: E402
+from flash_quant.testing import kernel_operands  # noqa: E402
 
 import wgmma_kernels as forward_wgmma  # noqa: E402  (this folder)
 
 SHAPES = {"flux": (1, 24, 4608, 128, False), "b4": (4, 32, 4096, 128, False),
           "b4c": (4, 32, 4096, 128, True), "d64": (8, 32, 2048, 64, False),
           "d64c": (8, 32, 2048, 64, True), "odd": (2, 4, 1000, 128, True)}
-
-
-def operands(q, k, v, recipe):
-    ops = torch.ops.flash_quant
-    a, s, _, _ = ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
-    b, t, _, m = ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
-    kw = dict(q_data=a, q_scale=s, k_data=b, k_scale=t, k_mean=m)
-    pv = "none"
-    if recipe == "fast":
-        c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
-        kw.update(v_data=c, v_scale=u)
-        pv = "int8"
-    return kw, pv
 
 
 def rel(a, b):
@@ -82,7 +70,7 @@ def main():
         print("| recipe | kernel | config | ms | TFLOPS | x cuDNN | rel-L2 fp32 | vs Triton |")
         print("|---|---|---|---|---|---|---|---|")
         for recipe in args.recipes.split(","):
-            kw, pv = operands(q, k, v, recipe)
+            kw, pv = kernel_operands(q, k, v, recipe)
             ph = lambda x: torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)  # noqa: E731
             vv = ph(v) if recipe == "fast" else v
             tri = lambda: forward.attention_forward_launch(ph(q), ph(k), vv, pv_precision=pv,  # noqa: E731

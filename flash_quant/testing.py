@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["reference_attention", "reference_attention_backward", "make_qkv", "make_far_key_tile_qkv",
+__all__ = ["reference_attention", "reference_attention_backward", "make_qkv", "make_far_key_tile_qkv", "kernel_operands",
            "error_stats", "capture_cuda_graph"]
 
 
@@ -106,6 +106,25 @@ def make_far_key_tile_qkv(seed: Optional[int] = None):
     k = q[0, 0, 0].expand(1, 1, 128, 64).clone()
     k[..., 64:, :] *= -1.0 / 7
     return q, k, v
+
+
+def kernel_operands(q, k, v, recipe: str = "accurate", k_granularity: str = "per_token"):
+    """The attention_forward operands of a preset's recipe, quantized by the ops (no
+    rotation): INT8 Q per token and smoothed INT8 K (per token, or `k_granularity`); for
+    recipe "fast" also INT8 V per channel (stored K-major by the quantizer) with INT8 P.
+    Returns (keyword arguments of the op's quantized operands, pv_precision)."""
+    if recipe not in ("accurate", "fast"):
+        raise ValueError(f"recipe must be 'accurate' or 'fast', got {recipe!r}")
+    from . import ops  # (loads the compiled extension: late, the references here need none)
+
+    a, s, _, _ = ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
+    b, t, _, m = ops.quantize(k, "int8", k_granularity, 1, "symmetric", True)
+    kw = dict(q_data=a, q_scale=s, k_data=b, k_scale=t, k_mean=m)
+    if recipe == "accurate":
+        return kw, "none"
+    c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
+    kw.update(v_data=c, v_scale=u)
+    return kw, "int8"
 
 
 def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> dict:

@@ -1,8 +1,15 @@
 """flash_quant.cuda.host.launch without a GPU: a stand-in JIT function and compiled kernel
 record what a launch passes (the logic of the cache; the compiled launchers themselves
 run in the GPU tests, test_cuda_gpu.py)."""
-import pytest
-import torch
+import os
+
+# as the other CPU test files of the Triton code: importing flash_quant.cuda decorates its
+# kernels, in interpreter mode only if this is set first (else a later interpreter test
+# module in the same session would get compiled-mode kernels)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 pytest.importorskip("triton")
 from flash_quant.cuda import host  # noqa: E402

@@ -482,10 +482,7 @@ def attention_backward_triton(
     sig = (tuple(tensor_signature(t) for t in (grad_out, q, k, v, out, lse, q_data, q_scale, q_zero_point,
                                                  k_data, k_scale, k_zero_point, k_mean, v_data, v_scale,
                                                  v_zero_point, attn_mask)), bool(is_causal))
-    kernels = _KERNELS.get(sig)
-    if kernels is None:
-        kernels = {}
-        _KERNELS.put(sig, kernels)
+    kernels = _KERNELS.get_or_put(sig, dict)
 
     pm = 16 if interp else 64
     host.launch(_bwd_preprocess, (cdiv(SQ, pm), B * HQ), (

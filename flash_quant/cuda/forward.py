@@ -716,10 +716,7 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
     tensors = (q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
                v_data, v_scale, v_zero_point, attn_mask)
     key = (tuple(tensor_signature(t) for t in tensors), is_causal, scale, pv_precision, pack_gqa)
-    p = _PLANS.get(key)
-    if p is None:
-        p = _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa)
-        _PLANS.put(key, p)
+    p = _PLANS.get_or_put(key, lambda: _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa))
     out = torch.empty((p.B, p.Hq, p.Sq, p.D), dtype=p.out_dtype, device=p.device)
     lse = torch.empty((p.B, p.Hq, p.Sq), dtype=torch.float32, device=p.device)
     ptrs = [tensors[i] if i >= 0 else lse for i in p.pointers]  # lse: a dummy, never dereferenced

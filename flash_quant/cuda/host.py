@@ -82,6 +82,14 @@ class PlanCache:
                 pass
         self._plans[key] = plan
 
+    def get_or_put(self, key: Hashable, make):
+        """The entry for `key`, made by `make()` and stored when missing."""
+        plan = self.get(key)
+        if plan is None:
+            plan = make()
+            self.put(key, plan)
+        return plan
+
     def clear(self) -> None:
         self._plans.clear()
         self.hits = self.misses = 0
@@ -112,7 +120,8 @@ def launch(fn, grid: Sequence[int], args: tuple, meta: Dict[str, Any], kernels: 
     every call takes ``fn[grid]``.
     """
     align = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
-    # (an empty dict skips the driver query: nothing is cached under the interpreter)
+    # (an empty dict asks no driver: under the interpreter nothing is ever cached, and
+    # there may be no GPU driver to ask)
     device = driver.active.get_current_device() if kernels else None
     entry = kernels.get((key, align, device)) if kernels else None
     if entry is None:
@@ -123,7 +132,9 @@ def launch(fn, grid: Sequence[int], args: tuple, meta: Dict[str, Any], kernels: 
                 tail = tuple(meta[p.name] for p in fn.params[len(args):])
             except KeyError:  # a defaulted parameter: keep launching through fn[grid]
                 return
-            kernels[(key, align, driver.active.get_current_device())] = (compiled, tail)
+            if device is None:
+                device = driver.active.get_current_device()
+            kernels[(key, align, device)] = (compiled, tail)
         return
     compiled, tail = entry
     full = args + tail

@@ -103,10 +103,7 @@ def attention_prologue_launch(
     grid = (cdiv(P + S, block_s), B * H)
     # every integer argument, the grid and the constexprs follow from the tensors' signatures
     key = tuple(tensor_signature(t) for t in (x, prefix, weight, prefix_weight, cos, sin)) + (eps is None,)
-    kernels = _KERNELS.get(key)
-    if kernels is None:
-        kernels = {}
-        _KERNELS.put(key, kernels)
+    kernels = _KERNELS.get_or_put(key, dict)
     host.launch(_prologue_kernel, grid, (
         x, p, weight if weight is not None else x, prefix_weight if prefix_weight is not None else x,
         c, s, out,

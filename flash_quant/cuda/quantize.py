@@ -508,10 +508,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)  # raises
     key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
            TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
-    p = _PLANS.get(key)
-    if p is None:
-        p = _plan_quantize(x, precision, granularity, block_size, strategy, smooth)
-        _PLANS.put(key, p)
+    p = _PLANS.get_or_put(key, lambda: _plan_quantize(x, precision, granularity, block_size, strategy, smooth))
     dev = x.device
     x4 = _as4d(x) if p.as4d else x  # rank <= 4: the kernels read x itself with the 4-d strides
     buf = torch.empty(p.data_shape, dtype=p.data_dtype, device=dev)
