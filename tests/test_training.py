@@ -79,10 +79,14 @@ def test_accurate_preset_gradient_bar_cpu(family, d):
     unquantized attention: cosine >= 0.999 and rel-L2 <= 3 %.
 
     Exception, measured (docs/backward.md): realistic family at D=64 gives dQ/dK rel-L2
-    2.5-3.3 % over seeds (cosine >= 0.9994) with an fp32-exact backward: the error is the
+    2.7-3.3 % over seeds (cosine >= 0.9994) with an fp32-exact backward: the error is the
     straight-through gradient of the INT8 Q·Kᵀ forward (P itself differs), not the
-    backward's arithmetic; there the rel-L2 bound is 4 %, cosine keeps the bar."""
-    q, k, v = make_qkv(1, 2, 1024, d, family=family)
+    backward's arithmetic; there the rel-L2 bound is 4 %, cosine keeps the bar.
+
+    8 heads: with 2 the worst of dQ/dK/dV spreads over draws (200 draws: up to 4.24 %,
+    cosine down to 0.99910; a clean-clone CI run drew 4.17 %); with 8, 55 draws gave
+    2.70-3.29 %, cosine >= 0.99946 (CPU, 2026-12-02)."""
+    q, k, v = make_qkv(1, 8, 1024, d, family=family)
     do = torch.randn(q.shape)
     got = _grads(q, k, v, do, config="accurate")
     ref = reference_attention_backward(do, q, k, v)
