@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_stall_run.sh
 #
 # ncu reads hardware counters on the Firecracker runtime only (device README, KINDS.md);
-# clocks are left alone (--clock-control none, METHOD.md).
+# clocks are left alone (--clock-control none, METHOD.md). Then benchmarks/profile_call.py:
+# the GPU time of each kernel of one flash_quant.attention call at the Flux shape.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_stall_run}"
@@ -34,3 +35,8 @@ for run in "accurate per_token 128/64/4/3" "accurate per_head 128/64/4/3" "fast 
   grep -E "stalled|Stall|Issued Warp|No Eligible|Active Warps|Eligible Warps|Achieved Occupancy|Executed Ipc|Duration" \
     "$OUT/ncu_$name.txt" | head -40
 done
+
+echo "== where one flash_quant.attention call spends GPU time (Flux shape)"
+timeout "${FQ_PROFILE_LIMIT:-120}" python3 benchmarks/profile_call.py --shape 1,24,4608,128 --presets accurate fast \
+  > "$OUT/profile_call.txt" 2>&1
+grep -v Warning "$OUT/profile_call.txt" | grep -v _warn_once | head -60
