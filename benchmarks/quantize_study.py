@@ -7,7 +7,11 @@ quantization as a CUDA-graph replay (GPU work only) for each
 :class:`flash_quant.cuda.quantize.LaunchTuning` below and prints the fastest. The
 product's defaults come from here.
 
-Run on the GPU:  python benchmarks/quantize_study.py [--shape 1,24,4608,128]
+Run on the GPU:  python benchmarks/quantize_study.py [--shape 1,24,4608,128] [--rotate]
+
+``--rotate``: the Hadamard rotation fused into the quantize kernels (``rotate=True``)
+against the former route (a matmul writes the rotated copy, the kernels read it), and the
+fused kernels' tile (``rotate_tile``), warps and column-statistics tile.
 """
 from __future__ import annotations
 
@@ -30,11 +34,15 @@ def graph_us(fn) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1,24,4608,128")
+    ap.add_argument("--rotate", action="store_true")
     args = ap.parse_args()
     B, H, S, D = (int(x) for x in args.shape.split(","))
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ops = torch.ops.flash_quant
+    if args.rotate:
+        rotate_study(q, k, v, ops)
+        return
 
     def call():
         ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
@@ -65,6 +73,44 @@ def main():
     best = min(rows, key=lambda r: r[0])
     print(f"\nfastest: {best[1]} {best[0]:.1f} us; default {default}: "
           f"{next(t for t, c in rows if c == default):.1f} us")
+
+
+def rotate_study(q, k, v, ops):
+    from flash_quant.rotation import rotate
+
+    def former():  # a matmul writes the rotated copy; the kernels read it
+        ops.quantize(rotate(q), "int8", "per_token", 1, "symmetric", False)
+        ops.quantize(rotate(k), "int8", "per_token", 1, "symmetric", True)
+
+    def fused():
+        ops.quantize(q, "int8", "per_token", 1, "symmetric", False, True)
+        ops.quantize(k, "int8", "per_token", 1, "symmetric", True, True)
+
+    def v_channel():  # the fast preset's V (no rotation): for the fast preset's share
+        ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
+
+    default = qz.TUNING
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+          f"shape {tuple(q.shape)} bf16; GPU time (CUDA graph replay, median), accurate preset's Q + K")
+    print(f"former route (rotate by matmul, then quantize): {graph_us(former):.1f} us; "
+          f"V per channel (fast preset): {graph_us(v_channel):.1f} us")
+    print("| rotate tile | quant warps | colstats tile | fused Q+K us |")
+    print("|---|---|---|---|")
+    rows = []
+    for rt, qw, ct in itertools.product((4096, 8192, 16384), (4, 8), (4096, 8192)):
+        qz.TUNING = default._replace(rotate_tile=rt, quant_warps=qw, colstats_tile=ct)
+        try:
+            fused()
+            us = graph_us(fused)
+        except Exception as exc:
+            print(f"| {rt} | {qw} | {ct} | failed: {str(exc).splitlines()[0][:60]} |")
+            continue
+        rows.append((us, qz.TUNING))
+        mark = " (default)" if qz.TUNING == default else ""
+        print(f"| {rt} | {qw} | {ct} | {us:.1f}{mark} |", flush=True)
+    qz.TUNING = default
+    best = min(rows, key=lambda r: r[0])
+    print(f"\nfastest: {best[1]} {best[0]:.1f} us")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,18 @@ TORCH_LIBRARY(flash_quant, m) {
   //   block_size  : rows (along dim -2) per group for "per_block"; ignored otherwise
   //   strategy    : "symmetric" | "asymmetric" | "legacy"
   //   smooth      : subtract the per-channel mean over dim -2 before quantizing
+  //   rotate      : first multiply the last dim by flash_quant.rotation.hadamard_matrix(D)
+  //                 (orthonormal, block-diagonal Hadamard), in float32. Everything
+  //                 returned is then of the rotated values x @ H: codes, scale, zero
+  //                 point, and mean (the mean over dim -2 of x @ H). dequantize gives
+  //                 back the rotated values; undoing the rotation (@ Hᵀ) is the caller's
+  //                 (QuantizedTensor does it).
   // Returns data (int8 / packed uint8 for int4 / float8), scale (float32, the group
   // shape), zero_point (int32, same shape as scale) and mean (float32 of shape
   // x.shape[:-2] + (1, D) when smooth, else an empty tensor).
   m.def(
       "quantize(Tensor x, str precision, str granularity, int block_size, str strategy, "
-      "bool smooth) -> (Tensor data, Tensor scale, Tensor zero_point, Tensor mean)");
+      "bool smooth, bool rotate=False) -> (Tensor data, Tensor scale, Tensor zero_point, Tensor mean)");
 
   // Quantize with given scales (static quantization, or scales chosen by a search such
   // as flash_quant.scales.mse_scale): data = clamp(round(x / scale) + zero_point). scale

@@ -11,7 +11,7 @@ from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
 from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
-from .rotation import rotate
+from .rotation import rotate, rotated_stand_in
 
 __all__ = ["attention", "attention_with_lse"]
 
@@ -84,21 +84,19 @@ def attention_with_lse(
         dt = cfg.compute_dtype.float_dtype
         q, k, v = (t.to(dt) if t.dtype != dt else t for t in (q, k, v))
 
-    if _rotation_wanted(cfg, query, key):
-        # Rotate once; the rotated floats are both what gets quantized and what the op
-        # sees as q / k, so autograd carries gradients back through the rotation.
-        q = rotate(q) if isinstance(query, torch.Tensor) else q
-        k = rotate(k) if isinstance(key, torch.Tensor) else k
+    rotated = _rotation_wanted(cfg, query, key)
+    q_op, q_rot = _rotated_operand(query, q, cfg.q) if rotated else (q, False)
+    k_op, k_rot = _rotated_operand(key, k, cfg.k) if rotated else (k, False)
     with torch.no_grad():  # straight-through: gradients reach q/k/v through the attention
         # op's own formula, so the quantization steps need no autograd graph (nor its
         # saved copies of q and k)
-        q_args = _operand_args(query, q, cfg.q, "q")
-        k_args = _operand_args(key, k, cfg.k, "k")
+        q_args = _operand_args(query, q, cfg.q, "q", q_rot)
+        k_args = _operand_args(key, k, cfg.k, "k", k_rot)
         v_args = _operand_args(value, v, cfg.v, "v")
 
     mask = _prepare_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out, lse = ops.attention_forward(
-        q, k, v, *q_args, *k_args, *v_args,
+        q_op, k_op, v, *q_args, *k_args, *v_args,
         attn_mask=mask, is_causal=bool(is_causal), scale=scale, pv_precision=cfg.pv.value,
     )
     return out.to(out_dtype), lse
@@ -164,16 +162,30 @@ def _rotation_wanted(cfg: AttentionConfig, query, key) -> bool:
     return cfg.q.rotate and (cfg.q.quantized or cfg.k.quantized)
 
 
-def _operand_args(given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str):
+def _rotated_operand(given: Operand, x: torch.Tensor, cfg: OperandConfig):
+    """(what the op sees as this float operand, whether its quantization rotates) when
+    the call rotates Q and K. A quantized float operand is rotated by the quantize op
+    (fused into the CUDA kernels), and every backend reads a quantized operand's codes,
+    never its float: the op gets a stand-in for rotate(x) that costs nothing and carries
+    the gradient back through the rotation. An unquantized one is rotated here (its
+    floats are what the kernels read); a QuantizedTensor's codes are rotated already."""
+    if not isinstance(given, torch.Tensor):
+        return x, False
+    if cfg.quantized:
+        return rotated_stand_in(x), True
+    return rotate(x), False
+
+
+def _operand_args(given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str, rotate: bool = False):
     """The op's (data, scale, zero_point[, mean]) for one operand: a given QuantizedTensor's
-    fields, or `x` (already rotated when the config rotates) quantized per `cfg`, or Nones
+    fields, or `x` quantized per `cfg` (Hadamard-rotated first when `rotate`), or Nones
     for an unquantized operand. No QuantizedTensor is built per call."""
     if isinstance(given, QuantizedTensor):
         return _op_args(given.data, given.scale, given.zero_point, given.mean, given.granularity,
                         given.strategy, given.orig_shape, role)
     if not cfg.quantized:
         return (None, None, None, None) if role == "k" else (None, None, None)
-    data, scale, zero_point, mean = quantize_codes(x, cfg)
+    data, scale, zero_point, mean = quantize_codes(x, cfg, rotate=rotate)
     return _op_args(data, scale, zero_point, mean if cfg.smooth else None, cfg.granularity, cfg.strategy,
                     tuple(x.shape), role)
 

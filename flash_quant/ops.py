@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the CPU kernels)
+from . import rotation
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 
 __all__ = [
@@ -44,10 +45,17 @@ DATA_DTYPES = {
 
 # --------------------------------------------------------------------------- quantize
 def quantize(
-    x: torch.Tensor, precision: str, granularity: str, block_size: int, strategy: str, smooth: bool
+    x: torch.Tensor,
+    precision: str,
+    granularity: str,
+    block_size: int,
+    strategy: str,
+    smooth: bool,
+    rotate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(data, scale, zero_point, mean) — see docs/op_contract.md."""
-    return _ops.quantize(x, precision, granularity, block_size, strategy, smooth)
+    """(data, scale, zero_point, mean) — see docs/op_contract.md. rotate: quantize
+    x @ hadamard_matrix(D) (every output is then of the rotated values)."""
+    return _ops.quantize(x, precision, granularity, block_size, strategy, smooth, rotate)
 
 
 #: The CUDA backend stores 8-bit per_channel data (V for an 8-bit P·V) K-major: a buffer
@@ -71,7 +79,7 @@ def _new_data(x, shape, precision, granularity):
 
 
 @torch.library.register_fake("flash_quant::quantize")
-def _quantize_fake(x, precision, granularity, block_size, strategy, smooth):
+def _quantize_fake(x, precision, granularity, block_size, strategy, smooth, rotate=False):
     shape = tuple(x.shape)
     data = _new_data(x, shape, precision, granularity)  # strides as the real kernels
     sshape = scale_shape(shape, granularity, block_size)
@@ -82,33 +90,40 @@ def _quantize_fake(x, precision, granularity, block_size, strategy, smooth):
 
 
 def _quantize_setup(ctx, inputs, output):
-    x, precision, granularity, block_size, strategy, smooth = inputs
+    x, precision, granularity, block_size, strategy, smooth, rotate = inputs  # defaults filled in
     data, scale, zero_point, _ = output
     ctx.mark_non_differentiable(data, zero_point)
     ctx.save_for_backward(x, scale, zero_point)
-    ctx.args = (precision, granularity, block_size, strategy, smooth)
+    ctx.args = (precision, granularity, block_size, strategy, smooth, rotate)
 
 
 def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
     """Exact derivatives of the float outputs: the mean (linear) and the scale (a
-    subgradient of absmax for symmetric, of the clipped range for asymmetric)."""
+    subgradient of absmax for symmetric, of the clipped range for asymmetric).
+
+    With rotate, the statistics are of y = x @ H (float32): the gradients below are with
+    respect to y, and the one with respect to x is that times Hᵀ."""
     x, scale, zero_point = ctx.saved_tensors
-    precision, granularity, block_size, strategy, smooth = ctx.args
+    precision, granularity, block_size, strategy, smooth, rotate = ctx.args
+
+    def to_x(g):  # gradient w.r.t. the quantized values -> w.r.t. x
+        return (rotation.unrotate(g.float()) if rotate else g).to(x.dtype)
+
     grad_x = None
     if grad_mean is not None and smooth:
-        grad_x = (grad_mean / x.shape[-2]).expand(x.shape).to(x.dtype)
+        grad_x = to_x((grad_mean / x.shape[-2]).expand(x.shape))
     if grad_scale is not None:
-        xf = x.float()
+        # rotation.rotate works in its input's dtype: rotate the float32 copy
+        xf = rotation.rotate(x.float()) if rotate else x.float()
         if smooth:
             xf = xf - xf.mean(dim=-2, keepdim=True)
-        s = expand_groups(scale, x.shape, block_size)
         qmax = QMAX[precision]
         g = expand_groups(grad_scale, x.shape, block_size)
         if strategy == "asymmetric":
             qmin = {"int8": -128.0, "int4": -8.0}[precision]
             levels = qmax - qmin
             hi = expand_groups(group_amax(xf, scale.shape, block_size).clamp_min(0), x.shape, block_size)
-            lo = expand_groups(-group_amax(-xf, scale.shape, block_size).clamp_max(0), x.shape, block_size)
+            lo = expand_groups((-group_amax(-xf, scale.shape, block_size)).clamp_max(0), x.shape, block_size)
             is_hi = (xf == hi) & (hi > 0)
             is_lo = (xf == lo) & (lo < 0)
             n_hi = expand_groups(reduce_groups(is_hi.float(), scale.shape, block_size), x.shape, block_size)
@@ -116,14 +131,17 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
             d = is_hi.float() / n_hi.clamp_min(1) - is_lo.float() / n_lo.clamp_min(1)
             contrib = g * d / levels
         else:
-            absmax = s * qmax
+            # the group absmax recomputed from xf, not scale * qmax: (a / qmax) * qmax is
+            # not always a in float32 (~0.5 % of groups got no gradient), and with rotate
+            # xf may differ from the kernel's rotated values in the last bit
+            absmax = expand_groups(group_amax(xf.abs(), scale.shape, block_size), x.shape, block_size)
             is_max = (xf.abs() == absmax) & (absmax > 0)
             n = expand_groups(reduce_groups(is_max.float(), scale.shape, block_size), x.shape, block_size)
             contrib = g * torch.sign(xf) * is_max.float() / n.clamp_min(1) / qmax
         if smooth:  # the group statistics were taken on x - mean(x)
             contrib = contrib - contrib.mean(dim=-2, keepdim=True)
-        grad_x = contrib.to(x.dtype) if grad_x is None else grad_x + contrib.to(x.dtype)
-    return grad_x, None, None, None, None, None
+        grad_x = to_x(contrib) if grad_x is None else grad_x + to_x(contrib)
+    return grad_x, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_quant::quantize", _quantize_backward, setup_context=_quantize_setup)

@@ -47,8 +47,7 @@ def quantize(
 
 def quantize_operand(x: torch.Tensor, cfg: OperandConfig) -> QuantizedTensor:
     """Quantize with a validated OperandConfig (no value checks: this runs per call)."""
-    src = _rotate(x) if cfg.rotate else x
-    data, scale, zero_point, mean = quantize_codes(src, cfg)
+    data, scale, zero_point, mean = quantize_codes(x, cfg, rotate=cfg.rotate)
     return QuantizedTensor(
         data, scale, zero_point, precision=cfg.precision, strategy=cfg.strategy, granularity=cfg.granularity,
         orig_shape=tuple(x.shape), orig_dtype=x.dtype, mean=mean if cfg.smooth else None,
@@ -56,10 +55,11 @@ def quantize_operand(x: torch.Tensor, cfg: OperandConfig) -> QuantizedTensor:
     )
 
 
-def quantize_codes(x: torch.Tensor, cfg: OperandConfig):
-    """The quantize op's (data, scale, zero_point, mean) for `x` as given (`cfg.rotate` is
-    not applied here). The attention call's per-call path: it needs the tensors only, not
-    a QuantizedTensor around them."""
+def quantize_codes(x: torch.Tensor, cfg: OperandConfig, rotate: bool = False):
+    """The quantize op's (data, scale, zero_point, mean) for `x`, Hadamard-rotated first
+    when `rotate` (by the op: the CUDA kernels rotate each tile as they load it, so no
+    rotated copy of x is written). The attention call's per-call path: it needs the
+    tensors only, not a QuantizedTensor around them."""
     g = cfg.granularity
     rank = x.dim()
     if g.name in ("per_head",) and rank < 3:
@@ -68,9 +68,9 @@ def quantize_codes(x: torch.Tensor, cfg: OperandConfig):
         raise ValueError(f"{g.name if not cfg.smooth else 'smoothing'} needs a tensor of rank >= 2, got rank {rank}")
     if cfg.precision is Precision.INT4 and x.shape[-1] % 2:
         raise ValueError(f"INT4 packs two values per byte: the last dim must be even, got {x.shape[-1]}")
-    if cfg.scale_search == "mse":
-        return _quantize_searched(x, cfg)
-    return ops.quantize(x, cfg.precision.value, g.name, g.block_size, cfg.strategy.value, cfg.smooth)
+    if cfg.scale_search == "mse":  # (the search works on float tensors: rotate them here)
+        return _quantize_searched(_rotate(x) if rotate else x, cfg)
+    return ops.quantize(x, cfg.precision.value, g.name, g.block_size, cfg.strategy.value, cfg.smooth, rotate)
 
 
 def _quantize_searched(x: torch.Tensor, cfg: OperandConfig):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["hadamard_matrix", "rotate", "unrotate"]
+__all__ = ["hadamard_matrix", "rotate", "unrotate", "rotated_stand_in"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,3 +48,26 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
 def unrotate(x: torch.Tensor) -> torch.Tensor:
     """Inverse of `rotate` (H is orthonormal: the inverse is Hᵀ)."""
     return torch.matmul(x, hadamard_matrix(x.shape[-1], device=x.device, dtype=x.dtype).t())
+
+
+class _RotatedStandIn(torch.autograd.Function):
+    """Forward: a zero-stride tensor of x's shape and dtype (no values are computed).
+    Backward: the incoming gradient, taken with respect to rotate(x), unrotated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return unrotate(grad)
+
+
+def rotated_stand_in(x: torch.Tensor) -> torch.Tensor:
+    """Stands for rotate(x) where only its shape, dtype and gradient path matter: the
+    attention op reads a quantized operand's codes, never its float tensor, so rotating
+    the floats (a matmul over the whole tensor) is skipped. Gradients reaching the stand-in
+    flow to x as they would through rotate(x)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RotatedStandIn.apply(x)
+    return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)

@@ -276,3 +276,68 @@ def test_direct_launch_backward_bitwise():
     assert host.direct_launches() > n
     for g1, g2 in zip(*grads):
         assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (72, torch.float16), (128, torch.bfloat16),
+                                     (256, torch.bfloat16), (128, torch.float32), (512, torch.bfloat16)])
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_quantize_fused_rotation_gpu(D, dtype, granularity):
+    """rotate=True in the compiled kernels (D 72: Hadamard blocks of 8; 512 bf16: too wide
+    to fuse, a float32 matmul rotates first) against quantizing the float64-rotated x."""
+    from flash_quant.rotation import hadamard_matrix
+
+    x = (torch.randn(2, 6, 1000, D, device=DEV) * 2 + torch.randn(2, 6, 1, D, device=DEV)).to(dtype)
+    xr = (x.double() @ hadamard_matrix(D, device=DEV, dtype=torch.float64)).float()
+    got = torch.ops.flash_quant.quantize(x, "int8", granularity, 1, "symmetric", True, True)
+    want = quantize_launch(xr, "int8", granularity, 1, "symmetric", True, False)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-5)
+    diff = (got[0].int() - want[0].int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("preset", ["accurate", "fast"])
+def test_attention_fused_rotation_matches_rotate_then_quantize(preset):
+    """flash_quant.attention now quantizes Q and K with the rotation inside the quantize
+    kernels and hands the op a stand-in for the rotated floats. Against the former route
+    (rotate by a matmul, quantize the rotated bf16 copy), at a ragged causal GQA size:
+    the same error against fp64 (the fused rotation keeps fp32 values, so no worse), and
+    the same gradients through the stand-in's unrotation."""
+    from flash_quant.rotation import rotate
+
+    q, k, v = make_qkv(1, 8, 1000, 128, hkv=4, family="realistic", dtype=torch.bfloat16, device=DEV)
+    ops = torch.ops.flash_quant
+    qr, kr = rotate(q), rotate(k)
+    a, s, _, _ = ops.quantize(qr, "int8", "per_token", 1, "symmetric", False)
+    b, t, _, m = ops.quantize(kr, "int8", "per_token", 1, "symmetric", True)
+    kw, pv = dict(q_data=a, q_scale=s, k_data=b, k_scale=t, k_mean=m), "none"
+    if preset == "fast":
+        c, u, _, _ = ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
+        kw.update(v_data=c, v_scale=u)
+        pv = "int8"
+    old, _ = attention_forward_launch(qr, kr, v, is_causal=True, pv_precision=pv, **kw)
+    new = flash_quant.attention(q, k, v, is_causal=True, enable_gqa=True, config=preset)
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), is_causal=True)
+    e_old, e_new = error_stats(old.cpu(), ref)["rel_l2"], error_stats(new.cpu(), ref)["rel_l2"]
+    assert e_new < e_old * 1.1 + 1e-4, (e_new, e_old)
+    # gradients: the stand-in's backward unrotates like rotate()'s matmul did (the two
+    # routes' codes differ where bf16 rounding of the rotated copy moved a value across a
+    # rounding step, so close, not equal; a missing unrotation would be off by ~140 %)
+    import dataclasses
+
+    g = torch.randn_like(q)
+    grads = []
+    cfg = flash_quant.config.resolve_config(preset)
+    norot = dataclasses.replace(cfg, q=dataclasses.replace(cfg.q, rotate=False),
+                                k=dataclasses.replace(cfg.k, rotate=False))
+    for fused in (True, False):
+        a3 = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        if fused:
+            o = flash_quant.attention(*a3, is_causal=True, enable_gqa=True, config=preset)
+        else:  # the former route: the rotation's matmul in the autograd graph
+            o = flash_quant.attention(rotate(a3[0]), rotate(a3[1]), a3[2], is_causal=True, enable_gqa=True,
+                                      config=norot)
+        (o.float() * g).sum().backward()
+        grads.append([x.grad.float() for x in a3])
+    for gn, go in zip(*grads):
+        assert error_stats(gn.cpu(), go.cpu().double())["rel_l2"] < 5e-2

@@ -173,6 +173,59 @@ def test_quantize_matches_contract(precision, granularity):
         torch.testing.assert_close(dq, want, rtol=1e-6, atol=1e-6, msg=tag)
 
 
+def _rotate_f64(x):
+    from flash_quant.rotation import hadamard_matrix
+
+    return (x.double() @ hadamard_matrix(x.shape[-1], dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp8_e4m3"])
+@pytest.mark.parametrize("granularity", ["per_token", "per_block", "per_channel", "per_head"])
+def test_quantize_fused_rotation(precision, granularity):
+    """rotate=True rotates each tile in the kernels (a ±1 matrix on the tensor cores, fp32
+    sums, then 1/sqrt(block)): the result is the quantization of the float64-rotated x up
+    to fp32 rounding — scales and means within 1e-5, a code off by one where a value sits
+    within rounding of a tie. Last dims 8 (padded to the dots' 16), 24 (Hadamard blocks of
+    8) and 64; float32 input takes the fp32 product."""
+    torch.manual_seed(1)
+    for D, dtype, strategy, smooth in [(8, torch.float16, "symmetric", True), (24, torch.bfloat16, "symmetric", False),
+                                       (64, torch.float32, "asymmetric", True), (64, torch.bfloat16, "symmetric", True)]:
+        if precision == "int4" and granularity == "per_channel" or precision.startswith("fp8") and strategy == "asymmetric":
+            continue
+        x = (torch.randn(2, 3, 37, D) * 2 + torch.randn(2, 3, 1, D)).to(dtype)
+        tag = f"{precision} {granularity} D={D} {dtype} {strategy} smooth={smooth}"
+        got = quantize_launch(x, precision, granularity, 16, strategy, smooth, True)
+        want = quantize_launch(_rotate_f64(x), precision, granularity, 16, strategy, smooth, False)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0, msg=tag)
+        assert torch.equal(got[2], want[2]) or strategy == "asymmetric", tag
+        if smooth:
+            torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-5, msg=tag)
+        a, b = codes_of(got[0], precision), codes_of(want[0], precision)
+        if precision.startswith("fp8"):
+            a, b = a / 448.0, b / 448.0  # one e4m3 step is at most 1/8 of the value
+            assert ((a - b).abs() <= 0.125 * b.abs() + 1e-6).all(), tag
+        else:
+            assert (a - b).abs().max() <= 1, tag
+        assert (a != b).float().mean() < 0.01, tag
+        # and it is a rotation: without it the codes differ
+        plain = quantize_launch(x, precision, granularity, 16, strategy, smooth, False)
+        assert (codes_of(plain[0], precision) != b).float().mean() > 0.3, tag
+
+
+def test_quantize_rotation_too_wide_to_fuse():
+    """Rows wider than the fused matrix (256 for 16-bit input, 128 for float32) are rotated
+    by a float32 matmul before the kernels: same result."""
+    from flash_quant.cuda.quantize import _fused_rotation
+
+    assert _fused_rotation(256, torch.bfloat16) and not _fused_rotation(512, torch.bfloat16)
+    assert _fused_rotation(128, torch.float32) and not _fused_rotation(256, torch.float32)
+    x = torch.randn(1, 2, 5, 256)
+    got = quantize_launch(x, "int8", "per_token", 1, "symmetric", True, True)
+    want = quantize_launch(_rotate_f64(x), "int8", "per_token", 1, "symmetric", True, False)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)
+    assert (codes_of(got[0], "int8") - codes_of(want[0], "int8")).abs().max() <= 1
+
+
 def test_quantize_layouts_and_ranks():
     # 8-bit per_channel data is stored K-major (transposed, S padded to 16)
     x = torch.randn(2, 3, 21, 32)

@@ -19,6 +19,7 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/kernels_cpu.h"
+#include "rotation.h"
 
 namespace flash_quant {
 namespace cpu {
@@ -113,7 +114,7 @@ bool all_finite(const float* x, int64_t n) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     const at::Tensor& x, c10::string_view precision, c10::string_view granularity,
-    int64_t block_size, c10::string_view strategy, bool smooth) {
+    int64_t block_size, c10::string_view strategy, bool smooth, bool rotate) {
   const Precision prec = parse_precision(precision);
   const Granularity gran = parse_granularity(granularity);
   const Strategy strat = parse_strategy(strategy);
@@ -140,6 +141,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
               "quantize: int4 packs two values per byte, so the last dim of x must be even, got ", D);
 
   at::Tensor xf = x.to(at::kFloat).contiguous();
+  // Everything below (statistics, codes) is of x @ H. Checked after the rotation: a
+  // non-finite x stays non-finite, and an overflow of the rotation is caught too.
+  if (rotate) xf = hadamard_rotate(xf);
   TORCH_CHECK(all_finite(xf.data_ptr<float>(), xf.numel()),
               "quantize: x contains non-finite values (inf or nan)");
   at::Tensor mean = at::empty({0}, xf.options());

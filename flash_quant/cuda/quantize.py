@@ -11,6 +11,14 @@ Semantics: docs/op_contract.md. Kernels:
   are packed two per byte in the kernel.
 * ``_dequantize_kernel``: ``(data - zero_point) * scale + mean`` in the output dtype.
 
+``rotate=True`` (Hadamard rotation along the last dim first, ``flash_quant.rotation``):
+both passes multiply each tile they load by the ±1 Hadamard matrix on the tensor cores
+(exact products, fp32 sums) and scale by 1/sqrt(block), so the rotated floats never go
+to memory (before: a cuBLAS matmul wrote them and the quantize kernels read them back,
+~32 µs of ~88 µs of the accurate preset's quantization at the Flux shape on an H200).
+Rows wider than the fused matrix allows (last dim above 256, or 128 for float32 input:
+the matrix must fit in shared memory) are rotated by a float32 matmul first.
+
 Layout of 8-bit ``per_channel`` data (how V is quantized for the 8-bit P·V product):
 the codes are stored transposed, in a buffer of shape ``lead + (D, S_pad)`` with
 ``S_pad = round_up(S, 16)``, and returned as the logical ``lead + (S, D)`` view of it
@@ -24,6 +32,9 @@ op kernels registered for the CUDA key at import.
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -32,6 +43,7 @@ import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
+from ..rotation import hadamard_matrix
 from .common import pack_int4, round_half_even, round_to_fp8, unpack_int4
 from . import host
 from .host import PlanCache, cdiv, next_pow2
@@ -61,6 +73,19 @@ _MODE_ROW, _MODE_BLOCK, _MODE_COLS = 0, 1, 2
 from ..ops import CUDA_KMAJOR_ALIGN as _S_ALIGN  # padding of the sequence dim of K-major 8-bit data
 
 
+def _hadamard_pm1(d: int, block_d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The (block_d, block_d) matrix sqrt(block) * hadamard_matrix(d), zero-padded: entries
+    ±1 / 0, exact in every float type (the kernels scale by 1/sqrt(block) in fp32)."""
+    return _hadamard_pm1_cached(d, block_d, device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_pm1_cached(d, block_d, device, dtype):
+    h = torch.zeros(block_d, block_d, dtype=torch.float64)
+    h[:d, :d] = hadamard_matrix(d, dtype=torch.float64) * math.sqrt(d & -d)
+    return h.round().to(device=device, dtype=dtype)
+
+
 def data_layout(shape, precision: str, granularity: str) -> str:
     """"transposed" when the CUDA quantize stores the codes K-major for P·V (8-bit,
     per_channel, rank >= 2), else "contiguous"."""
@@ -71,9 +96,36 @@ def data_layout(shape, precision: str, granularity: str) -> str:
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _colstats_kernel(x_ptr, work_ptr, part_off, L, L2, S, D, S_CHUNK,
+def _load_hadamard(h_ptr, ROTATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ±1 matrix of _hadamard_pm1 (ROTATE), loaded once per program; else a dummy."""
+    if ROTATE:
+        offs = tl.arange(0, BLOCK_D)
+        return tl.load(h_ptr + offs[:, None] * BLOCK_D + offs[None, :])
+    else:
+        return tl.zeros((16, 16), dtype=tl.float32)
+
+
+@triton.jit
+def _load_rows(ptrs, m, hmat, rscale, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """A (rows, BLOCK_D) tile of x as fp32 (masked entries 0); with ROTATE times the
+    Hadamard matrix: x's 16-bit values times ±1 are exact, the sums fp32 (tensor cores),
+    then 1/sqrt(block). DOT_IEEE: float32 input (or the interpreter, whose 16-bit dots
+    are wrong): an fp32 product without tf32 rounding."""
+    x = tl.load(ptrs, mask=m, other=0.0)
+    if ROTATE:
+        if DOT_IEEE:
+            return tl.dot(x.to(tl.float32), hmat, input_precision="ieee") * rscale
+        else:
+            return tl.dot(x, hmat, out_dtype=tl.float32) * rscale
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _colstats_kernel(x_ptr, h_ptr, rscale, work_ptr, part_off, L, L2, S, D, S_CHUNK,
                      sx1, sx2, sxs, sxd,
-                     RANGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                     RANGE: tl.constexpr, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (sequence chunk c, leading index l, channel d): sum (and with RANGE max and
     min) of x[l, c*S_CHUNK:(c+1)*S_CHUNK, d] in fp32, stored at [plane, c, l, d] of the
     partials at work_ptr + part_off (planes: sum, max, min). Splitting the sequence keeps
@@ -90,12 +142,13 @@ def _colstats_kernel(x_ptr, work_ptr, part_off, L, L2, S, D, S_CHUNK,
     acc_sum = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     acc_max = tl.full((BLOCK_S, BLOCK_D), float("-inf"), dtype=tl.float32)
     acc_min = tl.full((BLOCK_S, BLOCK_D), float("inf"), dtype=tl.float32)
+    hmat = _load_hadamard(h_ptr, ROTATE, BLOCK_D)  # (ROTATE: one column block, BLOCK_D >= D)
     s_end = tl.minimum(S, (pid_c + 1) * S_CHUNK)
     for s0 in range(pid_c * S_CHUNK, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         m = (offs_s[:, None] < s_end) & dmask[None, :]
-        x = tl.load(base + offs_s[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
-                    other=0.0).to(tl.float32)
+        x = _load_rows(base + offs_s[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
+                       hmat, rscale, ROTATE, DOT_IEEE)
         acc_sum += x
         if RANGE:
             acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
@@ -198,22 +251,23 @@ def _store_codes(data_ptr, codes, offs_r, rmask, so_s, so_d, D,
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, mean_ptr, range_ptr, data_ptr, scale_ptr, zp_ptr, lo_off, hi_off,
+def _quantize_kernel(x_ptr, h_ptr, rscale, mean_ptr, range_ptr, data_ptr, scale_ptr, zp_ptr, lo_off, hi_off,
                      L2, S, D, group_rows, n_groups,
                      sx1, sx2, sxs, sxd,
                      so_l, so_s, so_d,
                      sg_l, sg_d,
                      MODE: tl.constexpr, PREC: tl.constexpr, QMIN: tl.constexpr,
                      QMAX: tl.constexpr, ASYM: tl.constexpr, HAS_MEAN: tl.constexpr,
-                     WRITE_COL_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     WRITE_COL_SCALE: tl.constexpr, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Quantize one (row group or row chunk) x (all channels) slab of x[l].
 
     MODE 0: BLOCK_R rows, one group per row. MODE 1: one group of `group_rows` rows, read
     in chunks of BLOCK_R twice (range, then codes). MODE 2: BLOCK_R rows whose groups are
     columns; the group ranges come from range_ptr (min at lo_off, max at hi_off, index
     l * sg_l + d * sg_d, already with the mean removed); WRITE_COL_SCALE stores the
-    per-channel scale once (program 0)."""
+    per-channel scale once (program 0). ROTATE: every tile is rotated as it is loaded
+    (_load_rows); the mean and ranges are those of the rotated x."""
     pid_g = tl.program_id(0)
     pid_l = tl.program_id(1)
     l1 = pid_l // L2
@@ -226,6 +280,7 @@ def _quantize_kernel(x_ptr, mean_ptr, range_ptr, data_ptr, scale_ptr, zp_ptr, lo
         mean = tl.load(mean_ptr + pid_l * D + offs_d, mask=dmask, other=0.0)
     else:
         mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    hmat = _load_hadamard(h_ptr, ROTATE, BLOCK_D)
 
     if MODE == 1:
         r0 = pid_g * group_rows
@@ -235,8 +290,8 @@ def _quantize_kernel(x_ptr, mean_ptr, range_ptr, data_ptr, scale_ptr, zp_ptr, lo
         for c in range(r0, r1, BLOCK_R):
             offs_r = c + tl.arange(0, BLOCK_R)
             m = (offs_r[:, None] < r1) & dmask[None, :]
-            x = tl.load(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
-                        other=0.0).to(tl.float32)
+            x = _load_rows(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
+                           hmat, rscale, ROTATE, DOT_IEEE)
             y = tl.where(m, x - mean[None, :], 0.0)
             lo = tl.minimum(lo, y)
             hi = tl.maximum(hi, y)
@@ -249,16 +304,16 @@ def _quantize_kernel(x_ptr, mean_ptr, range_ptr, data_ptr, scale_ptr, zp_ptr, lo
             offs_r = c + tl.arange(0, BLOCK_R)
             rmask = offs_r < r1
             m = rmask[:, None] & dmask[None, :]
-            x = tl.load(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
-                        other=0.0).to(tl.float32)
+            x = _load_rows(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
+                           hmat, rscale, ROTATE, DOT_IEEE)
             codes = _encode(x - mean[None, :], s, z, PREC, QMIN, QMAX, ASYM)
             _store_codes(o_base, codes, offs_r, rmask, so_s, so_d, D, PREC, BLOCK_R, BLOCK_D)
     else:
         offs_r = pid_g * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = offs_r < S
         m = rmask[:, None] & dmask[None, :]
-        x = tl.load(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, mask=m,
-                    other=0.0).to(tl.float32)
+        x = _load_rows(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
+                       hmat, rscale, ROTATE, DOT_IEEE)
         y = tl.where(m, x - mean[None, :], 0.0)
         if MODE == 0:
             rlo = tl.minimum(tl.min(y, axis=1), 0.0)
@@ -347,14 +402,27 @@ class LaunchTuning(NamedTuple):
     colstats_warps: int = 4
     quant_tile: int = 4096
     quant_warps: int = 4
+    rotate_tile: int = 4096  # quantize tile when rotating (the matrix is loaded per program)
 
 
 TUNING = LaunchTuning()
 
 
-def _row_block(block_d: int, tile: int = 4096) -> int:
+def _row_block(block_d: int, tile: int = 4096, most: int = 64) -> int:
     # keep a tile near `tile` elements: enough independent loads per program, few registers
-    return max(1, min(64, tile // block_d))
+    return max(1, min(most, tile // block_d))
+
+
+_ROTATE_MAX_BLOCK = {2: 256, 4: 128}  # element size -> widest fused Hadamard matrix (shared memory)
+
+
+def _rotation_block_d(D: int) -> int:
+    return max(16, next_pow2(D))  # tensor-core dots need K >= 16
+
+
+def _fused_rotation(D: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels rotate x themselves (else a float32 matmul rotates it first)."""
+    return _rotation_block_d(D) <= _ROTATE_MAX_BLOCK[torch.empty((), dtype=dtype).element_size()]
 
 
 def _check_quantize_args(x, precision, granularity, block_size, strategy, smooth):
@@ -411,13 +479,15 @@ class _QuantizePlan(NamedTuple):
     quant_grid: Tuple[int, int]
     quant_args: Tuple
     quant_meta: Dict
+    hmat: Optional[torch.Tensor]  # the ±1 Hadamard matrix of a fused rotation
+    rscale: float                 # 1 / sqrt(Hadamard block)
     kernels: Dict  # compiled kernels of host.launch, filled by launches
 
 
 _PLANS = PlanCache()
 
 
-def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _QuantizePlan:
+def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rotate) -> _QuantizePlan:
     _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)
     prec_code, qmin, qmax, ddtype = PRECISIONS[precision]
     asym = strategy == "asymmetric"
@@ -428,6 +498,14 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
     L = L1 * L2
     block_d = next_pow2(max(D, 16 if prec_code == 1 else 1))
     lead = shape[:-2] if rank >= 2 else ()
+    hmat, rscale = None, 1.0
+    # float32 input and the interpreter (no 16-bit dots) rotate with fp32 products
+    dot_ieee = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if rotate:  # (quantize_launch rotates first when the matrix is too wide to fuse)
+        block_d = _rotation_block_d(D)
+        hmat = _hadamard_pm1(D, block_d, x.device, torch.float32 if dot_ieee else x.dtype)
+        rscale = 1.0 / math.sqrt(D & -D)
+    rot = dict(ROTATE=rotate, DOT_IEEE=dot_ieee)
 
     # --- data buffer (contiguous, or transposed K-major for 8-bit per_channel)
     d_cols = D // 2 if prec_code == 1 else D
@@ -449,7 +527,8 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
     if smooth or need_cols:
         # (64-wide column blocks, ~4 programs per SM: whole 128-wide rows with ~8 per SM
         # measured no faster for K and 13 µs slower for V at the Flux shape, H100)
-        bd = min(block_d, 64)
+        # (rotating: the whole row, the matrix mixes every channel)
+        bd = block_d if rotate else min(block_d, 64)
         bs = max(16, min(256, TUNING.colstats_tile // bd))
         # enough sequence chunks for ~4 programs per SM on a large GPU (528 = 4 x 132)
         chunks = max(1, min(cdiv(S, bs), cdiv(TUNING.colstats_programs, cdiv(D, bd) * L)))
@@ -459,14 +538,14 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
         stats_shape = (planes * L * D + planes * chunks * L * D,)
         colstats_grid = (cdiv(D, bd), L, chunks)
         colstats_args = (planes * L * D, L, L2, S, D, s_chunk, *x4.stride())
-        colstats_meta = dict(RANGE=need_cols, BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps)
+        colstats_meta = dict(RANGE=need_cols, BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps, **rot)
         reduce_args = (planes * L * D, chunks, L, D, 1.0 / S)
         reduce_meta = dict(SMOOTH=smooth, RANGE=need_cols, BLOCK_D=min(block_d, 1024))
 
     sshape = scale_shape(shape, granularity, block_size)
-    br = _row_block(block_d, TUNING.quant_tile)
+    br = _row_block(block_d, TUNING.rotate_tile, 128) if rotate else _row_block(block_d, TUNING.quant_tile)
     common = dict(PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
-                  num_warps=TUNING.quant_warps)
+                  num_warps=TUNING.quant_warps, **rot)
     if granularity in ("per_token", "per_block"):
         scale_alloc = sshape
         if granularity == "per_token" or block_size == 1:
@@ -476,6 +555,8 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
             n_groups = cdiv(S, block_size)
             grows = block_size
             br = min(br, next_pow2(grows))
+            if rotate:
+                br = max(br, 16)  # (dot rows; the rows past the group are masked)
             grid = (n_groups, L)
             mode = _MODE_BLOCK
         quant_args = (0, 0, L2, S, D, grows, n_groups, *x4.stride(), *out_strides, 0, 0)
@@ -498,17 +579,24 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth) -> _
         stats_shape=stats_shape, colstats_grid=colstats_grid, colstats_args=colstats_args,
         colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_meta=reduce_meta,
         mean_shape=lead + (1, D) if smooth else None, scale_shape=sshape, scale_alloc=scale_alloc,
-        quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta, kernels={})
+        quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta, hmat=hmat, rscale=rscale,
+        kernels={})
 
 
 def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_size: int,
-                    strategy: str, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    strategy: str, smooth: bool,
+                    rotate: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the quantize kernels on x (CUDA, or CPU under TRITON_INTERPRET=1)."""
     if not isinstance(x, torch.Tensor):
         _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)  # raises
+    if rotate and x.dim() >= 1 and not _fused_rotation(x.shape[-1], x.dtype):
+        # too wide for the fused matrix: rotate in float32 first (same values, one more pass)
+        x = torch.matmul(x.float(), hadamard_matrix(x.shape[-1], device=x.device, dtype=torch.float32))
+        rotate = False
     key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
-           TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
-    p = _PLANS.get_or_put(key, lambda: _plan_quantize(x, precision, granularity, block_size, strategy, smooth))
+           rotate, TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
+    p = _PLANS.get_or_put(key, lambda: _plan_quantize(x, precision, granularity, block_size, strategy, smooth,
+                                                      rotate))
     dev = x.device
     x4 = _as4d(x) if p.as4d else x  # rank <= 4: the kernels read x itself with the 4-d strides
     buf = torch.empty(p.data_shape, dtype=p.data_dtype, device=dev)
@@ -519,11 +607,12 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
     else:
         data = buf
 
+    hmat = p.hmat if p.hmat is not None else x4  # dummy pointer without rotation
     work = None
     if p.stats_shape is not None:
         work = torch.empty(p.stats_shape, dtype=torch.float32, device=dev)
-        host.launch(_colstats_kernel, p.colstats_grid, (x4, work, *p.colstats_args), p.colstats_meta,
-                    p.kernels, "colstats")
+        host.launch(_colstats_kernel, p.colstats_grid, (x4, hmat, p.rscale, work, *p.colstats_args),
+                    p.colstats_meta, p.kernels, "colstats")
         host.launch(_colstats_reduce_kernel, (p.colstats_grid[1],), (work, *p.reduce_args), p.reduce_meta,
                     p.kernels, "reduce")
     if p.mean_shape is not None:
@@ -546,7 +635,8 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
             lo, hi = lo.amin().view(1, 1), hi.amax().view(1, 1)
         scale, zp = _scale_from_range_torch(lo, hi, qmin, qmax, strategy == "asymmetric")
         ranges = torch.cat([lo.reshape(-1), hi.reshape(-1)])
-    host.launch(_quantize_kernel, p.quant_grid, (x4, mean_arg, ranges, data, scale, zp, *p.quant_args),
+    host.launch(_quantize_kernel, p.quant_grid,
+                (x4, hmat, p.rscale, mean_arg, ranges, data, scale, zp, *p.quant_args),
                 p.quant_meta, p.kernels, "quantize")
     if p.scale_alloc != p.scale_shape:
         scale, zp = scale.view(p.scale_shape), zp.view(p.scale_shape)
@@ -628,11 +718,11 @@ def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 
 # ----------------------------------------------------------------- op kernels (CUDA key)
-def quantize_cuda(x, precision, granularity, block_size, strategy, smooth):
+def quantize_cuda(x, precision, granularity, block_size, strategy, smooth, rotate=False):
     if x.device.type != "cuda":
         raise RuntimeError(f"flash_quant.quantize (CUDA kernel): x is on {x.device}")
     with torch.cuda.device(x.device):
-        return quantize_launch(x, precision, granularity, block_size, strategy, smooth)
+        return quantize_launch(x, precision, granularity, block_size, strategy, smooth, rotate)
 
 
 def dequantize_cuda(data, scale, zero_point, mean, precision, block_size, dtype):
