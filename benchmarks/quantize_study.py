@@ -11,7 +11,7 @@ Run on the GPU:  python benchmarks/quantize_study.py [--shape 1,24,4608,128] [--
 
 ``--rotate``: the Hadamard rotation fused into the quantize kernels (``rotate=True``)
 against the former route (a matmul writes the rotated copy, the kernels read it), and the
-fused kernels' tile (``rotate_tile``), warps and column-statistics tile.
+fused kernels' tile (``rotate_tile``), tiles per program (``rotate_tiles``) and warps.
 """
 from __future__ import annotations
 
@@ -94,20 +94,20 @@ def rotate_study(q, k, v, ops):
           f"shape {tuple(q.shape)} bf16; GPU time (CUDA graph replay, median), accurate preset's Q + K")
     print(f"former route (rotate by matmul, then quantize): {graph_us(former):.1f} us; "
           f"V per channel (fast preset): {graph_us(v_channel):.1f} us")
-    print("| rotate tile | quant warps | colstats tile | fused Q+K us |")
+    print("| rotate tile | tiles per program | quant warps | fused Q+K us |")
     print("|---|---|---|---|")
     rows = []
-    for rt, qw, ct in itertools.product((4096, 8192, 16384), (4, 8), (4096, 8192)):
-        qz.TUNING = default._replace(rotate_tile=rt, quant_warps=qw, colstats_tile=ct)
+    for rt, tiles, qw in itertools.product((4096, 8192, 16384), (1, 2, 4, 8), (4, 8)):
+        qz.TUNING = default._replace(rotate_tile=rt, rotate_tiles=tiles, quant_warps=qw)
         try:
             fused()
             us = graph_us(fused)
         except Exception as exc:
-            print(f"| {rt} | {qw} | {ct} | failed: {str(exc).splitlines()[0][:60]} |")
+            print(f"| {rt} | {tiles} | {qw} | failed: {str(exc).splitlines()[0][:60]} |")
             continue
         rows.append((us, qz.TUNING))
         mark = " (default)" if qz.TUNING == default else ""
-        print(f"| {rt} | {qw} | {ct} | {us:.1f}{mark} |", flush=True)
+        print(f"| {rt} | {tiles} | {qw} | {us:.1f}{mark} |", flush=True)
     qz.TUNING = default
     best = min(rows, key=lambda r: r[0])
     print(f"\nfastest: {best[1]} {best[0]:.1f} us")

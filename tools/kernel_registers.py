@@ -36,7 +36,7 @@ from flash_quant.cuda import autotune  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.int8: "*i8", torch.uint8: "*u8", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-       torch.float32: "*fp32", torch.float8_e4m3fn: "*fp8e4nv"}
+       torch.float32: "*fp32", torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 

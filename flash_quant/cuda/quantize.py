@@ -44,7 +44,7 @@ import triton.language as tl
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
 from ..rotation import hadamard_matrix
-from .common import pack_int4, round_half_even, round_to_fp8, unpack_int4
+from .common import pack_int4, round_half_even, round_to_fp8, round_to_int, unpack_int4
 from . import host
 from .host import PlanCache, cdiv, next_pow2
 
@@ -163,13 +163,16 @@ def _colstats_kernel(x_ptr, h_ptr, rscale, work_ptr, part_off, L, L2, S, D, S_CH
 
 
 @triton.jit
-def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s,
-                            SMOOTH: tl.constexpr, RANGE: tl.constexpr, BLOCK_D: tl.constexpr):
+def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rscale,
+                            SMOOTH: tl.constexpr, RANGE: tl.constexpr, ROTATE: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """Combine the sequence chunks of _colstats_kernel (in chunk order: deterministic) into
     stats[0] = mean (sum / S; 0 without smoothing), stats[1] = min(min - mean, 0) and
     stats[2] = max(max - mean, 0), per (leading index l, channel). One launch instead of
     a handful of small torch reductions: the quantize call is host-bound at Flux sizes.
-    Without RANGE only the mean is written."""
+    Without RANGE only the mean is written. ROTATE (no RANGE, BLOCK_D >= D): the partials
+    are of x, and the mean of x @ H is written as mean(x) @ H — one small product per
+    leading index instead of a rotation of every tile in the statistics pass."""
     pid_l = tl.program_id(0)
     part_ptr = stats_ptr + part_off  # the partials follow the stats planes in one buffer
     for d0 in range(0, D, BLOCK_D):
@@ -189,7 +192,14 @@ def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s,
         else:
             mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
         out = pid_l.to(tl.int64) * D + offs_d
-        tl.store(stats_ptr + out, mean, mask=dmask)
+        if ROTATE:  # BLOCK_C output channels at a time: mean (BLOCK_D) x H[:, cols]
+            offs_c = tl.arange(0, BLOCK_C)
+            for j0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+                hm = tl.load(h_ptr + offs_d[:, None] * BLOCK_D + (j0 + offs_c)[None, :]).to(tl.float32)
+                tl.store(stats_ptr + pid_l.to(tl.int64) * D + j0 + offs_c, tl.sum(mean[:, None] * hm, 0) * rscale,
+                         mask=j0 + offs_c < D)
+        else:
+            tl.store(stats_ptr + out, mean, mask=dmask)
         if RANGE:
             tl.store(stats_ptr + L * D + out, tl.minimum(cmin - mean, 0.0), mask=dmask)
             tl.store(stats_ptr + 2 * L * D + out, tl.maximum(cmax - mean, 0.0), mask=dmask)
@@ -213,10 +223,30 @@ def _scale_from_range(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.c
 
 
 @triton.jit
+def _divide(y, s, INTERPRET: tl.constexpr):
+    """y / s correctly rounded (as the CPU backend's division) for a scale s > 0 of shape
+    (rows, 1) or (1, cols): one reciprocal per group, then per value q = y * (1/s) and
+    one exact-residual correction, q + fma(-q, s, y) / s — the correctly rounded quotient
+    when 1/s is (Markstein), 4 instructions instead of div.rn's ~10 with its slow-path
+    check and call (the quantize kernels were bound by them). Groups with s < 2**-100
+    are scaled by 2**100 first (exact) so 1/s cannot overflow. The interpreter's FMA is
+    not fused: it divides."""
+    if INTERPRET:
+        return tl.math.div_rn(y, s)
+    else:
+        f = tl.where(s < 7.888609052210118e-31, 1.2676506002282294e30, 1.0)
+        sf = s * f
+        r = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+        yf = y * f
+        q = yf * r
+        return tl.fma(tl.fma(-q, sf, yf), r, q)
+
+
+@triton.jit
 def _encode(y, s, z, PREC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-            ASYM: tl.constexpr):
+            ASYM: tl.constexpr, INTERPRET: tl.constexpr):
     """Codes of fp32 values `y` for broadcastable scale `s` / zero point `z`."""
-    r = tl.math.div_rn(y, s)
+    r = _divide(y, s, INTERPRET)
     if PREC >= 2:  # fp8: (x / s) rounded to the float8 type
         r = tl.minimum(tl.maximum(r, QMIN), QMAX)
         if PREC == 2:
@@ -227,9 +257,9 @@ def _encode(y, s, z, PREC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
         if ASYM:
             r = round_half_even(tl.minimum(tl.maximum(r, -1024.0), 1024.0)) + z
             r = tl.minimum(tl.maximum(r, QMIN), QMAX)
+            return r.to(tl.int32)
         else:
-            r = round_half_even(tl.minimum(tl.maximum(r, -QMAX), QMAX))
-        return r.to(tl.int32)
+            return round_to_int(tl.minimum(tl.maximum(r, -QMAX), QMAX))
 
 
 @triton.jit
@@ -259,15 +289,17 @@ def _quantize_kernel(x_ptr, h_ptr, rscale, mean_ptr, range_ptr, data_ptr, scale_
                      MODE: tl.constexpr, PREC: tl.constexpr, QMIN: tl.constexpr,
                      QMAX: tl.constexpr, ASYM: tl.constexpr, HAS_MEAN: tl.constexpr,
                      WRITE_COL_SCALE: tl.constexpr, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     INTERPRET: tl.constexpr, TILES: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     """Quantize one (row group or row chunk) x (all channels) slab of x[l].
 
     MODE 0: BLOCK_R rows, one group per row. MODE 1: one group of `group_rows` rows, read
     in chunks of BLOCK_R twice (range, then codes). MODE 2: BLOCK_R rows whose groups are
     columns; the group ranges come from range_ptr (min at lo_off, max at hi_off, index
     l * sg_l + d * sg_d, already with the mean removed); WRITE_COL_SCALE stores the
-    per-channel scale once (program 0). ROTATE: every tile is rotated as it is loaded
-    (_load_rows); the mean and ranges are those of the rotated x."""
+    per-channel scale once (program 0). MODE 0 / 2 programs take TILES consecutive tiles.
+    ROTATE: every tile is rotated as it is loaded (_load_rows); the mean and ranges are
+    those of the rotated x."""
     pid_g = tl.program_id(0)
     pid_l = tl.program_id(1)
     l1 = pid_l // L2
@@ -306,32 +338,38 @@ def _quantize_kernel(x_ptr, h_ptr, rscale, mean_ptr, range_ptr, data_ptr, scale_
             m = rmask[:, None] & dmask[None, :]
             x = _load_rows(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
                            hmat, rscale, ROTATE, DOT_IEEE)
-            codes = _encode(x - mean[None, :], s, z, PREC, QMIN, QMAX, ASYM)
+            codes = _encode(x - mean[None, :], s, z, PREC, QMIN, QMAX, ASYM, INTERPRET)
             _store_codes(o_base, codes, offs_r, rmask, so_s, so_d, D, PREC, BLOCK_R, BLOCK_D)
     else:
-        offs_r = pid_g * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = offs_r < S
-        m = rmask[:, None] & dmask[None, :]
-        x = _load_rows(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
-                       hmat, rscale, ROTATE, DOT_IEEE)
-        y = tl.where(m, x - mean[None, :], 0.0)
-        if MODE == 0:
-            rlo = tl.minimum(tl.min(y, axis=1), 0.0)
-            rhi = tl.maximum(tl.max(y, axis=1), 0.0)
-            s, z = _scale_from_range(rlo, rhi, QMIN, QMAX, ASYM)
-            tl.store(scale_ptr + pid_l * S + offs_r, s, mask=rmask)
-            tl.store(zp_ptr + pid_l * S + offs_r, z.to(tl.int32), mask=rmask)
-            codes = _encode(y, s[:, None], z[:, None], PREC, QMIN, QMAX, ASYM)
-        else:
-            clo = tl.load(range_ptr + lo_off + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
-            chi = tl.load(range_ptr + hi_off + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
-            s, z = _scale_from_range(tl.minimum(clo, 0.0), tl.maximum(chi, 0.0), QMIN, QMAX, ASYM)
-            if WRITE_COL_SCALE:
-                first = (offs_d * 0 + pid_g) == 0
-                tl.store(scale_ptr + pid_l * D + offs_d, s, mask=dmask & first)
-                tl.store(zp_ptr + pid_l * D + offs_d, z.to(tl.int32), mask=dmask & first)
-            codes = _encode(y, s[None, :], z[None, :], PREC, QMIN, QMAX, ASYM)
-        _store_codes(o_base, codes, offs_r, rmask, so_s, so_d, D, PREC, BLOCK_R, BLOCK_D)
+        for t in range(TILES):  # (TILES > 1: the Hadamard matrix loaded once for several)
+            tile = pid_g * TILES + t
+            offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = offs_r < S
+            m = rmask[:, None] & dmask[None, :]
+            x = _load_rows(x_base + offs_r[:, None].to(tl.int64) * sxs + offs_d[None, :] * sxd, m,
+                           hmat, rscale, ROTATE, DOT_IEEE)
+            y = tl.where(m, x - mean[None, :], 0.0)
+            if MODE == 0:
+                if ASYM:
+                    rlo = tl.minimum(tl.min(y, axis=1), 0.0)
+                    rhi = tl.maximum(tl.max(y, axis=1), 0.0)
+                else:  # symmetric: one reduction, of |y| (the range's larger end)
+                    rhi = tl.max(tl.abs(y), axis=1)
+                    rlo = -rhi
+                s, z = _scale_from_range(rlo, rhi, QMIN, QMAX, ASYM)
+                tl.store(scale_ptr + pid_l * S + offs_r, s, mask=rmask)
+                tl.store(zp_ptr + pid_l * S + offs_r, z.to(tl.int32), mask=rmask)
+                codes = _encode(y, s[:, None], z[:, None], PREC, QMIN, QMAX, ASYM, INTERPRET)
+            else:
+                clo = tl.load(range_ptr + lo_off + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
+                chi = tl.load(range_ptr + hi_off + pid_l * sg_l + offs_d * sg_d, mask=dmask, other=0.0)
+                s, z = _scale_from_range(tl.minimum(clo, 0.0), tl.maximum(chi, 0.0), QMIN, QMAX, ASYM)
+                if WRITE_COL_SCALE:
+                    first = (offs_d * 0 + tile) == 0
+                    tl.store(scale_ptr + pid_l * D + offs_d, s, mask=dmask & first)
+                    tl.store(zp_ptr + pid_l * D + offs_d, z.to(tl.int32), mask=dmask & first)
+                codes = _encode(y, s[None, :], z[None, :], PREC, QMIN, QMAX, ASYM, INTERPRET)
+            _store_codes(o_base, codes, offs_r, rmask, so_s, so_d, D, PREC, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -402,7 +440,8 @@ class LaunchTuning(NamedTuple):
     colstats_warps: int = 4
     quant_tile: int = 4096
     quant_warps: int = 4
-    rotate_tile: int = 4096  # quantize tile when rotating (the matrix is loaded per program)
+    rotate_tile: int = 8192  # quantize tile when rotating
+    rotate_tiles: int = 4    # tiles per quantize program when rotating (one matrix load for them)
 
 
 TUNING = LaunchTuning()
@@ -500,12 +539,14 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
     lead = shape[:-2] if rank >= 2 else ()
     hmat, rscale = None, 1.0
     # float32 input and the interpreter (no 16-bit dots) rotate with fp32 products
-    dot_ieee = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    dot_ieee = x.dtype == torch.float32 or interpreting
     if rotate:  # (quantize_launch rotates first when the matrix is too wide to fuse)
         block_d = _rotation_block_d(D)
         hmat = _hadamard_pm1(D, block_d, x.device, torch.float32 if dot_ieee else x.dtype)
         rscale = 1.0 / math.sqrt(D & -D)
     rot = dict(ROTATE=rotate, DOT_IEEE=dot_ieee)
+    tiles = TUNING.rotate_tiles if rotate else 1
 
     # --- data buffer (contiguous, or transposed K-major for 8-bit per_channel)
     d_cols = D // 2 if prec_code == 1 else D
@@ -527,8 +568,9 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
     if smooth or need_cols:
         # (64-wide column blocks, ~4 programs per SM: whole 128-wide rows with ~8 per SM
         # measured no faster for K and 13 µs slower for V at the Flux shape, H100)
-        # (rotating: the whole row, the matrix mixes every channel)
-        bd = block_d if rotate else min(block_d, 64)
+        # rotating with column ranges: the whole row per tile (the matrix mixes every
+        # channel); for the mean alone the reduce kernel rotates mean(x) instead
+        bd = block_d if rotate and need_cols else min(block_d, 64)
         bs = max(16, min(256, TUNING.colstats_tile // bd))
         # enough sequence chunks for ~4 programs per SM on a large GPU (528 = 4 x 132)
         chunks = max(1, min(cdiv(S, bs), cdiv(TUNING.colstats_programs, cdiv(D, bd) * L)))
@@ -538,18 +580,20 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
         stats_shape = (planes * L * D + planes * chunks * L * D,)
         colstats_grid = (cdiv(D, bd), L, chunks)
         colstats_args = (planes * L * D, L, L2, S, D, s_chunk, *x4.stride())
-        colstats_meta = dict(RANGE=need_cols, BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps, **rot)
+        colstats_meta = dict(RANGE=need_cols, BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps,
+                             ROTATE=rotate and need_cols, DOT_IEEE=dot_ieee)
         reduce_args = (planes * L * D, chunks, L, D, 1.0 / S)
-        reduce_meta = dict(SMOOTH=smooth, RANGE=need_cols, BLOCK_D=min(block_d, 1024))
+        reduce_meta = dict(SMOOTH=smooth, RANGE=need_cols, ROTATE=rotate and not need_cols and smooth,
+                           BLOCK_D=min(block_d, 1024), BLOCK_C=min(block_d, 32))
 
     sshape = scale_shape(shape, granularity, block_size)
     br = _row_block(block_d, TUNING.rotate_tile, 128) if rotate else _row_block(block_d, TUNING.quant_tile)
     common = dict(PREC=prec_code, QMIN=qmin, QMAX=qmax, ASYM=asym, HAS_MEAN=smooth,
-                  num_warps=TUNING.quant_warps, **rot)
+                  INTERPRET=interpreting, num_warps=TUNING.quant_warps, **rot)
     if granularity in ("per_token", "per_block"):
         scale_alloc = sshape
         if granularity == "per_token" or block_size == 1:
-            grid = (cdiv(S, br), L)
+            grid = (cdiv(cdiv(S, br), tiles), L)
             mode, n_groups, grows = _MODE_ROW, S, 1
         else:
             n_groups = cdiv(S, block_size)
@@ -558,9 +602,9 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
             if rotate:
                 br = max(br, 16)  # (dot rows; the rows past the group are masked)
             grid = (n_groups, L)
-            mode = _MODE_BLOCK
+            mode, tiles = _MODE_BLOCK, 1
         quant_args = (0, 0, L2, S, D, grows, n_groups, *x4.stride(), *out_strides, 0, 0)
-        quant_meta = dict(common, MODE=mode, WRITE_COL_SCALE=False, BLOCK_R=br, BLOCK_D=block_d)
+        quant_meta = dict(common, MODE=mode, WRITE_COL_SCALE=False, TILES=tiles, BLOCK_R=br, BLOCK_D=block_d)
     else:
         # column groups: the ranges are stats planes 1 (min) and 2 (max), per (l, d)
         if granularity == "per_channel":
@@ -570,9 +614,10 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
             scale_alloc = None
             lo_off, hi_off = 0, (L if granularity == "per_head" else 1)
             sg_l, sg_d, write = (1 if granularity == "per_head" else 0), 0, False
-        grid = (cdiv(S, br), L)
+        grid = (cdiv(cdiv(S, br), tiles), L)
         quant_args = (lo_off, hi_off, L2, S, D, 1, 1, *x4.stride(), *out_strides, sg_l, sg_d)
-        quant_meta = dict(common, MODE=_MODE_COLS, WRITE_COL_SCALE=write, BLOCK_R=br, BLOCK_D=block_d)
+        quant_meta = dict(common, MODE=_MODE_COLS, WRITE_COL_SCALE=write, TILES=tiles, BLOCK_R=br,
+                          BLOCK_D=block_d)
     return _QuantizePlan(
         as4d=rank > 4, data_shape=data_shape, transposed=transposed,
         pad_tail=transposed and s_pad != S, S=S, data_dtype=ddtype, L=L, D=D,
@@ -613,8 +658,8 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         work = torch.empty(p.stats_shape, dtype=torch.float32, device=dev)
         host.launch(_colstats_kernel, p.colstats_grid, (x4, hmat, p.rscale, work, *p.colstats_args),
                     p.colstats_meta, p.kernels, "colstats")
-        host.launch(_colstats_reduce_kernel, (p.colstats_grid[1],), (work, *p.reduce_args), p.reduce_meta,
-                    p.kernels, "reduce")
+        host.launch(_colstats_reduce_kernel, (p.colstats_grid[1],), (work, *p.reduce_args, hmat, p.rscale),
+                    p.reduce_meta, p.kernels, "reduce")
     if p.mean_shape is not None:
         mean = work[:p.L * p.D].view(p.mean_shape)
     else:
