@@ -251,15 +251,16 @@ def main():
         except ImportError as exc:
             rows.append(dict(shape=name, method="sage", phase="fwd", na=f"not importable: {exc}"))
             print(f"{name:24s} fwd      sage                     n/a (not importable: {exc})")
-        # the quantization kernels alone (what "kernel" rows exclude): Q int8 per token,
-        # K int8 per token smoothed, V int8 / fp8 per channel (K-major)
+        # the quantization kernels alone (what "kernel" rows exclude), as the presets call
+        # them: Q int8 per token and K int8 per token smoothed, both Hadamard-rotated (in
+        # the kernels), V int8 / fp8 per channel (K-major)
         ops = torch.ops.flash_quant
         for vprec in ("none", "int8", "fp8_e4m3"):
             byts = (q.numel() + (2 if vprec != "none" else 1) * k.numel()) * (q.element_size() + 1)
 
             def quant_all(vprec=vprec):
-                ops.quantize(q, "int8", "per_token", 1, "symmetric", False)
-                ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
+                ops.quantize(q, "int8", "per_token", 1, "symmetric", False, True)
+                ops.quantize(k, "int8", "per_token", 1, "symmetric", True, True)
                 if vprec != "none":
                     ops.quantize(v, vprec, "per_channel", 1, "symmetric", False)
             r = record(shape, f"quantize-qkv(v {vprec})", "quant", quant_all, 0.0, graph=True)

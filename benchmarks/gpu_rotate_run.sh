@@ -3,7 +3,8 @@
 # tests (FQ_TEST_K selects; default all of tests/test_cuda_gpu.py), the fused kernels'
 # launch study against the former rotate-then-quantize route (quantize_study.py
 # --rotate), and the per-kernel GPU time of one flash_quant.attention call at the Flux
-# shape (profile_call.py). Results under $OUT.
+# shape (profile_call.py); with FQ_BENCH="--quick --no-backward" (say) also
+# benchmarks/bench_attention.py. Results under $OUT.
 #
 #   bash benchmarks/gpu_rotate_run.sh
 set -u
@@ -23,3 +24,8 @@ echo "== where one flash_quant.attention call spends GPU time (Flux shape)"
 timeout "${FQ_PROFILE_LIMIT:-120}" python3 benchmarks/profile_call.py --shape 1,24,4608,128 --presets accurate fast \
   > "$OUT/profile_call.txt" 2>&1
 grep -v Warning "$OUT/profile_call.txt" | grep -v _warn_once | head -60
+
+if [ -n "${FQ_BENCH:-}" ]; then
+  echo "== bench_attention $FQ_BENCH"
+  timeout "${FQ_BENCH_LIMIT:-300}" python3 benchmarks/bench_attention.py $FQ_BENCH --out "$OUT" 2>&1 | tail -40
+fi

@@ -172,7 +172,8 @@ def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rsc
     a handful of small torch reductions: the quantize call is host-bound at Flux sizes.
     Without RANGE only the mean is written. ROTATE (no RANGE, BLOCK_D >= D): the partials
     are of x, and the mean of x @ H is written as mean(x) @ H — one small product per
-    leading index instead of a rotation of every tile in the statistics pass."""
+    leading index instead of a rotation of every tile in the statistics pass; a second
+    grid axis splits its output channels (each program sums the partials itself)."""
     pid_l = tl.program_id(0)
     part_ptr = stats_ptr + part_off  # the partials follow the stats planes in one buffer
     for d0 in range(0, D, BLOCK_D):
@@ -192,12 +193,11 @@ def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rsc
         else:
             mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
         out = pid_l.to(tl.int64) * D + offs_d
-        if ROTATE:  # BLOCK_C output channels at a time: mean (BLOCK_D) x H[:, cols]
-            offs_c = tl.arange(0, BLOCK_C)
-            for j0 in tl.static_range(0, BLOCK_D, BLOCK_C):
-                hm = tl.load(h_ptr + offs_d[:, None] * BLOCK_D + (j0 + offs_c)[None, :]).to(tl.float32)
-                tl.store(stats_ptr + pid_l.to(tl.int64) * D + j0 + offs_c, tl.sum(mean[:, None] * hm, 0) * rscale,
-                         mask=j0 + offs_c < D)
+        if ROTATE:  # this program's BLOCK_C output channels: mean (BLOCK_D) x H[:, cols]
+            offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            hm = tl.load(h_ptr + offs_d[:, None] * BLOCK_D + offs_c[None, :]).to(tl.float32)
+            tl.store(stats_ptr + pid_l.to(tl.int64) * D + offs_c, tl.sum(mean[:, None] * hm, 0) * rscale,
+                     mask=offs_c < D)
         else:
             tl.store(stats_ptr + out, mean, mask=dmask)
         if RANGE:
@@ -511,6 +511,7 @@ class _QuantizePlan(NamedTuple):
     colstats_args: Tuple
     colstats_meta: Dict
     reduce_args: Tuple
+    reduce_grid: Optional[Tuple[int, int]]
     reduce_meta: Dict
     mean_shape: Optional[Tuple[int, ...]]
     scale_shape: Tuple[int, ...]
@@ -565,6 +566,7 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
     stats_shape = colstats_grid = None
     colstats_args = reduce_args = ()
     colstats_meta = reduce_meta = {}
+    reduce_grid = None
     if smooth or need_cols:
         # (64-wide column blocks, ~4 programs per SM: whole 128-wide rows with ~8 per SM
         # measured no faster for K and 13 µs slower for V at the Flux shape, H100)
@@ -585,6 +587,7 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
         reduce_args = (planes * L * D, chunks, L, D, 1.0 / S)
         reduce_meta = dict(SMOOTH=smooth, RANGE=need_cols, ROTATE=rotate and not need_cols and smooth,
                            BLOCK_D=min(block_d, 1024), BLOCK_C=min(block_d, 32))
+        reduce_grid = (L, block_d // reduce_meta["BLOCK_C"] if reduce_meta["ROTATE"] else 1)
 
     sshape = scale_shape(shape, granularity, block_size)
     br = _row_block(block_d, TUNING.rotate_tile, 128) if rotate else _row_block(block_d, TUNING.quant_tile)
@@ -622,7 +625,7 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
         as4d=rank > 4, data_shape=data_shape, transposed=transposed,
         pad_tail=transposed and s_pad != S, S=S, data_dtype=ddtype, L=L, D=D,
         stats_shape=stats_shape, colstats_grid=colstats_grid, colstats_args=colstats_args,
-        colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_meta=reduce_meta,
+        colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_grid=reduce_grid, reduce_meta=reduce_meta,
         mean_shape=lead + (1, D) if smooth else None, scale_shape=sshape, scale_alloc=scale_alloc,
         quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta, hmat=hmat, rscale=rscale,
         kernels={})
@@ -658,7 +661,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         work = torch.empty(p.stats_shape, dtype=torch.float32, device=dev)
         host.launch(_colstats_kernel, p.colstats_grid, (x4, hmat, p.rscale, work, *p.colstats_args),
                     p.colstats_meta, p.kernels, "colstats")
-        host.launch(_colstats_reduce_kernel, (p.colstats_grid[1],), (work, *p.reduce_args, hmat, p.rscale),
+        host.launch(_colstats_reduce_kernel, p.reduce_grid, (work, *p.reduce_args, hmat, p.rscale),
                     p.reduce_meta, p.kernels, "reduce")
     if p.mean_shape is not None:
         mean = work[:p.L * p.D].view(p.mean_shape)
