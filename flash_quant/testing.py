@@ -127,6 +127,21 @@ def kernel_operands(q, k, v, recipe: str = "accurate", k_granularity: str = "per
     return kw, "int8"
 
 
+def group_reduce(x: torch.Tensor, granularity: str, block_size: int, fn) -> torch.Tensor:
+    """fn (torch.amin / torch.amax: differentiable) over each quantization group of x, in
+    the scale's shape (docs/op_contract.md) — the tests' reference for group ranges."""
+    if granularity == "per_tensor":
+        return fn(x.reshape(-1), 0).reshape((1,) * x.dim())
+    if granularity == "per_head":
+        return fn(fn(x, -1, keepdim=True), -2, keepdim=True)
+    if granularity == "per_token":
+        return fn(x, -1, keepdim=True)
+    if granularity == "per_channel":
+        return fn(x, -2, keepdim=True)
+    rows = fn(x, -1, keepdim=True)  # per_block: runs of block_size rows
+    return torch.cat([fn(b, -2, keepdim=True) for b in rows.split(block_size, dim=-2)], dim=-2)
+
+
 def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> dict:
     """Relative L2 error and cosine similarity of `actual` against `expected` (float64)."""
     a = actual.detach().to(torch.float64).flatten().cpu()

@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 
+from flash_quant.testing import group_reduce
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,18 +48,6 @@ F8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # ---------------------------------------------------------------------------------------
 # quantize / dequantize
 # ---------------------------------------------------------------------------------------
-def _group_reduce(x, gran, bs, fn):
-    """fn (amin / amax) over each group, in the scale's shape."""
-    if gran == "per_tensor":
-        return fn(x.reshape(-1), 0).reshape((1,) * x.dim())
-    if gran == "per_head":
-        return fn(fn(x, -1, keepdim=True), -2, keepdim=True)
-    if gran == "per_token":
-        return fn(x, -1, keepdim=True)
-    if gran == "per_channel":
-        return fn(x, -2, keepdim=True)
-    rows = fn(x, -1, keepdim=True)
-    return torch.cat([fn(blk, -2, keepdim=True) for blk in rows.split(bs, dim=-2)], dim=-2)
 
 
 def ref_quantize(x, prec, gran, bs, strat, smooth):
@@ -66,7 +56,7 @@ def ref_quantize(x, prec, gran, bs, strat, smooth):
     mean = xf.mean(-2, keepdim=True) if smooth else EMPTY
     if smooth:
         xf = xf - mean
-    lo, hi = _group_reduce(xf, gran, bs, torch.amin), _group_reduce(xf, gran, bs, torch.amax)
+    lo, hi = group_reduce(xf, gran, bs, torch.amin), group_reduce(xf, gran, bs, torch.amax)
     qmax = QMAX[prec]
     if strat == "asymmetric":
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)

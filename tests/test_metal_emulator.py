@@ -21,6 +21,8 @@ import textwrap
 import pytest
 import torch
 
+from flash_quant.testing import group_reduce
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools", "metal_emu"))
 import driver  # noqa: E402
@@ -75,18 +77,6 @@ QMIN = {"int8": -128.0, "int4": -8.0}
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-def _group_reduce(x, gran, bs, fn):
-    if gran == "per_tensor":
-        return fn(x.reshape(-1)).reshape((1,) * x.dim())
-    if gran == "per_head":
-        return fn(fn(x, dim=-1, keepdim=True), dim=-2, keepdim=True)
-    if gran == "per_token":
-        return fn(x, dim=-1, keepdim=True)
-    if gran == "per_channel":
-        return fn(x, dim=-2, keepdim=True)
-    blocks = [fn(fn(x[..., i:i + bs, :], dim=-1, keepdim=True), dim=-2, keepdim=True)
-              for i in range(0, x.shape[-2], bs)]
-    return torch.cat(blocks, dim=-2)
 
 
 def _expand(t, shape, gran, bs):
@@ -99,8 +89,8 @@ def ref_quantize(x, precision, gran, bs, strategy, smooth):
     x = x.float()
     mean = x.mean(dim=-2, keepdim=True) if smooth else torch.empty(0)
     xs = x - mean if smooth else x
-    lo = _group_reduce(xs, gran, bs, torch.amin)
-    hi = _group_reduce(xs, gran, bs, torch.amax)
+    lo = group_reduce(xs, gran, bs, torch.amin)
+    hi = group_reduce(xs, gran, bs, torch.amax)
     qmax = QMAX[precision]
     if strategy == "asymmetric":
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)

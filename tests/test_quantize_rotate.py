@@ -13,6 +13,7 @@ import torch
 
 import flash_quant.ops  # noqa: F401  (schemas, CPU kernels, fake kernels, autograd)
 from flash_quant.rotation import hadamard_matrix, unrotate
+from flash_quant.testing import group_reduce
 
 ops = torch.ops.flash_quant
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
@@ -204,18 +205,6 @@ def test_opcheck_rotate(prec, gran, bs, strat, smooth):
 
 
 # ------------------------------------------------------------------------------ autograd
-def _group_reduce(y, gran, bs, fn):
-    """fn (amin / amax, differentiable) over each group, in the scale's shape."""
-    if gran == "per_tensor":
-        return fn(y.reshape(-1), 0).reshape((1,) * y.dim())
-    if gran == "per_head":
-        return fn(fn(y, -1, keepdim=True), -2, keepdim=True)
-    if gran == "per_token":
-        return fn(y, -1, keepdim=True)
-    if gran == "per_channel":
-        return fn(y, -2, keepdim=True)
-    rows = fn(y, -1, keepdim=True)
-    return torch.cat([fn(b, -2, keepdim=True) for b in rows.split(bs, dim=-2)], dim=-2)
 
 
 def ref_stats(x64, prec, gran, bs, strat, smooth):
@@ -225,11 +214,11 @@ def ref_stats(x64, prec, gran, bs, strat, smooth):
     if smooth:
         y = y - mean
     if strat == "asymmetric":
-        hi = _group_reduce(y, gran, bs, torch.amax).clamp_min(0)
-        lo = _group_reduce(y, gran, bs, torch.amin).clamp_max(0)
+        hi = group_reduce(y, gran, bs, torch.amax).clamp_min(0)
+        lo = group_reduce(y, gran, bs, torch.amin).clamp_max(0)
         scale = (hi - lo) / (QMAX[prec] - QMIN[prec])
     else:
-        scale = _group_reduce(y.abs(), gran, bs, torch.amax) / QMAX[prec]
+        scale = group_reduce(y.abs(), gran, bs, torch.amax) / QMAX[prec]
     return scale, mean
 
 
