@@ -51,28 +51,37 @@ def main():
     def k_stats_only():
         ops.quantize(k, "int8", "per_token", 1, "symmetric", True)
 
-    default = qz.TUNING
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"shape {B}x{H}x{S}x{D} bf16; GPU time of Q + K quantization (CUDA graph replay, median)")
-    print("| colstats programs | colstats tile | colstats warps | quant tile | quant warps | Q+K us | K us |")
-    print("|---|---|---|---|---|---|---|")
+    header = ("colstats programs", "colstats tile", "colstats warps", "quant tile", "quant warps", "Q+K us", "K us")
+    settings = [qz.LaunchTuning(*c) for c in
+                itertools.product((528, 1056, 2112), (4096, 8192), (4, 8), (4096, 8192), (4, 8))]
+    sweep(header, settings, lambda t: t[:5], lambda: (graph_us(call), graph_us(k_stats_only)), call)
+
+
+def sweep(header, settings, columns, measure, warm):
+    """Time `measure()` (its first value ranks) under each LaunchTuning of `settings` as a
+    markdown table; a setting the compiler refuses is reported, not fatal. Prints the
+    fastest and restores the default."""
+    default = qz.TUNING
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     rows = []
-    grid = itertools.product((528, 1056, 2112), (4096, 8192), (4, 8), (4096, 8192), (4, 8))
-    for cp, ct, cw, qt, qw in grid:
-        qz.TUNING = qz.LaunchTuning(cp, ct, cw, qt, qw)
+    for tuning in settings:
+        qz.TUNING = tuning
+        cells = " | ".join(str(c) for c in columns(tuning))
         try:
-            call()
-            both, konly = graph_us(call), graph_us(k_stats_only)
-        except Exception as exc:  # a tile the compiler refuses: report, go on
-            print(f"| {cp} | {ct} | {cw} | {qt} | {qw} | failed: {str(exc).splitlines()[0][:60]} | |")
+            warm()
+            times = measure()
+        except Exception as exc:  # e.g. a tile over the shared-memory limit
+            print(f"| {cells} | failed: {str(exc).splitlines()[0][:60]} |")
             continue
-        rows.append((both, qz.TUNING))
-        mark = " (default)" if qz.TUNING == default else ""
-        print(f"| {cp} | {ct} | {cw} | {qt} | {qw} | {both:.1f}{mark} | {konly:.1f} |", flush=True)
+        rows.append((times[0], tuning))
+        mark = " (default)" if tuning == default else ""
+        print(f"| {cells} | " + " | ".join(f"{t:.1f}" for t in times) + f"{mark} |", flush=True)
     qz.TUNING = default
     best = min(rows, key=lambda r: r[0])
-    print(f"\nfastest: {best[1]} {best[0]:.1f} us; default {default}: "
-          f"{next(t for t, c in rows if c == default):.1f} us")
+    print(f"\nfastest: {best[1]} {best[0]:.1f} us")
 
 
 def rotate_study(q, k, v, ops):
@@ -89,28 +98,14 @@ def rotate_study(q, k, v, ops):
     def v_channel():  # the fast preset's V (no rotation): for the fast preset's share
         ops.quantize(v, "int8", "per_channel", 1, "symmetric", False)
 
-    default = qz.TUNING
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"shape {tuple(q.shape)} bf16; GPU time (CUDA graph replay, median), accurate preset's Q + K")
     print(f"former route (rotate by matmul, then quantize): {graph_us(former):.1f} us; "
           f"V per channel (fast preset): {graph_us(v_channel):.1f} us")
-    print("| rotate tile | tiles per program | quant warps | fused Q+K us |")
-    print("|---|---|---|---|")
-    rows = []
-    for rt, tiles, qw in itertools.product((4096, 8192, 16384), (1, 2, 4, 8), (4, 8)):
-        qz.TUNING = default._replace(rotate_tile=rt, rotate_tiles=tiles, quant_warps=qw)
-        try:
-            fused()
-            us = graph_us(fused)
-        except Exception as exc:
-            print(f"| {rt} | {tiles} | {qw} | failed: {str(exc).splitlines()[0][:60]} |")
-            continue
-        rows.append((us, qz.TUNING))
-        mark = " (default)" if qz.TUNING == default else ""
-        print(f"| {rt} | {tiles} | {qw} | {us:.1f}{mark} |", flush=True)
-    qz.TUNING = default
-    best = min(rows, key=lambda r: r[0])
-    print(f"\nfastest: {best[1]} {best[0]:.1f} us")
+    settings = [qz.TUNING._replace(rotate_tile=rt, rotate_tiles=tiles, quant_warps=qw)
+                for rt, tiles, qw in itertools.product((4096, 8192, 16384), (1, 2, 4, 8), (4, 8))]
+    sweep(("rotate tile", "tiles per program", "quant warps", "fused Q+K us"), settings,
+          lambda t: (t.rotate_tile, t.rotate_tiles, t.quant_warps), lambda: (graph_us(fused),), fused)
 
 
 if __name__ == "__main__":

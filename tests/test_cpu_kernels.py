@@ -200,11 +200,14 @@ def test_seed_round_trip_table(prec, ratio, rel_tol):
         ((torch.randn(4, 8), "int8", "per_row", 1, "symmetric", False), "granularity"),
         ((torch.randn(4, 8), "int8", "per_token", 1, "sym", False), "strategy"),
         ((torch.ones(4, 8, dtype=torch.int32), "int8", "per_token", 1, "symmetric", False), "x must be"),
+        ((torch.randn(4, 8, dtype=torch.float64), "int8", "per_token", 1, "symmetric", False), "x must be"),
+        ((torch.tensor(1.0), "int8", "per_tensor", 1, "symmetric", False), "rank >= 1"),
     ],
 )
-def test_quantize_errors(args, match):
+@pytest.mark.parametrize("rotate", [False, True])  # (rotated, x becomes float32: checks come first)
+def test_quantize_errors(args, match, rotate):
     with pytest.raises(RuntimeError, match=match):
-        ops.quantize(*args)
+        ops.quantize(*args, rotate)
 
 
 def test_dequantize_errors():
