@@ -12,7 +12,13 @@ under the rotation. Variants:
   (G = 1 is the preset's per-token scale);
 * ``qonly`` / ``konly``: quantize one operand only (which one carries the error);
 * ``norot``: no Hadamard rotation;
-* ``kres``: K as INT8 codes plus INT8 codes of its rounding residual (two INT8 Q·Kᵀ dots).
+* ``kres``: K as INT8 codes plus INT8 codes of its rounding residual (two INT8 Q·Kᵀ dots);
+* ``qres``: the same for Q instead of K;
+* ``qsmooth``: Q smoothed too (its mean over the sequence subtracted before quantizing and
+  added back exactly: a kernel would add the per-key bias mean(Q)·k_jᵀ to the scores,
+  which softmax does not cancel — one extra vector per key tile);
+* ``clip``: Q and K per-token scales clipped to the MSE-optimal fraction of the absmax
+  (searched over 1.0, 0.95, ..., 0.7).
 
 A second table keeps the preset's forward (INT8 Q, K: its lse and O) and recomputes the
 backward's scores from other operands against that lse, as a flash backward does: the
@@ -36,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flash_quant.rotation import hadamard_matrix  # noqa: E402
 from flash_quant.testing import make_qkv  # noqa: E402
 
-VARIANTS = ("groups=1", "groups=2", "groups=4", "qonly", "konly", "norot", "kres")
+VARIANTS = ("groups=1", "groups=2", "groups=4", "qonly", "konly", "norot", "kres", "qres", "qsmooth", "clip")
 
 
 def attention(q, k, v, scale):
@@ -52,17 +58,47 @@ def int8_qdq(x, groups=1):
     return (torch.round(xg / s).clamp(-127, 127) * s).reshape(B, H, S, D)
 
 
+def int8_qdq_clipped(x, fractions=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
+    """Symmetric INT8 per token, the scale clipped to the fraction of the absmax that
+    minimises the token's squared rounding + clipping error."""
+    amax = x.abs().amax(-1, keepdim=True)
+    best = best_err = None
+    for c in fractions:
+        s = (amax * c / 127).clamp_min(1e-30)
+        y = torch.round(x / s).clamp(-127, 127) * s
+        err = (y - x).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = y, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, y, best), torch.where(better, err, best_err)
+    return best
+
+
 def operands(variant, q, k, H):
     rot = variant != "norot"
     qr, kr = (q @ H, k @ H) if rot else (q, k)
     km = kr.mean(-2, keepdim=True)
     groups = int(variant.split("=")[1]) if variant.startswith("groups=") else 1
-    qd = qr if variant == "konly" else int8_qdq(qr, groups)
+    if variant == "konly":
+        qd = qr
+    elif variant == "qres":
+        first = int8_qdq(qr)
+        qd = first + int8_qdq(qr - first)
+    elif variant == "qsmooth":
+        qm = qr.mean(-2, keepdim=True)
+        qd = int8_qdq(qr - qm) + qm
+    elif variant == "clip":
+        qd = int8_qdq_clipped(qr)
+    else:
+        qd = int8_qdq(qr, groups)
     if variant == "qonly":
         kd = kr
     elif variant == "kres":
         first = int8_qdq(kr - km)
         kd = first + int8_qdq(kr - km - first) + km
+    elif variant == "clip":
+        kd = int8_qdq_clipped(kr - km) + km
     else:
         kd = int8_qdq(kr - km, groups) + km
     return (qr, kr), (qd, kd)
