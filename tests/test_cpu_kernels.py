@@ -440,9 +440,10 @@ def test_forward_errors():
         fwd(q, k.double(), v)
 
 
-def test_generic_isa_matches_avx512():
+def test_generic_isa_matches_simd():
     """The portable tile primitives (FLASH_QUANT_CPU_ISA=generic) give the same results
-    as the AVX-512/VNNI ones (when present) — run in a subprocess, the choice is made once."""
+    as the AVX2 ones (=avx2) and the best set present (AVX-512/VNNI where the CPU has it)
+    — each in a subprocess, the choice is made once per process."""
     script = r"""
 import sys, json, torch
 sys.path.insert(0, %r)
@@ -458,12 +459,13 @@ print(json.dumps([x.tolist() for x in (o1, l1, o2, dq, dk, dv)]))
 """
     script = script % os.path.dirname(os.path.abspath(__file__))
     res = []
-    for isa in ("generic", "best"):
+    for isa in ("generic", "avx2", "best"):
         env = dict(os.environ, FLASH_QUANT_CPU_ISA=isa, OMP_NUM_THREADS="1")
         p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         res.append([torch.tensor(x) for x in json.loads(p.stdout.strip().splitlines()[-1])])
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------

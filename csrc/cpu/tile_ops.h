@@ -1,6 +1,6 @@
 // Tile-level compute primitives of the CPU attention kernels, selected once at runtime:
-// AVX-512 + VNNI implementations (tile_ops_avx512.cpp) when the CPU has them, portable
-// loops (tile_ops_generic.cpp) otherwise. Each call does a whole tile (64 keys × up to
+// AVX-512 + VNNI implementations (tile_ops_avx512.cpp) when the CPU has them, else AVX2 +
+// FMA ones (tile_ops_avx2.cpp), else portable loops (tile_ops_generic.cpp). Each call does a whole tile (64 keys × up to
 // 64 queries), so the indirect call costs nothing next to the work inside it.
 #pragma once
 
@@ -37,7 +37,8 @@ struct TileOps {
                    int m, int n, int kdim, float alpha, bool accumulate);
   // S[m × kBN] (row stride kBN) from qu (m rows of dk bytes, row stride ldq, values
   // q + 128 as uint8) and kp (one key tile packed as [dk/4][kBN][4] int8): the raw sum
-  // acc_ij = Σ_d qu[i][d] · k[j][d], then the IntScoreParams epilogue. dk % 4 == 0.
+  // acc_ij = Σ_d qu[i][d] · k[j][d], then the IntScoreParams epilogue. dk % 4 == 0 and
+  // dk <= 256 (the attention ops' head-dim limit).
   void (*qk_int8_scores)(const uint8_t* qu, int64_t ldq, int m, int dk, const int8_t* kp,
                          const IntScoreParams& p, float* S);
   // x[0..n) <- exp(x); n % 16 == 0; exp(-inf) = 0.
@@ -52,8 +53,10 @@ struct TileOps {
 const TileOps& generic_tile_ops();
 // nullptr when not built for x86-64 or when the CPU lacks AVX-512F/BW/VL/VNNI.
 const TileOps* avx512_tile_ops();
-// The best available set (avx512 if present). FLASH_QUANT_CPU_ISA=generic forces the
-// portable set (used by the tests to check both).
+// nullptr when not built for x86-64 or when the CPU lacks AVX2 / FMA.
+const TileOps* avx2_tile_ops();
+// The best available set (avx512, else avx2, else generic). FLASH_QUANT_CPU_ISA=generic
+// forces the portable set and =avx2 skips AVX-512 (the tests compare them).
 const TileOps& tile_ops();
 
 }  // namespace cpu

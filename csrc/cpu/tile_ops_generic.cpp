@@ -1,10 +1,11 @@
 // Portable implementations of the tile primitives (plain loops the compiler may
 // auto-vectorise for the baseline ISA), and the runtime choice between them and the
-// AVX-512 set.
+// AVX-512 and AVX2 sets.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #include "cpu/tile_ops.h"
@@ -88,8 +89,10 @@ const TileOps& tile_ops() {
   static const TileOps* chosen = [] {
     const char* force = std::getenv("FLASH_QUANT_CPU_ISA");
     if (force != nullptr && std::strcmp(force, "generic") == 0) return &generic_tile_ops();
-    const TileOps* fast = avx512_tile_ops();
-    return fast != nullptr ? fast : &generic_tile_ops();
+    const bool avx2_only = force != nullptr && std::strcmp(force, "avx2") == 0;
+    for (const TileOps* ops : {avx2_only ? nullptr : avx512_tile_ops(), avx2_tile_ops()})
+      if (ops != nullptr) return ops;
+    return &generic_tile_ops();
   }();
   return *chosen;
 }
