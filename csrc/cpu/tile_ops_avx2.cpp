@@ -34,30 +34,50 @@ FQ_AVX2 inline float hsum8(__m256 v) {
 }
 
 // ---- fp32 GEMM: C = alpha·A·B (+C) -----------------------------------------------
-// Register block of R rows × 16 columns (two ymm of B per k, each reused by R rows):
-// 2R ≤ 12 accumulators + 2 B + 1 broadcast fit the 16 ymm registers.
+// Register block of R ≤ 6 rows × 16 columns (two ymm of B per k, each reused by R rows):
+// 2R ≤ 12 accumulators + 2 B + 1 broadcast fit the 16 ymm registers. The accumulators are
+// named variables, not an array: GCC 12 kept an array's elements in registers but also
+// stored every one of them to the stack after each FMA (12 stores per k, measured 2x slower).
+FQ_AVX2 inline void row_fma(const float* A, int k, __m256 b0, __m256 b1, __m256& c0, __m256& c1) {
+  const __m256 a = _mm256_broadcast_ss(A + k);
+  c0 = _mm256_fmadd_ps(a, b0, c0);
+  c1 = _mm256_fmadd_ps(a, b1, c1);
+}
+
+FQ_AVX2 inline void store_row(float* c, __m256 v0, __m256 v1, __m256 va, bool accumulate) {
+  v0 = _mm256_mul_ps(v0, va);
+  v1 = _mm256_mul_ps(v1, va);
+  if (accumulate) {
+    v0 = _mm256_add_ps(_mm256_loadu_ps(c), v0);
+    v1 = _mm256_add_ps(_mm256_loadu_ps(c + 8), v1);
+  }
+  _mm256_storeu_ps(c, v0);
+  _mm256_storeu_ps(c + 8, v1);
+}
+
 template <int R>
 FQ_AVX2 void gemm_block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                         int kdim, float alpha, bool accumulate) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  static_assert(R >= 1 && R <= 6, "row block of 1..6");
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int k = 0; k < kdim; ++k) {
     const __m256 b0 = _mm256_loadu_ps(B + k * ldb);
     const __m256 b1 = _mm256_loadu_ps(B + k * ldb + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-    }
+    row_fma(A, k, b0, b1, c00, c01);
+    if constexpr (R > 1) row_fma(A + lda, k, b0, b1, c10, c11);
+    if constexpr (R > 2) row_fma(A + 2 * lda, k, b0, b1, c20, c21);
+    if constexpr (R > 3) row_fma(A + 3 * lda, k, b0, b1, c30, c31);
+    if constexpr (R > 4) row_fma(A + 4 * lda, k, b0, b1, c40, c41);
+    if constexpr (R > 5) row_fma(A + 5 * lda, k, b0, b1, c50, c51);
   }
   const __m256 va = _mm256_set1_ps(alpha);
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 2; ++v) {
-      float* c = C + r * ldc + 8 * v;
-      __m256 res = _mm256_mul_ps(acc[r][v], va);
-      if (accumulate) res = _mm256_add_ps(_mm256_loadu_ps(c), res);
-      _mm256_storeu_ps(c, res);
-    }
+  store_row(C, c00, c01, va, accumulate);
+  if constexpr (R > 1) store_row(C + ldc, c10, c11, va, accumulate);
+  if constexpr (R > 2) store_row(C + 2 * ldc, c20, c21, va, accumulate);
+  if constexpr (R > 3) store_row(C + 3 * ldc, c30, c31, va, accumulate);
+  if constexpr (R > 4) store_row(C + 4 * ldc, c40, c41, va, accumulate);
+  if constexpr (R > 5) store_row(C + 5 * ldc, c50, c51, va, accumulate);
 }
 
 using GemmBlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, float, bool);
@@ -82,43 +102,61 @@ FQ_AVX2 void gemm_f32_avx2(const float* A, int64_t lda, const float* B, int64_t 
 // widened once per call; one 16-bit load then holds 4 keys × 4 channels, and the 4 query
 // values (q + 128, zero-extended) broadcast to every 64-bit lane pair with it. Each key
 // ends in two adjacent lanes, added once at the end (hadd + a 64-bit permute).
+// Row r's 16 scores of one key chunk: 4 accumulators (4 keys × 2 lanes each) to fp32.
+FQ_AVX2 inline void int_scores_row(__m256i a0, __m256i a1, __m256i a2, __m256i a3, const IntScoreParams& p, int i,
+                                   int kc, float* S) {
+  const __m256 rm = _mm256_set1_ps(p.row_mul[i]);
+  const __m256i pairs[2][2] = {{a0, a1}, {a2, a3}};
+  for (int h = 0; h < 2; ++h) {  // keys kc + 8h .. kc + 8h + 7
+    __m256i x = _mm256_permute4x64_epi64(_mm256_hadd_epi32(pairs[h][0], pairs[h][1]), 0xD8);
+    const int j = kc + 8 * h;
+    x = _mm256_add_epi32(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.col_c + j)));
+    if (p.zero_points) {
+      x = _mm256_add_epi32(x, _mm256_mullo_epi32(_mm256_set1_epi32(p.row_a[i]),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.col_zk + j))));
+      x = _mm256_add_epi32(x, _mm256_mullo_epi32(_mm256_set1_epi32(p.row_zq[i]),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.col_ek + j))));
+    }
+    const __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(x), rm), _mm256_loadu_ps(p.col_mul + j));
+    _mm256_storeu_ps(S + i * kBN + j, f);
+  }
+}
+
+FQ_AVX2 inline __m256i query_quad(const uint8_t* q) {  // 4 query bytes -> 4 int16, in every 64-bit lane
+  int32_t word;
+  std::memcpy(&word, q, 4);
+  return _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(word)));
+}
+
+// R (1 or 2) rows × 16 keys per pass; named accumulators (see gemm_block on arrays).
 template <int R>
 FQ_AVX2 void qk_int8_rows(const uint8_t* qu, int64_t ldq, int dk, const int16_t* kw, const IntScoreParams& p,
                           int i0, float* S) {
+  static_assert(R == 1 || R == 2, "row block of 1 or 2");
+  const uint8_t* q0 = qu + i0 * ldq;
+  const uint8_t* q1 = q0 + ldq;
   for (int kc = 0; kc < kBN; kc += 16) {  // 16 keys: 4 vectors of 4 keys × 2 lanes
-    __m256i acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_si256();
+    __m256i r00 = _mm256_setzero_si256(), r01 = r00, r02 = r00, r03 = r00;
+    __m256i r10 = r00, r11 = r00, r12 = r00, r13 = r00;
     for (int t = 0; t < dk / 4; ++t) {
-      __m256i a[R];
-      for (int r = 0; r < R; ++r) {
-        int32_t word;
-        std::memcpy(&word, qu + (i0 + r) * ldq + 4 * t, 4);
-        a[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(word)));
-      }
-      const int16_t* kt = kw + (t * kBN + kc) * 4;
-      for (int v = 0; v < 4; ++v) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kt + 16 * v));
-        for (int r = 0; r < R; ++r) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(a[r], b));
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const int i = i0 + r;
-      const __m256 rm = _mm256_set1_ps(p.row_mul[i]);
-      for (int h = 0; h < 2; ++h) {  // keys kc + 8h .. kc + 8h + 7
-        __m256i x = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), 0xD8);
-        const int j = kc + 8 * h;
-        x = _mm256_add_epi32(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.col_c + j)));
-        if (p.zero_points) {
-          x = _mm256_add_epi32(x, _mm256_mullo_epi32(_mm256_set1_epi32(p.row_a[i]),
-                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.col_zk + j))));
-          x = _mm256_add_epi32(x, _mm256_mullo_epi32(_mm256_set1_epi32(p.row_zq[i]),
-                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.col_ek + j))));
-        }
-        const __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(x), rm), _mm256_loadu_ps(p.col_mul + j));
-        _mm256_storeu_ps(S + i * kBN + j, f);
+      const __m256i* kt = reinterpret_cast<const __m256i*>(kw + (t * kBN + kc) * 4);
+      const __m256i b0 = _mm256_loadu_si256(kt), b1 = _mm256_loadu_si256(kt + 1);
+      const __m256i b2 = _mm256_loadu_si256(kt + 2), b3 = _mm256_loadu_si256(kt + 3);
+      const __m256i a = query_quad(q0 + 4 * t);
+      r00 = _mm256_add_epi32(r00, _mm256_madd_epi16(a, b0));
+      r01 = _mm256_add_epi32(r01, _mm256_madd_epi16(a, b1));
+      r02 = _mm256_add_epi32(r02, _mm256_madd_epi16(a, b2));
+      r03 = _mm256_add_epi32(r03, _mm256_madd_epi16(a, b3));
+      if constexpr (R == 2) {
+        const __m256i c = query_quad(q1 + 4 * t);
+        r10 = _mm256_add_epi32(r10, _mm256_madd_epi16(c, b0));
+        r11 = _mm256_add_epi32(r11, _mm256_madd_epi16(c, b1));
+        r12 = _mm256_add_epi32(r12, _mm256_madd_epi16(c, b2));
+        r13 = _mm256_add_epi32(r13, _mm256_madd_epi16(c, b3));
       }
     }
+    int_scores_row(r00, r01, r02, r03, p, i0, kc, S);
+    if constexpr (R == 2) int_scores_row(r10, r11, r12, r13, p, i0 + 1, kc, S);
   }
 }
 
@@ -129,9 +167,8 @@ FQ_AVX2 void qk_int8_scores_avx2(const uint8_t* qu, int64_t ldq, int m, int dk, 
     _mm256_store_si256(reinterpret_cast<__m256i*>(kw + e),
                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + e))));
   int i0 = 0;
-  for (; i0 + 3 <= m; i0 += 3) qk_int8_rows<3>(qu, ldq, dk, kw, p, i0, S);
-  if (m - i0 == 2) qk_int8_rows<2>(qu, ldq, dk, kw, p, i0, S);
-  if (m - i0 == 1) qk_int8_rows<1>(qu, ldq, dk, kw, p, i0, S);
+  for (; i0 + 2 <= m; i0 += 2) qk_int8_rows<2>(qu, ldq, dk, kw, p, i0, S);
+  if (i0 < m) qk_int8_rows<1>(qu, ldq, dk, kw, p, i0, S);
 }
 
 // ---- exp -----------------------------------------------------------------------------
