@@ -284,10 +284,10 @@ def test_direct_launch_backward_bitwise():
 def test_quantize_fused_rotation_gpu(D, dtype, granularity):
     """rotate=True in the compiled kernels (D 72: Hadamard blocks of 8; 512 bf16: too wide
     to fuse, a float32 matmul rotates first) against quantizing the float64-rotated x."""
-    from flash_quant.rotation import hadamard_matrix
+    from flash_quant.rotation import rotate
 
     x = (torch.randn(2, 6, 1000, D, device=DEV) * 2 + torch.randn(2, 6, 1, D, device=DEV)).to(dtype)
-    xr = (x.double() @ hadamard_matrix(D, device=DEV, dtype=torch.float64)).float()
+    xr = rotate(x.double()).float()
     got = torch.ops.flash_quant.quantize(x, "int8", granularity, 1, "symmetric", True, True)
     want = quantize_launch(xr, "int8", granularity, 1, "symmetric", True, False)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)

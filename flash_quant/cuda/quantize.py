@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
+from .. import rotation
 from ..rotation import hadamard_matrix
 from .common import pack_int4, round_half_even, round_to_fp8, round_to_int, unpack_int4
 from . import host
@@ -73,14 +74,10 @@ _MODE_ROW, _MODE_BLOCK, _MODE_COLS = 0, 1, 2
 from ..ops import CUDA_KMAJOR_ALIGN as _S_ALIGN  # padding of the sequence dim of K-major 8-bit data
 
 
+@functools.lru_cache(maxsize=None)
 def _hadamard_pm1(d: int, block_d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The (block_d, block_d) matrix sqrt(block) * hadamard_matrix(d), zero-padded: entries
     ±1 / 0, exact in every float type (the kernels scale by 1/sqrt(block) in fp32)."""
-    return _hadamard_pm1_cached(d, block_d, device, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _hadamard_pm1_cached(d, block_d, device, dtype):
     h = torch.zeros(block_d, block_d, dtype=torch.float64)
     h[:d, :d] = hadamard_matrix(d, dtype=torch.float64) * math.sqrt(d & -d)
     return h.round().to(device=device, dtype=dtype)
@@ -461,7 +458,7 @@ def _rotation_block_d(D: int) -> int:
 
 def _fused_rotation(D: int, dtype: torch.dtype) -> bool:
     """Whether the kernels rotate x themselves (else a float32 matmul rotates it first)."""
-    return _rotation_block_d(D) <= _ROTATE_MAX_BLOCK[torch.empty((), dtype=dtype).element_size()]
+    return _rotation_block_d(D) <= _ROTATE_MAX_BLOCK[dtype.itemsize]
 
 
 def _check_quantize_args(x, precision, granularity, block_size, strategy, smooth):
@@ -639,7 +636,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)  # raises
     if rotate and x.dim() >= 1 and not _fused_rotation(x.shape[-1], x.dtype):
         # too wide for the fused matrix: rotate in float32 first (same values, one more pass)
-        x = torch.matmul(x.float(), hadamard_matrix(x.shape[-1], device=x.device, dtype=torch.float32))
+        x = rotation.rotate(x.float())
         rotate = False
     key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
            rotate, TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
