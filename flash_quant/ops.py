@@ -14,6 +14,7 @@ import torch
 from . import _C  # noqa: F401  (loads the schemas and the CPU kernels)
 from . import rotation
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
+from .mask_gradient import mask_gradient
 
 __all__ = [
     "quantize",
@@ -360,15 +361,23 @@ def _attention_backward(ctx, grad_out, grad_lse):
     operands = saved[3:_FWD_OPERANDS]
     attn_mask, out, lse = saved[_FWD_OPERANDS:]
     is_causal, scale, pv_precision = ctx.flags
-    dq, dk, dv = _ops.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, *operands, attn_mask, is_causal, scale, pv_precision
-    )
+    grad_out = grad_out.contiguous()
     need = ctx.needs_input_grad
+    dq = dk = dv = None
+    if any(need[:3]):
+        dq, dk, dv = _ops.attention_backward(
+            grad_out, q, k, v, out, lse, *operands, attn_mask, is_causal, scale, pv_precision
+        )
+    # A float mask that requires grad gets dS summed to its shape (flash_quant/mask_gradient.py);
+    # a bool mask never requires grad. Nothing is computed for a mask without gradient.
+    d_mask = None
+    if need[_FWD_OPERANDS]:
+        d_mask = mask_gradient(grad_out, q, k, v, out, lse, operands, attn_mask, is_causal, scale)
     return (
         dq if need[0] else None,
         dk if need[1] else None,
         dv if need[2] else None,
-    ) + (None,) * (len(need) - 3)
+    ) + (None,) * (_FWD_OPERANDS - 3) + (d_mask,) + (None,) * (len(need) - _FWD_OPERANDS - 1)
 
 
 torch.library.register_autograd(
