@@ -106,3 +106,23 @@ def test_checker_sees_a_deferred_circle(tmp_path):
 def test_layout_rule_imports_nothing_of_the_package(module):
     """The K-major rule is a leaf both ops.py and cuda/quantize.py import."""
     assert import_graph()[module] == set()
+
+
+def test_attention_auto_does_not_import_planning():
+    """config="auto" is decided by the core (flash_quant.auto, flash_quant.outliers):
+    planning (dynamic quantization, cost model, ...) stays off the attention path. Run in
+    a fresh interpreter, as this test session may have imported planning already."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, flash_quant\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 2, 300, 64, generator=g) for _ in range(3))\n"
+        "out = flash_quant.attention(q, k, v, config='auto')\n"
+        "assert out.shape == q.shape and bool(torch.isfinite(out).all())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('flash_quant.planning')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", "attention(config='auto') imported " + run.stdout

@@ -489,3 +489,27 @@ def test_cli(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["hardware"] == "h100_sxm"
     assert cli.main(["hardware", "h100"]) == 0
     assert "measured, 2026-11-23" in capsys.readouterr().out
+
+
+def test_outlier_ratio_per_block_uses_the_block_size():
+    """outlier_ratio groups per_block rows by the block_size it is given (it used to take
+    64 whatever it was told for a string granularity), as the quantizer's scales do."""
+    x = torch.randn(2, 96, 16, generator=_gen(12), dtype=torch.float64)
+    x[0, 40, 3] = 25.0    # one spike, in rows 32..63
+    block = 32
+    a = x.abs().reshape(2, 96 // block, block * 16)
+    sigma = a.mean(-1) / math.sqrt(2.0 / math.pi)
+    expected = float((a.amax(-1) / (sigma * math.sqrt(2.0 * math.log(x.numel())))).max())
+    got = float(outlier_ratio(x, "per_block", block))
+    assert abs(got - expected) <= 1e-5 * expected
+    assert abs(float(outlier_ratio(x, "per_block", 64)) - expected) > 1e-3 * expected
+
+
+def test_planning_reuses_the_core_statistic_and_choice():
+    import flash_quant.auto
+    import flash_quant.ops
+    import flash_quant.outliers
+
+    assert dynamic.outlier_ratio is flash_quant.outliers.outlier_ratio
+    assert adaptive.select_attention_preset is flash_quant.auto.select_attention_preset
+    assert dynamic.QMAX is flash_quant.ops.QMAX
