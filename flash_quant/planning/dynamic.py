@@ -34,7 +34,7 @@ import torch
 
 from .. import ops
 from ..outliers import GRANULARITIES, granularity_name, outlier_ratio
-from ..scales import round_trip
+from ..scales import mse_scale, round_trip
 
 __all__ = [
     "DynamicQuantConfig", "DynamicQuantizer", "DynamicQuantResult", "ActivationStats",
@@ -221,9 +221,16 @@ def choose_clip(g: torch.Tensor, calibration: str, precision: str, asymmetric: b
     # mse_optimal: grid search of r in [min_ratio, 1] on the clip r * range.
     if grid < 2 or not 0.0 < min_ratio < 1.0:
         raise ValueError(f"mse_optimal needs grid >= 2 and 0 < min_ratio < 1, got {grid}, {min_ratio}")
+    ratios = torch.linspace(min_ratio, 1.0, grid).tolist()
+    if not asymmetric:
+        # The core's search (scales.mse_scale), one group per row; padding enters as
+        # zeros, which every scale represents exactly. All-zero groups keep a zero range.
+        scale = mse_scale(gz, precision, "per_token", 1, clip_ratios=ratios).squeeze(-1)
+        best_hi = torch.where(hi > 0, scale * QMAX[precision], hi)
+        return -best_hi, best_hi
     best_err = None
     best_r = torch.ones_like(hi)
-    for r in torch.linspace(min_ratio, 1.0, grid).tolist():
+    for r in ratios:
         scale, zp = _params_from_range(lo * r, hi * r, precision, asymmetric)
         rec = fake_quantize(gz, scale.unsqueeze(-1), zp.unsqueeze(-1), precision, asymmetric)
         err = torch.where(valid, (rec - gz) ** 2, torch.zeros_like(gz)).sum(-1)
