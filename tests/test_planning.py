@@ -413,6 +413,28 @@ def test_refit_from_stored_measurements(tmp_path):
     assert "Fit redone offline" in md and "flash-quant calibrate --device cuda" in md and "LOO err" in md
 
 
+def test_calibration_report_defaults_beside_its_json(tmp_path, monkeypatch):
+    """Without --results-dir the markdown report goes beside the calibration JSON, not
+    into a benchmarks/results folder of whatever directory the command runs in."""
+    hw = hardware.get_hardware("h100_sxm")
+    prec = AttentionPrecision.from_config("fp16")
+    ms = [{"shape": s.to_json(), "family": "flash_quant", "preset": "fp16",
+           "seconds": 1e-6 * sum(cost_model.attention_terms(s, prec, hw).features())}
+          for s in calibrate.BENCH_SHAPES]
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "calibration_h100_sxm.json"
+    path.write_text(json.dumps({"hardware": "h100_sxm", "date": "2026-01-03", "measurements": ms,
+                                "fits": {}, "failed": []}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    from flash_quant import cli
+    assert cli.main(["calibrate", "--refit", str(path)]) == 0
+    assert (data / "calibration_2026-01-03_h100_sxm.md").is_file()
+    assert not any(cwd.iterdir())
+
+
 def test_stored_h100_calibration_loads_and_fits():
     cal = cost_model.load_calibration("h100_sxm")
     assert cal is not None and cal["model_version"] == cost_model.MODEL_VERSION
