@@ -426,8 +426,8 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 
 class LaunchTuning(NamedTuple):
-    """Launch parameters of the quantize kernels (module default :data:`TUNING`;
-    benchmarks/quantize_study.py times alternatives). ``colstats_programs``: programs of
+    """Launch parameters of the quantize kernels (module default :data:`TUNING`; other
+    settings were timed no faster, docs/studies.md). ``colstats_programs``: programs of
     the column-statistics pass (the sequence is cut into chunks to reach it);
     ``*_tile``: elements per program tile; ``*_warps``: warps per program."""
     colstats_programs: int = 528  # ~4 per SM on a 132-SM GPU
@@ -637,7 +637,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         x = rotation.rotate(x.float())
         rotate = False
     key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
-           rotate, TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
+           rotate, TUNING)  # (TUNING is module state: a plan made under other settings is another plan)
     p = _PLANS.get_or_put(key, lambda: _plan_quantize(x, precision, granularity, block_size, strategy, smooth,
                                                       rotate))
     dev = x.device
