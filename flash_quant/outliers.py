@@ -13,7 +13,7 @@ import torch
 
 from .groups import group_amax, reduce_groups, scale_shape
 
-__all__ = ["outlier_ratio", "GRANULARITIES"]
+__all__ = ["GRANULARITIES", "granularity_name", "outlier_ratio"]
 
 GRANULARITIES = ("per_tensor", "per_head", "per_token", "per_block", "per_channel")
 #: Rank each granularity needs (its groups span the dims from -MIN_RANK on).

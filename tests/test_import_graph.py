@@ -123,6 +123,7 @@ def test_attention_auto_does_not_import_planning():
         "assert out.shape == q.shape and bool(torch.isfinite(out).all())\n"
         "print(sorted(m for m in sys.modules if m.startswith('flash_quant.planning')))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]", "attention(config='auto') imported " + run.stdout

@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import ops
-from ..outliers import GRANULARITIES, granularity_name, outlier_ratio
+from ..outliers import granularity_name, outlier_ratio
 from ..scales import mse_scale, round_trip
 
 __all__ = [
