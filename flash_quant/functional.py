@@ -110,14 +110,14 @@ def _resolve(config, query, key, value, is_causal) -> AttentionConfig:
     if isinstance(config, str) and config == "auto":
         # Eager: decided from the operands' statistics (one host sync). Under
         # torch.compile only shapes and dtype are known, so the static rule decides.
-        from .planning import adaptive
+        from . import auto
 
         if any(isinstance(t, QuantizedTensor) for t in (query, key, value)):
             raise ValueError("config='auto' needs float query, key and value (not QuantizedTensors)")
         if torch.compiler.is_compiling():
-            name, _ = adaptive.select_attention_preset_static(query.shape[-2], key.shape[-2], query.dtype)
+            name, _ = auto.select_attention_preset_static(query.shape[-2], key.shape[-2], query.dtype)
         else:
-            name, _ = adaptive.select_attention_preset(query, key, value)
+            name, _ = auto.select_attention_preset(query, key, value)
         return resolve_config(name)
     return resolve_config(config)
 

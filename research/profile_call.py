@@ -5,7 +5,7 @@ Prints, per preset at one shape: the GPU time of each kernel (torch.profiler, su
 call (Python + dispatch, measured without synchronising), so that the quantization steps'
 share and any host-bound gap are visible.
 
-    python benchmarks/profile_call.py [--shape 1,24,4608,128] [--presets accurate fast]
+    python research/profile_call.py [--shape 1,24,4608,128] [--presets accurate fast]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ per-row scale, or FP8 e4m3 with a per-row / per-block-per-channel scale), comput
 product in float64 otherwise, and reports dQ, dK, dV against the float64 gradient of the
 *unquantized* attention (the bar of issue 4: cosine >= 0.999, rel-L2 <= 3 %).
 
-Run:  python benchmarks/bwd_precision_study.py [--s 1024] [--d 64 128] [--out FILE.json]
+Run:  python research/bwd_precision_study.py [--s 1024] [--d 64 128] [--out FILE.json]
 """
 from __future__ import annotations
 
