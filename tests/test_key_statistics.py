@@ -227,6 +227,14 @@ def test_quantize_center_argument_metal(emu, gran, bs):
     _check_center_arg(_metal_quant(emu), x, gran, bs, False)
 
 
+@pytest.mark.parametrize("gran", ["per_token", "per_channel"])
+def test_opcheck_quantize_with_center(gran):
+    x = torch.randn(2, 3, 10, 16)
+    c = torch.randn(2, 1, 1, 16)  # broadcast over heads
+    torch.library.opcheck(torch.ops.flash_quant.quantize.default, (x, "int8", gran, 1, "symmetric", True, True, c),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 def test_quantize_center_argument_errors():
     x = torch.randn(2, 3, 8, 16)
     c = torch.zeros(2, 3, 1, 16)
