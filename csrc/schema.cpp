@@ -19,12 +19,17 @@ TORCH_LIBRARY(flash_quant, m) {
   //                 point, and mean (the mean over dim -2 of x @ H). dequantize gives
   //                 back the rotated values; undoing the rotation (@ Hᵀ) is the caller's
   //                 (QuantizedTensor does it).
+  //   center      : (needs smooth) the smoothing centre to subtract instead of the mean
+  //                 over dim -2: float32, broadcastable to x.shape[:-2] + (1, D), in the
+  //                 space of the quantized values (rotated already when rotate). It is
+  //                 returned as `mean`. Attention passes one taken over the keys a query
+  //                 may see (flash_quant/key_stats.py).
   // Returns data (int8 / packed uint8 for int4 / float8), scale (float32, the group
   // shape), zero_point (int32, same shape as scale) and mean (float32 of shape
   // x.shape[:-2] + (1, D) when smooth, else an empty tensor).
   m.def(
       "quantize(Tensor x, str precision, str granularity, int block_size, str strategy, "
-      "bool smooth, bool rotate=False) -> (Tensor data, Tensor scale, Tensor zero_point, Tensor mean)");
+      "bool smooth, bool rotate=False, Tensor? center=None) -> (Tensor data, Tensor scale, Tensor zero_point, Tensor mean)");
 
   // Quantize with given scales (static quantization, or scales chosen by a search such
   // as flash_quant.scales.mse_scale): data = clamp(round(x / scale) + zero_point). scale

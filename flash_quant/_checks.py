@@ -2,6 +2,8 @@
 message that says which argument is wrong and how."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,3 +127,35 @@ def check_attention_prologue(x, prefix, weight, prefix_weight, eps, cos, sin) ->
                 raise ValueError(f"attention_prologue: cos / sin must be (P + S, D) = ({total}, {d}), got {tuple(t.shape)}")
             if not t.is_floating_point() or t.device != x.device:
                 raise TypeError("attention_prologue: cos / sin must be floating tensors on x's device")
+
+
+def check_center(x: torch.Tensor, center: torch.Tensor, smooth: bool) -> Tuple[int, ...]:
+    """Checks quantize's `center` (shape, dtype, device: no values, so no sync); returns
+    the shape it is expanded to, x.shape[:-2] + (1, D). The C++ backends'
+    csrc/quantize_center.h is the same rule."""
+    if not isinstance(center, torch.Tensor):
+        raise TypeError(f"quantize: center must be a tensor or None, got {type(center).__name__}")
+    if not smooth:
+        raise ValueError("quantize: center is the smoothing centre, it needs smooth=True")
+    if x.dim() < 2:
+        raise ValueError(f"quantize: center needs x of rank >= 2, got rank {x.dim()}")
+    if center.dtype != torch.float32:
+        raise TypeError(f"quantize: center must be float32, got {center.dtype}")
+    if center.device != x.device:
+        raise ValueError(f"quantize: center is on {center.device} but x is on {x.device}")
+    shape = tuple(x.shape[:-2]) + (1, x.shape[-1])
+    try:
+        if center.dim() > len(shape):
+            raise RuntimeError("too many dims")
+        center.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"quantize: center of shape {tuple(center.shape)} does not broadcast to "
+                         f"x.shape[:-2] + (1, D) = {shape}") from None
+    return shape
+
+
+def checked_center(x: torch.Tensor, center: torch.Tensor, smooth: bool) -> torch.Tensor:
+    """`center` checked (check_center) and returned as a new contiguous float32 tensor of
+    shape x.shape[:-2] + (1, D) (an op output must not alias an input)."""
+    shape = check_center(x, center, smooth)
+    return center.expand(shape).clone(memory_format=torch.contiguous_format)

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .key_stats import robust_center
 from .outliers import outlier_ratio
 
 __all__ = ["AdaptiveThresholds", "select_attention_preset", "select_attention_preset_static"]
@@ -108,7 +109,7 @@ def select_attention_preset(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     ph = _phase(phase, sq, skv)
     with torch.no_grad():
         kf = k.float()
-        ks = kf - kf.mean(dim=-2, keepdim=True)          # the presets smooth K
+        ks = kf - robust_center(k)                       # the presets smooth K by this centre
         stats = torch.stack([
             outlier_ratio(q, "per_token"), outlier_ratio(ks, "per_token"), outlier_ratio(v, "per_channel"),
             torch.isfinite(q).all().float() * torch.isfinite(k).all().float() * torch.isfinite(v).all().float(),

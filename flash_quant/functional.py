@@ -9,6 +9,7 @@ import torch
 from . import ops
 from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask, check_quantized_operand
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
+from .key_stats import visible_keys
 from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
 from .rotation import rotate, rotated_stand_in
@@ -90,12 +91,13 @@ def attention_with_lse(
     rotated = _rotation_wanted(cfg, query, key)
     q_op, q_rot = _rotated_operand(query, q, cfg.q) if rotated else (q, False)
     k_op, k_rot = _rotated_operand(key, k, cfg.k) if rotated else (k, False)
+    visible = _visible_keys_if_needed(cfg, key, value, attn_mask, is_causal, q.shape, k.shape)
     with torch.no_grad():  # straight-through: gradients reach q/k/v through the attention
         # op's own formula, so the quantization steps need no autograd graph (nor its
         # saved copies of q and k)
         q_args = _operand_args(query, q, cfg.q, "q", q_rot)
-        k_args = _operand_args(key, k, cfg.k, "k", k_rot)
-        v_args = _operand_args(value, v, cfg.v, "v")
+        k_args = _operand_args(key, k, cfg.k, "k", k_rot, visible)
+        v_args = _operand_args(value, v, cfg.v, "v", visible=visible)
 
     mask = _prepare_mask(attn_mask)
     out, lse = ops.attention_forward(
@@ -180,16 +182,27 @@ def _rotated_operand(given: Operand, x: torch.Tensor, cfg: OperandConfig):
     return rotate(x), False
 
 
-def _operand_args(given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str, rotate: bool = False):
+def _visible_keys_if_needed(cfg: AttentionConfig, key, value, attn_mask, is_causal, q_shape, k_shape):
+    """key_stats.visible_keys when this call quantizes K or V here (their statistics over
+    the keys must skip the keys no query sees), else None (no mask reduction)."""
+    if not any(isinstance(t, torch.Tensor) and c.quantized for t, c in ((key, cfg.k), (value, cfg.v))):
+        return None
+    b, hq, sq, _ = q_shape
+    return visible_keys(attn_mask, is_causal, b, hq, k_shape[1], sq, k_shape[2], device=key.device)
+
+
+def _operand_args(given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str, rotate: bool = False,
+                  visible: Optional[torch.Tensor] = None):
     """The op's (data, scale, zero_point[, mean]) for one operand: a given QuantizedTensor's
-    fields, or `x` quantized per `cfg` (Hadamard-rotated first when `rotate`), or Nones
-    for an unquantized operand. No QuantizedTensor is built per call."""
+    fields, or `x` quantized per `cfg` (Hadamard-rotated first when `rotate`; `visible`:
+    the keys some query sees, for K and V), or Nones for an unquantized operand. No
+    QuantizedTensor is built per call."""
     if isinstance(given, QuantizedTensor):
         return _op_args(given.data, given.scale, given.zero_point, given.mean, given.granularity,
                         given.strategy, given.orig_shape, role)
     if not cfg.quantized:
         return (None, None, None, None) if role == "k" else (None, None, None)
-    data, scale, zero_point, mean = quantize_codes(x, cfg, rotate=rotate)
+    data, scale, zero_point, mean = quantize_codes(x, cfg, rotate=rotate, visible=visible)
     return _op_args(data, scale, zero_point, mean if cfg.smooth else None, cfg.granularity, cfg.strategy,
                     tuple(x.shape), role)
 

@@ -13,6 +13,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the CPU kernels)
 from . import rotation
+from ._checks import check_center
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 from .layout import cuda_kmajor_layout, cuda_kmajor_seq_len
 from .mask_gradient import mask_gradient
@@ -54,10 +55,15 @@ def quantize(
     strategy: str,
     smooth: bool,
     rotate: bool = False,
+    center: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(data, scale, zero_point, mean) — see docs/op_contract.md. rotate: quantize
-    x @ hadamard_matrix(D) (every output is then of the rotated values)."""
-    return _ops.quantize(x, precision, granularity, block_size, strategy, smooth, rotate)
+    x @ hadamard_matrix(D) (every output is then of the rotated values). center (with
+    smooth): the smoothing centre to subtract instead of the mean over dim -2, in the
+    quantized values' space; returned as `mean`."""
+    if center is not None:  # one error type and message on every backend, before any kernel
+        check_center(x, center, smooth)
+    return _ops.quantize(x, precision, granularity, block_size, strategy, smooth, rotate, center)
 
 
 def _new_data(x, shape, precision, granularity):
@@ -71,7 +77,9 @@ def _new_data(x, shape, precision, granularity):
 
 
 @torch.library.register_fake("flash_quant::quantize")
-def _quantize_fake(x, precision, granularity, block_size, strategy, smooth, rotate=False):
+def _quantize_fake(x, precision, granularity, block_size, strategy, smooth, rotate=False, center=None):
+    if center is not None:
+        check_center(x, center, smooth)  # the kernels' errors, under torch.compile too
     shape = tuple(x.shape)
     data = _new_data(x, shape, precision, granularity)  # strides as the real kernels
     sshape = scale_shape(shape, granularity, block_size)
@@ -82,10 +90,10 @@ def _quantize_fake(x, precision, granularity, block_size, strategy, smooth, rota
 
 
 def _quantize_setup(ctx, inputs, output):
-    x, precision, granularity, block_size, strategy, smooth, rotate = inputs  # defaults filled in
+    x, precision, granularity, block_size, strategy, smooth, rotate, center = inputs  # defaults filled in
     data, scale, zero_point, _ = output
     ctx.mark_non_differentiable(data, zero_point)
-    ctx.save_for_backward(x, scale, zero_point)
+    ctx.save_for_backward(x, scale, zero_point, center)
     ctx.args = (precision, granularity, block_size, strategy, smooth, rotate)
 
 
@@ -94,21 +102,24 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
     subgradient of absmax for symmetric, of the clipped range for asymmetric).
 
     With rotate, the statistics are of y = x @ H (float32): the gradients below are with
-    respect to y, and the one with respect to x is that times Hᵀ."""
-    x, scale, zero_point = ctx.saved_tensors
+    respect to y, and the one with respect to x is that times Hᵀ.
+
+    A given centre is a constant here (it gets no gradient): the mean output is then not a
+    function of x, and the statistics were taken on y - center."""
+    x, scale, zero_point, center = ctx.saved_tensors
     precision, granularity, block_size, strategy, smooth, rotate = ctx.args
 
     def to_x(g):  # gradient w.r.t. the quantized values -> w.r.t. x
         return (rotation.unrotate(g.float()) if rotate else g).to(x.dtype)
 
     grad_x = None
-    if grad_mean is not None and smooth:
+    if grad_mean is not None and smooth and center is None:
         grad_x = to_x((grad_mean / x.shape[-2]).expand(x.shape))
     if grad_scale is not None:
         # rotation.rotate works in its input's dtype: rotate the float32 copy
         xf = rotation.rotate(x.float()) if rotate else x.float()
         if smooth:
-            xf = xf - xf.mean(dim=-2, keepdim=True)
+            xf = xf - (center if center is not None else xf.mean(dim=-2, keepdim=True))
         qmax = QMAX[precision]
         g = expand_groups(grad_scale, x.shape, block_size)
         if strategy == "asymmetric":
@@ -130,10 +141,10 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
             is_max = (xf.abs() == absmax) & (absmax > 0)
             n = expand_groups(reduce_groups(is_max.float(), scale.shape, block_size), x.shape, block_size)
             contrib = g * torch.sign(xf) * is_max.float() / n.clamp_min(1) / qmax
-        if smooth:  # the group statistics were taken on x - mean(x)
+        if smooth and center is None:  # the group statistics were taken on x - mean(x)
             contrib = contrib - contrib.mean(dim=-2, keepdim=True)
         grad_x = to_x(contrib) if grad_x is None else grad_x + to_x(contrib)
-    return grad_x, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_quant::quantize", _quantize_backward, setup_context=_quantize_setup)

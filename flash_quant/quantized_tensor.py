@@ -32,7 +32,8 @@ class QuantizedTensor:
       scale       float32, one per group (shape given by the granularity, see
                   docs/op_contract.md); dequantized = (data - zero_point) * scale (+ mean).
       zero_point  int32, same shape as scale; all zeros unless strategy is asymmetric.
-      mean        float32 per-channel mean removed before quantizing (smoothing), or None.
+      mean        float32 per-channel centre removed before quantizing (smoothing: the
+                  robust centre of flash_quant.key_stats from flash_quant.quantize), or None.
       rotated     True when the values were Hadamard-rotated along the last dim first
                   (dequantize() undoes it).
       precision, strategy, strategy_version, granularity, orig_shape, orig_dtype.

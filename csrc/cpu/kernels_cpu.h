@@ -13,7 +13,8 @@ namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     const at::Tensor& x, c10::string_view precision, c10::string_view granularity,
-    int64_t block_size, c10::string_view strategy, bool smooth, bool rotate);
+    int64_t block_size, c10::string_view strategy, bool smooth, bool rotate,
+    const std::optional<at::Tensor>& center);
 
 at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero_point,
                           const at::Tensor& mean, c10::string_view precision, int64_t block_size,

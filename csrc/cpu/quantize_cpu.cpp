@@ -19,6 +19,7 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/kernels_cpu.h"
+#include "quantize_center.h"
 #include "rotation.h"
 
 namespace flash_quant {
@@ -114,7 +115,8 @@ bool all_finite(const float* x, int64_t n) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     const at::Tensor& x, c10::string_view precision, c10::string_view granularity,
-    int64_t block_size, c10::string_view strategy, bool smooth, bool rotate) {
+    int64_t block_size, c10::string_view strategy, bool smooth, bool rotate,
+    const std::optional<at::Tensor>& center) {
   const Precision prec = parse_precision(precision);
   const Granularity gran = parse_granularity(granularity);
   const Strategy strat = parse_strategy(strategy);
@@ -139,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
   const int64_t D = x.size(-1);
   TORCH_CHECK(prec != Precision::Int4 || D % 2 == 0,
               "quantize: int4 packs two values per byte, so the last dim of x must be even, got ", D);
+  const at::Tensor given_center = checked_center(x, center, smooth);
 
   at::Tensor xf = x.to(at::kFloat).contiguous();
   // Everything below (statistics, codes) is of x @ H. Checked after the rotation: a
@@ -148,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
               "quantize: x contains non-finite values (inf or nan)");
   at::Tensor mean = at::empty({0}, xf.options());
   if (smooth) {
-    mean = xf.mean(-2, /*keepdim=*/true);
+    mean = given_center.defined() ? given_center : xf.mean(-2, /*keepdim=*/true);
     xf = (xf - mean).contiguous();
   }
 

@@ -449,6 +449,15 @@ Plan plan_quantize(const QuantArgs& a) {
     fail("strategy must be 'symmetric', 'asymmetric' or 'legacy', got '" + a.strategy + "'");
   }
   if (a.smooth && rank < 2) fail("smooth needs x of rank >= 2");
+  const bool given_center = a.center.defined;
+  if (given_center) {
+    if (!a.smooth) fail("center is the smoothing centre, it needs smooth=True");
+    std::vector<int64_t> cshape(x.sizes.begin(), x.sizes.end() - 2);
+    cshape.push_back(1), cshape.push_back(x.sizes.back());
+    if (a.center.dtype != Dtype::F32) fail(std::string("center must be float32, got ") + dtype_name(a.center.dtype));
+    if (a.center.sizes != cshape) fail("center must have shape " + shape_str(cshape) + ", got " + shape_str(a.center.sizes));
+    if (a.center.strides != TensorDesc::contiguous(Dtype::F32, cshape).strides) fail("center must be contiguous");
+  }
 
   // Group boxes over (L, S, D) and the scale's shape.
   std::vector<int64_t> lead(x.sizes.begin(), x.sizes.end() - std::min<size_t>(rank, 2));
@@ -488,7 +497,7 @@ Plan plan_quantize(const QuantArgs& a) {
   plan.outputs.push_back({Dtype::F32, sshape});
   plan.outputs.push_back({Dtype::I32, sshape, true});  // symmetric: stays 0
   std::vector<int64_t> mshape;
-  if (a.smooth) mshape = lead, mshape.push_back(1), mshape.push_back(p.D);
+  if (a.smooth && !given_center) mshape = lead, mshape.push_back(1), mshape.push_back(p.D);
   else mshape = {0};
   plan.outputs.push_back({Dtype::F32, mshape});
 
@@ -503,12 +512,12 @@ Plan plan_quantize(const QuantArgs& a) {
     l.grid[0] = grid_dim(groups, "quantize groups");
     l.threads[0] = FQ_QUANT_THREADS;
     l.tg_mem_bytes = 2 * (FQ_QUANT_THREADS / 32) * sizeof(float);  // per-simdgroup min and max
-    l.bindings = {{0, 0}, {1, kOutput + 0}, {2, kOutput + 1}, {3, kOutput + 2}, {4, a.smooth ? kOutput + 3 : kUnbound}};
+    l.bindings = {{0, 0}, {1, kOutput + 0}, {2, kOutput + 1}, {3, kOutput + 2}, {4, given_center ? 1 : a.smooth ? kOutput + 3 : kUnbound}};
     l.params_slot = 5;
     l.params = params;
     return l;
   };
-  if (a.smooth) plan.launches.push_back(make("fq_quantize_mean", ceil_div(int64_t(p.L) * p.D, FQ_QUANT_THREADS)));
+  if (a.smooth && !given_center) plan.launches.push_back(make("fq_quantize_mean", ceil_div(int64_t(p.L) * p.D, FQ_QUANT_THREADS)));
   plan.launches.push_back(make("fq_quantize_reduce", n_groups));
   const int64_t per_thread = pi.code == FQ_I4 ? 2 : 1;
   plan.launches.push_back(

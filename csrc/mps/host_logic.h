@@ -87,9 +87,13 @@ Plan plan_attention_forward(const AttnArgs& a);
 // Outputs: dq, dk, dv, then the temporaries delta and lse' (B, Hq, Sq) float32.
 Plan plan_attention_backward(const AttnArgs& a);
 
-// ---- quantize: input 0 is x, contiguous. Outputs: data, scale, zero_point, mean.
+// ---- quantize: input 0 is x, contiguous; input 1 the smoothing centre when given
+// (float32, contiguous, x.shape[:-2] + (1, D)): the kernels subtract it instead of the
+// mean, and the mean output is then empty (the caller returns the centre as `mean`).
+// Outputs: data, scale, zero_point, mean.
 struct QuantArgs {
   TensorDesc x;
+  TensorDesc center;  // defined: subtract it instead of computing the mean (needs smooth)
   std::string precision, granularity, strategy;
   int64_t block_size = 1;
   bool smooth = false;

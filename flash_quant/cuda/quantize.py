@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
+from .._checks import checked_center
 from ..layout import cuda_kmajor_layout, cuda_kmajor_seq_len
 from .. import rotation
 from ..rotation import hadamard_matrix
@@ -158,8 +159,8 @@ def _colstats_kernel(x_ptr, h_ptr, rscale, work_ptr, part_off, L, L2, S, D, S_CH
 
 
 @triton.jit
-def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rscale,
-                            SMOOTH: tl.constexpr, RANGE: tl.constexpr, ROTATE: tl.constexpr,
+def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rscale, center_ptr,
+                            SMOOTH: tl.constexpr, CENTER: tl.constexpr, RANGE: tl.constexpr, ROTATE: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """Combine the sequence chunks of _colstats_kernel (in chunk order: deterministic) into
     stats[0] = mean (sum / S; 0 without smoothing), stats[1] = min(min - mean, 0) and
@@ -168,7 +169,8 @@ def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rsc
     Without RANGE only the mean is written. ROTATE (no RANGE, BLOCK_D >= D): the partials
     are of x, and the mean of x @ H is written as mean(x) @ H — one small product per
     leading index instead of a rotation of every tile in the statistics pass; a second
-    grid axis splits its output channels (each program sums the partials itself)."""
+    grid axis splits its output channels (each program sums the partials itself).
+    CENTER: the caller's smoothing centre (center_ptr, (L, D) fp32) stands for the mean."""
     pid_l = tl.program_id(0)
     part_ptr = stats_ptr + part_off  # the partials follow the stats planes in one buffer
     for d0 in range(0, D, BLOCK_D):
@@ -183,7 +185,9 @@ def _colstats_reduce_kernel(stats_ptr, part_off, chunks, L, D, inv_s, h_ptr, rsc
             if RANGE:
                 cmax = tl.maximum(cmax, tl.load(part_ptr + (chunks * L) * D + row, mask=dmask, other=0.0))
                 cmin = tl.minimum(cmin, tl.load(part_ptr + (2 * chunks * L) * D + row, mask=dmask, other=0.0))
-        if SMOOTH:
+        if CENTER:
+            mean = tl.load(center_ptr + pid_l.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)
+        elif SMOOTH:
             mean = csum * inv_s
         else:
             mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -522,7 +526,8 @@ class _QuantizePlan(NamedTuple):
 _PLANS = PlanCache()
 
 
-def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rotate) -> _QuantizePlan:
+def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rotate,
+                   has_center=False) -> _QuantizePlan:
     _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)
     prec_code, qmin, qmax, ddtype = PRECISIONS[precision]
     asym = strategy == "asymmetric"
@@ -562,7 +567,8 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
     colstats_args = reduce_args = ()
     colstats_meta = reduce_meta = {}
     reduce_grid = None
-    if smooth or need_cols:
+    # a given centre replaces the column-mean pass; the column ranges still need it
+    if need_cols or (smooth and not has_center):
         # (64-wide column blocks, ~4 programs per SM: whole 128-wide rows with ~8 per SM
         # measured no faster for K and 13 µs slower for V at the Flux shape, H100)
         # rotating with column ranges: the whole row per tile (the matrix mixes every
@@ -580,7 +586,8 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
         colstats_meta = dict(RANGE=need_cols, BLOCK_S=bs, BLOCK_D=bd, num_warps=TUNING.colstats_warps,
                              ROTATE=rotate and need_cols, DOT_IEEE=dot_ieee)
         reduce_args = (planes * L * D, chunks, L, D, 1.0 / S)
-        reduce_meta = dict(SMOOTH=smooth, RANGE=need_cols, ROTATE=rotate and not need_cols and smooth,
+        reduce_meta = dict(SMOOTH=smooth, CENTER=has_center, RANGE=need_cols,
+                           ROTATE=rotate and not need_cols and smooth and not has_center,
                            BLOCK_D=min(block_d, 1024), BLOCK_C=min(block_d, 32))
         reduce_grid = (L, block_d // reduce_meta["BLOCK_C"] if reduce_meta["ROTATE"] else 1)
 
@@ -621,25 +628,29 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
         pad_tail=transposed and s_pad != S, S=S, data_dtype=ddtype, L=L, D=D,
         stats_shape=stats_shape, colstats_grid=colstats_grid, colstats_args=colstats_args,
         colstats_meta=colstats_meta, reduce_args=reduce_args, reduce_grid=reduce_grid, reduce_meta=reduce_meta,
-        mean_shape=lead + (1, D) if smooth else None, scale_shape=sshape, scale_alloc=scale_alloc,
+        mean_shape=lead + (1, D) if smooth and not has_center else None, scale_shape=sshape, scale_alloc=scale_alloc,
         quant_grid=grid, quant_args=quant_args, quant_meta=quant_meta, hmat=hmat, rscale=rscale,
         kernels={})
 
 
 def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_size: int,
-                    strategy: str, smooth: bool,
-                    rotate: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the quantize kernels on x (CUDA, or CPU under TRITON_INTERPRET=1)."""
+                    strategy: str, smooth: bool, rotate: bool = False,
+                    center: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the quantize kernels on x (CUDA, or CPU under TRITON_INTERPRET=1). center: the
+    smoothing centre to subtract instead of the mean (docs/op_contract.md)."""
     if not isinstance(x, torch.Tensor):
         _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)  # raises
+    if center is not None:  # checked before any kernel; a fresh (L, D) copy, returned as `mean`
+        _check_quantize_args(x, precision, granularity, block_size, strategy, smooth)
+        center = checked_center(x, center, smooth)
     if rotate and x.dim() >= 1 and not _fused_rotation(x.shape[-1], x.dtype):
         # too wide for the fused matrix: rotate in float32 first (same values, one more pass)
         x = rotation.rotate(x.float())
         rotate = False
     key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
-           rotate, TUNING)  # (TUNING is module state: a plan made under other settings is another plan)
+           rotate, center is not None, TUNING)  # (TUNING is module state: a plan made under other settings is another plan)
     p = _PLANS.get_or_put(key, lambda: _plan_quantize(x, precision, granularity, block_size, strategy, smooth,
-                                                      rotate))
+                                                      rotate, center is not None))
     dev = x.device
     x4 = _as4d(x) if p.as4d else x  # rank <= 4: the kernels read x itself with the 4-d strides
     buf = torch.empty(p.data_shape, dtype=p.data_dtype, device=dev)
@@ -656,13 +667,16 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         work = torch.empty(p.stats_shape, dtype=torch.float32, device=dev)
         host.launch(_colstats_kernel, p.colstats_grid, (x4, hmat, p.rscale, work, *p.colstats_args),
                     p.colstats_meta, p.kernels, "colstats")
-        host.launch(_colstats_reduce_kernel, p.reduce_grid, (work, *p.reduce_args, hmat, p.rscale),
+        host.launch(_colstats_reduce_kernel, p.reduce_grid,
+                    (work, *p.reduce_args, hmat, p.rscale, center if center is not None else work),
                     p.reduce_meta, p.kernels, "reduce")
     if p.mean_shape is not None:
         mean = work[:p.L * p.D].view(p.mean_shape)
+    elif center is not None:
+        mean = center
     else:
         mean = torch.empty((0,), dtype=torch.float32, device=dev)
-    mean_arg = work if p.mean_shape is not None else x4  # dummy pointer when unused
+    mean_arg = work if p.mean_shape is not None else center if center is not None else x4  # (dummy: x4)
 
     if p.scale_alloc is not None:
         scale = torch.empty(p.scale_alloc, dtype=torch.float32, device=dev)
@@ -761,11 +775,11 @@ def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 
 # ----------------------------------------------------------------- op kernels (CUDA key)
-def quantize_cuda(x, precision, granularity, block_size, strategy, smooth, rotate=False):
+def quantize_cuda(x, precision, granularity, block_size, strategy, smooth, rotate=False, center=None):
     if x.device.type != "cuda":
         raise RuntimeError(f"flash_quant.quantize (CUDA kernel): x is on {x.device}")
     with torch.cuda.device(x.device):
-        return quantize_launch(x, precision, granularity, block_size, strategy, smooth, rotate)
+        return quantize_launch(x, precision, granularity, block_size, strategy, smooth, rotate, center)
 
 
 def dequantize_cuda(data, scale, zero_point, mean, precision, block_size, dtype):

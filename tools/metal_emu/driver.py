@@ -229,11 +229,12 @@ class Emulator:
                                               ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
 
-    def plan_quantize(self, x, precision, granularity, block_size, strategy, smooth) -> CPlan:
+    def plan_quantize(self, x, precision, granularity, block_size, strategy, smooth, center=None) -> CPlan:
         plan, err = CPlan(), ctypes.create_string_buffer(1024)
         d = _desc(x)
+        c = None if center is None else ctypes.byref(_desc(center))
         rc = self._plan.fq_emu_plan_quantize(ctypes.byref(d), precision.encode(), granularity.encode(),
-                                             ctypes.c_longlong(block_size), strategy.encode(), int(smooth),
+                                             ctypes.c_longlong(block_size), strategy.encode(), int(smooth), c,
                                              ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
 
@@ -314,10 +315,15 @@ class Emulator:
         dq, dk, dv = self.run_plan(plan, ins, order)[:3]
         return dq, dk, dv
 
-    def quantize(self, x, precision, granularity, block_size, strategy, smooth, order=0):
+    def quantize(self, x, precision, granularity, block_size, strategy, smooth, order=0, center=None):
+        """As ops.mm: a given centre goes to the plan as a contiguous float32 copy of shape
+        x.shape[:-2] + (1, D) and comes back as `mean`."""
         x = x.contiguous()
-        plan = self.plan_quantize(x, precision, granularity, block_size, strategy, smooth)
-        return tuple(self.run_plan(plan, [x], order))
+        if center is not None:
+            center = center.expand(x.shape[:-2] + (1, x.shape[-1])).clone(memory_format=torch.contiguous_format)
+        plan = self.plan_quantize(x, precision, granularity, block_size, strategy, smooth, center)
+        data, scale, zp, mean = self.run_plan(plan, [x, center], order)
+        return data, scale, zp, (center if center is not None else mean)
 
     def quantize_with_scale(self, x, scale, zero_point, precision, block_size, order=0):
         ins = [x.contiguous(), scale.contiguous(), None if zero_point is None else zero_point.contiguous()]

@@ -106,11 +106,12 @@ extern "C" int fq_emu_plan_attention(int backward, const CTensor* t, int causal,
 }
 
 extern "C" int fq_emu_plan_quantize(const CTensor* x, const char* precision, const char* granularity,
-                                    long long block_size, const char* strategy, int smooth, CPlan* out, char* err,
-                                    int errlen) {
+                                    long long block_size, const char* strategy, int smooth, const CTensor* center,
+                                    CPlan* out, char* err, int errlen) {
   return guarded([&] {
     QuantArgs a;
     a.x = to_desc(*x);
+    if (center) a.center = to_desc(*center);
     a.precision = precision;
     a.granularity = granularity;
     a.block_size = block_size;
