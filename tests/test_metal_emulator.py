@@ -4,7 +4,9 @@ Every kernel of metal/*.metal is compiled as C++ against tools/metal_emu's stand
 <metal_stdlib> and executed with Metal's threading semantics (fibers per thread,
 threadgroup and simdgroup barriers, lane exchange for SIMD and simdgroup-matrix ops).
 Launches are planned by the MPS backend's own host logic (csrc/mps/host_logic.cpp), so
-these tests cover the checks, grids, bindings and argument bytes as well. Results are
+these tests cover the checks, grids, bindings and argument bytes as well. Every launch runs
+under several schedules compared bitwise, between poisoned guard bands, with unset
+function constants poisoned (tools/metal_emu/driver.py). Results are
 compared with the fp64 reference, with a reference computed on the dequantized operands
 (tight bars: the quantized path must be exact apart from fp32 rounding) and with the
 CPU backend when it is built.
