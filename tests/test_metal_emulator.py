@@ -4,7 +4,9 @@ Every kernel of metal/*.metal is compiled as C++ against tools/metal_emu's stand
 <metal_stdlib> and executed with Metal's threading semantics (fibers per thread,
 threadgroup and simdgroup barriers, lane exchange for SIMD and simdgroup-matrix ops).
 Launches are planned by the MPS backend's own host logic (csrc/mps/host_logic.cpp), so
-these tests cover the checks, grids, bindings and argument bytes as well. Results are
+these tests cover the checks, grids, bindings and argument bytes as well. Every launch runs
+under several schedules compared bitwise, between poisoned guard bands, with unset
+function constants poisoned (tools/metal_emu/driver.py). Results are
 compared with the fp64 reference, with a reference computed on the dequantized operands
 (tight bars: the quantized path must be exact apart from fp32 rounding) and with the
 CPU backend when it is built.
@@ -185,9 +187,150 @@ def test_emulator_exposes_missing_barriers(emu, tmp_path, sync):
     path = tmp_path / f"barrier_{bool(sync)}.metal"
     path.write_text(BARRIER_KERNEL.replace("SYNC", sync).replace("DIVERGE", ""))
     out = torch.zeros(64)
-    emu.run_kernel(str(path), "neighbour", {0: out}, (1, 1, 1), (64, 1, 1), tg_mem=64 * 4)
-    expected = (torch.arange(64) + 1) % 64
-    assert torch.equal(out, expected.float()) == bool(sync)
+    expected = ((torch.arange(64) + 1) % 64).float()
+    # The fixed schedule alone: stale data, deterministically.
+    emu.run_kernel(str(path), "neighbour", {0: out}, (1, 1, 1), (64, 1, 1), tg_mem=64 * 4, schedules=[])
+    assert torch.equal(out, expected) == bool(sync)
+    # Every extra schedule on its own sees a different interleaving than the fixed one.
+    for extra in ([driver.SCHEDULE_REVERSED], [driver.SCHEDULE_RANDOM + 7], None):
+        out = torch.zeros(64)
+        if sync:
+            emu.run_kernel(str(path), "neighbour", {0: out}, (1, 1, 1), (64, 1, 1), tg_mem=64 * 4, schedules=extra)
+            assert torch.equal(out, expected)
+        else:
+            with pytest.raises(driver.RaceError, match="disagree"):
+                emu.run_kernel(str(path), "neighbour", {0: out}, (1, 1, 1), (64, 1, 1), tg_mem=64 * 4,
+                               schedules=extra)
+
+
+def test_random_schedules_are_seeded_and_differ(emu, tmp_path):
+    """A seed gives the same interleaving every time; two seeds, two interleavings."""
+    path = tmp_path / "order.metal"
+    path.write_text(textwrap.dedent("""
+        #include "fq_common.h"
+        // Racy on purpose: which neighbours were written first depends on the schedule.
+        kernel void arrival(device float* out [[buffer(0)]], threadgroup float* tg FQ_TG_MEM(0), uint tid FQ_TID) {
+          tg[tid] = float(tid);
+          out[tid] = tg[(tid + 1) % 64];
+        }
+        """))
+    results = {}
+    for seed in (3, 3, 4):
+        out = torch.zeros(64)
+        emu.run_kernel(str(path), "arrival", {0: out}, (1, 1, 1), (64, 1, 1), tg_mem=64 * 4,
+                       order=driver.SCHEDULE_RANDOM + seed, schedules=[])
+        results.setdefault(seed, []).append(out)
+    a, again, other = (r.nan_to_num(-1) for r in (results[3][0], results[3][1], results[4][0]))
+    assert torch.equal(a, again) and not torch.equal(a, other)
+
+
+GUARD_KERNEL = textwrap.dedent("""
+    #include "fq_common.h"
+    kernel void copy(device const float* in [[buffer(0)]], device float* out [[buffer(1)]], uint tid FQ_TID) {
+      out[int(tid) + WRITE_SHIFT] = in[int(tid) + READ_SHIFT];
+    }
+    """)
+
+
+@pytest.mark.parametrize("read_shift,write_shift", [(0, 0), (1, 0), (0, 1), (0, -1)])
+def test_guard_bands_catch_out_of_bounds(emu, tmp_path, read_shift, write_shift):
+    path = tmp_path / f"copy_{read_shift}_{write_shift}.metal".replace("-", "m")
+    path.write_text(GUARD_KERNEL.replace("READ_SHIFT", str(read_shift)).replace("WRITE_SHIFT", f"({write_shift})"))
+    src, out = torch.arange(32, dtype=torch.float32), torch.zeros(32)
+    run = lambda: emu.run_kernel(str(path), "copy", {0: src, 1: out}, (1, 1, 1), (32, 1, 1), read_only=[0])  # noqa
+    if write_shift:
+        with pytest.raises(driver.GuardError, match="after" if write_shift > 0 else "before"):
+            run()
+        return
+    run()
+    if read_shift:  # the last thread read the poisoned band past the input's end
+        assert torch.equal(out[:-1], src[1:]) and torch.isnan(out[-1])
+    else:
+        assert torch.equal(out, src)
+
+
+def test_guard_bands_catch_writes_into_inputs(emu, tmp_path):
+    path = tmp_path / "write_input.metal"
+    path.write_text(textwrap.dedent("""
+        #include "fq_common.h"
+        kernel void scribble(device float* in [[buffer(0)]], device float* out [[buffer(1)]], uint tid FQ_TID) {
+          out[tid] = in[tid];
+          in[tid] = 0.0f;
+        }
+        """))
+    src, out = torch.ones(32), torch.zeros(32)
+    with pytest.raises(driver.GuardError, match="an input"):
+        emu.run_kernel(str(path), "scribble", {0: src, 1: out}, (1, 1, 1), (32, 1, 1), read_only=[0])
+    assert torch.equal(src, torch.ones(32))  # the caller's tensor is untouched
+
+
+def test_unset_function_constants_fail(emu, tmp_path):
+    path = tmp_path / "constants.metal"
+    path.write_text(textwrap.dedent("""
+        #include "fq_common.h"
+        kernel void read_dtype(device float* out [[buffer(0)]], uint tid FQ_TID) {
+          out[tid] = float(fq_io_dtype);
+        }
+        """))
+    out = torch.zeros(32)
+    emu.run_kernel(str(path), "read_dtype", {0: out}, (1, 1, 1), (32, 1, 1), constants={1: 2})
+    assert torch.equal(out, torch.full((32,), 2.0))
+    with pytest.raises(RuntimeError, match="function constant 1 was read but the host did not set it"):
+        emu.run_kernel(str(path), "read_dtype", {0: out}, (1, 1, 1), (32, 1, 1), constants={0: 2})
+    # A real plan with one constant dropped (as if host_logic forgot to set it).
+    q, k, v = make_qkv(1, 1, 8, 32, seed=1)
+    plan = emu.plan_attention([q, k, v] + [None] * 14, False, None, "none")
+    launch = plan.launch[0]
+    causal = [i for i in range(launch.n_const) if launch.const_idx[i] == 7][0]  # FQ_FC_CAUSAL
+    last = launch.n_const - 1
+    launch.const_idx[causal], launch.const_val[causal] = launch.const_idx[last], launch.const_val[last]
+    launch.n_const = last
+    with pytest.raises(RuntimeError, match="function constant 7 was read"):
+        emu.run_plan(plan, [q, k, v] + [None] * 14)
+
+
+def _need_clang15():
+    try:
+        return driver.address_space_check(driver.metal_sources()[0])
+    except LookupError as e:
+        if os.environ.get("FQ_REQUIRE_CLANG") == "1":
+            pytest.fail(f"FQ_REQUIRE_CLANG=1: {e}")
+        pytest.skip(str(e))
+
+
+def test_every_metal_source_compiles_with_distinct_address_spaces():
+    _need_clang15()
+    for path in driver.metal_sources():
+        ok, err = driver.address_space_check(path)
+        assert ok, f"{path}:\n{err}"
+
+
+ADDRESS_SPACE_KERNEL = """
+#include "fq_common.h"
+inline float first(device const float* p) { return p[0]; }
+kernel void probe(device float* out [[buffer(0)]], constant float* c [[buffer(1)]],
+                  threadgroup float* tg FQ_TG_MEM(0), uint tid FQ_TID) {
+  BODY
+}
+"""
+
+
+@pytest.mark.parametrize("body,fails", [
+    ("tg[tid] = c[0]; out[tid] = first(out) + tg[0];", False),
+    ("out[tid] = first(tg);", True),               # threadgroup pointer where a device one is expected
+    ("c[0] = 1.0f;", True),                        # a write through a constant pointer
+    ("device float* p = tg; out[tid] = p[0];", True),  # threadgroup -> device
+    ("threadgroup float* p = out; p[0] = 0.0f;", True),  # device -> threadgroup
+    ("out[tid] = first(c);", True),                # constant pointer where a device one is expected
+])
+def test_address_space_check_rejects_mismatches(tmp_path, body, fails):
+    _need_clang15()
+    path = tmp_path / "probe.metal"
+    path.write_text(ADDRESS_SPACE_KERNEL.replace("BODY", body))
+    ok, err = driver.address_space_check(str(path))
+    assert ok != fails, err
+    if fails and "c[0] = " not in body:  # the g++ check, with address spaces defined away, misses these
+        assert driver.syntax_check(str(path))[0]
 
 
 def test_emulator_simd_ops_and_divergence(emu, tmp_path):

@@ -65,15 +65,48 @@ def test_forward_plan_grid_memory_and_arguments(emu):
     assert [out[0].sizes[i] for i in range(4)] == [2, 4, 70, 96] and [out[1].sizes[i] for i in range(3)] == [2, 4, 70]
 
 
+# Apple's limits (Metal feature set tables, Apple GPU family 7+): 32 KiB of threadgroup
+# memory and 1024 threads per threadgroup; the simdgroup width is 32 and every kernel here
+# assumes whole simdgroups. A pipeline's maxTotalThreadsPerThreadgroup can be lower than
+# 1024 when the kernel uses many registers (only a Mac reports it; ops.mm checks it when
+# it builds the pipeline): the attention kernels, which hold head_dim / 4 floats of Q and
+# O per thread, stay at or below THREADS_REGISTER_HEADROOM to keep a margin.
+MAX_TG_MEM_BYTES = 32 * 1024
+MAX_THREADS_PER_TG = 1024
+SIMD_WIDTH = 32
+THREADS_REGISTER_HEADROOM = 256
+
+
+def _assert_within_apple_limits(plan, attention):
+    for i in range(plan.n_launch):
+        l = plan.launch[i]
+        name = l.function.decode()
+        threads = l.threads[0] * l.threads[1] * l.threads[2]
+        assert l.tg_mem <= MAX_TG_MEM_BYTES, (name, l.tg_mem)
+        assert 0 < threads <= MAX_THREADS_PER_TG and threads % SIMD_WIDTH == 0, (name, list(l.threads))
+        if attention:
+            assert threads <= THREADS_REGISTER_HEADROOM, (name, threads)
+
+
 @pytest.mark.parametrize("d", list(range(16, 257, 8)))
-def test_threadgroup_memory_fits_every_head_dim(emu, d):
+def test_budgets_fit_apple_limits_every_head_dim(emu, d):
     q, k, v = qkv(d=d, sq=5, skv=5)
-    fwd = emu.plan_attention(attn_inputs(q, k, v), False, None, "none")
     lse = torch.zeros(1, 4, 5)
-    bwd = emu.plan_attention(attn_inputs(q, k, v, grad_out=q, out=q, lse=lse), False, None, "none", backward=True)
-    for plan in (fwd, bwd):
-        for i in range(plan.n_launch):
-            assert plan.launch[i].tg_mem <= 32 * 1024  # Apple GPUs: 32 KiB per threadgroup
+    for causal in (False, True):
+        for pv in ("none", "int8"):
+            _assert_within_apple_limits(emu.plan_attention(attn_inputs(q, k, v), causal, None, pv), True)
+        bwd = emu.plan_attention(attn_inputs(q, k, v, grad_out=q, out=q, lse=lse), causal, None, "none",
+                                 backward=True)
+        _assert_within_apple_limits(bwd, True)
+    # Quantized operands (INT8 Q / K, INT4 V) take the same kernel with other staging.
+    q8, k8 = torch.zeros(q.shape, dtype=torch.int8), torch.zeros(k.shape, dtype=torch.int8)
+    v4 = torch.zeros(*v.shape[:-1], d // 2, dtype=torch.uint8)
+    quant = dict(q_data=q8, q_scale=torch.ones(1, 4, 5, 1), k_data=k8, k_scale=torch.ones(1, 2, 5, 1),
+                 v_data=v4, v_scale=torch.ones(1, 2, 5, 1))
+    _assert_within_apple_limits(emu.plan_attention(attn_inputs(q, k, v, **quant), False, None, "none"), True)
+    for gran in ("per_token", "per_channel", "per_tensor"):
+        x = torch.zeros(1, 2, 7, d)
+        _assert_within_apple_limits(emu.plan_quantize(x, "int8", gran, 1, "symmetric", True), False)
 
 
 def test_pipeline_keys_distinguish_specialisations(emu):

@@ -2,10 +2,24 @@
 
 * `syntax_check(path)` compiles one .metal file with the host C++ compiler against the
   stand-in <metal_stdlib> (tools/metal_emu/include) and returns (ok, compiler output).
+* `address_space_check(path)` compiles it again with clang >= 15 and Metal's address
+  spaces made real and distinct (device / threadgroup / constant), so a pointer of one
+  space passed where another is expected fails as with Apple's compiler.
 * `Emulator` builds, per .metal file, a shared library holding its kernels plus a small
   harness per kernel, and `run_plan` executes a launch plan made by the MPS backend's own
   host logic (csrc/mps/host_logic.cpp, reached through plan_abi.cpp): the same checks,
   function constants, grids, buffer bindings and argument bytes as on a Mac.
+
+Strictness of every kernel run (run_kernel / run_launch):
+* schedules: the launch runs under each schedule of `Emulator.schedules` (fixed thread
+  order, reversed, seeded random interleavings re-drawn at every barrier) from the same
+  starting buffers; the results must agree bit for bit, else RaceError;
+* guard bands: every bound buffer (and the argument bytes) is copied into the middle of
+  a larger allocation whose GUARD_BYTES on each side are poisoned (NaN bytes for float
+  buffers, 0x7F otherwise); a kernel that reads out of bounds reads poison, one that
+  writes out of bounds fails the run (GuardError), and so does one that writes an input;
+* function constants the host did not set hold a poison value, and a kernel that reads
+  one fails (the emulator runtime checks every read).
 
 Builds are cached by a hash of every input file and the compiler flags, in
 $FQ_METAL_EMU_CACHE or <tmp>/fq_metal_emu, so repeated test runs do not recompile.
@@ -19,6 +33,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
@@ -30,12 +45,21 @@ METAL_DIR = os.path.join(ROOT, "metal")
 INCLUDE_DIR = os.path.join(HERE, "include")
 HOST_LOGIC = os.path.join(ROOT, "csrc", "mps", "host_logic.cpp")
 CXX = os.environ.get("CXX", "g++")
+TOOLS_DIR = os.path.dirname(HERE)
 CACHE_DIR = os.environ.get("FQ_METAL_EMU_CACHE", os.path.join(tempfile.gettempdir(), "fq_metal_emu"))
 
 CHECK_FLAGS = ["-std=c++20", "-x", "c++", "-fsyntax-only", "-Wall", "-Wno-attributes", "-Wno-unused-variable",
                "-Wno-unknown-pragmas", "-Werror=return-type", "-I", INCLUDE_DIR, "-I", METAL_DIR]
 BUILD_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes", "-I", INCLUDE_DIR,
                "-I", METAL_DIR]
+
+# Schedules (tools/metal_emu/include/metal_stdlib): fixed, reversed, random + seed.
+SCHEDULE_FIXED, SCHEDULE_REVERSED, SCHEDULE_RANDOM = 0, 1, 2
+# Every run: its primary schedule, then these, compared bitwise. Reversed and one seeded
+# random interleaving (different per launch, so the suite covers many seeds); the count
+# keeps the emulator tests' added CPU time within about a minute on 2 cores.
+DEFAULT_EXTRA_SCHEDULES = 2
+GUARD_BYTES = 16384  # poisoned bytes before and after every buffer (>= a few rows of any operand)
 
 # host_logic.h's Dtype enum, in order.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.float8_e4m3fn,
@@ -54,6 +78,23 @@ def metal_sources() -> List[str]:
 def syntax_check(path: str, include_dirs: Sequence[str] = ()) -> tuple:
     """Type-check one Metal source as C++ against the stand-in header."""
     cmd = [CXX] + CHECK_FLAGS + [f"-I{d}" for d in include_dirs] + [path]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    return r.returncode == 0, r.stderr
+
+
+def address_space_check(path: str, include_dirs: Sequence[str] = ()) -> tuple:
+    """Type-check one Metal source with distinct address spaces (clang >= 15).
+
+    Returns (ok, compiler output). Raises LookupError when no such clang is installed."""
+    sys.path.insert(0, TOOLS_DIR)
+    import mps_host_check
+
+    clang = mps_host_check.find_clang(min_version=15)
+    if clang is None:
+        raise LookupError("address-space check needs clang++ >= 15 (scripts/install_clang.sh)")
+    flags = [f for f in CHECK_FLAGS if f != "-Wno-attributes"] + ["-Wno-unknown-attributes",
+                                                                   "-DMETAL_EMU_ADDRESS_SPACES"]
+    cmd = [clang] + flags + [f"-I{d}" for d in include_dirs] + [path]
     r = subprocess.run(cmd, capture_output=True, text=True)
     return r.returncode == 0, r.stderr
 
@@ -114,9 +155,12 @@ def _harness(metal_path: str, kernels: Dict[str, List[int]]) -> str:
     for name, slots in kernels.items():
         args = ", ".join(f"metal_emu::Arg{{b[{s}]}}" for s in slots)
         lines += [
-            f'extern "C" int fq_emu_run_{name}(void** b, const int32_t* fc, const uint32_t* grid,',
-            "    const uint32_t* threads, uint64_t tgmem, int order, char* err, int errlen) {",
-            "  std::memcpy(metal_emu::g_function_constants, fc, sizeof(metal_emu::g_function_constants));",
+            f'extern "C" int fq_emu_run_{name}(void** b, const int32_t* fc, const uint8_t* fc_set,',
+            "    const uint32_t* grid, const uint32_t* threads, uint64_t tgmem, int order, char* err, int errlen) {",
+            "  for (int i = 0; i < metal_emu::kMaxFunctionConstants; ++i) {",
+            "    metal_emu::g_function_constant_set[i] = fc_set[i];",
+            "    metal_emu::g_function_constants[i] = fc_set[i] ? fc[i] : metal_emu::kUnsetFunctionConstant;",
+            "  }",
             "  const uint64_t sizes[1] = {tgmem};",
             f"  const std::string e = metal_emu::launch([&] {{ {name}({args}); }}, grid, threads, sizes, 1, order);",
             '  std::snprintf(err, errlen, "%s", e.c_str());',
@@ -155,6 +199,53 @@ class PlanError(ValueError):
     """host_logic rejected the arguments (the message a Mac user would see from TORCH_CHECK)."""
 
 
+class RaceError(RuntimeError):
+    """Two schedules of one launch gave different bytes: the kernel has a race."""
+
+
+class GuardError(RuntimeError):
+    """A kernel wrote outside a buffer, or into an input."""
+
+
+def _span_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes a kernel may address through t's binding: from t's first element to its
+    last (strides are non-negative), as a uint8 view of t's storage."""
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    flat = t.as_strided((span,), (1,), t.storage_offset())
+    return flat.view(torch.uint8) if t.dtype != torch.uint8 else flat
+
+
+def _poison_byte(dtype: torch.dtype) -> int:
+    return 0xFF if dtype.is_floating_point and dtype.itemsize >= 2 else 0x7F  # NaN for float buffers
+
+
+class _Guarded:
+    """One buffer of a launch, copied between two poisoned guard bands."""
+
+    def __init__(self, raw: torch.Tensor, poison: int, writable: bool, name: str):
+        self.raw, self.poison, self.writable, self.name = raw, poison, writable, name
+        n = raw.numel()
+        self.mem = torch.full((GUARD_BYTES + n + GUARD_BYTES,), poison, dtype=torch.uint8)
+        self.body = self.mem[GUARD_BYTES:GUARD_BYTES + n]
+        self.initial = raw.clone()
+
+    def reset(self) -> None:
+        self.body.copy_(self.initial)
+
+    def ptr(self) -> int:
+        return self.body.data_ptr()
+
+    def check(self, kernel: str) -> None:
+        for side, band in (("before", self.mem[:GUARD_BYTES]), ("after", self.mem[-GUARD_BYTES:])):
+            bad = (band != self.poison).nonzero()
+            if bad.numel():
+                off = GUARD_BYTES - int(bad[0]) if side == "before" else int(bad[-1]) + 1
+                raise GuardError(f"{kernel} wrote {bad.numel()} bytes {side} {self.name} "
+                                 f"(up to {off} bytes {'before its start' if side == 'before' else 'past its end'})")
+        if not self.writable and not torch.equal(self.body, self.initial):
+            raise GuardError(f"{kernel} wrote into {self.name}, an input")
+
+
 def _desc(t: Optional[torch.Tensor]) -> CTensor:
     c = CTensor()
     if t is None:
@@ -171,7 +262,9 @@ def _desc(t: Optional[torch.Tensor]) -> CTensor:
 class Emulator:
     """Plans with host_logic and runs Metal kernels on the CPU."""
 
-    def __init__(self):
+    def __init__(self, extra_schedules: int = DEFAULT_EXTRA_SCHEDULES):
+        self.extra_schedules = int(os.environ.get("FQ_METAL_EMU_EXTRA_SCHEDULES", extra_schedules))
+        self._launch_count = 0
         abi = os.path.join(HERE, "plan_abi.cpp")
         deps = [abi, HOST_LOGIC, os.path.join(ROOT, "csrc", "mps", "host_logic.h"),
                 os.path.join(METAL_DIR, "fq_params.h")]
@@ -199,20 +292,73 @@ class Emulator:
         return self._libs[path]
 
     def run_kernel(self, path: str, kernel: str, buffers: Dict[int, Optional[torch.Tensor]], grid, threads,
-                   tg_mem: int = 0, constants: Optional[Dict[int, int]] = None, order: int = 0) -> None:
-        """Run one kernel of any .metal file on explicit buffers (slot -> tensor)."""
-        bufs = (ctypes.c_void_p * 32)()
-        for slot, t in buffers.items():
-            bufs[slot] = None if t is None else t.data_ptr()
-        fc = (ctypes.c_int32 * 64)()
-        for i, v in (constants or {}).items():
-            fc[i] = v
+                   tg_mem: int = 0, constants: Optional[Dict[int, int]] = None, order: int = 0,
+                   schedules: Optional[Sequence[int]] = None, read_only: Sequence[int] = ()) -> None:
+        """Run one kernel of any .metal file on explicit buffers (slot -> tensor). The
+        slots in `read_only` are inputs (a write into one fails); `schedules` replaces the
+        extra schedules run after `order`."""
         fn = getattr(self._lib_for(kernel, os.path.abspath(path)), f"fq_emu_run_{kernel}")
-        err = ctypes.create_string_buffer(1024)
-        rc = fn(bufs, fc, (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*threads), ctypes.c_uint64(tg_mem),
-                int(order), err, 1024)
-        if rc != 0:
-            raise RuntimeError(f"{kernel}: {err.value.decode()}")
+        bound = {slot: (t, slot not in read_only) for slot, t in buffers.items() if t is not None and t.numel()}
+        self._execute(kernel, fn, bound, None, constants or {}, grid, threads, tg_mem,
+                      self._schedules(order) if schedules is None else [order] + list(schedules))
+
+    def _schedules(self, order: int) -> List[int]:
+        """The primary schedule, then the extra ones: reversed first, then random seeds
+        that differ from launch to launch (a counter), so the suite sweeps many."""
+        extra = []
+        pool = [SCHEDULE_REVERSED] if order != SCHEDULE_REVERSED else [SCHEDULE_FIXED]
+        while len(extra) < self.extra_schedules:
+            if pool:
+                extra.append(pool.pop())
+            else:
+                self._launch_count += 1
+                extra.append(SCHEDULE_RANDOM + self._launch_count)
+        return [order] + extra
+
+    def _execute(self, name, fn, bound, params: Optional[bytes], constants: Dict[int, int], grid, threads,
+                 tg_mem: int, schedules: Sequence[int]) -> None:
+        """Run `fn` once per schedule on guarded copies of the bound buffers; bitwise
+        agreement, intact guard bands and untouched inputs are required. The result
+        goes back into the writable tensors."""
+        guarded: Dict[int, _Guarded] = {}
+        bufs = (ctypes.c_void_p * 32)()
+        for slot, (t, writable) in bound.items():
+            key = id(t)  # one tensor bound at two slots is one buffer
+            if key not in guarded:
+                guarded[key] = _Guarded(_span_bytes(t), _poison_byte(t.dtype), writable, f"buffer({slot})")
+            bufs[slot] = guarded[key].ptr()
+        if params is not None:
+            slot, raw = params
+            g = _Guarded(torch.frombuffer(bytearray(raw), dtype=torch.uint8), 0xFF, False, f"argument bytes({slot})")
+            guarded[-1 - slot] = g
+            bufs[slot] = g.ptr()
+        fc = (ctypes.c_int32 * 64)()
+        fc_set = (ctypes.c_uint8 * 64)()
+        for i, v in constants.items():
+            fc[i], fc_set[i] = v, 1
+        first: Optional[Dict[int, torch.Tensor]] = None
+        for order in schedules:
+            for g in guarded.values():
+                g.reset()
+            err = ctypes.create_string_buffer(1024)
+            rc = fn(bufs, fc, fc_set, (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*threads),
+                    ctypes.c_uint64(tg_mem), int(order), err, 1024)
+            if rc != 0:
+                raise RuntimeError(f"{name} (schedule {order}): {err.value.decode()}")
+            for g in guarded.values():
+                g.check(f"{name} (schedule {order})")
+            result = {k: g.body.clone() for k, g in guarded.items() if g.writable}
+            if first is None:
+                first = result
+                continue
+            for k, b in result.items():
+                if not torch.equal(b, first[k]):
+                    n = int((b != first[k]).sum())
+                    raise RaceError(f"{name}: schedule {order} and schedule {schedules[0]} disagree on "
+                                    f"{guarded[k].name} ({n} bytes differ): a race between threads")
+        for g in guarded.values():
+            if g.writable:
+                g.raw.copy_(g.body)
 
     # -- planning (the MPS backend's host logic)
     def _finish(self, rc, plan, err):
@@ -273,7 +419,7 @@ class Emulator:
         return outs
 
     def run_launch(self, launch: CLaunch, inputs, outs, order: int = 0) -> None:
-        bufs = (ctypes.c_void_p * 32)()
+        bound = {}
         for k in range(launch.n_bind):
             slot, src = launch.bind_slot[k], launch.bind_src[k]
             if src == UNBOUND:
@@ -281,19 +427,14 @@ class Emulator:
             t = outs[src - OUTPUT] if src >= OUTPUT else inputs[src]
             if t is None:
                 raise RuntimeError(f"binding {slot} refers to an absent input {src}")
-            bufs[slot] = t.data_ptr() if t.numel() else None
-        params = (ctypes.c_uint8 * max(1, launch.params_size)).from_buffer_copy(
-            bytes(launch.params[: launch.params_size]))
-        bufs[launch.params_slot] = ctypes.addressof(params)
-        fc = (ctypes.c_int32 * 64)()
-        for k in range(launch.n_const):
-            fc[launch.const_idx[k]] = launch.const_val[k]
+            if t.numel():
+                bound[slot] = (t, src >= OUTPUT)  # a kernel may write only the plan's outputs
+        params = (launch.params_slot, bytes(launch.params[: max(1, launch.params_size)]))
+        constants = {launch.const_idx[k]: launch.const_val[k] for k in range(launch.n_const)}
         name = launch.function.decode()
         fn = getattr(self._lib_for(name), f"fq_emu_run_{name}")
-        err = ctypes.create_string_buffer(1024)
-        rc = fn(bufs, fc, launch.grid, launch.threads, ctypes.c_uint64(launch.tg_mem), int(order), err, 1024)
-        if rc != 0:
-            raise RuntimeError(f"{name}: {err.value.decode()}")
+        self._execute(name, fn, bound, params, constants, list(launch.grid), list(launch.threads), launch.tg_mem,
+                      self._schedules(order))
 
     # -- the ops, as the MPS backend computes them
     def attention_forward(self, q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_scale=None,
