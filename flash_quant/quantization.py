@@ -106,6 +106,10 @@ def _quantize_searched(x: torch.Tensor, cfg: OperandConfig, center: Optional[tor
     rounding op."""
     g, prec = cfg.granularity, cfg.precision.value
     xf = x.float()
+    # The same refusal as ops.quantize: the search would otherwise pick a scale from the
+    # finite values and quantize inf / NaN to clamped codes (silent garbage, issue 15).
+    if not bool(torch.isfinite(xf).all()):
+        raise ValueError("quantize: x contains non-finite values (inf or nan)")
     mean = center if cfg.smooth else xf.new_empty((0,))
     if cfg.smooth:
         xf = xf - mean

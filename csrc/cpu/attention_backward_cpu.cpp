@@ -62,6 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   std::vector<float> qf(qheads * Sq_pad * Dp), dof(qheads * Sq_pad * Dp);
   std::vector<float> delta(qheads * d.Sq), lse2(qheads * d.Sq);
   std::vector<float> kf(kvheads * d.Skv_pad * Dp), kt(kvheads * d.Skv_pad * D), vt(kvheads * d.Skv_pad * D);
+  // inf / NaN anywhere in a query head's Q, dO, O or lse, or in a kv head's K, V: the
+  // tile skips (causal tiles, tiles without a visible key) are then off for that GQA
+  // group, since SDPA's gradient there is 0 · NaN = NaN, not 0 (see the forward). Only
+  // causal or masked calls skip tiles, so only they look.
+  const bool check_finite = is_causal || attn_mask.has_value();
+  std::vector<uint8_t> q_nonfinite(qheads, 0), kv_nonfinite(kvheads, 0);
+  const bool mask_poisons = is_causal && mask_has_nan_or_posinf(attn_mask);
   const at::Tensor lse_c = lse.contiguous();
   const float* lsep = lse_c.data_ptr<float>();
   at::parallel_for(0, qheads, 1, [&](int64_t h0, int64_t h1) {
@@ -72,8 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
       float* dorows = dof.data() + bh * Sq_pad * Dp;
       pack_rows_f32(Q, b, h, d.Sq, Sq_pad, Dp, qrows);
       pack_rows_f32(dO, b, h, d.Sq, Sq_pad, Dp, dorows);
+      bool bad = check_finite && (!all_finite(qrows, Sq_pad * Dp) || !all_finite(dorows, Sq_pad * Dp));
       for (int64_t i = 0; i < d.Sq; ++i) {
         Ov.load_f32(b, h, i, orow.data());
+        bad = bad || (check_finite && (!all_finite(orow.data(), D) || std::isnan(lsep[bh * d.Sq + i])));
         double acc = 0.0;
         for (int64_t c = 0; c < D; ++c) acc += double(dorows[i * Dp + c]) * orow[c];
         delta[bh * d.Sq + i] = static_cast<float>(acc);
@@ -88,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
         }
         lse2[bh * d.Sq + i] = static_cast<float>(l);
       }
+      q_nonfinite[bh] = bad;
     }
   });
   at::parallel_for(0, kvheads, 1, [&](int64_t h0, int64_t h1) {
@@ -96,11 +106,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
       pack_rows_f32(K, b, h, d.Skv, d.Skv_pad, Dp, kf.data() + bh * d.Skv_pad * Dp);
       pack_transposed_f32(K, b, h, d.Skv, d.Skv_pad, kt.data() + bh * d.Skv_pad * D);
       pack_transposed_f32(V, b, h, d.Skv, d.Skv_pad, vt.data() + bh * d.Skv_pad * D);
+      kv_nonfinite[bh] = check_finite && (!all_finite(kf.data() + bh * d.Skv_pad * Dp, d.Skv_pad * Dp) ||
+                                          !all_finite(vt.data() + bh * d.Skv_pad * D, d.Skv_pad * D));
     }
   });
+  // Per (b, kv head): whether its GQA group must visit every tile.
+  std::vector<uint8_t> every_tile(kvheads, 0);
+  for (int64_t bhk = 0; bhk < kvheads; ++bhk) {
+    bool bad = mask_poisons || kv_nonfinite[bhk];
+    const int64_t b = bhk / d.Hkv, hk = bhk % d.Hkv;
+    for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) bad = bad || q_nonfinite[b * d.Hq + h];
+    every_tile[bhk] = bad;
+  }
 
   // P and dS of the tile (query rows i0.., key tile kb) of query head (b, h): S and dP
-  // are kBN wide; returns false when no row has a visible key (nothing to add).
+  // are kBN wide; returns false when no row has a visible key (nothing to add), unless
+  // the group has a non-finite value (then P = 0 rows still give dS = 0 · NaN = NaN).
   auto p_and_ds = [&](int64_t b, int64_t h, int64_t i0, int m, int64_t kb, float* P, float* dS) {
     const int64_t bhq = b * d.Hq + h, bhk = b * d.Hkv + h / d.group, j0 = kb * kBN;
     const float* qrows = qf.data() + (bhq * Sq_pad + i0) * Dp;
@@ -110,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     mask.apply(b, h, i0, m, j0, static_cast<int>(std::min<int64_t>(kBN, d.Skv - j0)), P);
     if (j0 + kBN > d.Skv || (is_causal && j0 + kBN - 1 > i0))
       mask_bounds_and_causal(P, m, i0, j0, d.Skv, is_causal);
-    bool any = false;
+    bool any = every_tile[bhk];
     for (int r = 0; r < m; ++r) {
       const float l = lse2[bhq * d.Sq + i0 + r];
       float* p = P + r * kBN;
@@ -148,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
       // Causal: query tiles that end before this key tile starts see none of its keys.
-      const int64_t qb_begin = is_causal ? j0 / kBM : 0;
+      const int64_t qb_begin = is_causal && !every_tile[bhk] ? j0 / kBM : 0;
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
         const int64_t bhq = b * d.Hq + h;
         for (int64_t qb = qb_begin; qb < d.nqb; ++qb) {
@@ -182,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
       const int64_t bhk = b * d.Hkv + h / d.group, i0 = qb * kBM;
       const int m = static_cast<int>(std::min<int64_t>(kBM, d.Sq - i0));
       std::fill(dQ.begin(), dQ.end(), 0.f);
-      const int64_t kb_end = is_causal ? std::min<int64_t>(d.nkb, (i0 + m - 1) / kBN + 1) : d.nkb;
+      const int64_t kb_end =
+          is_causal && !every_tile[bhk] ? std::min<int64_t>(d.nkb, (i0 + m - 1) / kBN + 1) : d.nkb;
       for (int64_t kb = 0; kb < kb_end; ++kb) {
         if (!p_and_ds(b, h, i0, m, kb, P.data(), dS.data())) continue;
         ops.gemm_f32(dS.data(), kBN, kf.data() + (bhk * d.Skv_pad + kb * kBN) * Dp, Dp, dQ.data(), Dp, m,

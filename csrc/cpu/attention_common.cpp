@@ -80,8 +80,23 @@ void mask_bounds_and_causal(float* S, int rows, int64_t i0, int64_t j0, int64_t 
     int64_t end = valid;
     if (causal) end = std::min<int64_t>(end, std::max<int64_t>(0, i0 + r - j0 + 1));
     float* s = S + r * kBN;
-    for (int64_t j = end; j < kBN; ++j) s[j] = ninf;
+    for (int64_t j = end; j < valid; ++j) s[j] += ninf;
+    for (int64_t j = valid; j < kBN; ++j) s[j] = ninf;
   }
+}
+
+bool all_finite(const float* x, int64_t n) {
+  // x - x is 0 for finite x and NaN for inf / NaN; an integer OR keeps the loop
+  // vectorisable (a float sum would be a serial dependency chain without -ffast-math).
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !((x[i] - x[i]) == 0.f);
+  return bad == 0;
+}
+
+bool mask_has_nan_or_posinf(const std::optional<at::Tensor>& attn_mask) {
+  if (!attn_mask.has_value() || !attn_mask->is_floating_point()) return false;
+  const at::Tensor& m = *attn_mask;
+  return (at::isnan(m) | at::isposinf(m)).any().item<bool>();
 }
 
 }  // namespace cpu

@@ -37,8 +37,16 @@ void pack_rows_f32(const Operand& op, int64_t b, int64_t h, int64_t S, int64_t S
 void pack_transposed_f32(const Operand& op, int64_t b, int64_t h, int64_t S, int64_t S_pad,
                          float* dst);
 
-// -inf for keys j0 + j >= Skv and, when causal, for keys after the query row.
+// -inf for keys j0 + j >= Skv (padding, not keys: assigned) and, when causal, -inf added
+// to keys after the query row (as SDPA's additive causal mask: NaN / +inf scores stay NaN).
 void mask_bounds_and_causal(float* S, int rows, int64_t i0, int64_t j0, int64_t Skv, bool causal);
+
+// Whether x[0..n) are all finite (no inf, no NaN). Vectorisable integer OR of compares.
+bool all_finite(const float* x, int64_t n);
+
+// Whether the attention mask has an entry that no causal -inf can hide (NaN or +inf in a
+// float mask): such an entry makes its row NaN even where the causal mask covers it.
+bool mask_has_nan_or_posinf(const std::optional<at::Tensor>& attn_mask);
 
 }  // namespace cpu
 }  // namespace flash_quant

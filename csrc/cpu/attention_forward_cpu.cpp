@@ -44,13 +44,17 @@ struct KvPanels {
   std::vector<float> col_mul;   // integer: per-key scale s_k (0 for padding keys)
   std::vector<float> kt;        // fp32: [nkb][D][kBN]
   std::vector<float> v;         // [Skv_pad][Dp]
+  std::vector<uint8_t> nonfinite;  // per (b, kv head): K or V holds an inf / NaN (checked
+                                   // only for causal calls, the only ones that skip tiles)
 };
 
-void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, bool integer, KvPanels& p) {
+void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, bool integer, bool check_finite,
+                KvPanels& p) {
   const int64_t heads = d.B * d.Hkv;
   p.integer = integer;
   p.per_head_v = d.Skv_pad * d.Dp;
   p.v.assign(heads * p.per_head_v, 0.f);
+  p.nonfinite.assign(heads, 0);
   if (integer) {
     p.per_head_k = d.Skv_pad * d.D;
     p.per_head_cols = d.Skv_pad;
@@ -68,8 +72,10 @@ void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, bool inte
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / d.Hkv, h = bh % d.Hkv;
       pack_rows_f32(V, b, h, d.Skv, d.Skv_pad, d.Dp, p.v.data() + bh * p.per_head_v);
-      if (!integer) {
+      p.nonfinite[bh] = check_finite && !all_finite(p.v.data() + bh * p.per_head_v, p.per_head_v);
+      if (!integer) {  // (integer K is finite by construction)
         pack_transposed_f32(K, b, h, d.Skv, d.Skv_pad, p.kt.data() + bh * p.per_head_k);
+        p.nonfinite[bh] |= check_finite && !all_finite(p.kt.data() + bh * p.per_head_k, p.per_head_k);
         continue;
       }
       int8_t* kp = p.kp.data() + bh * p.per_head_k;
@@ -109,7 +115,7 @@ void round_p(float* P, int rows, PvPrecision pv) {
     for (int r = 0; r < rows; ++r) {
       float* row = P + static_cast<int64_t>(r) * kBN;
       float tile_max = 0.f;
-      for (int j = 0; j < kBN; ++j) tile_max = std::max(tile_max, row[j]);
+      for (int j = 0; j < kBN; ++j) tile_max = max_keep_nan(tile_max, row[j]);  // NaN P stays NaN
       if (tile_max < kMinTileMax) {
         std::fill(row, row + kBN, 0.f);
         continue;
@@ -141,9 +147,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   const float scale = static_cast<float>(scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(d.D)));
   const bool integer = Q.integer() && K.integer();
   const TileOps& ops = tile_ops();
+  // Causal tiling skips the key tiles after a query tile's last row. That is exact only
+  // while every skipped score is finite (or -inf) and every skipped V row finite: SDPA
+  // adds its causal -inf (NaN + -inf = NaN) and multiplies masked P = 0 by V (0 · NaN =
+  // NaN). A NaN / +inf float-mask entry, or an inf / NaN in the head's K, V or the
+  // query tile, turns the skip off for that tile (a rare path: same results, more work).
+  const bool mask_poisons = is_causal && mask_has_nan_or_posinf(attn_mask);
 
   KvPanels kv;
-  prepare_kv(K, V, d, integer, kv);
+  prepare_kv(K, V, d, integer, /*check_finite=*/is_causal, kv);
 
   at::Tensor out32 = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
@@ -182,6 +194,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
         if (!integer || kmean.defined()) Q.load_f32(b, h, i0 + r, qf.data() + r * Dp);
       }
       if (integer) zero_points = Q.zp != nullptr || K.zp != nullptr;
+      const bool every_key =
+          is_causal && (mask_poisons || kv.nonfinite[bh] || (!integer && !all_finite(qf.data(), m * Dp)));
       IntScoreParams ip{row_mul.data(), row_a.data(), row_zq.data(), nullptr, nullptr, nullptr, nullptr,
                         zero_points};
 
@@ -189,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       std::fill(mrow.begin(), mrow.end(), ninf);
       std::fill(lrow.begin(), lrow.end(), 0.f);
       // Causal: key tiles past the last query row of this tile are never visible.
-      const int64_t kb_end = is_causal ? std::min<int64_t>(d.nkb, (i0 + m - 1) / kBN + 1) : d.nkb;
+      const int64_t kb_end =
+          is_causal && !every_key ? std::min<int64_t>(d.nkb, (i0 + m - 1) / kBN + 1) : d.nkb;
       for (int64_t kb = 0; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBN;
         if (integer) {
@@ -216,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       for (int r = 0; r < m; ++r) {
         const int64_t row = (b * d.Hq + h) * d.Sq + i0 + r;
         float* o = outp + row * D;
-        if (mrow[r] == ninf) {  // no visible key
-          std::fill(o, o + D, 0.f);
+        if (mrow[r] == ninf) {  // no visible key: P = 0, so O holds 0 · V: zeros, or NaN
+          // where a V row is inf / NaN (as SDPA's P @ V)
+          std::copy(O.data() + r * Dp, O.data() + r * Dp + D, o);
           lsep[row] = ninf;
           continue;
         }

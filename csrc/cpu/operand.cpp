@@ -180,7 +180,9 @@ void MaskView::apply(int64_t b, int64_t h, int64_t i0, int rows, int64_t j0, int
     case Type::Bool: {
       const bool* p = static_cast<const bool*>(data);
       const float ninf = -std::numeric_limits<float>::infinity();
-      each([&](int64_t o, float& s) { if (!p[o]) s = ninf; });
+      // Added, not assigned: as in SDPA (a bool mask is an additive -inf mask), a NaN or
+      // +inf score stays NaN under a False entry, so a NaN key is not hidden by masking it.
+      each([&](int64_t o, float& s) { if (!p[o]) s += ninf; });
       break;
     }
     case Type::F32: {

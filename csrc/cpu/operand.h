@@ -53,7 +53,7 @@ struct MaskView {
   int64_t st[4] = {0, 0, 0, 0};
   at::Tensor keep;
   // Applies the mask to a score tile S[rows × kBN] (query rows i0.., keys j0..j0+n):
-  // bool False -> -inf, floating -> added.
+  // bool False -> -inf added, floating -> added.
   void apply(int64_t b, int64_t h, int64_t i0, int rows, int64_t j0, int n, float* S) const;
 };
 

@@ -14,6 +14,12 @@ constexpr int kBN = 64;
 // Queries per tile.
 constexpr int kBM = 64;
 
+// max(a, b) that returns NaN when either is NaN. std::max and vmaxps return one operand
+// unchanged when the other is NaN, so a running max built from them silently drops a NaN
+// score (a NaN key, a NaN mask entry) or a NaN query row's scores; every softmax row max
+// of the kernels goes through this rule instead (docs/op_contract.md, "Non-finite values").
+inline float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // Per-row / per-key terms that turn the raw u8·s8 dot products of an INT8 score tile
 // into fp32 scores (see attention_forward_cpu.cpp for the algebra):
 //   int_ij = acc_ij + col_c[j] + row_a[i] * col_zk[j] + row_zq[i] * col_ek[j]
@@ -41,11 +47,13 @@ struct TileOps {
   // dk <= 256 (the attention ops' head-dim limit).
   void (*qk_int8_scores)(const uint8_t* qu, int64_t ldq, int m, int dk, const int8_t* kp,
                          const IntScoreParams& p, float* S);
-  // x[0..n) <- exp(x); n % 16 == 0; exp(-inf) = 0.
+  // x[0..n) <- exp(x); n % 16 == 0; exp(-inf) = 0, exp(NaN) = NaN.
   void (*exp_inplace)(float* x, int64_t n);
   // Online-softmax step on a score tile S[m × kBN] (masked entries = -inf): per row,
   // m_new = max(m, max_j S), S <- exp(S - m_new) (the tile's P), l <- l·e^(m-m_new) + Σ P,
   // O row (dp floats, stride ldo) <- O · e^(m-m_new). Rows still at -inf get P = 0.
+  // NaN propagates as in IEEE arithmetic: a NaN score makes the row max NaN (max_keep_nan),
+  // and exp(NaN) is NaN, so the row's P, l, m and O all become NaN.
   void (*softmax_update)(float* S, int m, float* mrow, float* lrow, float* O, int64_t ldo, int dp);
   const char* name;
 };

@@ -174,11 +174,13 @@ FQ_AVX2 void qk_int8_scores_avx2(const uint8_t* qu, int64_t ldq, int m, int dk, 
 // ---- exp -----------------------------------------------------------------------------
 // As exp512 in tile_ops_avx512.cpp (n = round(x·log2 e), two-part ln2, degree-7 Taylor
 // polynomial), with 2^n built in the exponent bits: AVX2 has no vscalefps. Arguments
-// below -87 (e^x under the smallest normal fp32) give exactly 0, -inf included.
+// below -87 (e^x under the smallest normal fp32) give exactly 0, -inf included. NaN stays
+// NaN: vmaxps / vminps return their second operand when either is NaN, so x goes second
+// in the clamps (x first turned a NaN score into -87, i.e. P = 0: the NaN key vanished).
 FQ_AVX2 inline __m256 exp256(__m256 x) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.f), x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
@@ -209,10 +211,15 @@ FQ_AVX2 void softmax_update_avx2(float* S, int m, float* mrow, float* lrow, floa
   alignas(32) float corr[kBM + 8];
   for (int i = 0; i < m; ++i) {
     const float* s = S + i * kBN;
-    __m256 mx = _mm256_loadu_ps(s);
-    for (int c = 8; c < kBN; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + c));
-    const float tile_max = hmax8(mx);
-    m_new[i] = mrow[i] > tile_max ? mrow[i] : tile_max;
+    __m256 mx = _mm256_set1_ps(ninf), nan = _mm256_setzero_ps();
+    for (int c = 0; c < kBN; c += 16) {
+      const __m256 x0 = _mm256_loadu_ps(s + c), x1 = _mm256_loadu_ps(s + c + 8);
+      mx = _mm256_max_ps(mx, _mm256_max_ps(x0, x1));
+      // vmaxps drops NaN: an unordered compare of each pair finds NaN lanes.
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(x0, x1, _CMP_UNORD_Q));
+    }
+    const float tile_max = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : hmax8(mx);
+    m_new[i] = max_keep_nan(mrow[i], tile_max);
     m_old[i] = mrow[i];
   }
   for (int i = m; i < ((m + 7) & ~7); ++i) m_new[i] = m_old[i] = 0.f;

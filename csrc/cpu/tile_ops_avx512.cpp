@@ -139,9 +139,10 @@ FQ_AVX512 void qk_int8_scores_avx512(const uint8_t* qu, int64_t ldq, int m, int 
 // e^x = 2^n · e^r with n = round(x·log2 e), r = x - n·ln2 (two-part ln2, |r| ≤ ln2/2) and a
 // degree-7 Taylor polynomial for e^r (truncation error < 1e-8 relative). vscalefps
 // applies 2^n and flushes to 0 below the fp32 range; x is clamped at -120 first so that
-// exp(-inf) gives exactly 0 instead of NaN.
+// exp(-inf) gives exactly 0 instead of NaN. NaN stays NaN: vmaxps returns its second
+// operand when either is NaN, so x goes second (x first made a NaN score P = 0).
 FQ_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-120.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-120.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -170,10 +171,13 @@ FQ_AVX512 void softmax_update_avx512(float* S, int m, float* mrow, float* lrow, 
   alignas(64) float corr[kBM + 16];
   for (int i = 0; i < m; ++i) {
     const float* s = S + i * kBN;
-    const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16)),
-                                     _mm512_max_ps(_mm512_loadu_ps(s + 32), _mm512_loadu_ps(s + 48)));
-    const float mx = _mm512_reduce_max_ps(mx4);
-    m_new[i] = mrow[i] > mx ? mrow[i] : mx;
+    const __m512 x0 = _mm512_loadu_ps(s), x1 = _mm512_loadu_ps(s + 16);
+    const __m512 x2 = _mm512_loadu_ps(s + 32), x3 = _mm512_loadu_ps(s + 48);
+    const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(x0, x1), _mm512_max_ps(x2, x3));
+    // vmaxps drops NaN: an unordered compare of each pair finds NaN lanes.
+    const __mmask16 nan = _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x2, x3, _CMP_UNORD_Q);
+    const float mx = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx4);
+    m_new[i] = max_keep_nan(mrow[i], mx);
   }
   const __m512 vninf = _mm512_set1_ps(ninf);
   for (int i = 0; i < m; i += 16) {

@@ -56,8 +56,8 @@ void softmax_update_generic(float* S, int m, float* mrow, float* lrow, float* O,
   for (int i = 0; i < m; ++i) {
     float* s = S + i * kBN;
     float mx = ninf;
-    for (int j = 0; j < kBN; ++j) mx = std::max(mx, s[j]);
-    const float m_new = std::max(mrow[i], mx);
+    for (int j = 0; j < kBN; ++j) mx = max_keep_nan(mx, s[j]);
+    const float m_new = max_keep_nan(mrow[i], mx);
     if (m_new == ninf) {
       std::fill(s, s + kBN, 0.f);
       continue;
