@@ -101,9 +101,11 @@ def peak_call_bytes(fn: Callable[[], object], device="cpu", repeats: int = 3) ->
     device has no measurement here (MPS; a CPU without Linux / glibc)."""
     device = torch.device(device)
     if device.type == "cuda":
-        measure = lambda: _cuda_peak(fn, device)  # noqa: E731
+        def measure():
+            return _cuda_peak(fn, device)
     elif device.type == "cpu" and cpu_measurement_available():
-        measure = lambda: _cpu_peak(fn)  # noqa: E731
+        def measure():
+            return _cpu_peak(fn)
     else:
         return None
     fn()  # warm-up: one-time allocations (thread pools, cached matrices) are not the call's
