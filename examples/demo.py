@@ -1,7 +1,9 @@
 """flash_quant demo: quantized attention against full precision on the best device here.
 
 For each preset it prints the error against an fp64 reference, the median time of a
-call, and the memory of the stored Q/K/V (and, on CUDA, the peak memory of the call).
+call, and the measured peak memory one call adds above its inputs (output included), next
+to SDPA's (flash_quant/call_memory.py: CUDA's allocator statistics; on a Linux CPU the
+resident-memory high-water mark; "n/a" where neither is available, e.g. MPS).
 
     python examples/demo.py                  # best device present (cuda > mps > cpu)
     python examples/demo.py --device cpu --seq 2048 --head-dim 128
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import flash_quant
+from flash_quant.call_memory import peak_call_bytes
 from flash_quant.testing import error_stats, make_qkv, reference_attention
 
 
@@ -46,18 +49,6 @@ def timed(fn, device, repeats):
     return statistics.median(samples)
 
 
-def stored_bytes(cfg, q, k, v) -> int:
-    """Bytes of Q, K, V as the kernel reads them under `cfg`."""
-    total = 0
-    for t, op in ((q, cfg.q), (k, cfg.k), (v, cfg.v)):
-        if op.quantized:
-            total += flash_quant.quantize(t, op.precision, op.granularity, op.strategy, smooth=op.smooth).nbytes
-        else:
-            dt = cfg.compute_dtype.float_dtype if cfg.compute_dtype else t.dtype
-            total += t.numel() * torch.empty((), dtype=dt).element_size()
-    return total
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cpu | cuda | mps (default: best present)")
@@ -79,30 +70,38 @@ def main():
           f" | B={args.batch} H={args.heads} S={seq} D={args.head_dim} causal={args.causal}"
           f" | inputs {args.family} {in_dtype}")
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), is_causal=args.causal)
-    full_bytes = 3 * q.numel() * q.element_size()
 
     rows = []
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
-    rows.append(("torch SDPA (" + str(in_dtype).replace("torch.", "") + ")", sdpa, full_bytes))
+    rows.append(("torch SDPA (" + str(in_dtype).replace("torch.", "") + ")", sdpa))
     for preset in ("fp16" if device != "cpu" else "fp32", "accurate", "fast", "int4", "fp8"):
-        cfg = flash_quant.get_preset(preset)
-        fn = lambda cfg=cfg: flash_quant.attention(q, k, v, is_causal=args.causal, config=cfg)
-        rows.append((f"flash_quant {preset}", fn, stored_bytes(cfg, q, k, v)))
+        fn = lambda preset=preset: flash_quant.attention(q, k, v, is_causal=args.causal, config=preset)
+        rows.append((f"flash_quant {preset}", fn))
 
-    print(f"\n{'path':28s} {'rel-L2 vs fp64':>15s} {'cosine':>10s} {'time ms':>9s} {'QKV MiB':>9s} {'peak MiB':>9s}")
-    for name, fn, nbytes in rows:
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    results = []
+    for name, fn in rows:
         try:
             out = fn()
             secs = timed(fn, device, args.repeats)
         except Exception as exc:  # show it: a path that fails is reported, not hidden
-            print(f"{name:28s} failed: {type(exc).__name__}: {exc}")
+            results.append((name, fn, f"failed: {type(exc).__name__}: {exc}"))
             continue
-        stats = error_stats(out.cpu(), ref)
-        peak = f"{torch.cuda.max_memory_allocated() / 2**20:9.1f}" if device == "cuda" else f"{'-':>9s}"
-        print(f"{name:28s} {stats['rel_l2']:15.4%} {stats['cosine']:10.6f} {secs * 1e3:9.2f} "
-              f"{nbytes / 2**20:9.2f} {peak}")
+        results.append((name, fn, (error_stats(out.cpu(), ref), secs)))
+    # Peak memory after every timing: on the CPU the measurement changes how this process
+    # allocates (flash_quant/call_memory.py), which would slow the timed calls.
+    peaks = {name: peak_call_bytes(fn, device) for name, fn, r in results if not isinstance(r, str)}
+    sdpa_peak = peaks.get(rows[0][0])
+
+    print(f"\n{'path':28s} {'rel-L2 vs fp64':>15s} {'cosine':>10s} {'time ms':>9s} {'peak MiB':>9s} {'vs SDPA':>8s}")
+    for name, _, r in results:
+        if isinstance(r, str):
+            print(f"{name:28s} {r}")
+            continue
+        stats, secs = r
+        peak = peaks[name]
+        mib = "n/a" if peak is None else f"{peak / 2**20:.2f}"
+        ratio = "n/a" if peak is None or not sdpa_peak else f"{peak / sdpa_peak:.2f}x"
+        print(f"{name:28s} {stats['rel_l2']:15.4%} {stats['cosine']:10.6f} {secs * 1e3:9.2f} {mib:>9s} {ratio:>8s}")
 
 
 if __name__ == "__main__":

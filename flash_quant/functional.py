@@ -84,7 +84,8 @@ def attention_with_lse(
     out_dtype = query.dtype
     q, k, v = _operand_float(query), _operand_float(key), _operand_float(value)
 
-    if cfg.compute_dtype is not None:  # unquantized presets compute in one chosen dtype
+    if cfg.compute_dtype is not None and not _computes_in(q, cfg.compute_dtype.float_dtype):
+        # unquantized presets compute in one chosen dtype
         dt = cfg.compute_dtype.float_dtype
         q, k, v = (t.to(dt) if t.dtype != dt else t for t in (q, k, v))
 
@@ -157,6 +158,13 @@ def _operand_float(x: Operand) -> torch.Tensor:
     if isinstance(x, QuantizedTensor):
         return torch.zeros((), dtype=x.orig_dtype, device=x.device).expand(x.orig_shape)
     return x
+
+
+def _computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels already compute in `dtype` for inputs like x: the CPU kernels
+    convert every float input to float32 as they load it (exactly) and round the output
+    once, so casting to float32 first would only copy q, k and v."""
+    return x.dtype == dtype or (x.device.type == "cpu" and dtype == torch.float32)
 
 
 def _rotation_wanted(cfg: AttentionConfig, query, key) -> bool:

@@ -16,7 +16,8 @@
 //    decoded / dequantized to fp32 rows, and Q·Kᵀ is an fp32 tile product.
 // K (in its path's packed layout) and V (dequantized to fp32, (data - z) · scale with a
 // per-row or per-channel scale) are prepared once per kv head, then shared by every
-// query tile and every query head of the GQA group.
+// query tile and every query head of the GQA group; each thread keeps only the current kv
+// head's, so this memory is per thread, not the size of K and V.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -35,69 +36,80 @@ namespace flash_quant {
 namespace cpu {
 namespace {
 
-// K of every (b, kv head) in the layout its Q·Kᵀ path needs, and V as fp32 rows.
+// K of one (b, kv head) in the layout its Q·Kᵀ path needs, and V as fp32 rows. Each
+// thread holds the panels of the kv head it is working on, not every head's: a copy of
+// every head's K and V is as large as K and V (twice for 16-bit inputs).
 struct KvPanels {
   bool integer = false;
-  int64_t per_head_k = 0, per_head_cols = 0, per_head_v = 0;
   std::vector<int8_t> kp;       // integer: [nkb][D/4][kBN][4]
   std::vector<int32_t> col_c, col_zk, col_ek;  // integer: per key, see the file comment
   std::vector<float> col_mul;   // integer: per-key scale s_k (0 for padding keys)
   std::vector<float> kt;        // fp32: [nkb][D][kBN]
   std::vector<float> v;         // [Skv_pad][Dp]
-  std::vector<uint8_t> nonfinite;  // per (b, kv head): K or V holds an inf / NaN (checked
-                                   // only for causal calls, the only ones that skip tiles)
+  bool nonfinite = false;       // this kv head's K or V holds an inf / NaN (checked only
+                                // for causal calls, the only ones that skip tiles)
 };
 
-void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, bool integer, bool check_finite,
-                KvPanels& p) {
-  const int64_t heads = d.B * d.Hkv;
+// Sizes the panels for one kv head.
+void size_kv(const AttnDims& d, bool integer, KvPanels& p) {
   p.integer = integer;
-  p.per_head_v = d.Skv_pad * d.Dp;
-  p.v.assign(heads * p.per_head_v, 0.f);
-  p.nonfinite.assign(heads, 0);
+  p.v.resize(d.Skv_pad * d.Dp);
   if (integer) {
-    p.per_head_k = d.Skv_pad * d.D;
-    p.per_head_cols = d.Skv_pad;
-    p.kp.assign(heads * p.per_head_k, 0);
-    p.col_c.assign(heads * d.Skv_pad, 0);
-    p.col_zk.assign(heads * d.Skv_pad, 0);
-    p.col_ek.assign(heads * d.Skv_pad, 0);
-    p.col_mul.assign(heads * d.Skv_pad, 0.f);
+    p.kp.resize(d.Skv_pad * d.D);
+    for (auto* c : {&p.col_c, &p.col_zk, &p.col_ek}) c->resize(d.Skv_pad);
+    p.col_mul.resize(d.Skv_pad);
   } else {
-    p.per_head_k = d.Skv_pad * d.D;
-    p.kt.assign(heads * p.per_head_k, 0.f);
+    p.kt.resize(d.Skv_pad * d.D);
   }
-  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<int8_t> row(d.D);
-    for (int64_t bh = h0; bh < h1; ++bh) {
-      const int64_t b = bh / d.Hkv, h = bh % d.Hkv;
-      pack_rows_f32(V, b, h, d.Skv, d.Skv_pad, d.Dp, p.v.data() + bh * p.per_head_v);
-      p.nonfinite[bh] = check_finite && !all_finite(p.v.data() + bh * p.per_head_v, p.per_head_v);
-      if (!integer) {  // (integer K is finite by construction)
-        pack_transposed_f32(K, b, h, d.Skv, d.Skv_pad, p.kt.data() + bh * p.per_head_k);
-        p.nonfinite[bh] |= check_finite && !all_finite(p.kt.data() + bh * p.per_head_k, p.per_head_k);
-        continue;
+}
+
+// Fills the panels with kv head bh = b * Hkv + h (padding keys: zero K, V, scale and
+// correction terms).
+void prepare_kv(const Operand& K, const Operand& V, const AttnDims& d, int64_t bh, bool check_finite,
+                KvPanels& p) {
+  const int64_t b = bh / d.Hkv, h = bh % d.Hkv;
+  pack_rows_f32(V, b, h, d.Skv, d.Skv_pad, d.Dp, p.v.data());
+  p.nonfinite = check_finite && !all_finite(p.v.data(), static_cast<int64_t>(p.v.size()));
+  if (!p.integer) {  // (integer K is finite by construction)
+    pack_transposed_f32(K, b, h, d.Skv, d.Skv_pad, p.kt.data());
+    p.nonfinite = p.nonfinite || (check_finite && !all_finite(p.kt.data(), static_cast<int64_t>(p.kt.size())));
+    return;
+  }
+  std::fill(p.kp.begin(), p.kp.end(), int8_t(0));
+  for (auto* c : {&p.col_c, &p.col_zk, &p.col_ek}) std::fill(c->begin(), c->end(), 0);
+  std::fill(p.col_mul.begin(), p.col_mul.end(), 0.f);
+  std::vector<int8_t> row(d.D);
+  for (int64_t j = 0; j < d.Skv; ++j) {
+    K.load_int(b, h, j, row.data());
+    int8_t* tile = p.kp.data() + (j / kBN) * d.D * kBN;
+    const int64_t jj = j % kBN;
+    int32_t sum = 0;
+    for (int64_t t = 0; t < d.D / 4; ++t)
+      for (int c = 0; c < 4; ++c) {
+        tile[(t * kBN + jj) * 4 + c] = row[4 * t + c];
+        sum += row[4 * t + c];
       }
-      int8_t* kp = p.kp.data() + bh * p.per_head_k;
-      const int64_t c0 = bh * p.per_head_cols;
-      for (int64_t j = 0; j < d.Skv; ++j) {
-        K.load_int(b, h, j, row.data());
-        int8_t* tile = kp + (j / kBN) * d.D * kBN;
-        const int64_t jj = j % kBN;
-        int32_t sum = 0;
-        for (int64_t t = 0; t < d.D / 4; ++t)
-          for (int c = 0; c < 4; ++c) {
-            tile[(t * kBN + jj) * 4 + c] = row[4 * t + c];
-            sum += row[4 * t + c];
-          }
-        const int32_t zk = K.row_zero_point(b, h, j);
-        p.col_c[c0 + j] = -128 * sum;
-        p.col_zk[c0 + j] = zk;
-        p.col_ek[c0 + j] = static_cast<int32_t>(d.D) * zk - sum;
-        p.col_mul[c0 + j] = K.row_scale(b, h, j);
-      }
-    }
-  });
+    const int32_t zk = K.row_zero_point(b, h, j);
+    p.col_c[j] = -128 * sum;
+    p.col_zk[j] = zk;
+    p.col_ek[j] = static_cast<int32_t>(d.D) * zk - sum;
+    p.col_mul[j] = K.row_scale(b, h, j);
+  }
+}
+
+// Row `row` of the output, o · inv (zeros when o is null), in the output's dtype: no
+// float32 copy of the output for 16-bit inputs.
+template <typename T>
+void store_row_as(T* dst, const float* o, float inv, int64_t D) {
+  for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<T>(o != nullptr ? o[c] * inv : 0.f);
+}
+
+void store_row(const at::Tensor& out, int64_t row, const float* o, float inv, int64_t D) {
+  switch (out.scalar_type()) {
+    case at::kFloat: store_row_as(out.data_ptr<float>() + row * D, o, inv, D); break;
+    case at::kHalf: store_row_as(out.data_ptr<c10::Half>() + row * D, o, inv, D); break;
+    default: store_row_as(out.data_ptr<c10::BFloat16>() + row * D, o, inv, D); break;
+  }
 }
 
 // pv_precision != "none": P (≤ 1 after the running max is subtracted) rounded to the
@@ -154,16 +166,22 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   // query tile, turns the skip off for that tile (a rare path: same results, more work).
   const bool mask_poisons = is_causal && mask_has_nan_or_posinf(attn_mask);
 
-  KvPanels kv;
-  prepare_kv(K, V, d, integer, /*check_finite=*/is_causal, kv);
-
-  at::Tensor out32 = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options().dtype(at::kFloat));
+  // Output in q's dtype, written once per row (a float32 copy then a cast would double
+  // the output's memory for 16-bit inputs).
+  at::Tensor out = at::empty({d.B, d.Hq, d.Sq, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
-  float* outp = out32.data_ptr<float>();
   float* lsep = lse.data_ptr<float>();
   const float ninf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, d.B * d.Hq * d.nqb, 1, [&](int64_t t0, int64_t t1) {
+  // Tasks in kv-head order: at::parallel_for gives each thread one contiguous range, so a
+  // thread meets each kv head's tasks together and builds that head's K / V panels once
+  // (a head split between two threads is built by both), then shares them among the
+  // head's query tiles and GQA query heads.
+  const int64_t tasks_per_head = d.group * d.nqb;
+  at::parallel_for(0, d.B * d.Hkv * tasks_per_head, 1, [&](int64_t t0, int64_t t1) {
+    KvPanels kv;
+    size_kv(d, integer, kv);
+    int64_t panels_of = -1;  // the kv head whose panels kv holds
     const int64_t Dp = d.Dp, D = d.D;
     std::vector<float> qf(kBM * Dp, 0.f), S(kBM * kBN), O(kBM * Dp), mrow(kBM), lrow(kBM);
     std::vector<uint8_t> qu(kBM * D);
@@ -171,8 +189,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     std::vector<float> row_mul(kBM);
     std::vector<int32_t> row_a(kBM), row_zq(kBM);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qb = task % d.nqb, h = (task / d.nqb) % d.Hq, b = task / (d.nqb * d.Hq);
-      const int64_t hk = h / d.group, bh = b * d.Hkv + hk;
+      // task = (kv head, query head of its group, query tile)
+      const int64_t bh = task / tasks_per_head, qb = task % d.nqb;
+      const int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
+      const int64_t h = hk * d.group + (task % tasks_per_head) / d.nqb;
+      if (bh != panels_of) {
+        prepare_kv(K, V, d, bh, /*check_finite=*/is_causal, kv);
+        panels_of = bh;
+      }
       const int64_t i0 = qb * kBM;
       const int m = static_cast<int>(std::min<int64_t>(kBM, d.Sq - i0));
 
@@ -195,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       }
       if (integer) zero_points = Q.zp != nullptr || K.zp != nullptr;
       const bool every_key =
-          is_causal && (mask_poisons || kv.nonfinite[bh] || (!integer && !all_finite(qf.data(), m * Dp)));
+          is_causal && (mask_poisons || kv.nonfinite || (!integer && !all_finite(qf.data(), m * Dp)));
       IntScoreParams ip{row_mul.data(), row_a.data(), row_zq.data(), nullptr, nullptr, nullptr, nullptr,
                         zero_points};
 
@@ -208,37 +232,33 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       for (int64_t kb = 0; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBN;
         if (integer) {
-          const int64_t c = bh * kv.per_head_cols + j0;
-          ip.col_mul = kv.col_mul.data() + c;
-          ip.col_c = kv.col_c.data() + c;
-          ip.col_zk = kv.col_zk.data() + c;
-          ip.col_ek = kv.col_ek.data() + c;
-          ops.qk_int8_scores(qu.data(), D, m, static_cast<int>(D),
-                             kv.kp.data() + bh * kv.per_head_k + kb * D * kBN, ip, S.data());
+          ip.col_mul = kv.col_mul.data() + j0;
+          ip.col_c = kv.col_c.data() + j0;
+          ip.col_zk = kv.col_zk.data() + j0;
+          ip.col_ek = kv.col_ek.data() + j0;
+          ops.qk_int8_scores(qu.data(), D, m, static_cast<int>(D), kv.kp.data() + kb * D * kBN, ip, S.data());
         } else {
-          ops.gemm_f32(qf.data(), Dp, kv.kt.data() + bh * kv.per_head_k + kb * D * kBN, kBN, S.data(), kBN,
-                       m, kBN, static_cast<int>(D), scale, false);
+          ops.gemm_f32(qf.data(), Dp, kv.kt.data() + kb * D * kBN, kBN, S.data(), kBN, m, kBN,
+                       static_cast<int>(D), scale, false);
         }
         mask.apply(b, h, i0, m, j0, static_cast<int>(std::min<int64_t>(kBN, d.Skv - j0)), S.data());
         if (j0 + kBN > d.Skv || (is_causal && j0 + kBN - 1 > i0))
           mask_bounds_and_causal(S.data(), m, i0, j0, d.Skv, is_causal);
         ops.softmax_update(S.data(), m, mrow.data(), lrow.data(), O.data(), Dp, static_cast<int>(Dp));
         round_p(S.data(), m, pv);
-        ops.gemm_f32(S.data(), kBN, kv.v.data() + bh * kv.per_head_v + j0 * Dp, Dp, O.data(), Dp, m,
+        ops.gemm_f32(S.data(), kBN, kv.v.data() + j0 * Dp, Dp, O.data(), Dp, m,
                      static_cast<int>(Dp), kBN, 1.f, true);
       }
 
       for (int r = 0; r < m; ++r) {
         const int64_t row = (b * d.Hq + h) * d.Sq + i0 + r;
-        float* o = outp + row * D;
         if (mrow[r] == ninf) {  // no visible key: P = 0, so O holds 0 · V: zeros, or NaN
           // where a V row is inf / NaN (as SDPA's P @ V)
-          std::copy(O.data() + r * Dp, O.data() + r * Dp + D, o);
+          store_row(out, row, O.data() + r * Dp, 1.f, D);
           lsep[row] = ninf;
           continue;
         }
-        const float inv = 1.f / lrow[r];
-        for (int64_t c = 0; c < D; ++c) o[c] = O[r * Dp + c] * inv;
+        store_row(out, row, O.data() + r * Dp, 1.f / lrow[r], D);
         double l = double(mrow[r]) + std::log(double(lrow[r]));
         if (kmean.defined()) {
           // lse of the unsmoothed scores: + scale · q_i · k_mean.
@@ -252,7 +272,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       }
     }
   });
-  at::Tensor out = q.scalar_type() == at::kFloat ? out32 : out32.to(q.scalar_type());
   return {out, lse};
 }
 

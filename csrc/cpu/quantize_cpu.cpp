@@ -4,7 +4,10 @@
 // quantize works on x viewed as (L, S, D): L = product of the leading dims, S = dim -2
 // (1 for rank 1), D = the last dim. A group is a set of rows (per_tensor / per_head /
 // per_token / per_block) or one column of a (S, D) slice (per_channel). Two passes: the
-// group range [lo, hi], then the elementwise rounding, both parallel over rows.
+// group range [lo, hi], then the elementwise rounding, both parallel over rows (one pass
+// for per_token, where a row is its own group). Each pass reads the rows of x through
+// RowReader — converted to float32, rotated and centred one row at a time — so the call
+// allocates its outputs and per-thread rows only, never a float32 copy of x.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
@@ -99,16 +102,98 @@ RowFn row_fn(Precision p) {
   return nullptr;
 }
 
-// x · 0 is NaN exactly for inf / NaN, so one vectorisable sum finds any non-finite value
-// (a separate at::isfinite pass cost as much as the whole quantization).
-bool all_finite(const float* x, int64_t n) {
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-    float acc = 0.f;
-    for (int64_t i = i0; i < i1; ++i) acc += x[i] * 0.f;
-    if (acc != 0.f) ok = false;  // NaN compares unequal
-  });
-  return ok;
+// Row r of x viewed as (rows, D), as the quantization sees it: read through x's strides
+// in its dtype, converted to float32, times H when `rotate`, minus its slice's centre
+// (row l = r / S of `centre`, a contiguous (L, D) float32 tensor) when `centre` is
+// defined.
+class RowReader {
+ public:
+  RowReader(const at::Tensor& x, bool rotate, const at::Tensor& centre)
+      : x_(x), rotate_(rotate), centre_(centre.defined() ? centre.data_ptr<float>() : nullptr) {
+    D_ = x.size(-1);
+    S_ = x.dim() >= 2 ? x.size(-2) : 1;
+    last_stride_ = x.stride(-1);
+    lead_sizes_.assign(x.sizes().begin(), x.sizes().end() - 1);
+    lead_strides_.assign(x.strides().begin(), x.strides().end() - 1);
+  }
+
+  void load(int64_t r, float* dst) const {
+    int64_t off = 0;  // element offset of row r: unravel r over the leading dims
+    for (int64_t i = static_cast<int64_t>(lead_sizes_.size()) - 1, rem = r; i >= 0; --i) {
+      off += (rem % lead_sizes_[i]) * lead_strides_[i];
+      rem /= lead_sizes_[i];
+    }
+    switch (x_.scalar_type()) {
+      case at::kFloat: convert(x_.const_data_ptr<float>() + off, dst); break;
+      case at::kHalf: convert(x_.const_data_ptr<c10::Half>() + off, dst); break;
+      default: convert(x_.const_data_ptr<c10::BFloat16>() + off, dst); break;
+    }
+    if (rotate_) hadamard_rotate_row(dst, D_);
+    if (centre_ != nullptr) {
+      const float* c = centre_ + (r / S_) * D_;
+      for (int64_t d = 0; d < D_; ++d) dst[d] -= c[d];
+    }
+  }
+
+ private:
+  template <typename T>
+  void convert(const T* src, float* dst) const {
+    for (int64_t d = 0; d < D_; ++d) dst[d] = static_cast<float>(src[d * last_stride_]);
+  }
+
+  const at::Tensor& x_;
+  bool rotate_;
+  const float* centre_;
+  int64_t D_ = 0, S_ = 1, last_stride_ = 1;
+  std::vector<int64_t> lead_sizes_, lead_strides_;
+};
+
+// The smoothing centre: the mean over dim -2 of x @ H (of x without `rotate`), shape x's
+// with dim -2 = 1, float32: the mean of x, then — the rotation being linear — its rows
+// rotated (in float64). One read of x, no rotated copy. Float32 x: torch's mean (the
+// contract's reference). 16-bit x: columns summed here in float64 (torch's mean with
+// dtype=float32 would first convert all of x to a float32 copy).
+at::Tensor smoothing_mean(const at::Tensor& x, bool rotate) {
+  const int64_t D = x.size(-1), S = x.size(-2);
+  at::Tensor mean;
+  if (x.scalar_type() == at::kFloat) {
+    mean = at::mean(x, {-2}, /*keepdim=*/true).contiguous();
+  } else {
+    std::vector<int64_t> mshape(x.sizes().begin(), x.sizes().end());
+    mshape[mshape.size() - 2] = 1;
+    mean = at::empty(mshape, x.options().dtype(at::kFloat));
+    const RowReader rows(x, /*rotate=*/false, at::Tensor());
+    float* mp = mean.data_ptr<float>();
+    at::parallel_for(0, D > 0 ? mean.numel() / D : 0, 1, [&](int64_t l0, int64_t l1) {
+      std::vector<float> row(D);
+      std::vector<double> acc(D);
+      for (int64_t l = l0; l < l1; ++l) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t s = 0; s < S; ++s) {
+          rows.load(l * S + s, row.data());
+          for (int64_t d = 0; d < D; ++d) acc[d] += row[d];
+        }
+        // S == 0: 0 / 0 = NaN, as torch's mean over an empty dim
+        for (int64_t d = 0; d < D; ++d) mp[l * D + d] = static_cast<float>(acc[d] / static_cast<double>(S));
+      }
+    });
+  }
+  if (!rotate || D == 0) return mean;
+  float* mp = mean.data_ptr<float>();
+  std::vector<double> row(D);
+  for (int64_t l = 0; l < mean.numel() / D; ++l) {
+    std::copy(mp + l * D, mp + (l + 1) * D, row.begin());
+    hadamard_rotate_row(row.data(), D);
+    std::copy(row.begin(), row.end(), mp + l * D);
+  }
+  return mean;
+}
+
+bool row_finite(const float* x, int64_t n) {
+  float acc = 0.f;  // x · 0 is NaN exactly for inf / NaN (one vectorisable sum: a separate
+    // at::isfinite pass cost as much as the whole quantization)
+  for (int64_t i = 0; i < n; ++i) acc += x[i] * 0.f;
+  return acc == 0.f;
 }
 
 }  // namespace
@@ -143,20 +228,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
               "quantize: int4 packs two values per byte, so the last dim of x must be even, got ", D);
   const at::Tensor given_center = checked_center(x, center, smooth);
 
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  // Everything below (statistics, codes) is of x @ H. Checked after the rotation: a
-  // non-finite x stays non-finite, and an overflow of the rotation is caught too.
-  if (rotate) xf = hadamard_rotate(xf);
-  TORCH_CHECK(all_finite(xf.data_ptr<float>(), xf.numel()),
-              "quantize: x contains non-finite values (inf or nan)");
-  at::Tensor mean = at::empty({0}, xf.options());
-  if (smooth) {
-    mean = given_center.defined() ? given_center : xf.mean(-2, /*keepdim=*/true);
-    xf = (xf - mean).contiguous();
-  }
+  // Everything below (statistics, codes) is of x @ H, minus the centre when smoothing
+  // (the caller's centre, already in the rotated space, or the mean over dim -2).
+  at::Tensor mean = !smooth                   ? at::empty({0}, x.options().dtype(at::kFloat))
+                    : given_center.defined() ? given_center
+                                             : smoothing_mean(x, rotate);
+  const RowReader reader(x, rotate, smooth ? mean : at::Tensor());
 
   const int64_t S = rank >= 2 ? x.size(-2) : 1;
-  const int64_t rows = D > 0 && S > 0 ? xf.numel() / D : 0;
+  const int64_t rows = D > 0 && S > 0 ? x.numel() / D : 0;
   const int64_t L = S > 0 ? rows / S : 0;
   const int64_t nblocks = gran == Granularity::PerBlock ? (S + block_size - 1) / block_size : 0;
 
@@ -195,51 +275,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     }
   };
 
-  const float* xp = xf.data_ptr<float>();
-  const float inf = std::numeric_limits<float>::infinity();
-  std::vector<float> glo(ngroups, inf), ghi(ngroups, -inf);
-  if (gran == Granularity::PerChannel) {
-    at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
-      for (int64_t l = l0; l < l1; ++l) {
-        float* lo = glo.data() + l * D;
-        float* hi = ghi.data() + l * D;
-        for (int64_t s = 0; s < S; ++s) {
-          const float* row = xp + (l * S + s) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            lo[d] = std::min(lo[d], row[d]);
-            hi[d] = std::max(hi[d], row[d]);
-          }
-        }
-      }
-    });
-  } else {
-    std::vector<float> rlo(rows), rhi(rows);
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = xp + r * D;
-        float lo = inf, hi = -inf;
-        for (int64_t d = 0; d < D; ++d) {
-          lo = std::min(lo, row[d]);
-          hi = std::max(hi, row[d]);
-        }
-        rlo[r] = lo;
-        rhi[r] = hi;
-      }
-    });
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t g = row_group(r);
-      glo[g] = std::min(glo[g], rlo[r]);
-      ghi[g] = std::max(ghi[g], rhi[r]);
-    }
-  }
-
-  // An empty group (no elements) keeps lo = +inf, hi = -inf: treat it as all zero.
-  std::vector<GroupParams> params(ngroups);
-  for (int64_t g = 0; g < ngroups; ++g) {
-    const bool empty = glo[g] > ghi[g];
-    params[g] = group_params(empty ? 0.f : glo[g], empty ? 0.f : ghi[g], prec, strat);
-  }
-
   std::vector<int64_t> dshape(x.sizes().begin(), x.sizes().end());
   if (prec == Precision::Int4) dshape.back() = D / 2;
   at::Tensor data = at::empty(dshape, x.options().dtype(precision_dtype(prec)));
@@ -248,13 +283,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
   uint8_t* dp = static_cast<uint8_t*>(data.data_ptr());
   const RowFn fn = row_fn(prec);
   const bool asym = strat == Strategy::Asymmetric;
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const GroupParams* g = gran == Granularity::PerChannel ? params.data() + (r / S) * D
-                                                             : params.data() + row_group(r);
-      fn(xp + r * D, D, g, gran == Granularity::PerChannel ? 1 : 0, asym, dp + r * out_row_bytes);
+  // Checked on the rows as quantized (after the rotation, which a non-finite x keeps
+  // non-finite and which may overflow), before any output is returned.
+  std::atomic<bool> finite{true};
+  auto check_finite = [&] {
+    TORCH_CHECK(finite.load(), "quantize: x contains non-finite values (inf or nan)");
+  };
+
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<GroupParams> params(ngroups);
+  // An empty group (no elements) keeps lo = +inf, hi = -inf: treat it as all zero.
+  auto params_of = [&](float lo, float hi) {
+    const bool empty = lo > hi;
+    return group_params(empty ? 0.f : lo, empty ? 0.f : hi, prec, strat);
+  };
+  auto row_range = [&](const float* row, float& lo, float& hi) {
+    lo = inf;
+    hi = -inf;
+    for (int64_t d = 0; d < D; ++d) {
+      lo = std::min(lo, row[d]);
+      hi = std::max(hi, row[d]);
     }
-  });
+  };
+
+  if (gran == Granularity::PerToken) {
+    // A row is its own group: range, parameters and codes in one read of the row.
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        reader.load(r, row.data());
+        if (!row_finite(row.data(), D)) finite = false;
+        float lo, hi;
+        row_range(row.data(), lo, hi);
+        params[r] = params_of(lo, hi);
+        fn(row.data(), D, &params[r], 0, asym, dp + r * out_row_bytes);
+      }
+    });
+    check_finite();
+  } else {
+    std::vector<float> glo(ngroups, inf), ghi(ngroups, -inf);
+    if (gran == Granularity::PerChannel) {
+      at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+        std::vector<float> row(D);
+        for (int64_t l = l0; l < l1; ++l) {
+          float* lo = glo.data() + l * D;
+          float* hi = ghi.data() + l * D;
+          for (int64_t s = 0; s < S; ++s) {
+            reader.load(l * S + s, row.data());
+            if (!row_finite(row.data(), D)) finite = false;
+            for (int64_t d = 0; d < D; ++d) {
+              lo[d] = std::min(lo[d], row[d]);
+              hi[d] = std::max(hi[d], row[d]);
+            }
+          }
+        }
+      });
+    } else {
+      std::vector<float> rlo(rows), rhi(rows);
+      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        std::vector<float> row(D);
+        for (int64_t r = r0; r < r1; ++r) {
+          reader.load(r, row.data());
+          if (!row_finite(row.data(), D)) finite = false;
+          row_range(row.data(), rlo[r], rhi[r]);
+        }
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = row_group(r);
+        glo[g] = std::min(glo[g], rlo[r]);
+        ghi[g] = std::max(ghi[g], rhi[r]);
+      }
+    }
+    check_finite();
+    for (int64_t g = 0; g < ngroups; ++g) params[g] = params_of(glo[g], ghi[g]);
+
+    // Second read of the rows (converted, rotated and centred again: cheaper than
+    // keeping a float32 copy of x between the passes).
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const GroupParams* g = gran == Granularity::PerChannel ? params.data() + (r / S) * D
+                                                               : params.data() + row_group(r);
+        reader.load(r, row.data());
+        fn(row.data(), D, g, gran == Granularity::PerChannel ? 1 : 0, asym, dp + r * out_row_bytes);
+      }
+    });
+  }
 
   at::Tensor scale = at::empty(sshape, x.options().dtype(at::kFloat));
   at::Tensor zero_point = at::empty(sshape, x.options().dtype(at::kInt));
