@@ -14,8 +14,8 @@ keywords, `quantize` takes quantize's. Which backends are present:
   from the MPS backend's own host logic), when a C++20 compiler is present.
 - "mps": the registered ops on an Apple GPU, when one is present.
 
-The interpreter and the emulator are slow: they run the cases marked small only (the sizes
-their own test files used), the others every case.
+The interpreter and the emulator are slow: each case names which of them run it (mostly the
+cases their own test files held before, at those sizes); the others run every case.
 
 Bars: every backend keeps the numbers its own test file held before the suite took the
 case over (the file named next to each number). `Bar.close` is an element-wise bound
@@ -45,6 +45,10 @@ if CAN_INTERPRET:
 # (as tests/test_cuda_backward_interpret.py forces it).
 INTERPRET_BACKWARD_TILE = ((16, 16, 4, 1), (16, 16, 4, 1))
 
+INTERP, EMU = "cuda-interpret", "metal-emulator"
+# which slow backends run a case (besides the fast ones, which run all)
+FAST_ONLY, ON_INTERP, ON_EMU, ON_ALL = frozenset(), frozenset({INTERP}), frozenset({EMU}), frozenset({INTERP, EMU})
+
 OPERANDS = ("q_data", "q_scale", "q_zero_point", "k_data", "k_scale", "k_zero_point", "k_mean", "v_data",
             "v_scale", "v_zero_point")
 
@@ -64,12 +68,13 @@ class Backend:
     forward: Callable  # (q, k, v, **operands, attn_mask, is_causal, scale, pv_precision) -> (out, lse)
     backward: Callable  # (grad_out, q, k, v, out, lse, **same) -> (dq, dk, dv)
     quantize: Callable  # (x, precision, granularity, block_size, strategy, smooth) -> 4 tensors
-    fast: bool = True  # False: runs the cases marked small only (the slow backends' own sizes)
+    fast: bool = True  # False: runs only the cases that name it (slow: the interpreter, the emulator)
     bars: Dict[str, Bar] = field(default_factory=dict)
     bf16_backward: bool = True  # False: the backend's bf16 backward cannot be checked here
 
-    def runs(self, small: bool) -> bool:
-        return self.fast or small
+    def runs(self, slow_backends: frozenset) -> bool:
+        """Whether it runs a case meant for the fast backends and `slow_backends`."""
+        return self.fast or self.name in slow_backends
 
 
 def _to(device, x):
@@ -118,7 +123,7 @@ def _interpret_backend():
     def backward(*args, **kw):
         return attention_backward_triton(*args, blocks=INTERPRET_BACKWARD_TILE, **kw)
 
-    return Backend("cuda-interpret", "cpu", attention_forward_launch, backward, quantize_launch,
+    return Backend(INTERP, "cpu", attention_forward_launch, backward, quantize_launch,
                    fast=False,
                    # Triton 3.6's interpreter multiplies the raw bits of bf16 tiles in tl.dot
                    # (test_cuda_backward_interpret.py): bf16 backward is checked on GPUs only.
@@ -132,7 +137,7 @@ def _emulator_backend():
     if shutil.which(driver.CXX) is None:
         return None
     emu = driver.Emulator()
-    return Backend("metal-emulator", "cpu", emu.attention_forward, emu.attention_backward, emu.quantize,
+    return Backend(EMU, "cpu", emu.attention_forward, emu.attention_backward, emu.quantize,
                    fast=False, bars=METAL_BARS)
 
 

@@ -6,23 +6,28 @@ aligned), bool / float masks at broadcast shapes, fp32 / fp16 / bf16 inputs; ful
 rows (output 0, lse -inf); quantized forward with INT8 / INT4 / FP8 operands made by the
 backend's own quantize, exact against fp64 of the dequantized operands, lse of the
 unsmoothed K; backward against the fp64 gradient. The backends and their bars are in
-tests/contract_backends.py; cases marked small run on every backend, the others on the
-fast ones (cpu, cuda, mps) only.
+tests/contract_backends.py. The fast backends (cpu, cuda, mps) run every case; each case
+names the slow ones (the Triton interpreter, the Metal emulator) that run it too.
 """
 import math
 
 import pytest
 import torch
 
-from contract_backends import BACKENDS, Bar, bar
+from contract_backends import BACKENDS, FAST_ONLY, ON_ALL, ON_EMU, ON_INTERP, Bar, bar
 from flash_quant.testing import error_stats, make_qkv, reference_attention, reference_attention_backward
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
+def _marks(be):
+    # the cuda cases run where the GPU tests do (pytest -m gpu, benchmarks/gpu_run.sh)
+    return [pytest.mark.gpu] if be.name == "cuda" else []
+
+
 def _params(cases, ident):
-    """(backend, case) pairs: small cases on every backend, the others on the fast ones."""
-    return [pytest.param(be, case[1:], id=f"{be.name}-{ident(case[1:])}")
+    """(backend, case) pairs: each case on the fast backends and the slow ones it names."""
+    return [pytest.param(be, case[1:], id=f"{be.name}-{ident(case[1:])}", marks=_marks(be))
             for be in BACKENDS for case in cases if be.runs(case[0])]
 
 
@@ -73,24 +78,24 @@ def check_lse(lse, ref_lse, b: Bar, close):
 
 # ------------------------------------------------------------------ unquantized forward
 FORWARD_CASES = [
-    # (small, dtype, B, Hq, Hkv, Sq, Skv, D, causal, mask)
-    (True, F32, 1, 2, 2, 1, 1, 32, False, None),  # S = 1
-    (True, F32, 1, 2, 2, 17, 17, 64, True, None),  # S = 17
-    (False, F32, 2, 2, 1, 130, 130, 96, True, None),  # tails of a 64-key tile, GQA
-    (False, F32, 1, 4, 2, 17, 130, 128, True, None),  # Sq < Skv causal: keys past Sq-1 never seen
-    (False, F32, 1, 2, 2, 130, 17, 160, True, None),  # Sq > Skv causal: rows past Skv see all keys
-    (False, F32, 1, 1, 1, 65, 200, 256, False, None),
-    (False, F32, 1, 1, 1, 1000, 1000, 64, True, None),
-    (True, F32, 1, 2, 2, 37, 29, 64, False, None),
-    (True, F32, 1, 4, 2, 40, 40, 32, True, None),  # GQA, causal
-    (True, F32, 1, 2, 1, 20, 45, 64, True, "bool"),  # Sq < Skv, causal AND mask
-    (True, F32, 1, 2, 2, 33, 17, 72, False, "float"),  # head dim not a multiple of 64
-    (True, F16, 1, 2, 2, 25, 31, 64, False, "float"),
-    (True, BF16, 1, 2, 1, 19, 23, 32, True, None),
-    (True, F32, 1, 1, 1, 9, 11, 256, False, None),  # largest head dim
-    (True, F32, 1, 2, 2, 41, 3, 128, True, None),  # rows past Skv stay causal-visible
-    (True, F16, 1, 2, 2, 33, 33, 64, True, None),
-    (True, BF16, 1, 2, 2, 33, 33, 64, True, None),
+    # (slow backends that run it, dtype, B, Hq, Hkv, Sq, Skv, D, causal, mask)
+    (ON_ALL, F32, 1, 2, 2, 1, 1, 32, False, None),  # S = 1
+    (ON_ALL, F32, 1, 2, 2, 17, 17, 64, True, None),  # S = 17
+    (FAST_ONLY, F32, 2, 2, 1, 130, 130, 96, True, None),  # tails of a 64-key tile, GQA
+    (FAST_ONLY, F32, 1, 4, 2, 17, 130, 128, True, None),  # Sq < Skv causal: keys past Sq-1 never seen
+    (FAST_ONLY, F32, 1, 2, 2, 130, 17, 160, True, None),  # Sq > Skv causal: rows past Skv see all keys
+    (FAST_ONLY, F32, 1, 1, 1, 65, 200, 256, False, None),
+    (FAST_ONLY, F32, 1, 1, 1, 1000, 1000, 64, True, None),
+    (ON_EMU, F32, 1, 2, 2, 37, 29, 64, False, None),
+    (ON_EMU, F32, 1, 4, 2, 40, 40, 32, True, None),  # GQA, causal
+    (ON_EMU, F32, 1, 2, 1, 20, 45, 64, True, "bool"),  # Sq < Skv, causal AND mask
+    (ON_EMU, F32, 1, 2, 2, 33, 17, 72, False, "float"),  # head dim not a multiple of 64
+    (ON_ALL, F16, 1, 2, 2, 25, 31, 64, False, "float"),
+    (ON_ALL, BF16, 1, 2, 1, 19, 23, 32, True, None),
+    (ON_EMU, F32, 1, 1, 1, 9, 11, 256, False, None),  # largest head dim
+    (ON_EMU, F32, 1, 2, 2, 41, 3, 128, True, None),  # rows past Skv stay causal-visible
+    (FAST_ONLY, F16, 1, 2, 2, 33, 33, 64, True, None),
+    (FAST_ONLY, BF16, 1, 2, 2, 33, 33, 64, True, None),
 ]
 
 
@@ -122,7 +127,7 @@ def _operands(prefix, quantized):
     return dict(zip((f"{prefix}_data", f"{prefix}_scale", f"{prefix}_zero_point"), quantized))
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda be: be.name)
+@pytest.mark.parametrize("backend", [pytest.param(be, id=be.name, marks=_marks(be)) for be in BACKENDS])
 def test_fully_masked_rows_and_broadcast_masks(backend):
     """Bool mask broadcast over heads with a fully masked row (output 0, lse -inf, never
     NaN); a 2-D additive zero-stride mask with causal; an fp16 additive mask with -inf
@@ -159,8 +164,11 @@ QSPECS = [  # (Q precision, strategy), (K precision, strategy) or None for a flo
     (("fp8_e4m3", "symmetric"), ("fp8_e4m3", "symmetric")),
     (("int8", "symmetric"), None),  # mixed: float K
 ]
-QUANT_CASES = [(False, *spec, 130, 97, d) for d in (32, 64, 96, 128, 160, 256) for spec in QSPECS] + [
-    (True, *spec, 35, 30, 64) for spec in QSPECS]
+# The slow backends' own files test INT8 / INT4 / FP8 presets (symmetric, K smoothed): they
+# run here the two mixed cases, asymmetric INT4 Q with INT8 K and INT8 Q with a float K.
+SLOW_QSPECS = (QSPECS[2], QSPECS[4])
+QUANT_CASES = [(FAST_ONLY, *spec, 130, 97, d) for d in (32, 64, 96, 128, 160, 256) for spec in QSPECS] + [
+    (ON_ALL, *spec, 35, 30, 64) for spec in SLOW_QSPECS]
 # bound on rel-L2 against the unquantized attention, by Q's precision (realistic family)
 QUANT_VS_FLOAT = {"int8": 0.02, "int4": 0.25, "fp8_e4m3": 0.1}
 
@@ -204,25 +212,26 @@ def test_forward_quantized_matches_dequantized_reference(backend, case):
 
 # ------------------------------------------------------------------ backward
 BACKWARD_CASES = [
-    # (small, dtype, B, Hq, Hkv, Sq, Skv, D, causal, mask, scale)
-    (True, F32, 1, 2, 2, 1, 1, 32, False, None, None),  # S = 1
-    (False, F32, 1, 2, 2, 130, 130, 64, True, None, None),
-    (False, F32, 2, 4, 2, 70, 45, 32, True, None, 0.3),
-    (False, F32, 1, 2, 1, 17, 100, 128, False, None, None),
-    (False, F32, 1, 4, 2, 40, 70, 64, False, "bool", None),
-    (False, F32, 1, 4, 2, 40, 70, 64, True, "float2d", None),
-    (True, F32, 1, 2, 2, 37, 29, 64, False, None, None),
-    (True, F32, 1, 4, 2, 33, 40, 32, True, "bool", None),
-    (True, F32, 1, 2, 1, 20, 9, 72, True, "float", None),
-    (True, F16, 1, 2, 2, 17, 21, 32, False, None, None),
-    (True, F32, 1, 2, 2, 37, 37, 32, True, None, None),  # tails of a 16-row tile
-    (True, F32, 2, 4, 2, 20, 45, 40, False, None, None),  # GQA, Sq < Skv, D not a power of two
-    (True, F32, 1, 4, 1, 45, 20, 32, True, None, None),  # MQA, Sq > Skv causal
-    (True, F32, 1, 2, 2, 20, 33, 48, True, None, None),  # Sq < Skv causal
-    (True, F16, 1, 2, 2, 33, 33, 64, False, None, None),
-    (True, BF16, 1, 2, 2, 33, 33, 64, False, None, None),
-    (True, F32, 2, 2, 2, 24, 29, 32, False, "bool", None),
-    (True, F32, 1, 2, 1, 26, 26, 32, True, "float2d", None),
+    # (slow backends that run it, dtype, B, Hq, Hkv, Sq, Skv, D, causal, mask, scale)
+    (ON_ALL, F32, 1, 2, 2, 1, 1, 32, False, None, None),  # S = 1
+    (FAST_ONLY, F32, 1, 2, 2, 130, 130, 64, True, None, None),
+    (FAST_ONLY, F32, 2, 4, 2, 70, 45, 32, True, None, 0.3),
+    (FAST_ONLY, F32, 1, 2, 1, 17, 100, 128, False, None, None),
+    (FAST_ONLY, F32, 1, 4, 2, 40, 70, 64, False, "bool", None),
+    (FAST_ONLY, F32, 1, 4, 2, 40, 70, 64, True, "float2d", None),
+    (ON_EMU, F32, 1, 2, 2, 37, 29, 64, False, None, None),
+    (ON_EMU, F32, 1, 4, 2, 33, 40, 32, True, "bool", None),
+    (ON_EMU, F32, 1, 2, 1, 20, 9, 72, True, "float", None),
+    (ON_EMU, F16, 1, 2, 2, 17, 21, 32, False, None, None),
+    (ON_INTERP, F32, 1, 2, 2, 37, 37, 32, False, None, None),  # tails of a 16-row tile
+    (ON_INTERP, F32, 1, 2, 2, 37, 37, 32, True, None, None),
+    (ON_INTERP, F32, 2, 4, 2, 20, 45, 40, False, None, None),  # GQA, Sq < Skv, D not a power of two
+    (ON_INTERP, F32, 1, 4, 1, 45, 20, 32, True, None, None),  # MQA, Sq > Skv causal
+    (ON_INTERP, F32, 1, 2, 2, 20, 33, 48, True, None, None),  # Sq < Skv causal
+    (ON_INTERP, F16, 1, 2, 2, 33, 33, 64, False, None, None),
+    (ON_INTERP, BF16, 1, 2, 2, 33, 33, 64, False, None, None),
+    (ON_INTERP, F32, 2, 2, 2, 24, 29, 32, False, "bool", None),
+    (ON_INTERP, F32, 1, 2, 1, 26, 26, 32, True, "float2d", None),
 ]
 
 
@@ -248,7 +257,10 @@ def test_backward_matches_reference(backend, case):
     mask = _mask(mk, b, hq, sq, skv, dtype, seed=sq + skv + d)
     if mk == "bool":
         mask[..., 3 % sq, :] = False  # a fully masked row: gradients 0, never NaN
-    out, lse = backend.forward(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    # out and lse from the fp64 reference: the backward is judged on its own (the forward
+    # has its cases above), and the slow backends skip a forward launch per case
+    out, lse = reference_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, return_lse=True)
+    out, lse = out.to(dtype), lse.to(torch.float32)
     go = torch.randn_like(out)
     got = backend.backward(go, q, k, v, out, lse, attn_mask=mask, is_causal=causal, scale=scale)
     ref = reference_attention_backward(go, q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
