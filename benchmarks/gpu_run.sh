@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_run.sh [--quick] [STAGE ...]
 #
 # STAGEs, in this order (default: all of them):
-#   tests      pytest -m gpu tests/test_cuda_gpu.py tests/test_training.py -> $OUT/gpu_tests.txt
+#   tests      pytest -m gpu tests/test_cuda_gpu.py tests/test_training.py tests/test_contract.py -> $OUT/gpu_tests.txt
 #   attention  benchmarks/bench_attention.py (forward + backward tables)   -> $OUT/attention_*
 #   training   benchmarks/bench_training.py --mode all (check, kernel timings, loss curves)
 #   flux       benchmarks/bench_flux.py (needs diffusers; skipped with a note without it)
@@ -64,7 +64,7 @@ for stage in "${STAGES[@]}"; do
     tests)
       # Fixed tiles: autotuning every test's kernels would take the whole limit.
       FLASH_QUANT_AUTOTUNE=0 run_stage tests "${FQ_TESTS_LIMIT:-300}" \
-        python3 -m pytest -q -m gpu tests/test_cuda_gpu.py tests/test_training.py -p no:cacheprovider
+        python3 -m pytest -q -m gpu tests/test_cuda_gpu.py tests/test_training.py tests/test_contract.py -p no:cacheprovider
       cp "$OUT/tests_log.txt" "$OUT/gpu_tests.txt" ;;
     attention)
       FLASH_QUANT_PRINT_AUTOTUNE=1 run_stage attention "${FQ_ATTENTION_LIMIT:-420}" \

@@ -359,41 +359,8 @@ def _check_forward(emu, q, k, v, *, mask=None, causal=False, scale=None, tol=1e-
     return out, lse
 
 
-FORWARD_CASES = [
-    # (dtype, hq, hkv, sq, skv, d, causal, mask kind)
-    (torch.float32, 2, 2, 37, 29, 64, False, None),
-    (torch.float32, 4, 2, 40, 40, 32, True, None),        # GQA, causal
-    (torch.float32, 2, 1, 20, 45, 64, True, "bool"),      # Sq < Skv, causal AND mask
-    (torch.float32, 2, 2, 33, 17, 72, False, "float"),    # head dim not a multiple of 64
-    (torch.float16, 2, 2, 25, 31, 64, False, "float"),
-    (torch.bfloat16, 2, 1, 19, 23, 32, True, None),
-    (torch.float32, 1, 1, 9, 11, 256, False, None),       # largest head dim
-    (torch.float32, 2, 2, 41, 3, 128, True, None),        # rows past Skv stay causal-visible
-]
-
-
-def _mask(kind, b, hq, sq, skv, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "bool":
-        m = torch.rand(b, 1, sq, skv, generator=g) > 0.3
-        m[..., 0] = True
-        return m
-    if kind == "float":
-        return (torch.randn(1, hq, sq, skv, generator=g) * 2).to(dtype)
-    return None
-
-
-@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}/{c[2]}-s{c[3]}x{c[4]}-d{c[5]}"
-                         f"{'-causal' if c[6] else ''}{'-' + c[7] if c[7] else ''}")
-def test_forward_unquantized(emu, case):
-    dtype, hq, hkv, sq, skv, d, causal, mk = case
-    q, k, v = make_qkv(1, hq, sq, d, hkv=hkv, skv=skv, seed=sq * d + hq)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    mask = _mask(mk, 1, hq, sq, skv, dtype, seed=d)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    _check_forward(emu, q, k, v, mask=mask, causal=causal, tol=tol)
-
-
+# The unquantized forward / backward cases (odd sizes, GQA, causal, masks, 16-bit):
+# tests/test_contract.py, which runs them on this emulator among the other backends.
 def test_forward_fully_masked_rows_and_reverse_schedule(emu):
     q, k, v = make_qkv(2, 2, 21, 32, skv=13, seed=3)
     mask = torch.ones(2, 2, 21, 13, dtype=torch.bool)
@@ -580,34 +547,6 @@ def test_quantize_matches_cpu_backend(emu):
 
 
 # ---------------------------------------------------------------- backward
-BACKWARD_CASES = [
-    # (dtype, hq, hkv, sq, skv, d, causal, mask)
-    (torch.float32, 2, 2, 37, 29, 64, False, None),
-    (torch.float32, 4, 2, 33, 40, 32, True, "bool"),
-    (torch.float32, 2, 1, 20, 9, 72, True, "float"),
-    (torch.float16, 2, 2, 17, 21, 32, False, None),
-]
-
-
-@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}/{c[2]}-s{c[3]}x{c[4]}-d{c[5]}"
-                         f"{'-causal' if c[6] else ''}{'-' + c[7] if c[7] else ''}")
-def test_backward_unquantized(emu, case):
-    dtype, hq, hkv, sq, skv, d, causal, mk = case
-    q, k, v = make_qkv(1, hq, sq, d, hkv=hkv, skv=skv, seed=sq + skv + d)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    mask = _mask(mk, 1, hq, sq, skv, dtype, seed=sq)
-    if mask is not None and mask.dtype == torch.bool:
-        mask[..., 3, :] = False  # a fully masked row contributes nothing
-    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    out, lse = emu.attention_forward(q, k, v, attn_mask=mask, is_causal=causal)
-    dq, dk, dv = emu.attention_backward(g, q, k, v, out, lse, attn_mask=mask, is_causal=causal)
-    rq, rk, rv = reference_attention_backward(g, q, k, v, attn_mask=mask, is_causal=causal)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for got, ref, like in ((dq, rq, q), (dk, rk, k), (dv, rv, v)):
-        assert got.shape == like.shape and got.dtype == like.dtype
-        assert error_stats(got, ref)["rel_l2"] <= tol
-
-
 def test_backward_quantized_with_smoothing(emu):
     q, k, v = make_qkv(1, 4, 26, 64, hkv=2, skv=31, family="realistic", seed=9)
     quant, (qq, kk, vv), km = _quantized_operands(emu, q, k, v, "int8", "int8", True)
