@@ -1,43 +1,85 @@
 #!/usr/bin/env bash
-# The one script a GPU call runs: build, GPU tests, attention benchmark, results to $OUT.
+# The one script for a GPU machine: build, the GPU tests, the maintained GPU benchmarks.
 #
-#   bash benchmarks/gpu_run.sh [--quick] [--skip-tests] [--tests-only]
+#   bash benchmarks/gpu_run.sh [--quick] [STAGE ...]
 #
-# On the lent GPU machine (device tool), from the repository root; carry `.whl` when it
-# holds wheels to install (e.g. sageattention-1.0.6-py3-none-any.whl for the SageAttention
-# rows). Each stage has its own time limit so the results of the earlier ones survive.
+# STAGEs, in this order (default: all of them):
+#   tests      pytest -m gpu tests/test_cuda_gpu.py tests/test_training.py -> $OUT/gpu_tests.txt
+#   attention  benchmarks/bench_attention.py (forward + backward tables)   -> $OUT/attention_*
+#   training   benchmarks/bench_training.py --mode all (check, kernel timings, loss curves)
+#   flux       benchmarks/bench_flux.py (needs diffusers; skipped with a note without it)
+# --quick: the short variant of each benchmark (two attention shapes, 1024² Flux, 100 steps).
+#
+# Results go to $OUT (default benchmarks/results/gpu_run_<UTC date-time>): env.txt (device,
+# driver, torch, triton, commit), build.txt, one log per stage and each benchmark's own
+# result files. Each stage has its own time limit (FQ_<STAGE>_LIMIT seconds), so the
+# results of the earlier stages survive a later one running out of time. Wheels placed
+# in .whl/ (e.g. diffusers, sageattention) are installed into a private site dir first.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results/gpu_run}"
-mkdir -p "$OUT"
-QUICK=""; SKIP_TESTS=0; TESTS_ONLY=0
+QUICK=0
+STAGES=()
 for a in "$@"; do
   case "$a" in
-    --quick) QUICK="--quick" ;;
-    --skip-tests) SKIP_TESTS=1 ;;
-    --tests-only) TESTS_ONLY=1 ;;
-    *) echo "unknown argument $a"; exit 2 ;;
+    --quick) QUICK=1 ;;
+    tests|attention|training|flux) STAGES+=("$a") ;;
+    *) echo "unknown argument $a (stages: tests attention training flux; option: --quick)"; exit 2 ;;
   esac
 done
-TEST_LIMIT="${FQ_TEST_LIMIT:-170}"
-BENCH_LIMIT="${FQ_BENCH_LIMIT:-330}"
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests attention training flux)
+OUT="${OUT:-benchmarks/results/gpu_run_$(date -u +%Y%m%d-%H%M)}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 
-source benchmarks/gpu_prelude.sh
-python3 -c 'import flash_quant, torch; print("flash_quant imported; cuda kernels:", torch.cuda.is_available())' 2>&1 | tee -a "$OUT/build.txt"
-
-if [ "$SKIP_TESTS" = 0 ]; then
-  echo "== gpu tests (limit ${TEST_LIMIT}s)"
-  FLASH_QUANT_AUTOTUNE=0 timeout "$TEST_LIMIT" python3 -m pytest -q -m gpu tests/test_cuda_gpu.py -p no:cacheprovider \
-    2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
+# ---------------------------------------------------------------- environment and build
+{
+  echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+} 2>&1 | tee "$OUT/env.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-[ "$TESTS_ONLY" = 1 ] && exit 0
+echo "== build"
+t0=$(date +%s)
+MAX_JOBS="${MAX_JOBS:-16}" python3 -m pip install --no-build-isolation --no-deps -e . -q > "$OUT/build.txt" 2>&1 \
+  || { tail -20 "$OUT/build.txt"; exit 1; }
+python3 -c 'import flash_quant, torch; print("flash_quant from", flash_quant.__file__, "| cuda:", torch.cuda.is_available())' \
+  2>&1 | tee -a "$OUT/build.txt"
+echo "built in $(( $(date +%s) - t0 )) s"
 
-echo "== benchmark (limit ${BENCH_LIMIT}s)"
-FLASH_QUANT_PRINT_AUTOTUNE=1 timeout "$BENCH_LIMIT" python3 benchmarks/bench_attention.py $QUICK \
-  2>&1 | tee "$OUT/bench_log.txt" | grep -v '^\[flash_quant autotune\]' | tail -60
-latest=$(ls -t benchmarks/results/attention_*.json 2>/dev/null | head -1)
-if [ -n "$latest" ]; then
-  cp "${latest%.json}".json "${latest%.json}".md "$OUT"/ 2>/dev/null
-  cp "${latest%.json}".png "$OUT"/ 2>/dev/null || true
-  echo "results: ${latest%.json}.{json,md,png}"
-fi
+# ---------------------------------------------------------------- stages
+run_stage() {  # name, limit, command...
+  local name="$1" limit="$2"; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/${name}_log.txt" 2>&1
+  local rc=$?
+  grep -v '^\[flash_quant autotune\]' "$OUT/${name}_log.txt" | tail -40
+  echo "-- $name: exit $rc"
+}
+
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    tests)
+      # Fixed tiles: autotuning every test's kernels would take the whole limit.
+      FLASH_QUANT_AUTOTUNE=0 run_stage tests "${FQ_TESTS_LIMIT:-300}" \
+        python3 -m pytest -q -m gpu tests/test_cuda_gpu.py tests/test_training.py -p no:cacheprovider
+      cp "$OUT/tests_log.txt" "$OUT/gpu_tests.txt" ;;
+    attention)
+      FLASH_QUANT_PRINT_AUTOTUNE=1 run_stage attention "${FQ_ATTENTION_LIMIT:-420}" \
+        python3 benchmarks/bench_attention.py $([ $QUICK = 1 ] && echo --quick) --out "$OUT" ;;
+    training)
+      run_stage training "${FQ_TRAINING_LIMIT:-360}" \
+        python3 benchmarks/bench_training.py --mode all --steps "$([ $QUICK = 1 ] && echo 100 || echo 400)" --out "$OUT" ;;
+    flux)
+      if python3 -c 'import diffusers' 2>/dev/null; then
+        run_stage flux "${FQ_FLUX_LIMIT:-300}" \
+          python3 benchmarks/bench_flux.py --sizes $([ $QUICK = 1 ] && echo 1024 || echo 1024 2048) \
+          --presets fast accurate --warmup 2 --iters 5 --out "$OUT/flux"
+      else
+        echo "== flux: skipped (diffusers is not installed; put its wheel in .whl/)" | tee "$OUT/flux_log.txt"
+      fi ;;
+  esac
+done
+ls -la "$OUT"

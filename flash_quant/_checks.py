@@ -68,6 +68,26 @@ def check_mask(attn_mask, b: int, h: int, sq: int, skv: int, device) -> None:
         ) from None
 
 
+def check_quantized_operand(name: str, qt) -> None:
+    """A QuantizedTensor given to attention as `name` ("query", "key" or "value"): what
+    the kernels cannot use correctly is refused here, before any kernel runs."""
+    if name == "value" and qt.rotated:
+        # P·V reads V's codes as they are: rotated codes would give P·(V H), not P·V
+        raise ValueError(
+            "value is a QuantizedTensor quantized with rotate=True: attention cannot use a Hadamard-rotated V "
+            "(P·V would be computed in the rotated basis); quantize V with rotate=False (rotation helps Q·Kᵀ only)"
+        )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qt.scale, qt.mean)):
+        # attention differentiates with respect to its float operands only: a QuantizedTensor
+        # quantized from a tensor that requires grad would otherwise pass that tensor zeros
+        raise ValueError(
+            f"{name} is a QuantizedTensor whose scale/mean require grad (it was quantized from a tensor that "
+            "requires grad), but attention passes no gradient through a QuantizedTensor: pass the float tensor "
+            "itself (attention quantizes it, with straight-through gradients), or quantize under torch.no_grad() "
+            "(or from a detached tensor) when no gradient is wanted"
+        )
+
+
 def check_attention_prologue(x, prefix, weight, prefix_weight, eps, cos, sin) -> None:
     """attention_prologue's contract (csrc/schema.cpp); the CPU/MPS kernel checks the same
     in C++ (csrc/attention_prologue.cpp)."""

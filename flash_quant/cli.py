@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", default=None, help="where calibration_<hardware>.json goes (default: the "
                    "user data directory, $FLASH_QUANT_DATA_DIR or ~/.local/share/flash_quant; read before the "
                    "shipped data)")
-    c.add_argument("--results-dir", default="benchmarks/results")
+    c.add_argument("--results-dir", default=None, help="where the markdown report goes "
+                   "(default: beside the calibration JSON)")
     c.add_argument("--out-dir", default=None, help="also copy the outputs here (default: $OUT if set)")
     c.add_argument("--sdpa-baseline", action="store_true", help="also time SDPA's flash backend (family fa2)")
     c.add_argument("--refit", metavar="CALIBRATION_JSON", default=None,

@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import ops
-from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask
+from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask, check_quantized_operand
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
 from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
@@ -37,7 +37,8 @@ def attention(
       key:   (B, Hkv, Skv, D), same dtype and device as query, or a QuantizedTensor.
       value: (B, Hkv, Skv, D), likewise.
       attn_mask: None, a bool mask (True = attend) or a float mask added to the scores,
-        broadcastable to (B, Hq, Sq, Skv).
+        broadcastable to (B, Hq, Sq, Skv). A float mask that requires grad (a learned
+        bias) gets SDPA's gradient, summed over the dims it broadcasts along.
       dropout_p: must be 0 (dropout is not supported; a ValueError says so).
       is_causal: key j is visible to query i iff j <= i (top-left aligned, as SDPA).
         May be combined with attn_mask.
@@ -53,7 +54,9 @@ def attention(
     Returns:
       (B, Hq, Sq, D) in the dtype of the query (its original dtype when quantized). Rows
       with every key masked out are zeros. Differentiable with respect to float inputs
-      (straight-through for the quantized ones).
+      and a float mask (straight-through for the quantized ones). A QuantizedTensor
+      operand gets no gradient: one whose scale/mean require grad is refused in grad mode
+      (pass the float tensor instead). A V quantized with rotate=True is refused.
     """
     return attention_with_lse(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config
@@ -94,7 +97,7 @@ def attention_with_lse(
         k_args = _operand_args(key, k, cfg.k, "k", k_rot)
         v_args = _operand_args(value, v, cfg.v, "v")
 
-    mask = _prepare_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    mask = _prepare_mask(attn_mask)
     out, lse = ops.attention_forward(
         q_op, k_op, v, *q_args, *k_args, *v_args,
         attn_mask=mask, is_causal=bool(is_causal), scale=scale, pv_precision=cfg.pv.value,
@@ -107,14 +110,14 @@ def _resolve(config, query, key, value, is_causal) -> AttentionConfig:
     if isinstance(config, str) and config == "auto":
         # Eager: decided from the operands' statistics (one host sync). Under
         # torch.compile only shapes and dtype are known, so the static rule decides.
-        from .planning import adaptive
+        from . import auto
 
         if any(isinstance(t, QuantizedTensor) for t in (query, key, value)):
             raise ValueError("config='auto' needs float query, key and value (not QuantizedTensors)")
         if torch.compiler.is_compiling():
-            name, _ = adaptive.select_attention_preset_static(query.shape[-2], key.shape[-2], query.dtype)
+            name, _ = auto.select_attention_preset_static(query.shape[-2], key.shape[-2], query.dtype)
         else:
-            name, _ = adaptive.select_attention_preset(query, key, value)
+            name, _ = auto.select_attention_preset(query, key, value)
         return resolve_config(name)
     return resolve_config(config)
 
@@ -122,6 +125,7 @@ def _resolve(config, query, key, value, is_causal) -> AttentionConfig:
 def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if isinstance(t, QuantizedTensor):
+            check_quantized_operand(name, t)
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or a QuantizedTensor, got {type(t).__name__}")
@@ -209,11 +213,14 @@ def _op_args(data, scale, zero_point, mean, granularity, strategy, shape, role: 
     return (data, scale, zp)
 
 
-def _prepare_mask(attn_mask, b, h, sq, skv):
+def _prepare_mask(attn_mask):
+    """The mask at its own broadcastable 4-D shape (each dim 1 or full): the kernels
+    broadcast it, and a float mask's gradient then has the mask's own shape (summed over
+    the broadcast dims) rather than (B, Hq, Sq, Skv)."""
     if attn_mask is None:
         return None
     if attn_mask.dtype != torch.bool and attn_mask.dtype != torch.float32:
         attn_mask = attn_mask.float()
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)
-    return attn_mask.expand(b, h, sq, skv)
+    return attn_mask

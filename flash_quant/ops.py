@@ -14,6 +14,8 @@ import torch
 from . import _extension  # noqa: F401  (checks the build's torch, loads the schemas and CPU kernels)
 from . import rotation
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
+from .layout import cuda_kmajor_layout, cuda_kmajor_seq_len
+from .mask_gradient import mask_gradient
 
 __all__ = [
     "quantize",
@@ -58,21 +60,11 @@ def quantize(
     return _ops.quantize(x, precision, granularity, block_size, strategy, smooth, rotate)
 
 
-#: The CUDA backend stores 8-bit per_channel data (V for an 8-bit P·V) K-major: a buffer
-#: lead + (D, round_up(S, 16)) seen as the logical lead + (S, D) view. 8-bit tensor-core
-#: products need K-major operands in shared memory (CONTEXT: 1180 vs 184 TOPS).
-CUDA_KMAJOR_ALIGN = 16
-
-
-def cuda_kmajor_layout(shape, precision: str, granularity: str) -> bool:
-    return len(shape) >= 2 and granularity == "per_channel" and precision != "int4"
-
-
 def _new_data(x, shape, precision, granularity):
     dtype = DATA_DTYPES[precision]
     if x.device.type == "cuda" and cuda_kmajor_layout(shape, precision, granularity):
         s, d = shape[-2], shape[-1]
-        s_pad = -(-s // CUDA_KMAJOR_ALIGN) * CUDA_KMAJOR_ALIGN
+        s_pad = cuda_kmajor_seq_len(s)
         return x.new_empty(tuple(shape[:-2]) + (d, s_pad), dtype=dtype)[..., :s].transpose(-1, -2)
     data_shape = shape[:-1] + (shape[-1] // 2,) if precision == "int4" else shape
     return x.new_empty(data_shape, dtype=dtype)
@@ -360,15 +352,23 @@ def _attention_backward(ctx, grad_out, grad_lse):
     operands = saved[3:_FWD_OPERANDS]
     attn_mask, out, lse = saved[_FWD_OPERANDS:]
     is_causal, scale, pv_precision = ctx.flags
-    dq, dk, dv = _ops.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, *operands, attn_mask, is_causal, scale, pv_precision
-    )
+    grad_out = grad_out.contiguous()
     need = ctx.needs_input_grad
+    dq = dk = dv = None
+    if any(need[:3]):
+        dq, dk, dv = _ops.attention_backward(
+            grad_out, q, k, v, out, lse, *operands, attn_mask, is_causal, scale, pv_precision
+        )
+    # A float mask that requires grad gets dS summed to its shape (flash_quant/mask_gradient.py);
+    # a bool mask never requires grad. Nothing is computed for a mask without gradient.
+    d_mask = None
+    if need[_FWD_OPERANDS]:
+        d_mask = mask_gradient(grad_out, q, k, v, out, lse, operands, attn_mask, is_causal, scale)
     return (
         dq if need[0] else None,
         dk if need[1] else None,
         dv if need[2] else None,
-    ) + (None,) * (len(need) - 3)
+    ) + (None,) * (_FWD_OPERANDS - 3) + (d_mask,) + (None,) * (len(need) - _FWD_OPERANDS - 1)
 
 
 torch.library.register_autograd(

@@ -17,7 +17,7 @@ import torch
 from . import ops
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 
-__all__ = ["QMAX", "absmax_scale", "mse_scale", "DEFAULT_CLIP_RATIOS"]
+__all__ = ["QMAX", "absmax_scale", "mse_scale", "round_trip", "DEFAULT_CLIP_RATIOS"]
 
 QMAX = ops.QMAX
 DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
@@ -46,7 +46,7 @@ def mse_scale(
     best_scale, best_err = None, None
     for r in clip_ratios:
         s = base * r
-        back = _round_trip(xf, expand_groups(s, xf.shape, block_size), precision)
+        back = round_trip(xf, expand_groups(s, xf.shape, block_size), precision)
         err = reduce_groups((back - xf).square(), gshape, block_size)
         if best_scale is None:
             best_scale, best_err = s, err
@@ -57,7 +57,7 @@ def mse_scale(
     return best_scale
 
 
-def _round_trip(x: torch.Tensor, s: torch.Tensor, precision: str) -> torch.Tensor:
+def round_trip(x: torch.Tensor, s: torch.Tensor, precision: str) -> torch.Tensor:
     """dequantize(quantize_with_scale(x, s)) for symmetric scales, in a few elementwise
     ops (no packing): the same rounding as the kernels (half to even, clamp to ±qmax)."""
     qmax = QMAX[precision]

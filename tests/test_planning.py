@@ -415,6 +415,28 @@ def test_refit_from_stored_measurements(tmp_path):
     assert "Fit redone offline" in md and "flash-quant calibrate --device cuda" in md and "LOO err" in md
 
 
+def test_calibration_report_defaults_beside_its_json(tmp_path, monkeypatch):
+    """Without --results-dir the markdown report goes beside the calibration JSON, not
+    into a benchmarks/results folder of whatever directory the command runs in."""
+    hw = hardware.get_hardware("h100_sxm")
+    prec = AttentionPrecision.from_config("fp16")
+    ms = [{"shape": s.to_json(), "family": "flash_quant", "preset": "fp16",
+           "seconds": 1e-6 * sum(cost_model.attention_terms(s, prec, hw).features())}
+          for s in calibrate.BENCH_SHAPES]
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "calibration_h100_sxm.json"
+    path.write_text(json.dumps({"hardware": "h100_sxm", "date": "2026-01-03", "measurements": ms,
+                                "fits": {}, "failed": []}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    from flash_quant import cli
+    assert cli.main(["calibrate", "--refit", str(path)]) == 0
+    assert (data / "calibration_2026-01-03_h100_sxm.md").is_file()
+    assert not any(cwd.iterdir())
+
+
 def test_stored_h100_calibration_loads_and_fits():
     cal = cost_model.load_calibration("h100_sxm")
     assert cal is not None and cal["model_version"] == cost_model.MODEL_VERSION
@@ -546,3 +568,27 @@ def test_recommend_lists_only_strategies_the_chip_can_run():
     assert "nvfp4_blackwell" in {c["strategy"] for c in b200.candidates}
     with pytest.raises(ValueError, match="no matrix units for"):
         recommend.recommend("llama-3-8b", "prefill", 4096, "h100", strategies=["nvfp4_blackwell"])
+
+
+def test_outlier_ratio_per_block_uses_the_block_size():
+    """outlier_ratio groups per_block rows by the block_size it is given (it used to take
+    64 whatever it was told for a string granularity), as the quantizer's scales do."""
+    x = torch.randn(2, 96, 16, generator=_gen(12), dtype=torch.float64)
+    x[0, 40, 3] = 25.0    # one spike, in rows 32..63
+    block = 32
+    a = x.abs().reshape(2, 96 // block, block * 16)
+    sigma = a.mean(-1) / math.sqrt(2.0 / math.pi)
+    expected = float((a.amax(-1) / (sigma * math.sqrt(2.0 * math.log(x.numel())))).max())
+    got = float(outlier_ratio(x, "per_block", block))
+    assert abs(got - expected) <= 1e-5 * expected
+    assert abs(float(outlier_ratio(x, "per_block", 64)) - expected) > 1e-3 * expected
+
+
+def test_planning_reuses_the_core_statistic_and_choice():
+    import flash_quant.auto
+    import flash_quant.ops
+    import flash_quant.outliers
+
+    assert dynamic.outlier_ratio is flash_quant.outliers.outlier_ratio
+    assert adaptive.select_attention_preset is flash_quant.auto.select_attention_preset
+    assert dynamic.QMAX is flash_quant.ops.QMAX

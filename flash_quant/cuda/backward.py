@@ -13,7 +13,7 @@ Three launches, deterministic (no atomics), no O(S²) tensor:
    registers: the sum over the group needs no atomics and is bitwise reproducible.
 
 Precision (measured against float64, see docs/backward.md and
-benchmarks/bwd_precision_study.py): the score product Q·Kᵀ runs on INT8 tensor cores
+research/bwd_precision_study.py): the score product Q·Kᵀ runs on INT8 tensor cores
 (int32 accumulation, the forward's own operands, so the recomputed scores are the
 forward's) when Q and K come as symmetric INT8; dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K and
 dK = dSᵀ Q run on 16-bit tensor cores (the input's type) with fp32 accumulation. dQ uses

@@ -91,8 +91,9 @@ def round_half_even(x):
 def round_to_int(x):
     """fp32 `x` (|x| < 2**22) -> the nearest int32, ties to even, without a conversion
     instruction: after adding 1.5 * 2**23 the integer sits in the low mantissa bits.
-    Measured on the H100 (benchmarks/forward_study.py): with :func:`int_to_float` this
-    took the INT8 P·V forward from 0.67 to 0.54 ms at the Flux shape."""
+    Measured on the H100 (docs/studies.md, forward kernel techniques): with
+    :func:`int_to_float` this took the INT8 P·V forward from 0.67 to 0.54 ms at the Flux
+    shape."""
     return (x + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
 

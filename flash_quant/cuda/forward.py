@@ -25,7 +25,7 @@ and a non-positive softmax scale takes the explicit path (``SCALE_POS``). A K sc
 constant along the keys (per head / per tensor, ``KS_CONST``) joins that factor, and on
 full INT8 tiles the int32 -> fp32 conversion's offset joins the FMA's per-row constant
 (``_folded_max``): 8.5 instead of 11.2 SASS instructions per score in the key loop,
-0.55 -> 0.50 ms at the Flux shape (benchmarks/results/kscale_study_2026-12-02_h200.md).
+0.55 -> 0.50 ms at the Flux shape (docs/studies.md, K scale constant along the keys).
 
 Split-KV: when the query blocks cannot fill the GPU (decode: Sq <= 64), a third grid axis
 splits the keys into ranges; each program writes its range's normalised fp32 output and

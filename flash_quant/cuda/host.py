@@ -2,9 +2,8 @@
 
 An eager quantized attention call at diffusion sizes is bound by host time as much as by
 the GPU: on the H100 host a `flash_quant.attention(config="fast")` call took ~1.1 ms of
-Python and launches against ~0.6 ms of GPU work at the Flux shape
-(benchmarks/results/host_overhead_2026-11-23.txt), which left the 1024² Flux step
-host-bound. Two things here cut the launchers' share:
+Python and launches against ~0.6 ms of GPU work at the Flux shape (docs/studies.md, host
+time), which left the 1024² Flux step host-bound. Two things here cut the launchers' share:
 
 * plain integer helpers: ``triton.cdiv`` and ``triton.next_power_of_2`` are
   constexpr-function objects in Triton 3.6, whose host-side call unwraps every argument

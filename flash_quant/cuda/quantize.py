@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
+from ..layout import cuda_kmajor_layout, cuda_kmajor_seq_len
 from .. import rotation
 from ..rotation import hadamard_matrix
 from .common import pack_int4, round_half_even, round_to_fp8, round_to_int, unpack_int4
@@ -71,7 +72,6 @@ GRANULARITIES = ("per_tensor", "per_head", "per_token", "per_block", "per_channe
 STRATEGIES = ("symmetric", "asymmetric", "legacy")
 
 _MODE_ROW, _MODE_BLOCK, _MODE_COLS = 0, 1, 2
-from ..ops import CUDA_KMAJOR_ALIGN as _S_ALIGN  # padding of the sequence dim of K-major 8-bit data
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,8 +86,6 @@ def _hadamard_pm1(d: int, block_d: int, device: torch.device, dtype: torch.dtype
 def data_layout(shape, precision: str, granularity: str) -> str:
     """"transposed" when the CUDA quantize stores the codes K-major for P·V (8-bit,
     per_channel, rank >= 2), else "contiguous"."""
-    from ..ops import cuda_kmajor_layout  # the rule the fake kernel mirrors
-
     return "transposed" if cuda_kmajor_layout(shape, precision, granularity) else "contiguous"
 
 
@@ -428,8 +426,8 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 
 class LaunchTuning(NamedTuple):
-    """Launch parameters of the quantize kernels (module default :data:`TUNING`;
-    benchmarks/quantize_study.py times alternatives). ``colstats_programs``: programs of
+    """Launch parameters of the quantize kernels (module default :data:`TUNING`; other
+    settings were timed no faster, docs/studies.md). ``colstats_programs``: programs of
     the column-statistics pass (the sequence is cut into chunks to reach it);
     ``*_tile``: elements per program tile; ``*_warps``: warps per program."""
     colstats_programs: int = 528  # ~4 per SM on a 132-SM GPU
@@ -550,7 +548,7 @@ def _plan_quantize(x, precision, granularity, block_size, strategy, smooth, rota
     d_cols = D // 2 if prec_code == 1 else D
     transposed = data_layout(shape, precision, granularity) == "transposed"
     if transposed:
-        s_pad = cdiv(S, _S_ALIGN) * _S_ALIGN
+        s_pad = cuda_kmajor_seq_len(S)
         data_shape = lead + (D, s_pad)
         out_strides = (D * s_pad, 1, s_pad)
     else:
@@ -639,7 +637,7 @@ def quantize_launch(x: torch.Tensor, precision: str, granularity: str, block_siz
         x = rotation.rotate(x.float())
         rotate = False
     key = (x.shape, x.stride(), x.dtype, x.device, precision, granularity, block_size, strategy, smooth,
-           rotate, TUNING)  # (benchmarks/quantize_study.py swaps TUNING: its plans are other plans)
+           rotate, TUNING)  # (TUNING is module state: a plan made under other settings is another plan)
     p = _PLANS.get_or_put(key, lambda: _plan_quantize(x, precision, granularity, block_size, strategy, smooth,
                                                       rotate))
     dev = x.device

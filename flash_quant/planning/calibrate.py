@@ -304,12 +304,13 @@ def _refit_lines(cal: dict) -> List[str]:
             f"predicted columns are new. No GPU was used for the refit.", ""]
 
 
-def refit(path: str, *, results_dir: Optional[str] = os.path.join("benchmarks", "results"),
+def refit(path: str, *, results_dir: Optional[str] = None,
           ridge: float = RIDGE, command: str = "", notes: Optional[Sequence[str]] = None, log=print) -> dict:
     """Re-fit a stored calibration from its measurements (no GPU): rewrite its
     coefficients, rows and model version in `path` and its markdown report in
-    results_dir/calibration_<measurement date>_<hardware>.md.  The measurements and
-    their provenance (device, date, torch/triton, command, reps) are kept as they are."""
+    results_dir/calibration_<measurement date>_<hardware>.md (default: beside `path`; ""
+    writes none).  The measurements and their provenance (device, date, torch/triton,
+    command, reps) are kept as they are."""
     with open(path) as f:
         cal = json.load(f)
     ms = cal.get("measurements")
@@ -329,6 +330,8 @@ def refit(path: str, *, results_dir: Optional[str] = os.path.join("benchmarks", 
     with open(path, "w") as f:
         json.dump(cal, f, indent=1)
     log(f"wrote {path}")
+    if results_dir is None:
+        results_dir = os.path.dirname(os.path.abspath(path))
     if results_dir:
         os.makedirs(results_dir, exist_ok=True)
         md = os.path.join(results_dir, f"calibration_{cal.get('date', 'undated')}_{_slug(hw.key)}.md")
@@ -348,12 +351,13 @@ def _slug(s: str) -> str:
 def run_calibration(device: str = "cuda", *, hardware: Optional[str] = None, quick: bool = False,
                     presets: Sequence[str] = DEFAULT_PRESETS, warmup: Optional[int] = None,
                     reps: Optional[int] = None, data_dir: Optional[str] = None,
-                    results_dir: str = os.path.join("benchmarks", "results"), out_dir: Optional[str] = None,
+                    results_dir: Optional[str] = None, out_dir: Optional[str] = None,
                     sdpa_baseline: bool = False, attention_fn: Optional[Callable] = None, command: str = "",
                     log=print) -> dict:
     """Measure, fit, write data_dir/calibration_<hardware>.json (default: the user data
     directory, see user_data.py; + a copy in out_dir or $OUT) and
-    results_dir/calibration_<date>.md.  Returns the calibration dict."""
+    results_dir/calibration_<date>.md (default: beside the JSON).  Returns the
+    calibration dict."""
     import torch
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -397,6 +401,7 @@ def run_calibration(device: str = "cuda", *, hardware: Optional[str] = None, qui
     out_dir = out_dir or os.environ.get("OUT")
     if out_dir and os.path.isdir(out_dir):
         shutil.copy(path, os.path.join(out_dir, os.path.basename(path)))
+    results_dir = results_dir or os.path.dirname(os.path.abspath(path))
     os.makedirs(results_dir, exist_ok=True)
     md = os.path.join(results_dir, f"calibration_{cal['date']}_{_slug(hw.key)}.md")
     with open(md, "w") as f:

@@ -12,9 +12,11 @@ optionally smooths the range over calls with an exponential moving average, meas
 group outliers, and, when they exceed a threshold, falls back to 16-bit for that call
 (`result.fallback`, `result.metadata`, `quantizer.counters`).
 
-Output layout follows docs/op_contract.md (data dtype, INT4 nibble order, scale and
-zero_point shapes), so a result converts to a `flash_quant.QuantizedTensor`
-(`to_quantized_tensor()`) and can be fed to `flash_quant.attention`.
+The codes come from the core op `quantize_with_scale` (and go back through `dequantize`)
+with the scales chosen here, so the output layout is docs/op_contract.md's (data dtype,
+INT4 nibble order, scale and zero_point shapes): a result converts to a
+`flash_quant.QuantizedTensor` (`to_quantized_tensor()`) and can be fed to
+`flash_quant.attention`. The outlier statistic is the core's (flash_quant.outliers).
 
 Graph capture: quantization without fallback is pure tensor code (no host sync). The
 fallback decision reads one scalar on the host (``.item()``): a sync per call, and a graph
@@ -30,17 +32,20 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .. import ops
+from ..outliers import granularity_name, outlier_ratio
+from ..scales import mse_scale, round_trip
+
 __all__ = [
     "DynamicQuantConfig", "DynamicQuantizer", "DynamicQuantResult", "ActivationStats",
     "outlier_ratio", "choose_clip", "fake_quantize", "QMAX",
     "FP4Tensor", "quantize_nvfp4", "quantize_mxfp4", "E2M1_VALUES", "HAS_FLOAT4_DTYPE",
 ]
 
-GRANULARITIES = ("per_tensor", "per_head", "per_token", "per_block", "per_channel")
 CALIBRATIONS = ("absmax", "percentile", "mse_optimal")
 PRECISIONS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
-#: Symmetric range of each precision (symmetric integers use [-qmax, qmax]).
-QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+#: Symmetric range of each precision (symmetric integers use [-qmax, qmax]): the op contract's.
+QMAX = ops.QMAX
 _QRANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -55,14 +60,7 @@ DEFAULT_OUTLIER_THRESHOLD = {"int4": 2.5, "int8": 4.0, "fp8_e4m3": 64.0, "fp8_e5
 
 def _norm_granularity(g) -> Tuple[str, int]:
     """(name, block_size) from a string or a flash_quant.config Granularity."""
-    name = getattr(g, "name", g)
-    block = getattr(g, "block_size", 64)
-    if isinstance(name, str):
-        name = name.strip().lower()
-    if name not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {g!r}; expected one of {GRANULARITIES} "
-                         "(or a flash_quant.config granularity object)")
-    return name, int(block)
+    return granularity_name(g)
 
 
 def _norm_precision(p) -> str:
@@ -114,31 +112,6 @@ def _nan_safe_abs(g: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), torch.zeros_like(a), a)
 
 
-def outlier_ratio(x: torch.Tensor, granularity="per_token", block_size: int = 64) -> torch.Tensor:
-    """How far the largest value of any group sits above what clean Gaussian data of the
-    same spread would reach (0-dim float32 tensor, computed without a host sync):
-
-        ratio = max_g  absmax_g / (sigma_g * sqrt(2 ln N)),   sigma_g = mean(|x_g|) / sqrt(2/pi)
-
-    N is the total element count: for Gaussian data the largest of N magnitudes grows like
-    ``sigma * sqrt(2 ln N)``, so clean data scores about 1-1.5 for any granularity and
-    size (tested).  sigma_g is the mean-absolute-value estimate of each group's spread
-    (O(n), no sort), which one spike inflates far less than the RMS would.  The relative
-    INT rounding error of a group is about ``ratio * sqrt(2 ln N) / (qmax * sqrt(12))``
-    (times the group's sigma), which is what the thresholds below are set against.
-    """
-    gran, block = _norm_granularity(granularity)
-    g = _groups(x.detach().float(), gran, block)
-    a = _nan_safe_abs(g)
-    valid_n = (~torch.isnan(g)).sum(-1).clamp_min(1).float()
-    sigma = a.sum(-1) / valid_n / math.sqrt(2.0 / math.pi)
-    amax = a.amax(-1)
-    n_total = max(2, x.numel())
-    ratio = amax / (sigma * math.sqrt(2.0 * math.log(n_total))).clamp_min(1e-30)
-    ratio = torch.where(amax > 0, ratio, torch.zeros_like(ratio))
-    return ratio.amax()
-
-
 @dataclass(frozen=True)
 class ActivationStats:
     """Summary statistics of one activation (host floats: computing them syncs)."""
@@ -179,11 +152,9 @@ class ActivationStats:
 
 
 # --------------------------------------------------------------------------- quantization math
-def _round_to_format(y: torch.Tensor, zp: torch.Tensor, precision: str, lo: float, hi: float) -> torch.Tensor:
-    """x / scale (`y`) onto the format's grid, ``clamp(round(y) + zp)`` as the op contract
-    says, returned as float32 values (integers or fp8-representable numbers)."""
-    if precision in _FP8:
-        return y.clamp(lo, hi).to(_FP8[precision]).float()
+def _round_to_format(y: torch.Tensor, zp: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """x / scale (`y`) onto an asymmetric integer grid, ``clamp(round(y) + zp)`` as the op
+    contract says (the symmetric formats go through scales.round_trip)."""
     return (torch.round(y) + zp).clamp(lo, hi)        # torch.round is half-to-even
 
 
@@ -201,19 +172,14 @@ def _params_from_range(lo_r: torch.Tensor, hi_r: torch.Tensor, precision: str, a
     return scale, torch.zeros_like(scale)
 
 
-def _qrange(precision: str, asymmetric: bool) -> Tuple[float, float]:
-    if asymmetric:
-        lo, hi = _QRANGE[precision]
-        return float(lo), float(hi)
-    q = QMAX[precision]
-    return -q, q
-
-
 def fake_quantize(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, precision: str,
                   asymmetric: bool) -> torch.Tensor:
-    """dequant(quant(g)) with per-group (trailing-dim broadcast) scale and zero point."""
-    lo, hi = _qrange(precision, asymmetric)
-    q = _round_to_format(g / scale, zp, precision, lo, hi)
+    """dequant(quant(g)) with per-group (trailing-dim broadcast) scale and zero point.
+    Symmetric: the core's round trip (flash_quant.scales, the one mse_scale searches with)."""
+    if not asymmetric:
+        return round_trip(g, scale, precision)
+    lo, hi = _QRANGE[precision]
+    q = _round_to_format(g / scale, zp, lo, hi)
     return (q - zp) * scale
 
 
@@ -255,9 +221,16 @@ def choose_clip(g: torch.Tensor, calibration: str, precision: str, asymmetric: b
     # mse_optimal: grid search of r in [min_ratio, 1] on the clip r * range.
     if grid < 2 or not 0.0 < min_ratio < 1.0:
         raise ValueError(f"mse_optimal needs grid >= 2 and 0 < min_ratio < 1, got {grid}, {min_ratio}")
+    ratios = torch.linspace(min_ratio, 1.0, grid).tolist()
+    if not asymmetric:
+        # The core's search (scales.mse_scale), one group per row; padding enters as
+        # zeros, which every scale represents exactly. All-zero groups keep a zero range.
+        scale = mse_scale(gz, precision, "per_token", 1, clip_ratios=ratios).squeeze(-1)
+        best_hi = torch.where(hi > 0, scale * QMAX[precision], hi)
+        return -best_hi, best_hi
     best_err = None
     best_r = torch.ones_like(hi)
-    for r in torch.linspace(min_ratio, 1.0, grid).tolist():
+    for r in ratios:
         scale, zp = _params_from_range(lo * r, hi * r, precision, asymmetric)
         rec = fake_quantize(gz, scale.unsqueeze(-1), zp.unsqueeze(-1), precision, asymmetric)
         err = torch.where(valid, (rec - gz) ** 2, torch.zeros_like(gz)).sum(-1)
@@ -268,21 +241,6 @@ def choose_clip(g: torch.Tensor, calibration: str, precision: str, asymmetric: b
             best_err = torch.where(better, err, best_err)
             best_r = torch.where(better, torch.full_like(hi, r), best_r)
     return lo * best_r, hi * best_r
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Signed values in [-8, 7] (int tensor, even last dim) to bytes: element 2i in the low
-    nibble, 2i+1 in the high nibble (docs/op_contract.md)."""
-    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def _unpack_int4(b: torch.Tensor) -> torch.Tensor:
-    lo = (b & 0xF).to(torch.int16)
-    hi = ((b >> 4) & 0xF).to(torch.int16)
-    lo = torch.where(lo > 7, lo - 16, lo)
-    hi = torch.where(hi > 7, hi - 16, hi)
-    return torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
 
 
 # --------------------------------------------------------------------------- config / result
@@ -370,16 +328,8 @@ class DynamicQuantResult:
         dtype = dtype or self.orig_dtype
         if self.scale is None:
             return self.data.to(dtype)
-        if self.precision == "int4":
-            q = _unpack_int4(self.data).float()
-        else:
-            q = self.data.float()
-        scale, zp = self.scale, self.zero_point.float()
-        if self.granularity == "per_block":
-            rows = self.orig_shape[-2]
-            scale = scale.repeat_interleave(self.block_size, dim=-2)[..., :rows, :]
-            zp = zp.repeat_interleave(self.block_size, dim=-2)[..., :rows, :]
-        return ((q - zp) * scale).to(dtype)
+        mean = self.scale.new_empty((0,))
+        return ops.dequantize(self.data, self.scale, self.zero_point, mean, self.precision, self.block_size, dtype)
 
     def to_quantized_tensor(self):
         """A `flash_quant.QuantizedTensor` of this result (refused for a fallback)."""
@@ -465,23 +415,10 @@ class DynamicQuantizer:
                 meta["ema"] = "initialised" if prev is None else "reset (group shape changed)"
             self._ema[operator] = (lo.detach(), hi.detach())
         scale, zp = _params_from_range(lo, hi, cfg.precision, asym)
-        lo_q, hi_q = _qrange(cfg.precision, asym)
-        gz = torch.where(torch.isnan(g), torch.zeros_like(g), g)
-        q = _round_to_format(gz / scale.unsqueeze(-1), zp.unsqueeze(-1), cfg.precision, lo_q, hi_q)
-        # Undo the grouping view.
-        if gran == "per_channel":
-            q = q.transpose(-1, -2)
-        elif gran == "per_block":
-            q = q.reshape(*xf.shape[:-2], -1, xf.shape[-1])[..., : xf.shape[-2], :]
-        q = q.reshape(xf.shape)
-        if cfg.precision in _FP8:
-            data = q.to(_FP8[cfg.precision])
-        elif cfg.precision == "int4":
-            data = _pack_int4(q.to(torch.int16))
-        else:
-            data = q.to(torch.int8)
         scale_t = _to_scale_shape(scale, xf.shape, gran).float().contiguous()
         zp_t = _to_scale_shape(zp, xf.shape, gran).to(torch.int32).contiguous()
+        # The rounding and the storage (INT4 packing, fp8 dtypes) are the core op's.
+        data = ops.quantize_with_scale(xf, scale_t, zp_t if asym else None, cfg.precision, block)
         meta.update(fallback=False, precision=cfg.precision)
         result = DynamicQuantResult(data, scale_t, zp_t, cfg.precision, gran, block, cfg.strategy,
                                     tuple(x.shape), x.dtype, meta)

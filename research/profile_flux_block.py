@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Where a Flux step's GPU time goes, by kernel category, per attention processor.
 
-    python benchmarks/profile_flux_block.py                    # GPU, 1024², sdpa + fast
-    python benchmarks/profile_flux_block.py --size 2048 --modes sdpa fast accurate
-    python benchmarks/profile_flux_block.py --tiny --device cpu   # smoke test
+    python research/profile_flux_block.py                    # GPU, 1024², sdpa + fast
+    python research/profile_flux_block.py --size 2048 --modes sdpa fast accurate
+    python research/profile_flux_block.py --tiny --device cpu   # smoke test
 
 Builds a Flux transformer with FLUX.1-dev's width (24 heads × 128) but one double-stream
 and one single-stream block (random weights, bf16), runs a few steps under
@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_flux  # noqa: E402  (same model builder, inputs and processor modes)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_flux  # noqa: E402  (benchmarks/: same model builder, inputs and processor modes)
 
 CATEGORIES = (
     # (category, substrings of the kernel name, lower case); first match wins
@@ -124,7 +124,6 @@ def main(argv=None):
         for name, us in per_kernel.most_common(args.top):
             print(f"    {us:9.1f} µs  [{categorise(name)[:10]}]  {name[:110]}")
         if args.sync_check and device.type == "cuda":
-            import traceback
             import warnings
 
             torch.cuda.set_sync_debug_mode("warn")

@@ -7,7 +7,7 @@ per-row scale, or FP8 e4m3 with a per-row / per-block-per-channel scale), comput
 product in float64 otherwise, and reports dQ, dK, dV against the float64 gradient of the
 *unquantized* attention (the bar of issue 4: cosine >= 0.999, rel-L2 <= 3 %).
 
-Run:  python benchmarks/bwd_precision_study.py [--s 1024] [--d 64 128] [--out FILE.json]
+Run:  python research/bwd_precision_study.py [--s 1024] [--d 64 128] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ def q_fp8(x, dim, block=None):
     if block is None:
         s = x.abs().amax(dim=dim, keepdim=True).clamp_min(1e-30) / E4M3_MAX
         return (x / s).to(torch.float32).to(torch.float8_e4m3fn).to(torch.float64) * s
-    n = x.shape[dim]
     chunks = []
     for c in torch.split(x, block, dim=dim):
         chunks.append(q_fp8(c, dim))

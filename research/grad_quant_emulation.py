@@ -26,7 +26,7 @@ quantized ones (the straight-through gradient), float K, or float Q and K.
 
 Setting: make_qkv(1, 2, 1024, D, family="realistic", seed=s), scale 1/sqrt(D), dO ~ N(0,1).
 
-    python benchmarks/grad_quant_emulation.py [--seeds 4] [--head-dims 64 128]
+    python research/grad_quant_emulation.py [--seeds 4] [--head-dims 64 128]
 """
 from __future__ import annotations
 
