@@ -58,7 +58,7 @@ def requirements(extras) -> list:
                 todo.extend(req.extras)
             else:
                 out.append(line)
-    return out
+    return list(dict.fromkeys(out))  # an extra may repeat another's requirement
 
 
 def _met(line: str) -> bool:
