@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "scale_check.h"
+
 namespace flash_quant {
 namespace {
 
@@ -48,6 +50,7 @@ at::Tensor quantize_with_scale(const at::Tensor& x, const at::Tensor& scale,
   TORCH_CHECK(block_size >= 1, "quantize_with_scale: block_size must be >= 1, got ", block_size);
   TORCH_CHECK(scale.device() == x.device(), "quantize_with_scale: scale is on ", scale.device(),
               " but x is on ", x.device());
+  check_scale_values(scale, "quantize_with_scale", "scale");
   for (int64_t d = 0; d < x.dim(); ++d) {
     const bool blocked = d == x.dim() - 2 && scale.size(d) == (x.size(d) + block_size - 1) / block_size;
     TORCH_CHECK(scale.size(d) == 1 || scale.size(d) == x.size(d) || blocked,

@@ -22,12 +22,16 @@ from flash_quant.call_memory import peak_call_bytes
 from flash_quant.testing import error_stats, make_qkv, reference_attention
 
 
+def _available(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_available()
+    if device == "mps":
+        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    return device == "cpu"
+
+
 def best_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return next(d for d in ("cuda", "mps", "cpu") if _available(d))
 
 
 def _sync(device):
@@ -51,7 +55,7 @@ def timed(fn, device, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=None, help="cpu | cuda | mps (default: best present)")
+    ap.add_argument("--device", default=None, choices=("cpu", "cuda", "mps"), help="default: best present")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--seq", type=int, default=None, help="default 1024 on CPU, 4096 on a GPU")
@@ -60,6 +64,9 @@ def main():
     ap.add_argument("--family", default="realistic", choices=["normal", "realistic"])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.device and not _available(args.device):
+        ap.error(f"--device {args.device}: no {args.device.upper()} device here (torch {torch.__version__}; "
+                 f"best present: {best_device()})")
 
     device = args.device or best_device()
     seq = args.seq or (1024 if device == "cpu" else 4096)

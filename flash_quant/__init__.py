@@ -11,13 +11,20 @@ Layers, bottom up:
   flash_quant.integrations  SDPA routing, diffusers, transformers
   flash_quant.planning      dynamic quantization, cost model, recommendations
 
-The public names load on first use, so `flash-quant recommend` (pure Python) starts
-without importing torch. (No submodule shares a public name: importing a submodule sets
-the package attribute of its name, which would shadow a lazily loaded function.)
+The public names and subpackages (flash_quant.nn, flash_quant.integrations, ...) load on
+first use, so `flash-quant recommend` (pure Python) starts without importing torch. (No
+submodule shares a public name: importing a submodule sets the package attribute of its
+name, which would shadow a lazily loaded function.) Importing the package does register
+QuantizedTensor for torch.load(weights_only=True), without importing torch
+(see _serialization.py).
 """
 import importlib
 
+from ._serialization import register_safe_globals
+
 __version__ = "0.1.0"
+
+register_safe_globals()
 
 _EXPORTS = {
     "attention": "functional",
@@ -42,10 +49,15 @@ _EXPORTS = {
     "get_preset": "config",
 }
 
+#: Subpackages reachable as attributes after a plain `import flash_quant`.
+_SUBMODULES = ("nn", "integrations", "planning", "ops")
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:  # importing a submodule sets the attribute itself
+        return importlib.import_module("." + name, __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'flash_quant' has no attribute {name!r}")
@@ -56,4 +68,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -24,6 +24,8 @@ def check_attention_shapes(q_shape, k_shape, v_shape, enable_gqa: bool) -> None:
     for name, s in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
         if len(s) != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(s)}")
+        if s[1] < 1:
+            raise ValueError(f"{name} has no heads: shape {tuple(s)}")
         if s[2] < 1:
             raise ValueError(f"{name} has an empty sequence: shape {tuple(s)}")
     (b, hq, _, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = q_shape, k_shape, v_shape

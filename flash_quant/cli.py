@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--presets", nargs="+", default=["accurate", "fast", "int4", "fp16"])
     c.add_argument("--warmup", type=int, default=None)
     c.add_argument("--reps", type=int, default=None)
-    c.add_argument("--data-dir", default=None, help="where calibration_<hardware>.json goes "
-                   "(default: the package's planning/data)")
+    c.add_argument("--data-dir", default=None, help="where calibration_<hardware>.json goes (default: the "
+                   "user data directory, $FLASH_QUANT_DATA_DIR or ~/.local/share/flash_quant; read before the "
+                   "shipped data)")
     c.add_argument("--results-dir", default=None, help="where the markdown report goes "
                    "(default: beside the calibration JSON)")
     c.add_argument("--out-dir", default=None, help="also copy the outputs here (default: $OUT if set)")
@@ -51,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("measure-errors", help="attention error of each preset vs float64 (S=1024, CPU)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seq-len", type=int, default=1024)
-    e.add_argument("--path", default=None, help="output JSON (default: planning/data/measured_errors.json)")
+    e.add_argument("--out", "--path", dest="path", default=None,
+                   help="output JSON (default: measured_errors.json in the user data directory, "
+                        "$FLASH_QUANT_DATA_DIR or ~/.local/share/flash_quant; read before the shipped data)")
 
     h = sub.add_parser("hardware", help="list the hardware registry, or show one entry")
     h.add_argument("name", nargs="?")

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the schemas and the CPU kernels)
+from . import _extension  # noqa: F401  (checks the build's torch, loads the schemas and CPU kernels)
 from . import rotation
 from ._checks import check_center
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
@@ -434,7 +434,8 @@ def _register_device_backends():
     try:
         import triton  # noqa: F401
     except ImportError as exc:  # explicit: there is no silent CPU fallback for CUDA tensors
-        raise ImportError("flash_quant needs triton for CUDA tensors: pip install 'flash-quant[cuda]'") from exc
+        raise ImportError("flash_quant needs triton for CUDA tensors: pip install '.[cuda]' from the flash_quant "
+                          "checkout (or pip install 'triton>=3.2')") from exc
     from . import cuda  # noqa: F401
 
 

@@ -68,7 +68,9 @@ class QuantizedTensor:
         self.orig_shape = tuple(int(s) for s in orig_shape)
         self.orig_dtype = orig_dtype
         self.mean = mean
-        self.rotated = bool(rotated)
+        if not isinstance(rotated, bool):  # "no" or 0.5 would read as True
+            raise TypeError(f"rotated must be True or False, got {rotated!r}")
+        self.rotated = rotated
         self.strategy_version = int(strategy_version)
         self._validate_structure()
         if check_values and not _tracing():
@@ -132,6 +134,8 @@ class QuantizedTensor:
             raise ValueError("QuantizedTensor scale has non-finite values")
         if not bool((self.scale > 0).all()):
             raise ValueError("QuantizedTensor scale must be > 0 everywhere")
+        if self.mean is not None and not bool(torch.isfinite(self.mean).all()):
+            raise ValueError("QuantizedTensor mean has non-finite values (NaN or inf)")
         if self.strategy is not Strategy.ASYMMETRIC and bool((self.zero_point != 0).any()):
             raise ValueError(f"{self.strategy.value} quantization has no zero point: zero_point must be 0")
         if self.strategy is Strategy.ASYMMETRIC:
@@ -245,26 +249,42 @@ def _granularity_from(name: str, block_size: int) -> Granularity:
     return kinds[name]()
 
 
+#: Keys of a saved state (format version 1), as written by __reduce_ex__.
+_STATE_KEYS = (
+    "format_version", "strategy_version", "precision", "strategy", "granularity", "block_size",
+    "orig_shape", "orig_dtype", "rotated", "data", "scale", "zero_point", "mean",
+)
+
+
 def _rebuild_quantized_tensor(state: dict) -> QuantizedTensor:
-    """Unpickling entry point (allowed for torch.load(weights_only=True))."""
+    """Unpickling entry point (registered for torch.load(weights_only=True) by
+    flash_quant/_serialization.py on `import flash_quant`)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"malformed saved QuantizedTensor: expected a state dict, got {type(state).__name__}")
     version = state.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"cannot load a QuantizedTensor of format version {version!r}: this flash_quant reads "
             f"version {FORMAT_VERSION}"
         )
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"malformed saved QuantizedTensor: missing {', '.join(missing)}")
+    for key in ("data", "scale", "zero_point", "mean"):
+        if not isinstance(state[key], torch.Tensor) and not (key == "mean" and state[key] is None):
+            raise ValueError(f"malformed saved QuantizedTensor: {key} is {type(state[key]).__name__}, not a tensor")
     if state["orig_dtype"] not in _DTYPES:
         raise ValueError(f"unknown orig_dtype {state['orig_dtype']!r} in a saved QuantizedTensor")
-    return QuantizedTensor(
-        state["data"], state["scale"], state["zero_point"], mean=state["mean"],
-        precision=Precision(state["precision"]), strategy=Strategy(state["strategy"]),
-        granularity=_granularity_from(state["granularity"], state["block_size"]),
-        orig_shape=tuple(state["orig_shape"]), orig_dtype=_DTYPES[state["orig_dtype"]],
-        rotated=state["rotated"], strategy_version=state["strategy_version"],
-    )
-
-
-torch.serialization.add_safe_globals([_rebuild_quantized_tensor])
+    try:
+        return QuantizedTensor(
+            state["data"], state["scale"], state["zero_point"], mean=state["mean"],
+            precision=Precision(state["precision"]), strategy=Strategy(state["strategy"]),
+            granularity=_granularity_from(state["granularity"], state["block_size"]),
+            orig_shape=tuple(state["orig_shape"]), orig_dtype=_DTYPES[state["orig_dtype"]],
+            rotated=state["rotated"], strategy_version=state["strategy_version"],
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"malformed saved QuantizedTensor: {err}") from err
 
 
 # pytree: the tensors are children, the rest is static context, so torch.compile and

@@ -40,7 +40,6 @@ def q_fp8(x, dim, block=None):
     if block is None:
         s = x.abs().amax(dim=dim, keepdim=True).clamp_min(1e-30) / E4M3_MAX
         return (x / s).to(torch.float32).to(torch.float8_e4m3fn).to(torch.float64) * s
-    n = x.shape[dim]
     chunks = []
     for c in torch.split(x, block, dim=dim):
         chunks.append(q_fp8(c, dim))

@@ -60,7 +60,7 @@ def main() -> None:
             if t > 0:
                 rows.append((t / args.calls / 1e3, evt.count // args.calls, evt.key))
         total = sum(r[0] for r in rows)
-        print(f"| kernel | ms/call | launches/call | share |\n|---|---:|---:|---:|")
+        print("| kernel | ms/call | launches/call | share |\n|---|---:|---:|---:|")
         for ms, n, key in sorted(rows, reverse=True)[:15]:
             print(f"| {key[:70]} | {ms:.4f} | {n} | {ms / total * 100:.1f} % |")
         print(f"| (all GPU work) | {total:.4f} | | |")

@@ -124,7 +124,6 @@ def main(argv=None):
         for name, us in per_kernel.most_common(args.top):
             print(f"    {us:9.1f} µs  [{categorise(name)[:10]}]  {name[:110]}")
         if args.sync_check and device.type == "cuda":
-            import traceback
             import warnings
 
             torch.cuda.set_sync_debug_mode("warn")

@@ -14,6 +14,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_data_dir(tmp_path_factory):
+    """The planning data a developer made on this machine (flash-quant calibrate /
+    measure-errors) must not change what the tests read: an empty user data directory."""
+    old = os.environ.get("FLASH_QUANT_DATA_DIR")
+    os.environ["FLASH_QUANT_DATA_DIR"] = str(tmp_path_factory.mktemp("user_data"))
+    yield
+    if old is None:
+        os.environ.pop("FLASH_QUANT_DATA_DIR", None)
+    else:
+        os.environ["FLASH_QUANT_DATA_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs each run (the standards ask for it), but reproducible on failure:

@@ -3,7 +3,6 @@
 Marked ``gpu`` (skipped without CUDA, see conftest.py). Run on a GPU machine with
 ``pytest -m gpu tests/test_cuda_gpu.py`` (benchmarks/gpu_run.sh does).
 """
-import math
 
 import pytest
 import torch

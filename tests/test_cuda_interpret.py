@@ -16,7 +16,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
 import itertools  # noqa: E402
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -113,7 +113,7 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
         if name == "diffusers" or name.startswith("diffusers."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    with pytest.raises(MissingExtraError, match=r"pip install 'flash-quant\[diffusers\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install '\.\[diffusers\]'"):
         apply_flux_attention(torch.nn.Linear(2, 2))
     with pytest.raises(ImportError, match=r"flash-quant\[diffusers\]"):
         FluxQuantAttnProcessor()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import flash_quant
 from flash_quant.nn import (
     MultiheadAttention,
     mha_fallback_counts,
@@ -293,3 +292,22 @@ def test_quantize_attention_unsupported_and_shared():
     assert type(model["bad"]) is nn.MultiheadAttention
     with pytest.raises(TypeError, match="from_float"):
         quantize_attention(nn.MultiheadAttention(E, H))
+
+
+def test_fully_masked_rows_match_torch_need_weights_false():
+    """The docstring's claim, checked against the installed torch: a query row with every
+    key masked gives zeros here, as torch's need_weights=False (SDPA) path does; torch's
+    need_weights=True path gives NaN."""
+    ours, ref = make_pair("fp32", batch_first=True)
+    q, k, v = inputs(True, (E, E))
+    mask = torch.zeros(L, S, dtype=torch.bool)
+    mask[3] = True  # True = not allowed: row 3 sees no key
+    with torch.no_grad():
+        got, _ = ours(q, k, v, attn_mask=mask, need_weights=False)
+        want, _ = ref(q, k, v, attn_mask=mask, need_weights=False)
+        weighted, _ = ref(q, k, v, attn_mask=mask, need_weights=True)
+    bias_only = ref.out_proj.bias.expand_as(want[:, 3])  # out_proj of a zero attention row
+    torch.testing.assert_close(want[:, 3], bias_only)
+    assert torch.isnan(weighted[:, 3]).all()
+    torch.testing.assert_close(got[:, 3], bias_only)
+    assert rel_l2(got, want) < 1e-5

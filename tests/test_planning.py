@@ -2,6 +2,8 @@
 hardware registry, cost model, calibration and recommendations."""
 import json
 import math
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -511,6 +513,61 @@ def test_cli(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["hardware"] == "h100_sxm"
     assert cli.main(["hardware", "h100"]) == 0
     assert "measured, 2026-11-23" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- user data (not the package)
+def _tree_digest(directory):
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(pathlib.Path(directory).iterdir())}
+
+
+def test_measure_errors_writes_user_data_not_the_package(tmp_path, monkeypatch):
+    """measure-errors used to rewrite the tracked planning/data/measured_errors.json."""
+    from flash_quant.planning import user_data
+    monkeypatch.setenv("FLASH_QUANT_DATA_DIR", str(tmp_path / "user"))
+    shipped = _tree_digest(user_data.SHIPPED_DIR)
+    exact = lambda q, k, v, config: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    calibrate.measure_errors(("accurate",), seq_len=32, heads=1, head_dim=16, attention_fn=exact,
+                             log=lambda *_: None)
+    assert _tree_digest(user_data.SHIPPED_DIR) == shipped
+    mine = tmp_path / "user" / "measured_errors.json"
+    assert mine.exists()
+    # read back before the shipped copy (the user's own measurement wins)
+    assert recommend.load_measured_errors()["source"]["seq_len"] == 32
+
+
+def test_calibrate_default_goes_to_user_data_and_is_read_back(tmp_path, monkeypatch):
+    from flash_quant.planning import user_data
+    monkeypatch.setenv("FLASH_QUANT_DATA_DIR", str(tmp_path / "user"))
+    shipped = _tree_digest(user_data.SHIPPED_DIR)
+    assert cost_model.load_calibration("cpu") is None
+    sdpa = lambda q, k, v, is_causal, enable_gqa, config: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=is_causal, enable_gqa=enable_gqa)
+    calibrate.run_calibration("cpu", quick=True, presets=("fp16",), warmup=0, reps=1, attention_fn=sdpa,
+                              results_dir=str(tmp_path / "results"), out_dir=None, log=lambda *_: None)
+    assert _tree_digest(user_data.SHIPPED_DIR) == shipped
+    assert (tmp_path / "user" / "calibration_cpu.json").exists()
+    assert cost_model.load_calibration("cpu")["hardware"] == "cpu"
+    # the shipped calibration of another chip is still found
+    assert cost_model.load_calibration("h100_sxm") is not None
+
+
+def test_user_data_dir_follows_xdg(monkeypatch, tmp_path):
+    from flash_quant.planning import user_data
+    monkeypatch.delenv("FLASH_QUANT_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    if os.name != "nt":
+        assert user_data.user_data_dir() == str(tmp_path / "flash_quant")
+
+
+def test_recommend_lists_only_strategies_the_chip_can_run():
+    """nvfp4_blackwell quantizes activations to NVFP4: a candidate on Blackwell only."""
+    h100 = recommend.recommend("llama-3-8b", "prefill", 4096, "h100")
+    assert "nvfp4_blackwell" not in {c["strategy"] for c in h100.candidates}
+    b200 = recommend.recommend("llama-3-8b", "prefill", 4096, "b200")
+    assert "nvfp4_blackwell" in {c["strategy"] for c in b200.candidates}
+    with pytest.raises(ValueError, match="no matrix units for"):
+        recommend.recommend("llama-3-8b", "prefill", 4096, "h100", strategies=["nvfp4_blackwell"])
 
 
 def test_outlier_ratio_per_block_uses_the_block_size():

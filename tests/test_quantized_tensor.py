@@ -200,3 +200,52 @@ def test_quantize_with_scale_errors_name_the_problem():
     # blocked rows: 8 rows in blocks of 3 -> 3 groups
     data = op(x, torch.full((2, 3, 1), 0.1), None, "int8", 3)
     assert data.dtype == torch.int8 and data.shape == x.shape
+
+
+def test_rejects_non_finite_mean_and_non_bool_rotated():
+    q = quantize(torch.randn(2, 16, 8), "int8", PerToken(), smooth=True)
+    meta = q._meta()
+    for bad in (float("nan"), float("inf")):
+        mean = q.mean.clone()
+        mean.view(-1)[0] = bad
+        with pytest.raises(ValueError, match="mean has non-finite"):
+            QuantizedTensor(q.data, q.scale, q.zero_point, mean=mean, **meta)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="rotated must be True or False"):
+            QuantizedTensor(q.data, q.scale, q.zero_point, mean=q.mean, **{**meta, "rotated": bad})
+
+
+def _saved_state(q):
+    fn, (state,) = q.__reduce_ex__(2)
+    return fn, dict(state)
+
+
+def test_malformed_saved_state_raises_a_clear_error():
+    q = quantize(torch.randn(4, 8), "int8")
+    fn, state = _saved_state(q)
+    assert isinstance(fn(dict(state)), QuantizedTensor)
+    for key in ("scale", "precision", "rotated"):
+        broken = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(ValueError, match=f"malformed saved QuantizedTensor: missing {key}"):
+            fn(broken)
+    with pytest.raises(ValueError, match="malformed saved QuantizedTensor: scale is str"):
+        fn({**state, "scale": "x"})
+    with pytest.raises(ValueError, match="malformed saved QuantizedTensor: .*rotated"):
+        fn({**state, "rotated": "no"})
+    with pytest.raises(ValueError, match="malformed saved QuantizedTensor: expected a state dict"):
+        fn([1, 2])
+
+
+def test_malformed_state_through_torch_load(tmp_path):
+    q = quantize(torch.randn(4, 8), "int8")
+    _, state = _saved_state(q)
+    del state["zero_point"]
+
+    class Broken:
+        def __reduce_ex__(self, protocol):
+            return (qt_module._rebuild_quantized_tensor, (state,))
+
+    path = tmp_path / "broken.pt"
+    torch.save(Broken(), path)
+    with pytest.raises(Exception, match="missing zero_point"):
+        torch.load(path, weights_only=True)

@@ -109,7 +109,7 @@ def test_missing_transformers_names_the_extra(monkeypatch):
         if name == "transformers" or name.startswith("transformers."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(MissingExtraError, match=r"pip install 'flash-quant\[transformers\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install '\.\[transformers\]'"):
         register("fq_never")
 
 

@@ -13,6 +13,7 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/tile_ops.h"
+#include "scale_check.h"
 
 namespace flash_quant {
 namespace cpu {
@@ -128,6 +129,7 @@ Operand make_operand(const at::Tensor& x, const std::optional<at::Tensor>& data,
   TORCH_CHECK(sc.dim() <= 4 && at::is_expandable_to(sc.sizes(), target), "attention: ", n,
               "_scale of shape ", sc.sizes(), " does not broadcast to ", c10::IntArrayRef(target),
               per_row_scale ? " (q/k scales are per row)" : "");
+  check_scale_values(sc, "attention", (std::string(n) + "_scale").c_str());
   op.keep_scale = sc.expand({B, H, S, D});
   op.scale = op.keep_scale.data_ptr<float>();
   for (int i = 0; i < 4; ++i) op.sst[i] = op.keep_scale.stride(i);

@@ -24,6 +24,7 @@
 #include "cpu/kernels_cpu.h"
 #include "quantize_center.h"
 #include "rotation.h"
+#include "scale_check.h"
 
 namespace flash_quant {
 namespace cpu {
@@ -395,6 +396,7 @@ at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scale, const
               scale.scalar_type());
   TORCH_CHECK(scale.dim() <= data.dim(), "dequantize: scale has rank ", scale.dim(),
               " but data has rank ", data.dim());
+  check_scale_values(scale, "dequantize", "scale");
   const bool has_zp = zero_point.numel() > 0;
   TORCH_CHECK(!has_zp || zero_point.scalar_type() == at::kInt,
               "dequantize: zero_point must be int32, got ", zero_point.scalar_type());

@@ -174,12 +174,28 @@ def run(pipe, args, device, label):
     return image, per_step
 
 
+def _precision_choices():
+    from flash_quant.config import PRESETS
+
+    return sorted(set(PRECISIONS) | set(PRESETS))
+
+
+def _device_unavailable(device: str):
+    """Why `device` cannot run here (None when it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"CUDA is not available here (torch {torch.__version__})"
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "MPS is not available (needs an Apple Silicon Mac and a torch built with MPS)"
+    return None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local path of a diffusers Flux model (FluxPipeline.from_pretrained)")
     src.add_argument("--tiny", action="store_true", help="a tiny random-weight Flux pipeline built offline")
-    ap.add_argument("--precision", default="int8", help=f"one of {sorted(PRECISIONS)} or a flash_quant preset")
+    ap.add_argument("--precision", default="int8", choices=_precision_choices(),
+                    help="attention precision: a short name or a flash_quant preset")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default bf16 on cuda/mps, fp32 on cpu)")
     ap.add_argument("--prompt", default="a photo of a red fox in fresh snow, morning light")
     ap.add_argument("--steps", type=int, default=28)
@@ -191,6 +207,9 @@ def parse_args(argv=None):
     ap.add_argument("--output", default="flux_flash_quant.png")
     ap.add_argument("--no-baseline", action="store_true", help="skip the SDPA baseline run")
     args = ap.parse_args(argv)
+    unavailable = _device_unavailable(args.device)
+    if unavailable:
+        ap.error(f"--device {args.device}: {unavailable}")
     size = 64 if args.tiny else 1024
     args.height = args.height or size
     args.width = args.width or size

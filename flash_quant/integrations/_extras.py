@@ -26,7 +26,8 @@ class MissingExtraError(ImportError):
 
 def require(module: str, extra: str | None = None, feature: str | None = None) -> ModuleType:
     """Import `module` (e.g. "diffusers" or "transformers.masking_utils") or raise a
-    MissingExtraError naming the extra: `pip install 'flash-quant[<extra>]'`."""
+    MissingExtraError naming the extra (pyproject.toml), installed from the checkout with
+    `pip install '.[<extra>]'` (flash_quant is not on a package index)."""
     top = module.split(".")[0]
     extra = extra or _EXTRA_OF.get(top, top)
     try:
@@ -35,5 +36,5 @@ def require(module: str, extra: str | None = None, feature: str | None = None) -
         what = f"{feature} needs" if feature else "this flash_quant integration needs"
         raise MissingExtraError(
             f"{what} the optional package {top!r}, which is not installed or failed to import "
-            f"({exc}). Install it with: pip install 'flash-quant[{extra}]'"
+            f"({exc}). Install it from the flash_quant checkout with: pip install '.[{extra}]'"
         ) from exc

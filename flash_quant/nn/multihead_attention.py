@@ -81,7 +81,9 @@ class MultiheadAttention(nn.Module):
       * is_causal=True is torch's hint that attn_mask is the causal mask: causality is
         applied by the kernel and attn_mask is not read (torch's SDPA path does the same).
         Unlike torch, attn_mask may be omitted with is_causal=True.
-      * A query row with every key masked gives zeros (torch gives NaN).
+      * A query row with every key masked gives zeros, as torch's need_weights=False
+        (SDPA) path does; torch's need_weights=True path gives NaN there (torch 2.13,
+        tests/test_mha.py::test_fully_masked_rows_match_torch_need_weights_false).
       * need_weights=True (torch's default!) and training with dropout > 0 take a slower
         explicit path, counted per reason in `mha_fallback_counts()` and logged once.
         Pass need_weights=False for the flash_quant path (nn.Transformer* layers do).

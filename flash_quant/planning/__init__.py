@@ -30,10 +30,16 @@ _EXPORTS = {
     "format_recommendation": "recommend", "model_cost": "recommend",
 }
 
+#: Submodules reachable as attributes (`flash_quant.planning.hardware`), loaded on first use.
+_SUBMODULES = ("adaptive", "calibrate", "cost_model", "dynamic", "formats", "hardware", "models",
+               "recommend", "strategies", "user_data")
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:  # importing a submodule sets the attribute itself
+        return importlib.import_module(f".{name}", __name__)
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'flash_quant.planning' has no attribute {name!r}")
@@ -43,4 +49,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

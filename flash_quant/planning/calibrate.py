@@ -37,7 +37,9 @@ import numpy as np
 
 from .cost_model import (FEATURES, MODEL_VERSION, AttentionCostModel, AttentionPrecision, AttentionShape, attention_terms,
                          prior_coefficients)
-from .hardware import DATA_DIR, HardwareSpec, get_hardware, hardware_for_device_name
+from .hardware import HardwareSpec, get_hardware, hardware_for_device_name
+from .recommend import MEASURED_ERRORS
+from .user_data import user_data_path
 
 __all__ = ["BENCH_SHAPES", "QUICK_SHAPES", "DEFAULT_PRESETS", "measure", "fit", "fit_group",
            "run_calibration", "markdown_report", "measure_errors", "refit"]
@@ -138,11 +140,11 @@ def measure(device: str, shapes: Sequence[AttentionShape], presets: Sequence[str
 
                 def fn():
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return F.scaled_dot_product_attention(q.half(), k.half(), v.half(),
+                        return F.scaled_dot_product_attention(q.half(), k.half(), v.half(),  # noqa: F821 (del below)
                                                               is_causal=shape.causal, enable_gqa=gqa)
             else:
                 def fn(preset=preset):
-                    return attention_fn(q, k, v, shape.causal, gqa, preset)
+                    return attention_fn(q, k, v, shape.causal, gqa, preset)  # noqa: F821 (used before the del)
             try:
                 t, mode = _time(fn, device, warmup, reps)
             except Exception as e:  # a shape a backend refuses is reported, not hidden
@@ -352,8 +354,9 @@ def run_calibration(device: str = "cuda", *, hardware: Optional[str] = None, qui
                     results_dir: Optional[str] = None, out_dir: Optional[str] = None,
                     sdpa_baseline: bool = False, attention_fn: Optional[Callable] = None, command: str = "",
                     log=print) -> dict:
-    """Measure, fit, write data_dir/calibration_<hardware>.json (+ a copy in out_dir or
-    $OUT) and results_dir/calibration_<date>.md (default: beside the JSON).  Returns the
+    """Measure, fit, write data_dir/calibration_<hardware>.json (default: the user data
+    directory, see user_data.py; + a copy in out_dir or $OUT) and
+    results_dir/calibration_<date>.md (default: beside the JSON).  Returns the
     calibration dict."""
     import torch
     if device.startswith("cuda"):
@@ -386,9 +389,12 @@ def run_calibration(device: str = "cuda", *, hardware: Optional[str] = None, qui
                dtype="float16" if device.startswith("cuda") else "float32", quick=quick,
                command=command or f"flash-quant calibrate --device {device}{' --quick' if quick else ''}",
                measurements=ms, failed=[m for m in ms if "error" in m])
-    data_dir = data_dir or DATA_DIR
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, f"calibration_{hw.key}.json")
+    name = f"calibration_{hw.key}.json"
+    if data_dir:
+        os.makedirs(data_dir, exist_ok=True)
+        path = os.path.join(data_dir, name)
+    else:
+        path = user_data_path(name)
     with open(path, "w") as f:
         json.dump(cal, f, indent=1)
     log(f"wrote {path}")
@@ -414,7 +420,8 @@ def measure_errors(presets: Sequence[str] = ("accurate", "fast", "int4", "fp8", 
                    seed: int = 0, path: Optional[str] = None, attention_fn: Optional[Callable] = None,
                    command: str = "flash-quant measure-errors", log=print) -> dict:
     """Relative L2 error and cosine of each preset's output against the float64
-    reference on the two input families of flash_quant.testing at S = seq_len."""
+    reference on the two input families of flash_quant.testing at S = seq_len.  Written to
+    `path` (default: measured_errors.json in the user data directory, see user_data.py)."""
     import torch
     from ..testing import error_stats, make_qkv, reference_attention
     if attention_fn is None:
@@ -432,7 +439,7 @@ def measure_errors(presets: Sequence[str] = ("accurate", "fast", "int4", "fp8", 
             stats = error_stats(attention_fn(q, k, v, p), ref)
             out["presets"].setdefault(p, {})[family] = {"rel_l2": stats["rel_l2"], "cosine": stats["cosine"]}
             log(f"  {p:<9} {family:<9} rel-L2 {stats['rel_l2']:.3e}  cos {stats['cosine']:.6f}")
-    path = path or os.path.join(DATA_DIR, "measured_errors.json")
+    path = path or user_data_path(MEASURED_ERRORS)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     log(f"wrote {path}")

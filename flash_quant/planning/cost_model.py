@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .formats import format_info, normalize_precision
-from .hardware import DATA_DIR, HardwareSpec, get_hardware
+from .hardware import HardwareSpec, get_hardware
+from .user_data import find_data_file
 
 __all__ = [
     "prior_coefficients", "AttentionShape", "AttentionPrecision", "AttentionCost", "AttentionCostModel",
@@ -458,14 +459,11 @@ def prior_coefficients(hw: HardwareSpec, prec: "AttentionPrecision") -> Dict[str
             "mma": 1.0 / eff_mma, "sfu": 1.0 / eff_exp, "mem": 1.0 / eff_mem, "prep": 1.0 / eff_mem}
 
 
-def _calibration_path(hw_key: str) -> str:
-    return os.path.join(DATA_DIR, f"calibration_{hw_key}.json")
-
-
 def load_calibration(hw_key: str, path: Optional[str] = None) -> Optional[dict]:
-    """The stored calibration of `hw_key` (dict) or None when there is none."""
-    path = path or _calibration_path(hw_key)
-    if not os.path.exists(path):
+    """The stored calibration of `hw_key` (dict) or None when there is none: `path`, else
+    the user's calibration_<hw_key>.json (flash-quant calibrate), else the shipped one."""
+    path = path or find_data_file(f"calibration_{hw_key}.json")
+    if path is None or not os.path.exists(path):
         return None
     with open(path) as f:
         data = json.load(f)

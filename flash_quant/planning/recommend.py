@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Sequence
 
 from .cost_model import LAUNCH_S, AttentionCostModel, AttentionPrecision, AttentionShape
 from .formats import format_info, storage_bits
-from .hardware import DATA_DIR, HardwareSpec, get_hardware
+from .hardware import HardwareSpec, get_hardware
 from .models import ModelSpec, load_model
+from .user_data import find_data_file
 from .strategies import (LINEAR_OPERATORS, MixedPrecisionStrategy, OperatorPrecision, OperatorType,
                          get_strategy, list_strategies)
 
@@ -38,9 +39,13 @@ _DEQUANT_OPS = 2            # ALU ops to dequantize one narrow weight element
 _M_TILE = 128               # rows per GEMM tile (how often a weight tile is dequantized)
 
 
+#: File of the measured attention errors (the user's copy if any, else the shipped one).
+MEASURED_ERRORS = "measured_errors.json"
+
+
 def load_measured_errors(path: Optional[str] = None) -> Optional[dict]:
-    path = path or os.path.join(DATA_DIR, "measured_errors.json")
-    if not os.path.exists(path):
+    path = path or find_data_file(MEASURED_ERRORS)
+    if path is None or not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
@@ -225,10 +230,24 @@ class Recommendation:
             "baseline_weight_bytes": self.baseline.weight_bytes,
             "baseline_kv_cache_bytes": self.baseline.kv_cache_bytes,
             "weight_risk": _RISK_WORDS[self.risk], "attention_error_rel_l2": self.attention_error,
-            "quality": self.quality_text, "reason": self.reason, "candidates": self.candidates,
+            "quality_note": self.quality_text, "reason": self.reason, "candidates": self.candidates,
             "sources": "times: roofline model (see docs/planning.md); attention calibrated: "
                        f"{self.cost.attention_calibrated}",
         }
+
+
+#: Format kinds whose activations only pay on native matrix units (block-scaled FP4 MMA):
+#: quantizing activations to them on another chip costs work and accuracy for no speed,
+#: so a strategy doing it is not a candidate there.
+NATIVE_ONLY_ACTIVATION_KINDS = ("float4-block",)
+
+
+def missing_native_units(strategy: MixedPrecisionStrategy, hw: HardwareSpec, layers: int) -> List[str]:
+    """Activation precisions of `strategy` that need matrix units `hw` does not have."""
+    acts = {strategy.precision_for(op, layer).activation
+            for op in OperatorType for layer in [None] + list(range(layers))}
+    return sorted(p for p in acts if p and format_info(p).kind in NATIVE_ONLY_ACTIVATION_KINDS
+                  and not hw.has_native(p))
 
 
 def recommend(model, phase: str, seq_len: int, hardware, batch: int = 1, quality: str = "balanced",
@@ -241,9 +260,17 @@ def recommend(model, phase: str, seq_len: int, hardware, batch: int = 1, quality
         raise ValueError(f"quality must be one of {tuple(QUALITY_LEVELS)}, got {quality!r}")
     if errors == "auto":
         errors = load_measured_errors()
-    if strategies is None:
+    if strategies is None:  # the named strategies this chip can run
         strategies = [get_strategy(n, num_layers=model.layers) for n in list_strategies()]
-    strategies = [s if isinstance(s, MixedPrecisionStrategy) else get_strategy(s, model.layers) for s in strategies]
+        strategies = [s for s in strategies if not missing_native_units(s, hw, model.layers)]
+    else:
+        strategies = [s if isinstance(s, MixedPrecisionStrategy) else get_strategy(s, model.layers)
+                      for s in strategies]
+        for s in strategies:
+            missing = missing_native_units(s, hw, model.layers)
+            if missing:
+                raise ValueError(f"strategy {s.name!r} quantizes activations to {', '.join(missing)}, which "
+                                 f"{hw.display_name} has no matrix units for (it cannot run this strategy)")
     am = AttentionCostModel(hw)
     base = model_cost(model, get_strategy("fp16_baseline"), phase, seq_len, hw, batch, am)
     max_risk, max_err = QUALITY_LEVELS[quality]
