@@ -1,18 +1,17 @@
 """flash_quant.attention: a drop-in for F.scaled_dot_product_attention that quantizes."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 
 from . import ops
-from ._checks import FLOAT_DTYPES, check_attention_shapes, check_mask, check_quantized_operand
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
 from .key_stats import visible_keys
 from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
 from .rotation import rotate, rotated_stand_in
+from .support import why_unsupported
 
 __all__ = ["attention", "attention_with_lse"]
 
@@ -126,30 +125,11 @@ def _resolve(config, query, key, value, is_causal) -> AttentionConfig:
 
 
 def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if isinstance(t, QuantizedTensor):
-            check_quantized_operand(name, t)
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or a QuantizedTensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    dtypes = {t.dtype for t in (query, key, value)}
-    if len(dtypes) != 1:
-        raise TypeError(
-            "query, key and value must share one dtype, got "
-            f"{query.dtype}, {key.dtype}, {value.dtype} (a QuantizedTensor counts as its original dtype)"
-        )
-    devices = {t.device for t in (query, key, value)}
-    if len(devices) != 1:
-        raise ValueError(f"query, key and value must be on one device, got {sorted(map(str, devices))}")
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: dropout is not supported by flash_quant attention (use 0.0)")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    check_attention_shapes(tuple(query.shape), tuple(key.shape), tuple(value.shape), enable_gqa)
-    b, h, sq, _ = query.shape
-    check_mask(attn_mask, b, h, sq, key.shape[2], query.device)
+    problem = why_unsupported(
+        query, key, value, attn_mask, dropout_p, scale=scale, enable_gqa=enable_gqa, quantized_type=QuantizedTensor
+    )
+    if problem is not None:
+        raise problem.error(problem.message)
 
 
 def _operand_float(x: Operand) -> torch.Tensor:

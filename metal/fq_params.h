@@ -7,6 +7,10 @@
 // host_logic.cpp pin the sizes).
 #pragma once
 
+// FQ_MIN_HEAD_DIM / FQ_MAX_HEAD_DIM / FQ_HEAD_DIM_MULTIPLE: the head-dim limits, shared
+// with the CPU kernels and Python (flash_quant/support.py).
+#include "../csrc/support.h"
+
 #ifdef __METAL_VERSION__
 typedef long fq_i64;
 typedef int fq_i32;
@@ -51,9 +55,8 @@ typedef int32_t fq_i32;
 #define FQ_ATTN_THREADS 128
 #define FQ_ATTN_SIMDGROUPS 4
 // Columns of the head dim staged into threadgroup memory at a time. Staging in chunks
-// keeps threadgroup memory independent of the head dim (32..256).
+// keeps threadgroup memory independent of the head dim (up to FQ_MAX_HEAD_DIM).
 #define FQ_CHUNK 64
-#define FQ_MAX_HEAD_DIM 256
 #define FQ_MAX_BLOCK_K 64
 #define FQ_BLOCK_Q 32
 

@@ -122,7 +122,7 @@ def test_every_preset_is_in_the_readme_table():
 
 
 def test_op_contract_states_the_checked_head_dim_range():
-    from flash_quant._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
+    from flash_quant.support import MAX_HEAD_DIM, MIN_HEAD_DIM
     with open(os.path.join(ROOT, "docs", "op_contract.md")) as f:
         text = f.read()
     ranges = set(__import__("re").findall(r"(\d+)\.\.(\d+)", text))

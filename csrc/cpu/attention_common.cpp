@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "support.h"
 
 namespace flash_quant {
 namespace cpu {
@@ -31,8 +32,8 @@ AttnDims check_attention_shapes(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(k.size(0) == d.B && k.size(3) == d.D, op, ": k of shape ", k.sizes(),
               " does not match q of shape ", q.sizes(), " (batch and head dim must agree)");
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(d.D >= 16 && d.D <= 256 && d.D % 8 == 0, op,
-              ": head dim D must be in 16..256 and a multiple of 8, got ", d.D);
+  TORCH_CHECK(fq_head_dim_supported(d.D), op, ": head dim D must be a multiple of ", FQ_HEAD_DIM_MULTIPLE, " in [",
+              FQ_MIN_HEAD_DIM, ", ", FQ_MAX_HEAD_DIM, "], got ", d.D);
   TORCH_CHECK(d.Hkv >= 1 && d.Hq % d.Hkv == 0, op, ": the query heads Hq = ", d.Hq,
               " must be a multiple of the kv heads Hkv = ", d.Hkv);
   d.Dp = (d.D + 15) / 16 * 16;

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "../../metal/fq_params.h"
+#include "../support.h"
 
 namespace fq_mps {
 
@@ -155,8 +156,9 @@ AttnSetup setup_attention(const AttnArgs& a) {
   if (k.sizes[0] != s.B || v.sizes[0] != s.B) fail("q, k and v must have the same batch size");
   if (k.sizes != v.sizes) fail("k and v must have the same shape, got " + shape_str(k.sizes) + " and " + shape_str(v.sizes));
   if (k.sizes[3] != s.D) fail("k's head dim " + std::to_string(k.sizes[3]) + " differs from q's " + std::to_string(s.D));
-  if (s.D < 16 || s.D > FQ_MAX_HEAD_DIM || s.D % 8)
-    fail("head dim must be a multiple of 8 in 16.." + std::to_string(FQ_MAX_HEAD_DIM) + ", got " + std::to_string(s.D));
+  if (!fq_head_dim_supported(s.D))
+    fail("head dim must be a multiple of " + std::to_string(FQ_HEAD_DIM_MULTIPLE) + " in " +
+         std::to_string(FQ_MIN_HEAD_DIM) + ".." + std::to_string(FQ_MAX_HEAD_DIM) + ", got " + std::to_string(s.D));
   if (s.Hkv < 1 || s.Hq % s.Hkv) fail("Hq (" + std::to_string(s.Hq) + ") must be a multiple of Hkv (" + std::to_string(s.Hkv) + ")");
   if (s.Sq < 1 || s.Skv < 1 || s.B < 1) fail("q and k need at least one row and one batch");
   if (s.B > 65535 || s.Hq > 65535) fail("batch and head counts above 65535 are not supported");

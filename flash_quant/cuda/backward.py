@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..support import FLOAT_DTYPES, HEAD_DIM_RULE, head_dim_supported
 from . import autotune
 from . import host
 from .host import PlanCache, cdiv, next_pow2, tensor_signature
@@ -400,10 +401,10 @@ def attention_backward_triton(
         raise ValueError(f"attention_backward: lse must be (B, Hq, Sq), got {tuple(lse.shape)}")
     if pv_precision not in ("none", "int8", "fp8_e4m3"):
         raise ValueError(f"attention_backward: unknown pv_precision {pv_precision!r}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"attention_backward: q dtype {q.dtype} is not fp32/fp16/bf16")
-    if not (16 <= D <= 256) or D % 8 != 0:
-        raise ValueError(f"attention_backward: head dim {D} must be in 16..256 and a multiple of 8")
+    if not head_dim_supported(D):
+        raise ValueError(f"attention_backward: head dim {D} must be {HEAD_DIM_RULE}")
     group = HQ // HKV
     dev = grad_out.device
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)

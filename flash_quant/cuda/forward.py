@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from .. import _C  # noqa: F401  (defines the op schemas)
+from ..support import HEAD_DIM_RULE, head_dim_supported
 from . import autotune
 from .common import (
     KIND_FLOAT,
@@ -533,8 +534,8 @@ def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_s
         raise ValueError(f"flash_quant.attention_forward: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"flash_quant.attention_forward: Hq={Hq} is not a multiple of Hkv={Hkv}")
-    if not (16 <= D <= 256) or D % 8:
-        raise ValueError(f"flash_quant.attention_forward: head dim {D} must be a multiple of 8 in [16, 256]")
+    if not head_dim_supported(D):
+        raise ValueError(f"flash_quant.attention_forward: head dim {D} must be {HEAD_DIM_RULE}")
     if Sq < 1 or Skv < 1 or B < 1:
         raise ValueError(f"flash_quant.attention_forward: empty batch or sequence ({tuple(q.shape)}, {tuple(k.shape)})")
     if pv_precision not in _PV_PRECISIONS:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import attention as _fq_attention
-from .._checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from ..config import AttentionConfig, resolve_config
+from ..support import HEAD_DIM_RULE, head_dim_supported
 from ._fallback import FallbackCounter
 
 __all__ = ["MultiheadAttention", "mha_fallback_counts", "reset_mha_fallback_counts"]
@@ -118,10 +118,10 @@ class MultiheadAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         head_dim = embed_dim // num_heads
-        if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM) or head_dim % 8:
+        if not head_dim_supported(head_dim):
             raise ValueError(
                 f"head dim embed_dim / num_heads = {embed_dim} / {num_heads} = {head_dim} is not supported by "
-                f"flash_quant: it must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] "
+                f"flash_quant: it must be {HEAD_DIM_RULE} "
                 "(keep torch.nn.MultiheadAttention for this layer)"
             )
         if not 0.0 <= float(dropout) < 1.0:

@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 METAL_DIR = os.path.join(ROOT, "metal")
 INCLUDE_DIR = os.path.join(HERE, "include")
 HOST_LOGIC = os.path.join(ROOT, "csrc", "mps", "host_logic.cpp")
+SUPPORT_HEADER = os.path.join(ROOT, "csrc", "support.h")  # head-dim limits, included by metal/fq_params.h
 CXX = os.environ.get("CXX", "g++")
 TOOLS_DIR = os.path.dirname(HERE)
 CACHE_DIR = os.environ.get("FQ_METAL_EMU_CACHE", os.path.join(tempfile.gettempdir(), "fq_metal_emu"))
@@ -267,7 +268,7 @@ class Emulator:
         self._launch_count = 0
         abi = os.path.join(HERE, "plan_abi.cpp")
         deps = [abi, HOST_LOGIC, os.path.join(ROOT, "csrc", "mps", "host_logic.h"),
-                os.path.join(METAL_DIR, "fq_params.h")]
+                os.path.join(METAL_DIR, "fq_params.h"), SUPPORT_HEADER]
         flags = ["-std=c++17", "-O1", "-fPIC", "-shared"]
         lib = _build("fq_plan", [HOST_LOGIC], deps, f'#include "{abi}"\n', flags)
         self._plan = ctypes.CDLL(lib)
@@ -286,7 +287,7 @@ class Emulator:
         if path not in self._libs:
             with open(path) as f:
                 kernels = kernels_in(f.read())
-            deps = [path] + glob.glob(os.path.join(METAL_DIR, "*.h")) + glob.glob(os.path.join(INCLUDE_DIR, "*"))
+            deps = [path, SUPPORT_HEADER] + glob.glob(os.path.join(METAL_DIR, "*.h")) + glob.glob(os.path.join(INCLUDE_DIR, "*"))
             name = os.path.splitext(os.path.basename(path))[0]
             self._libs[path] = ctypes.CDLL(_build(name, [], deps, _harness(path, kernels), BUILD_FLAGS))
         return self._libs[path]
