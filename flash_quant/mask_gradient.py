@@ -24,15 +24,18 @@ from typing import Optional, Tuple
 
 import torch
 
-from .config import QUANTIZED_PRECISIONS, Precision
-
 _ops = torch.ops.flash_quant
 
 #: Scores per chunk (each of the few fp32 temporaries of a chunk is 16 MiB at most).
 CHUNK_SCORES = 1 << 22
 
 #: Quantized data dtype -> the dequantize op's precision name (docs/op_contract.md).
-_PRECISION_OF_DTYPE = {Precision(p).storage_dtype: p for p in QUANTIZED_PRECISIONS}
+_PRECISION_OF_DTYPE = {
+    torch.int8: "int8",
+    torch.uint8: "int4",
+    torch.float8_e4m3fn: "fp8_e4m3",
+    torch.float8_e5m2: "fp8_e5m2",
+}
 
 
 def mask_gradient(
