@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "precision.h"
 #include "scale_check.h"
 
 namespace flash_quant {
@@ -20,10 +21,10 @@ struct Range {
 };
 
 Range range_of(c10::string_view p) {
-  if (p == "int8") return {-128.0, 127.0, at::kChar, false};
-  if (p == "int4") return {-8.0, 7.0, at::kByte, false};
-  if (p == "fp8_e4m3") return {-448.0, 448.0, at::kFloat8_e4m3fn, true};
-  if (p == "fp8_e5m2") return {-57344.0, 57344.0, at::kFloat8_e5m2, true};
+  if (p == "int8") return {FQ_INT8_QMIN, FQ_INT8_QMAX, at::kChar, false};
+  if (p == "int4") return {FQ_INT4_QMIN, FQ_INT4_QMAX, at::kByte, false};
+  if (p == "fp8_e4m3") return {-FQ_FP8_E4M3_MAX, FQ_FP8_E4M3_MAX, at::kFloat8_e4m3fn, true};
+  if (p == "fp8_e5m2") return {-FQ_FP8_E5M2_MAX, FQ_FP8_E5M2_MAX, at::kFloat8_e5m2, true};
   TORCH_CHECK(false, "quantize_with_scale: precision must be 'int8', 'int4', 'fp8_e4m3' or 'fp8_e5m2', got '",
               std::string(p), "'");
 }

@@ -13,6 +13,7 @@ from typing import Optional, Union
 __all__ = [
     "STRATEGY_VERSION",
     "Precision",
+    "QUANTIZED_PRECISIONS",
     "Strategy",
     "PVPrecision",
     "Granularity",
@@ -53,7 +54,7 @@ class Precision(str, enum.Enum):
 
     @property
     def is_quantized(self) -> bool:
-        return self in (Precision.INT8, Precision.INT4, Precision.FP8_E4M3, Precision.FP8_E5M2)
+        return self.value in _QUANTIZED
 
     @property
     def is_integer(self) -> bool:
@@ -65,6 +66,65 @@ class Precision(str, enum.Enum):
         import torch
 
         return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(self.value)
+
+    # The numbers of a quantized precision live in _QUANTIZED below (one row each); these
+    # properties read them. csrc/precision.h holds the same numbers for C++ and Metal
+    # (tests/test_precision_table.py checks that the two agree).
+    def _row(self) -> "_PrecisionNumbers":
+        row = _QUANTIZED.get(self.value)
+        if row is None:
+            raise ValueError(f"precision {self.value!r} is not quantized: it has no code range")
+        return row
+
+    @property
+    def qmax(self) -> float:
+        """Largest code magnitude: symmetric data is clamped to [-qmax, qmax] and its scale is
+        group absmax / qmax (fp8: the largest finite value)."""
+        return self._row().qmax
+
+    @property
+    def qmin(self) -> float:
+        """Smallest code: asymmetric integer data uses [qmin, qmax] (fp8: -qmax)."""
+        return self._row().qmin
+
+    @property
+    def bits(self) -> int:
+        """Bits per element of the stored data (16 / 32 for unquantized precisions)."""
+        row = _QUANTIZED.get(self.value)
+        return row.bits if row is not None else {"fp16": 16, "bf16": 16, "fp32": 32}[self.value]
+
+    @property
+    def packed_per_byte(self) -> int:
+        """Elements stored in one byte of the data tensor (INT4: two nibbles, even element
+        in the low one)."""
+        return 8 // self._row().bits
+
+    @property
+    def storage_dtype(self):
+        """The torch dtype of the data tensor of a quantized precision (INT4: uint8 bytes)."""
+        import torch
+
+        return getattr(torch, self._row().storage_dtype)
+
+
+@dataclass(frozen=True)
+class _PrecisionNumbers:
+    qmin: float
+    qmax: float
+    bits: int
+    storage_dtype: str  # name of the torch dtype (config.py does not import torch)
+
+
+#: The one table of quantized precisions (docs/op_contract.md).
+_QUANTIZED = {
+    "int8": _PrecisionNumbers(-128.0, 127.0, 8, "int8"),
+    "int4": _PrecisionNumbers(-8.0, 7.0, 4, "uint8"),
+    "fp8_e4m3": _PrecisionNumbers(-448.0, 448.0, 8, "float8_e4m3fn"),
+    "fp8_e5m2": _PrecisionNumbers(-57344.0, 57344.0, 8, "float8_e5m2"),
+}
+
+#: Names of the quantized precisions, in table order (the op contract's precision strings).
+QUANTIZED_PRECISIONS = tuple(_QUANTIZED)
 
 
 class Strategy(str, enum.Enum):

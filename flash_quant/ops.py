@@ -14,6 +14,7 @@ import torch
 from . import _extension  # noqa: F401  (checks the build's torch, loads the schemas and CPU kernels)
 from . import rotation
 from ._checks import check_center
+from .config import QUANTIZED_PRECISIONS, Precision
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 from .layout import cuda_kmajor_layout, cuda_kmajor_seq_len
 from .mask_gradient import mask_gradient
@@ -34,16 +35,12 @@ __all__ = [
 
 _ops = torch.ops.flash_quant
 
-#: Largest quantized magnitude of each precision (docs/op_contract.md, scale = absmax / QMAX).
-QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+#: Largest quantized magnitude of each precision (docs/op_contract.md, scale = absmax / QMAX),
+#: read from the Precision table (flash_quant/config.py).
+QMAX = {p: Precision(p).qmax for p in QUANTIZED_PRECISIONS}
 
-#: Storage dtype of each quantized precision.
-DATA_DTYPES = {
-    "int8": torch.int8,
-    "int4": torch.uint8,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
+#: Storage dtype of each quantized precision (from the same table).
+DATA_DTYPES = {p: Precision(p).storage_dtype for p in QUANTIZED_PRECISIONS}
 
 
 # --------------------------------------------------------------------------- quantize
@@ -123,7 +120,7 @@ def _quantize_backward(ctx, grad_data, grad_scale, grad_zero_point, grad_mean):
         qmax = QMAX[precision]
         g = expand_groups(grad_scale, x.shape, block_size)
         if strategy == "asymmetric":
-            qmin = {"int8": -128.0, "int4": -8.0}[precision]
+            qmin = Precision(precision).qmin
             levels = qmax - qmin
             hi = expand_groups(group_amax(xf, scale.shape, block_size).clamp_min(0), x.shape, block_size)
             lo = expand_groups((-group_amax(-xf, scale.shape, block_size)).clamp_max(0), x.shape, block_size)

@@ -89,7 +89,7 @@ class QuantizedTensor:
             raise TypeError(f"granularity must be a Granularity, got {self.granularity!r}")
         if self.orig_dtype not in _DTYPE_NAMES:
             raise ValueError(f"orig_dtype must be float32/float16/bfloat16, got {self.orig_dtype}")
-        expected = ops.DATA_DTYPES[self.precision.value]
+        expected = self.precision.storage_dtype
         if self.data.dtype != expected:
             raise ValueError(f"{self.precision.value} data must be {expected}, got {self.data.dtype}")
         shape = self.orig_shape
@@ -139,7 +139,7 @@ class QuantizedTensor:
         if self.strategy is not Strategy.ASYMMETRIC and bool((self.zero_point != 0).any()):
             raise ValueError(f"{self.strategy.value} quantization has no zero point: zero_point must be 0")
         if self.strategy is Strategy.ASYMMETRIC:
-            lo, hi = (-128, 127) if self.precision is Precision.INT8 else (-8, 7)
+            lo, hi = int(self.precision.qmin), int(self.precision.qmax)
             if bool((self.zero_point < lo).any()) or bool((self.zero_point > hi).any()):
                 raise ValueError(f"zero_point out of the {self.precision.value} range [{lo}, {hi}]")
 

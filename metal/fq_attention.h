@@ -118,7 +118,7 @@ inline float fq_visible_score(constant FqAttnParams& p, device const uchar* mask
 inline float fq_round_p(float x, float tile_max) {
   if (fq_pv_mode == FQ_PV_INT8) {
     if (tile_max < 1.5e-36f) return 0.0f;
-    const float s = tile_max / 127.0f;
+    const float s = tile_max / FQ_INT8_QMAX;
     return rint(x / s) * s;
   }
   if (fq_pv_mode == FQ_PV_E4M3) return fq_round_fp8(x, FQ_E4M3);

@@ -8,6 +8,9 @@
 using namespace metal;
 
 #include "fq_params.h"
+// FQ_INT8_QMAX, FQ_FP8_E4M3_MAX, ...: the precisions' numbers, shared with the CPU kernels,
+// the MPS host code and Python (flash_quant/config.py).
+#include "../csrc/precision.h"
 
 #ifdef __METAL_VERSION__
 #define FQ_TG_POS [[threadgroup_position_in_grid]]
@@ -48,7 +51,7 @@ inline float fq_fp8_to_float(uint byte, int dtype) {
 inline float fq_round_fp8(float x, int dtype) {
   const bool e4 = dtype == FQ_E4M3;
   const int mbits = e4 ? 3 : 2, min_exp = e4 ? -6 : -14;
-  const float maxv = e4 ? 448.0f : 57344.0f;
+  const float maxv = e4 ? FQ_FP8_E4M3_MAX : FQ_FP8_E5M2_MAX;
   const float a = fabs(x);
   if (isnan(a)) return x;
   const int e = max(int((as_type<uint>(a) >> 23) & 0xFFu) - 127, min_exp);

@@ -25,13 +25,13 @@ inline bool fq_is_fp8() { return fq_precision == FQ_E4M3 || fq_precision == FQ_E
 
 inline float fq_qmax() {
   switch (fq_precision) {
-    case FQ_I8: return 127.0f;
-    case FQ_I4: return 7.0f;
-    case FQ_E4M3: return 448.0f;
-    default: return 57344.0f;
+    case FQ_I8: return FQ_INT8_QMAX;
+    case FQ_I4: return FQ_INT4_QMAX;
+    case FQ_E4M3: return FQ_FP8_E4M3_MAX;
+    default: return FQ_FP8_E5M2_MAX;
   }
 }
-inline float fq_qmin() { return fq_precision == FQ_I4 ? -8.0f : -128.0f; }
+inline float fq_qmin() { return fq_precision == FQ_I4 ? FQ_INT4_QMIN : FQ_INT8_QMIN; }
 
 inline float fq_x_minus_mean(device const uchar* x, device const float* mean, constant FqQuantParams& p, int l,
                              int s, int d) {
@@ -114,7 +114,7 @@ kernel void fq_quantize_apply(device const uchar* x [[buffer(0)]], device uchar*
                               device float* mean [[buffer(4)]], constant FqQuantParams& p [[buffer(5)]],
                               threadgroup float* tg FQ_TG_MEM(0), uint3 tgp FQ_TG_POS, uint tid FQ_TID) {
   const long gid = long(tgp.x) * FQ_QUANT_THREADS + tid;
-  const int per = fq_precision == FQ_I4 ? 2 : 1;  // elements per output byte
+  const int per = fq_precision == FQ_I4 ? FQ_INT4_PER_BYTE : 1;  // elements per output byte
   const long total = long(p.L) * p.S * p.D;
   if (gid * per >= total) return;
   uint byte = 0;
@@ -152,7 +152,7 @@ kernel void fq_quantize_with_scale(device const uchar* x [[buffer(0)]], device u
                                    device const float* scale [[buffer(2)]], device const int* zero_point [[buffer(3)]],
                                    constant FqQuantParams& p [[buffer(5)]], uint3 tgp FQ_TG_POS, uint tid FQ_TID) {
   const long gid = long(tgp.x) * FQ_QUANT_THREADS + tid;
-  const int per = fq_precision == FQ_I4 ? 2 : 1;
+  const int per = fq_precision == FQ_I4 ? FQ_INT4_PER_BYTE : 1;
   if (gid * per >= long(p.L) * p.S * p.D) return;
   uint byte = 0;
   for (int k = 0; k < per; ++k) {
@@ -174,7 +174,7 @@ kernel void fq_dequantize(device const uchar* data [[buffer(0)]], device const f
                           device uchar* out [[buffer(4)]], constant FqQuantParams& p [[buffer(5)]],
                           uint3 tgp FQ_TG_POS, uint tid FQ_TID) {
   const long gid = long(tgp.x) * FQ_QUANT_THREADS + tid;
-  const int per = fq_precision == FQ_I4 ? 2 : 1;
+  const int per = fq_precision == FQ_I4 ? FQ_INT4_PER_BYTE : 1;
   const long total = long(p.L) * p.S * p.D;
   if (gid * per >= total) return;
   for (int k = 0; k < per; ++k) {

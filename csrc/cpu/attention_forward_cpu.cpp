@@ -119,7 +119,7 @@ void store_row(const at::Tensor& out, int64_t row, const float* o, float inv, in
 // A tile whose largest P is below kMinTileMax (a tile ~83 nats under the row's running
 // max) adds nothing representable to O, and its scale tile_max / 127 would be denormal
 // or 0 (P / 0 = NaN): its P is 0 after rounding.
-constexpr float kMinTileMax = 127.f * std::numeric_limits<float>::min();
+constexpr float kMinTileMax = FQ_INT8_QMAX * std::numeric_limits<float>::min();
 
 void round_p(float* P, int rows, PvPrecision pv) {
   const int64_t n = static_cast<int64_t>(rows) * kBN;
@@ -132,7 +132,7 @@ void round_p(float* P, int rows, PvPrecision pv) {
         std::fill(row, row + kBN, 0.f);
         continue;
       }
-      const float s = tile_max / 127.f;
+      const float s = tile_max / FQ_INT8_QMAX;
       for (int j = 0; j < kBN; ++j) row[j] = round_half_even(row[j] / s) * s;
     }
   } else if (pv == PvPrecision::FP8E4M3) {

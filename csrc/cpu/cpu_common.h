@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <string>
 
+#include "precision.h"
+
 namespace flash_quant {
 namespace cpu {
 
@@ -54,20 +56,20 @@ inline PvPrecision parse_pv_precision(c10::string_view s) {
               std::string(s), "'");
 }
 
-// qmin / qmax of the contract's table (fp8: the largest finite magnitude).
-inline float precision_qmax(Precision p) {
+// qmin / qmax of the contract's table (csrc/precision.h; fp8: the largest finite magnitude).
+constexpr float precision_qmax(Precision p) {
   switch (p) {
-    case Precision::Int8: return 127.f;
-    case Precision::Int4: return 7.f;
-    case Precision::FP8E4M3: return 448.f;
-    case Precision::FP8E5M2: return 57344.f;
+    case Precision::Int8: return FQ_INT8_QMAX;
+    case Precision::Int4: return FQ_INT4_QMAX;
+    case Precision::FP8E4M3: return FQ_FP8_E4M3_MAX;
+    case Precision::FP8E5M2: return FQ_FP8_E5M2_MAX;
   }
   return 0.f;
 }
-inline float precision_qmin(Precision p) {
+constexpr float precision_qmin(Precision p) {
   switch (p) {
-    case Precision::Int8: return -128.f;
-    case Precision::Int4: return -8.f;
+    case Precision::Int8: return FQ_INT8_QMIN;
+    case Precision::Int4: return FQ_INT4_QMIN;
     default: return -precision_qmax(p);
   }
 }

@@ -56,9 +56,8 @@ GroupParams group_params(float lo, float hi, Precision p, Strategy st) {
 template <Precision P>
 void quantize_row(const float* x, int64_t D, const GroupParams* g, int64_t g_step, bool asym,
                   void* out_row) {
-  constexpr float kQmax = P == Precision::Int8 ? 127.f : P == Precision::Int4 ? 7.f
-                          : P == Precision::FP8E4M3 ? 448.f : 57344.f;
-  constexpr float kQmin = (P == Precision::Int8 || P == Precision::Int4) ? -kQmax - 1.f : -kQmax;
+  constexpr float kQmax = precision_qmax(P);
+  constexpr float kQmin = precision_qmin(P);
   // Symmetric integer data is clamped to [-qmax, qmax] (the range a symmetric scale maps
   // to); asymmetric uses the full [qmin, qmax].
   const float lo_clamp = asym ? kQmin : -kQmax;

@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "../precision.h"  // FQ_INT4_PER_BYTE: the precisions' numbers, shared with CPU and Metal
 #include "../../metal/fq_params.h"
 #include "../support.h"
 
@@ -114,8 +115,8 @@ int setup_operand(const AttnArgs& a, int data_i, int scale_i, int zp_i, const st
   const int code = data_code(d, (n + "_data").c_str());
   std::vector<int64_t> want = shape;
   if (code == FQ_I4) {
-    if (shape[3] % 2) fail(n + "_data: int4 needs an even head dim, got " + std::to_string(shape[3]));
-    want[3] = shape[3] / 2;
+    if (shape[3] % FQ_INT4_PER_BYTE) fail(n + "_data: int4 needs an even head dim, got " + std::to_string(shape[3]));
+    want[3] = shape[3] / FQ_INT4_PER_BYTE;
   }
   if (d.sizes != want)
     fail(n + "_data must have shape " + shape_str(want) + ", got " + shape_str(d.sizes));
@@ -437,7 +438,7 @@ Plan plan_quantize(const QuantArgs& a) {
   const size_t rank = x.sizes.size();
   FqQuantParams p{};
   split_shape(x.sizes, p, "x");
-  if (pi.code == FQ_I4 && p.D % 2) fail("int4 needs an even last dim, got " + std::to_string(p.D));
+  if (pi.code == FQ_I4 && p.D % FQ_INT4_PER_BYTE) fail("int4 needs an even last dim, got " + std::to_string(p.D));
   if (x.numel() == 0) fail("x must not be empty");
 
   bool asym = false;
@@ -494,7 +495,7 @@ Plan plan_quantize(const QuantArgs& a) {
 
   Plan plan;
   std::vector<int64_t> dshape = x.sizes;
-  if (pi.code == FQ_I4) dshape.back() /= 2;
+  if (pi.code == FQ_I4) dshape.back() /= FQ_INT4_PER_BYTE;
   plan.outputs.push_back({pi.data, dshape});
   plan.outputs.push_back({Dtype::F32, sshape});
   plan.outputs.push_back({Dtype::I32, sshape, true});  // symmetric: stays 0
@@ -521,7 +522,7 @@ Plan plan_quantize(const QuantArgs& a) {
   };
   if (a.smooth && !given_center) plan.launches.push_back(make("fq_quantize_mean", ceil_div(int64_t(p.L) * p.D, FQ_QUANT_THREADS)));
   plan.launches.push_back(make("fq_quantize_reduce", n_groups));
-  const int64_t per_thread = pi.code == FQ_I4 ? 2 : 1;
+  const int64_t per_thread = pi.code == FQ_I4 ? FQ_INT4_PER_BYTE : 1;
   plan.launches.push_back(
       make("fq_quantize_apply", ceil_div(x.numel() / per_thread, FQ_QUANT_THREADS)));
   return plan;
@@ -538,7 +539,7 @@ Plan plan_dequantize(const DequantArgs& a) {
   if (!is_floating_io(a.dtype)) fail(std::string("dtype must be float32, float16 or bfloat16, got ") + dtype_name(a.dtype));
   std::vector<int64_t> shape = d.sizes;
   if (shape.empty()) fail("data must have rank >= 1");
-  if (pi.code == FQ_I4) shape.back() *= 2;
+  if (pi.code == FQ_I4) shape.back() *= FQ_INT4_PER_BYTE;
   FqQuantParams p{};
   split_shape(shape, p, "data");
   const size_t rank = shape.size();
@@ -562,7 +563,7 @@ Plan plan_dequantize(const DequantArgs& a) {
   Launch l;
   l.function = "fq_dequantize";
   l.constants = {{FQ_FC_IO_DTYPE, p.out_dtype}, {FQ_FC_QUANT_PRECISION, pi.code}};
-  const int64_t per_thread = pi.code == FQ_I4 ? 2 : 1;
+  const int64_t per_thread = pi.code == FQ_I4 ? FQ_INT4_PER_BYTE : 1;
   l.grid[0] = grid_dim(std::max<int64_t>(1, ceil_div(int64_t(p.L) * p.S * p.D / per_thread, FQ_QUANT_THREADS)),
                        "dequantize threads");
   l.threads[0] = FQ_QUANT_THREADS;
@@ -582,7 +583,7 @@ Plan plan_quantize_with_scale(const QuantWithScaleArgs& a) {
   const PrecisionInfo pi = precision_info(a.precision);
   FqQuantParams p{};
   split_shape(x.sizes, p, "x");
-  if (pi.code == FQ_I4 && p.D % 2) fail("int4 needs an even last dim, got " + std::to_string(p.D));
+  if (pi.code == FQ_I4 && p.D % FQ_INT4_PER_BYTE) fail("int4 needs an even last dim, got " + std::to_string(p.D));
   const TensorDesc& s = a.scale;
   if (!s.defined || s.dtype != Dtype::F32) fail("scale must be a float32 tensor");
   const int64_t srows = s.sizes.size() >= 2 && x.sizes.size() >= 2 ? s.sizes[s.sizes.size() - 2] : 1;
@@ -592,13 +593,13 @@ Plan plan_quantize_with_scale(const QuantWithScaleArgs& a) {
 
   Plan plan;
   std::vector<int64_t> dshape = x.sizes;
-  if (pi.code == FQ_I4) dshape.back() /= 2;
+  if (pi.code == FQ_I4) dshape.back() /= FQ_INT4_PER_BYTE;
   plan.outputs.push_back({pi.data, dshape});
   Launch l;
   l.function = "fq_quantize_with_scale";
   l.constants = {{FQ_FC_IO_DTYPE, io_code(x.dtype)}, {FQ_FC_QUANT_PRECISION, pi.code},
                  {FQ_FC_QUANT_ASYMMETRIC, p.has_zp}};
-  const int64_t per_thread = pi.code == FQ_I4 ? 2 : 1;
+  const int64_t per_thread = pi.code == FQ_I4 ? FQ_INT4_PER_BYTE : 1;
   l.grid[0] = grid_dim(ceil_div(x.numel() / per_thread, FQ_QUANT_THREADS), "quantize threads");
   l.threads[0] = FQ_QUANT_THREADS;
   l.bindings = {{0, 0}, {1, kOutput + 0}, {2, 1}, {3, p.has_zp ? 2 : kUnbound}};

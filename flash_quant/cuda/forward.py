@@ -67,6 +67,7 @@ from .common import (
 )
 from . import host
 from .host import PlanCache, cdiv, next_pow2, tensor_signature
+from ..config import Precision
 
 __all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_count"]
 
@@ -133,6 +134,10 @@ def _exp2_arg(t, qk_i, qs2, m, c, FOLD: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.fma(bits, qs2[:, None], -c[:, None])
     else:
         return t * qs2[:, None] - m[:, None]
+
+
+#: INT8 P's largest code: a tile's P / (tile max) in [0, 1] is stored as round(P_QMAX * it).
+P_QMAX = tl.constexpr(Precision.INT8.qmax)
 
 
 @triton.jit
@@ -229,7 +234,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 e = tl.math.exp2(_exp2_arg(t, qk_i, qs2, m_tile, c_tile, FOLD, INTERPRET))
             beta = tl.math.exp2(m_tile - m_use)
             l_i = l_i * alpha + beta * tl.sum(e, 1)
-            pq = round_to_int(e * 127.0)
+            pq = round_to_int(e * P_QMAX)
         else:
             if CHECK or MASK_KIND != 0 or not SCALE_POS:
                 p = tl.math.exp2(s - m_use[:, None])
@@ -250,7 +255,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 acc = tl.dot(_to_fp8e4(p, INTERPRET), v, acc, max_num_imprecise_acc=BLOCK_N)
             else:
                 pv = int_to_float(tl.dot(pq.to(tl.int8), v, out_dtype=tl.int32))
-                acc += pv * (beta * (1.0 / 127.0))[:, None]
+                acc += pv * (beta * (1.0 / P_QMAX))[:, None]
         else:
             if V_KIND == 0 and not V_DEQ_IN_LOOP:
                 if V_TRANS:
@@ -266,7 +271,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             if PV_MODE == 4:  # the int8 P codes are exact in 16 bits
                 pv = _dot16(int_to_float(pq).to(COMPUTE), vc,
                             tl.zeros((pq.shape[0], BLOCK_D), dtype=tl.float32), DOT_F32)
-                acc += pv * (beta * (1.0 / 127.0))[:, None]
+                acc += pv * (beta * (1.0 / P_QMAX))[:, None]
             else:
                 if PV_MODE == 3:
                     pc = _to_fp8e4(p, INTERPRET).to(COMPUTE)

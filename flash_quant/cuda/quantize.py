@@ -44,6 +44,7 @@ import triton.language as tl
 from .. import _C  # noqa: F401  (defines the op schemas)
 from ..groups import scale_shape
 from .._checks import checked_center
+from ..config import Precision
 from ..layout import cuda_kmajor_layout, cuda_kmajor_seq_len
 from .. import rotation
 from ..rotation import hadamard_matrix
@@ -62,13 +63,11 @@ __all__ = [
     "dequantize_cuda",
 ]
 
-# precision -> (code, qmin, qmax, data dtype)
-PRECISIONS = {
-    "int8": (0, -128.0, 127.0, torch.int8),
-    "int4": (1, -8.0, 7.0, torch.uint8),
-    "fp8_e4m3": (2, -448.0, 448.0, torch.float8_e4m3fn),
-    "fp8_e5m2": (3, -57344.0, 57344.0, torch.float8_e5m2),
-}
+# precision -> PREC code of the kernels below
+_PREC_CODE = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}
+# precision -> (code, qmin, qmax, data dtype); the numbers are the Precision table's
+PRECISIONS = {name: (code, Precision(name).qmin, Precision(name).qmax, Precision(name).storage_dtype)
+              for name, code in _PREC_CODE.items()}
 GRANULARITIES = ("per_tensor", "per_head", "per_token", "per_block", "per_channel")
 STRATEGIES = ("symmetric", "asymmetric", "legacy")
 

@@ -33,6 +33,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import ops
+from ..config import QUANTIZED_PRECISIONS, Precision
 from ..outliers import granularity_name, outlier_ratio
 from ..scales import mse_scale, round_trip
 
@@ -43,11 +44,14 @@ __all__ = [
 ]
 
 CALIBRATIONS = ("absmax", "percentile", "mse_optimal")
-PRECISIONS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
+PRECISIONS = QUANTIZED_PRECISIONS
 #: Symmetric range of each precision (symmetric integers use [-qmax, qmax]): the op contract's.
 QMAX = ops.QMAX
-_QRANGE = {"int8": (-128, 127), "int4": (-8, 7)}
-_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_QRANGE = {p: (Precision(p).qmin, Precision(p).qmax) for p in PRECISIONS if Precision(p).is_integer}
+_FP8 = {p: Precision(p).storage_dtype for p in PRECISIONS if not Precision(p).is_integer}
+#: E2M1's largest magnitude (NVFP4 / MXFP4 elements) and E8M0's exponent bias (MXFP4 scales).
+_E2M1_MAX = 6.0
+_E8M0_BIAS = 127.0
 
 #: Default fallback thresholds on `outlier_ratio` (see its docstring): a group whose
 #: largest value is this many times the Gaussian expectation of the maximum.  Clean
@@ -509,9 +513,10 @@ def quantize_nvfp4(x: torch.Tensor) -> FP4Tensor:
     (``tensor_scale = absmax / (448 * 6)``)."""
     xb = _blocks(x, 16, "NVFP4")
     amax = xb.abs().amax()
-    tscale = torch.where(amax > 0, amax / (448.0 * 6.0), torch.ones_like(amax))
+    e4m3 = Precision.FP8_E4M3
+    tscale = torch.where(amax > 0, amax / (e4m3.qmax * _E2M1_MAX), torch.ones_like(amax))
     bmax = xb.abs().amax(-1)
-    bscale = (bmax / 6.0 / tscale).clamp(max=448.0).to(torch.float8_e4m3fn)
+    bscale = (bmax / _E2M1_MAX / tscale).clamp(max=e4m3.qmax).to(e4m3.storage_dtype)
     eff = bscale.float() * tscale
     eff_safe = torch.where(eff > 0, eff, torch.ones_like(eff))
     codes = _encode_e2m1(xb / eff_safe.unsqueeze(-1)).reshape(x.shape)
@@ -524,10 +529,10 @@ def quantize_mxfp4(x: torch.Tensor) -> FP4Tensor:
     values beyond 6 after scaling saturate."""
     xb = _blocks(x, 32, "MXFP4")
     bmax = xb.abs().amax(-1)
-    exp = torch.floor(torch.log2(bmax.clamp_min(2.0 ** -127))) - 2.0
-    exp = exp.clamp(-127.0, 127.0)
+    exp = torch.floor(torch.log2(bmax.clamp_min(2.0 ** -_E8M0_BIAS))) - 2.0
+    exp = exp.clamp(-_E8M0_BIAS, _E8M0_BIAS)
     scale = torch.exp2(exp)
     codes = _encode_e2m1(xb / scale.unsqueeze(-1)).reshape(x.shape)
-    e8m0 = (exp + 127.0).to(torch.uint8).view(torch.float8_e8m0fnu)
+    e8m0 = (exp + _E8M0_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     return FP4Tensor(_pack_fp4(codes), e8m0, one, "mxfp4", 32, tuple(x.shape), x.dtype)

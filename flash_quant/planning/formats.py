@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
+from ..config import QUANTIZED_PRECISIONS, Precision
+
 __all__ = ["FormatInfo", "FORMATS", "format_info", "normalize_precision", "storage_bits"]
 
 
@@ -37,18 +39,18 @@ class FormatInfo:
         return b
 
 
+# What each flash_quant precision computes in where the hardware lacks it.
+_QUANTIZED_FALLBACK = {"fp8_e4m3": ("fp16", "bf16", "fp32"), "fp8_e5m2": ("fp16", "bf16", "fp32"),
+                       "int8": ("fp16", "fp32"), "int4": ("int8", "fp16", "fp32")}
+
 FORMATS: Dict[str, FormatInfo] = {
     "fp32": FormatInfo("fp32", 32, "float", max_value=3.4028234663852886e38),
     "bf16": FormatInfo("bf16", 16, "float", max_value=3.3895313892515355e38,
                        compute_fallback=("fp16", "fp32")),
     "fp16": FormatInfo("fp16", 16, "float", max_value=65504.0, compute_fallback=("fp32",)),
-    "fp8_e4m3": FormatInfo("fp8_e4m3", 8, "float", max_value=448.0,
-                           compute_fallback=("fp16", "bf16", "fp32")),
-    "fp8_e5m2": FormatInfo("fp8_e5m2", 8, "float", max_value=57344.0,
-                           compute_fallback=("fp16", "bf16", "fp32")),
-    "int8": FormatInfo("int8", 8, "int", max_value=127.0, compute_fallback=("fp16", "fp32")),
-    "int4": FormatInfo("int4", 4, "int", max_value=7.0,
-                       compute_fallback=("int8", "fp16", "fp32")),
+    # The flash_quant precisions: bits and largest magnitude from the Precision table.
+    **{p.value: FormatInfo(p.value, p.bits, "int" if p.is_integer else "float", max_value=p.qmax,
+                           compute_fallback=_QUANTIZED_FALLBACK[p.value]) for p in map(Precision, QUANTIZED_PRECISIONS)},
     # NVFP4: E2M1 elements, one E4M3 scale per 16 elements (+ one fp32 scale per tensor).
     "nvfp4": FormatInfo("nvfp4", 4, "float4-block", block_size=16, block_scale_bits=8,
                         max_value=6.0, compute_fallback=("fp8_e4m3", "fp16", "fp32")),

@@ -42,6 +42,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 METAL_DIR = os.path.join(ROOT, "metal")
+# The precisions' numbers, included by metal/fq_common.h and csrc/mps/host_logic.cpp: every
+# build's cache key covers it.
+PRECISION_HEADER = os.path.join(ROOT, "csrc", "precision.h")
 INCLUDE_DIR = os.path.join(HERE, "include")
 HOST_LOGIC = os.path.join(ROOT, "csrc", "mps", "host_logic.cpp")
 SUPPORT_HEADER = os.path.join(ROOT, "csrc", "support.h")  # head-dim limits, included by metal/fq_params.h
@@ -124,7 +127,7 @@ def _digest(paths: Sequence[str], extra: str) -> str:
 
 def _build(name: str, sources: Sequence[str], deps: Sequence[str], cpp: str, flags: Sequence[str]) -> str:
     """Compile `cpp` (plus `sources`) into a cached shared library; returns its path."""
-    key = _digest(list(deps), cpp + " ".join(flags) + CXX)
+    key = _digest(list(deps) + [PRECISION_HEADER], cpp + " ".join(flags) + CXX)
     os.makedirs(CACHE_DIR, exist_ok=True)
     lib = os.path.join(CACHE_DIR, f"{name}-{key}.so")
     if os.path.exists(lib):
