@@ -59,10 +59,11 @@ typedef int32_t fq_i32;
 
 // Threadgroup memory of the forward kernel, in floats: the staging chunk (32 query rows
 // or bk key rows of FQ_CHUNK columns), the score/P tile (32 x bk), the query and key row
-// scales, the running max and sum per query row, and one 8x8 diagonal per simdgroup.
+// scales, the running max and sum per query row, one 8x8 diagonal per simdgroup and one
+// flag (a staged V value was inf / NaN).
 #define FQ_FWD_CHUNK_ROWS(bk) ((bk) > FQ_BLOCK_Q ? (bk) : FQ_BLOCK_Q)
 #define FQ_FWD_TG_FLOATS(bk) \
-  (FQ_FWD_CHUNK_ROWS(bk) * FQ_CHUNK + FQ_BLOCK_Q * (bk) + 3 * FQ_BLOCK_Q + FQ_MAX_BLOCK_K + FQ_ATTN_SIMDGROUPS * 64)
+  (FQ_FWD_CHUNK_ROWS(bk) * FQ_CHUNK + FQ_BLOCK_Q * (bk) + 3 * FQ_BLOCK_Q + FQ_MAX_BLOCK_K + FQ_ATTN_SIMDGROUPS * 64 + 1)
 
 // Backward (dQ and dK/dV kernels): blocks of 32 queries and 32 keys; two staging chunks
 // (32 x FQ_CHUNK), two 32 x 32 tiles and four per-row vectors of 32. 25 KiB.
