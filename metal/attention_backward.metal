@@ -170,7 +170,9 @@ kernel void fq_attention_backward_dq(
     for (int r = 0; r < 8; ++r) {
       const int rr = r0 + r, e = rr * FQ_BWD_BLOCK + int(lane);
       const float x = fq_visible_score(p, mask, b, h, i0 + rr, j0 + int(lane), T1[e] * qsc[rr] * ksc[lane] * p.scale);
-      const float pr = (x == -INFINITY || rl[rr] == -INFINITY) ? 0.0f : exp(x - rl[rr]);
+      // P = exp(s - lse): 0 for a masked key (s = -inf) or a row with no visible key
+      // (lse = -inf); NaN where the lse is NaN (the row has a NaN / +inf score), as SDPA
+      const float pr = rl[rr] == -INFINITY ? 0.0f : exp(x - rl[rr]);
       T1[e] = pr * (T2[e] - rd[rr]) * p.scale * ksc[lane];
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -247,7 +249,7 @@ kernel void fq_attention_backward_dkdv(
       for (int r = 0; r < 8; ++r) {
         const int rr = r0 + r, e = rr * FQ_BWD_BLOCK + int(lane);
         const float x = fq_visible_score(p, mask, b, h, i0 + int(lane), j0 + rr, T1[e] * ksc[rr] * qsc[lane] * p.scale);
-        const float pr = (x == -INFINITY || rl[lane] == -INFINITY) ? 0.0f : exp(x - rl[lane]);
+        const float pr = rl[lane] == -INFINITY ? 0.0f : exp(x - rl[lane]);  // (as in the dQ kernel)
         T1[e] = pr;
         T2[e] = pr * (T2[e] - rd[lane]) * p.scale * qsc[lane];
       }
