@@ -142,7 +142,7 @@ kernel void fq_attention_backward_dq(
   simdgroup_float8x8 dq[FQ_MAX_HEAD_DIM / 8];
   for (int t = 0; t < D / 8; ++t) dq[t] = fq_zero8x8();
 
-  const int kv_end = fq_causal != 0 ? min(p.Skv, i0 + FQ_BWD_BLOCK) : p.Skv;
+  const int kv_end = fq_causal != 0 && p.every_key == 0 ? min(p.Skv, i0 + FQ_BWD_BLOCK) : p.Skv;
   for (int j0 = 0; j0 < kv_end; j0 += FQ_BWD_BLOCK) {
     if (tid < uint(FQ_BWD_BLOCK)) ksc[tid] = j0 + int(tid) < p.Skv ? fq_scale_at(K, j0 + int(tid), 0) : 0.0f;
     simdgroup_float8x8 s[FQ_BWD_BLOCK / 8], dp[FQ_BWD_BLOCK / 8];
@@ -211,7 +211,7 @@ kernel void fq_attention_backward_dkdv(
   for (int t = 0; t < D / 8; ++t) { dk[t] = fq_zero8x8(); dv[t] = fq_zero8x8(); }
 
   // Top-left causal: queries before j0 see none of this block's keys (blocks are aligned).
-  const int i_begin = fq_causal != 0 ? j0 : 0;
+  const int i_begin = fq_causal != 0 && p.every_key == 0 ? j0 : 0;  // (FqAttnParams::every_key)
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const FqOperand Q = fq_operand(q_data, q_scale, q_zp, p.q_str, p.qs_str, p.qz_str, b, h, fq_q_mode, p.has_qz);

@@ -17,7 +17,11 @@
 //   Block of keys bk: 64 for head dim <= 64, 32 above (host_logic.cpp), <= 26 KiB.
 // * The running-max rescale of O and the final 1 / l multiply O by a diagonal matrix
 //   (simdgroup_multiply) instead of touching its elements: Apple does not document how a
-//   simdgroup_matrix is spread over the lanes, so no code here depends on it.
+//   simdgroup_matrix is spread over the lanes, so no code here depends on it. A diagonal
+//   product spreads an inf / NaN of one row to the others (0 * inf = NaN), so once O may
+//   hold one (a NaN row of P, or an inf / NaN staged from V: one isfinite per staged V
+//   value, a flag in threadgroup memory) the rescale goes row by row through threadgroup
+//   memory instead; the final 1 / l is applied per element as O is written.
 // * Dequantization happens at load (fq_stage); see fq_attention.h.
 #include "fq_attention.h"
 
@@ -73,8 +77,9 @@ kernel void fq_attention_forward(
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
-  // Top-left causal: no key past the block's last query row is visible.
-  const int kv_end = fq_causal != 0 ? min(p.Skv, q0 + FQ_BLOCK_Q) : p.Skv;
+  // Top-left causal: no key past the block's last query row is visible (skipped, unless
+  // the host saw an inf / NaN: FqAttnParams::every_key).
+  const int kv_end = fq_causal != 0 && p.every_key == 0 ? min(p.Skv, q0 + FQ_BLOCK_Q) : p.Skv;
   for (int j0 = 0; j0 < kv_end; j0 += BK) {
     // S = Q K^T for this simdgroup's 8 rows x BK keys.
     simdgroup_float8x8 s[FQ_MAX_BLOCK_K / 8];

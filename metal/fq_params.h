@@ -87,7 +87,10 @@ struct FqAttnParams {
   fq_i32 B, Hq, Hkv, Sq, Skv, D;
   fq_i32 has_qz, has_kz, has_vz, has_kmean;
   float scale;
-  fq_i32 pad_;
+  // 1: causal, with an inf / NaN in Q, K or V or a NaN / +inf in a float mask (set by
+  // the host): visit every key / query block, since skipping is exact only for finite
+  // inputs (SDPA adds the causal -inf, NaN stays NaN; P = 0 meets every V row: 0 * NaN)
+  fq_i32 every_key;
 };
 
 // Quantize / dequantize on the logical view (L, S, D): L = product of the leading dims.

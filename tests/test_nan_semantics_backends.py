@@ -2,11 +2,12 @@
 they run here: the CUDA Triton forward under TRITON_INTERPRET=1 and the Metal kernels
 (forward and backward) under tools/metal_emu. fp32, against math SDPA in float64.
 
-Cases these backends do not follow yet are strict xfails (issue 15 item 3 is fixed on
-CPU only): each flips to a failure once its backend is fixed, so the mark is removed
-with the fix. The interpreter computes tl.max / tl.maximum with numpy, which keeps NaN;
-on a GPU those drop NaN unless told to propagate it, so a pass here does not prove the
-GPU kernel right.
+Before issue 15 item 3 was fixed on these backends, 3 CUDA cases (causal tile skip,
+masks assigning -inf) and 12 Metal ones (NaN / inf spread over a simdgroup's 8 rows by
+the diagonal-matrix rescale, masked NaN keys dropped, the causal skip) failed.
+The interpreter computes tl.max / tl.maximum with numpy, which keeps NaN; on a GPU those
+drop NaN, which the forward tolerates by design (P = exp2(NaN - m) stays NaN whatever the
+max), but a pass here is not a GPU run.
 """
 import os
 
@@ -21,14 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_nan_semantics as nan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOT_YET = "issue 15 item 3: this backend does not follow SDPA's non-finite semantics yet"
-CUDA_OPEN = set()
-METAL_OPEN = {"nan_k_causal", "nan_v_causal"}  # causal tile skip: needs a host-side non-finite flag
-
-
-def _cases(open_cases):
-    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=NOT_YET)) if c in open_cases else c
-            for c in nan.CASES]
 
 
 def _check(name, got):
@@ -37,7 +30,7 @@ def _check(name, got):
         nan.assert_same_pattern(g.float(), r, "fp32", f"{name} {what}")
 
 
-@pytest.mark.parametrize("name", _cases(CUDA_OPEN))
+@pytest.mark.parametrize("name", nan.CASES)
 def test_cuda_interpreted_forward_non_finite(name):
     pytest.importorskip("triton")
     from flash_quant.cuda.common import enable_interpreter_numpy_compat
@@ -48,7 +41,7 @@ def test_cuda_interpreted_forward_non_finite(name):
     _check(name, attention_forward_launch(q, k, v, attn_mask=mask, is_causal=causal))
 
 
-@pytest.mark.parametrize("name", _cases(METAL_OPEN))
+@pytest.mark.parametrize("name", nan.CASES)
 def test_metal_emulated_non_finite(name):
     sys.path.insert(0, os.path.join(ROOT, "tools", "metal_emu"))
     import driver
