@@ -42,6 +42,20 @@ def test_cuda_interpreted_forward_non_finite(name):
 
 
 @pytest.mark.parametrize("name", nan.CASES)
+def test_cuda_interpreted_backward_non_finite(name):
+    pytest.importorskip("triton")
+    from flash_quant.cuda.backward import attention_backward_triton
+    from flash_quant.cuda.common import enable_interpreter_numpy_compat
+    from flash_quant.cuda.forward import attention_forward_launch
+
+    enable_interpreter_numpy_compat()
+    q, k, v, mask, causal = nan._case(name, nan._seed())
+    out, lse = attention_forward_launch(q, k, v, attn_mask=mask, is_causal=causal)
+    grads = attention_backward_triton(nan._grad_out(nan._seed()), q, k, v, out, lse, attn_mask=mask, is_causal=causal)
+    _check(name, [out, lse, *grads])
+
+
+@pytest.mark.parametrize("name", nan.CASES)
 def test_metal_emulated_non_finite(name):
     sys.path.insert(0, os.path.join(ROOT, "tools", "metal_emu"))
     import driver
