@@ -78,3 +78,49 @@ def _emulator():
     if not _EMU:
         _EMU.append(driver.Emulator())
     return _EMU[0]
+
+
+def _nan_grad_out_case():
+    """Causal, finite q, k, v; a NaN in one early row of dO: SDPA's (math backend, float64)
+    gradient pattern, which reaches keys after that row (whose tiles the causal skips
+    leave out) through 0 * NaN terms."""
+    q, k, v, _, _ = nan._case("masked_row", nan._seed())  # (its mask unused: finite inputs)
+    do = nan._grad_out(nan._seed())
+    do[0, 0, 5, 3] = float("nan")
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    with sdpa_kernel(SDPBackend.MATH):
+        F.scaled_dot_product_attention(q64, k64, v64, is_causal=True).backward(do.double())
+    return (q, k, v, do), [q64.grad, k64.grad, v64.grad]
+
+
+def _check_grads(got, ref):
+    assert all(r.isnan().any() for r in ref)  # the case puts NaN into each gradient
+    for g, r, what in zip(got, ref, ("dq", "dk", "dv")):
+        nan.assert_same_pattern(g.float(), r, "fp32", f"nan_grad_out_causal {what}")
+
+
+def test_cuda_interpreted_backward_nan_grad_out_causal():
+    pytest.importorskip("triton")
+    from flash_quant.cuda.backward import attention_backward_triton
+    from flash_quant.cuda.common import enable_interpreter_numpy_compat
+    from flash_quant.cuda.forward import attention_forward_launch
+
+    enable_interpreter_numpy_compat()
+    (q, k, v, do), ref = _nan_grad_out_case()
+    out, lse = attention_forward_launch(q, k, v, is_causal=True)
+    _check_grads(attention_backward_triton(do, q, k, v, out, lse, is_causal=True), ref)
+
+
+def test_metal_emulated_backward_nan_grad_out_causal():
+    sys.path.insert(0, os.path.join(ROOT, "tools", "metal_emu"))
+    import driver
+
+    if shutil.which(driver.CXX) is None:
+        pytest.skip("needs a C++20 compiler")
+    emu = _emulator()
+    (q, k, v, do), ref = _nan_grad_out_case()
+    out, lse = emu.attention_forward(q, k, v, is_causal=True)
+    _check_grads(emu.attention_backward(do, q, k, v, out, lse, is_causal=True), ref)

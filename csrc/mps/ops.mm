@@ -237,8 +237,9 @@ std::vector<at::Tensor> attention_inputs(const at::Tensor& q, const at::Tensor& 
   return t;
 }
 
-// Any inf / NaN in the floating q, k, v given without quantized data, or a NaN / +inf in a
-// float mask: what SDPA's causal mask does not hide (docs/op_contract.md).
+// Any inf / NaN in the floating q, k, v given without quantized data (backward: in dO, O;
+// a NaN lse), or a NaN / +inf in a float mask: what SDPA's causal mask does not hide
+// (docs/op_contract.md).
 bool any_non_finite(const std::vector<at::Tensor>& t) {
   at::Tensor bad;
   const auto add = [&](const at::Tensor& b) { bad = bad.defined() ? (bad | b) : b; };
@@ -246,6 +247,9 @@ bool any_non_finite(const std::vector<at::Tensor>& t) {
   const int raw[3] = {fq_mps::kQ, fq_mps::kK, fq_mps::kV};
   for (int i = 0; i < 3; ++i)
     if (!t[data[i]].defined() && t[raw[i]].defined()) add(at::isfinite(t[raw[i]]).logical_not().any());
+  for (int i : {int(fq_mps::kGradOut), int(fq_mps::kOut)})  // backward
+    if (t[i].defined()) add(at::isfinite(t[i]).logical_not().any());
+  if (t[fq_mps::kLse].defined()) add(at::isnan(t[fq_mps::kLse]).any());
   const at::Tensor& m = t[fq_mps::kMask];
   if (m.defined() && m.is_floating_point()) add((at::isnan(m) | at::isposinf(m)).any());
   return bad.defined() && bad.item<bool>();

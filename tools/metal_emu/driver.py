@@ -260,10 +260,12 @@ def _desc(t: Optional[torch.Tensor]) -> CTensor:
 
 
 def _any_non_finite(ins) -> bool:
-    """As ops.mm's any_non_finite: an inf / NaN in q, k or v given without quantized data,
-    or a NaN / +inf in a float mask (FqAttnParams::every_key, causal calls only)."""
+    """As ops.mm's any_non_finite: an inf / NaN in q, k or v given without quantized data
+    (or, backward, in grad_out or out; a NaN lse), or a NaN / +inf in a float mask
+    (FqAttnParams::every_key, causal calls only)."""
     bad = any(t is not None and d is None and not bool(torch.isfinite(t).all())
-              for t, d in ((ins[0], ins[3]), (ins[1], ins[6]), (ins[2], ins[10])))
+              for t, d in ((ins[0], ins[3]), (ins[1], ins[6]), (ins[2], ins[10]), (ins[14], None), (ins[15], None)))
+    bad = bad or (ins[16] is not None and bool(ins[16].isnan().any()))
     m = ins[13]
     return bad or (m is not None and m.is_floating_point() and bool((m.isnan() | m.isposinf()).any()))
 
