@@ -142,7 +142,7 @@ kernel void fq_attention_backward_dq(
   simdgroup_float8x8 dq[FQ_MAX_HEAD_DIM / 8];
   for (int t = 0; t < D / 8; ++t) dq[t] = fq_zero8x8();
 
-  const int kv_end = fq_causal != 0 ? min(p.Skv, i0 + FQ_BWD_BLOCK) : p.Skv;
+  const int kv_end = fq_causal != 0 && p.every_key == 0 ? min(p.Skv, i0 + FQ_BWD_BLOCK) : p.Skv;
   for (int j0 = 0; j0 < kv_end; j0 += FQ_BWD_BLOCK) {
     if (tid < uint(FQ_BWD_BLOCK)) ksc[tid] = j0 + int(tid) < p.Skv ? fq_scale_at(K, j0 + int(tid), 0) : 0.0f;
     simdgroup_float8x8 s[FQ_BWD_BLOCK / 8], dp[FQ_BWD_BLOCK / 8];
@@ -170,7 +170,9 @@ kernel void fq_attention_backward_dq(
     for (int r = 0; r < 8; ++r) {
       const int rr = r0 + r, e = rr * FQ_BWD_BLOCK + int(lane);
       const float x = fq_visible_score(p, mask, b, h, i0 + rr, j0 + int(lane), T1[e] * qsc[rr] * ksc[lane] * p.scale);
-      const float pr = (x == -INFINITY || rl[rr] == -INFINITY) ? 0.0f : exp(x - rl[rr]);
+      // P = exp(s - lse): 0 for a masked key (s = -inf) or a row with no visible key
+      // (lse = -inf); NaN where the lse is NaN (the row has a NaN / +inf score), as SDPA
+      const float pr = rl[rr] == -INFINITY ? 0.0f : exp(x - rl[rr]);
       T1[e] = pr * (T2[e] - rd[rr]) * p.scale * ksc[lane];
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -209,7 +211,7 @@ kernel void fq_attention_backward_dkdv(
   for (int t = 0; t < D / 8; ++t) { dk[t] = fq_zero8x8(); dv[t] = fq_zero8x8(); }
 
   // Top-left causal: queries before j0 see none of this block's keys (blocks are aligned).
-  const int i_begin = fq_causal != 0 ? j0 : 0;
+  const int i_begin = fq_causal != 0 && p.every_key == 0 ? j0 : 0;  // (FqAttnParams::every_key)
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const FqOperand Q = fq_operand(q_data, q_scale, q_zp, p.q_str, p.qs_str, p.qz_str, b, h, fq_q_mode, p.has_qz);
@@ -247,7 +249,7 @@ kernel void fq_attention_backward_dkdv(
       for (int r = 0; r < 8; ++r) {
         const int rr = r0 + r, e = rr * FQ_BWD_BLOCK + int(lane);
         const float x = fq_visible_score(p, mask, b, h, i0 + int(lane), j0 + rr, T1[e] * ksc[rr] * qsc[lane] * p.scale);
-        const float pr = (x == -INFINITY || rl[lane] == -INFINITY) ? 0.0f : exp(x - rl[lane]);
+        const float pr = rl[lane] == -INFINITY ? 0.0f : exp(x - rl[lane]);  // (as in the dQ kernel)
         T1[e] = pr;
         T2[e] = pr * (T2[e] - rd[lane]) * p.scale * qsc[lane];
       }

@@ -17,7 +17,11 @@
 //   Block of keys bk: 64 for head dim <= 64, 32 above (host_logic.cpp), <= 26 KiB.
 // * The running-max rescale of O and the final 1 / l multiply O by a diagonal matrix
 //   (simdgroup_multiply) instead of touching its elements: Apple does not document how a
-//   simdgroup_matrix is spread over the lanes, so no code here depends on it.
+//   simdgroup_matrix is spread over the lanes, so no code here depends on it. A diagonal
+//   product spreads an inf / NaN of one row to the others (0 * inf = NaN), so once O may
+//   hold one (a NaN row of P, or an inf / NaN staged from V: one isfinite per staged V
+//   value, a flag in threadgroup memory) the rescale goes row by row through threadgroup
+//   memory instead; the final 1 / l is applied per element as O is written.
 // * Dequantization happens at load (fq_stage); see fq_attention.h.
 #include "fq_attention.h"
 
@@ -46,8 +50,14 @@ kernel void fq_attention_forward(
   threadgroup float* row_m = ksc + FQ_MAX_BLOCK_K;
   threadgroup float* row_l = row_m + FQ_BLOCK_Q;
   threadgroup float* diag = row_l + FQ_BLOCK_Q + sg * 64;
+  threadgroup float* v_nonfinite = row_l + FQ_BLOCK_Q + FQ_ATTN_SIMDGROUPS * 64;
 
   for (int i = int(lane); i < 64; i += 32) diag[i] = 0.0f;
+  if (tid == 0) *v_nonfinite = 0.0f;  // (ordered before any V staging by the Q barriers)
+  // O may hold an inf / NaN (a NaN row of P, or one staged from V): the diagonal-matrix
+  // rescale would then spread it to the simdgroup's other rows (0 * inf = NaN), so the
+  // rows are scaled one by one through threadgroup memory instead (rare, slower path).
+  bool o_nonfinite = false;
   if (tid < uint(FQ_BLOCK_Q)) {
     const int i = q0 + int(tid);
     // The softmax scale rides on the query row scale: s_ij = dot * qsc_i * ksc_j.
@@ -67,8 +77,9 @@ kernel void fq_attention_forward(
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
-  // Top-left causal: no key past the block's last query row is visible.
-  const int kv_end = fq_causal != 0 ? min(p.Skv, q0 + FQ_BLOCK_Q) : p.Skv;
+  // Top-left causal: no key past the block's last query row is visible (skipped, unless
+  // the host saw an inf / NaN: FqAttnParams::every_key).
+  const int kv_end = fq_causal != 0 && p.every_key == 0 ? min(p.Skv, q0 + FQ_BLOCK_Q) : p.Skv;
   for (int j0 = 0; j0 < kv_end; j0 += BK) {
     // S = Q K^T for this simdgroup's 8 rows x BK keys.
     simdgroup_float8x8 s[FQ_MAX_BLOCK_K / 8];
@@ -108,7 +119,8 @@ kernel void fq_attention_forward(
       float pexp[2];
       float pmax = 0.0f;
       for (int u = 0; u < 2; ++u) {
-        pexp[u] = m_new == -INFINITY ? 0.0f : exp(sv[u] - m_new);
+        // (a masked score is -inf; a NaN / +inf one gives NaN P, whatever max() made of it)
+        pexp[u] = sv[u] == -INFINITY ? 0.0f : exp(sv[u] - m_new);
         sum += pexp[u];
         pmax = max(pmax, pexp[u]);
       }
@@ -118,6 +130,7 @@ kernel void fq_attention_forward(
         if (jj < BK) srow[jj] = fq_round_p(pexp[u], tile_max);
       }
       sum = simd_sum(sum);
+      o_nonfinite = o_nonfinite || isnan(sum);  // (P <= 1: the sum is finite or NaN)
       if (lane == 0) {
         const float alpha = m_old == -INFINITY ? 0.0f : exp(m_old - m_new);
         row_m[r0 + r] = m_new;
@@ -127,17 +140,31 @@ kernel void fq_attention_forward(
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
 
-    simdgroup_float8x8 alpha;
-    simdgroup_load(alpha, diag, 8);
-    for (int t = 0; t < D / 8; ++t) simdgroup_multiply(o[t], alpha, o[t]);
     simdgroup_float8x8 pm[FQ_MAX_BLOCK_K / 8];
     for (int kc = 0; kc < BK / 8; ++kc) simdgroup_load(pm[kc], S + r0 * BK + kc * 8, BK);
+    if (!o_nonfinite) {
+      simdgroup_float8x8 alpha;
+      simdgroup_load(alpha, diag, 8);
+      for (int t = 0; t < D / 8; ++t) simdgroup_multiply(o[t], alpha, o[t]);
+    } else {  // this simdgroup's rows of S are free once P is loaded
+      threadgroup float* scratch = S + r0 * BK;
+      simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has loaded its P
+      for (int t = 0; t < D / 8; ++t) {
+        simdgroup_store(o[t], scratch, 8);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (int e = int(lane); e < 64; e += 32) scratch[e] *= diag[(e / 8) * 9];
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        simdgroup_load(o[t], scratch, 8);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+      }
+    }
 
     // O += P V, V staged dequantized.
     for (int c0 = 0; c0 < D; c0 += FQ_CHUNK) {
       const int w = min(FQ_CHUNK, D - c0);
-      fq_stage(chunk, V, j0, p.Skv - j0, BK, c0, w, true, tid);
+      fq_stage(chunk, V, j0, p.Skv - j0, BK, c0, w, true, tid, v_nonfinite);
       threadgroup_barrier(mem_flags::mem_threadgroup);
+      o_nonfinite = o_nonfinite || *v_nonfinite != 0.0f;
       for (int t = 0; t < w / 8; ++t)
         for (int kc = 0; kc < BK / 8; ++kc) {
           simdgroup_float8x8 vm;
@@ -161,28 +188,26 @@ kernel void fq_attention_forward(
       qk = simd_sum(part) * qsc[r0 + r];
     }
     if (lane == 0) {
-      diag[r * 9] = l > 0.0f ? 1.0f / l : 0.0f;
-      if (i < p.Sq) lse[(long(b) * p.Hq + h) * p.Sq + i] = l > 0.0f ? m + log(l) + qk : -INFINITY;
+      // l == 0: no visible key (O = 0 * V: zeros, or NaN from an inf / NaN V); a NaN l
+      // (NaN P) gives a NaN row and lse
+      diag[r * 9] = l == 0.0f ? 0.0f : 1.0f / l;
+      if (i < p.Sq) lse[(long(b) * p.Hq + h) * p.Sq + i] = l == 0.0f ? -INFINITY : m + log(l) + qk;
     }
   }
   simdgroup_barrier(mem_flags::mem_threadgroup);
-  simdgroup_float8x8 inv_l;
-  simdgroup_load(inv_l, diag, 8);
 
   // Write O through this simdgroup's rows of the chunk buffer (dtype conversion, tails).
   const long ob = long(b) * p.o_str[0] + long(h) * p.o_str[1];
   for (int c0 = 0; c0 < D; c0 += FQ_CHUNK) {
     const int w = min(FQ_CHUNK, D - c0);
-    for (int t = 0; t < w / 8; ++t) {
-      simdgroup_multiply(o[c0 / 8 + t], inv_l, o[c0 / 8 + t]);
-      simdgroup_store(o[c0 / 8 + t], chunk + r0 * FQ_CHUNK + t * 8, FQ_CHUNK);
-    }
+    // 1 / l per element (not through a diagonal matrix: exact per row for inf / NaN too)
+    for (int t = 0; t < w / 8; ++t) simdgroup_store(o[c0 / 8 + t], chunk + r0 * FQ_CHUNK + t * 8, FQ_CHUNK);
     simdgroup_barrier(mem_flags::mem_threadgroup);
     for (int e = int(lane); e < 8 * w; e += 32) {
       const int r = e / w, c = e - r * w, i = q0 + r0 + r;
       if (i < p.Sq)
         fq_store(out, ob + long(i) * p.o_str[2] + long(c0 + c) * p.o_str[3], fq_io_dtype,
-                 chunk[(r0 + r) * FQ_CHUNK + c]);
+                 chunk[(r0 + r) * FQ_CHUNK + c] * diag[r * 9]);
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
   }

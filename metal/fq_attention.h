@@ -77,8 +77,11 @@ inline float fq_scale_at(thread const FqOperand& o, int row, int col) {
 // Stages rows [row0, row0 + nrows) x columns [c0, c0 + w) of `o` into `dst` (row stride
 // FQ_CHUNK), zero-filling rows at or past row0 + nvalid (tails), dequantized fully when
 // `scaled`, else as data - zero_point. All threads of the threadgroup take part.
+// `nonfinite` (optional): set to 1 by any thread that staged an inf / NaN (every writer
+// writes the same value; read it after the barrier that follows).
 inline void fq_stage(threadgroup float* dst, thread const FqOperand& o, int row0, int nvalid, int nrows,
-                     int c0, int w, bool scaled, uint tid) {
+                     int c0, int w, bool scaled, uint tid, threadgroup float* nonfinite = nullptr) {
+  bool bad = false;
   for (int i = int(tid); i < nrows * w; i += FQ_ATTN_THREADS) {
     const int r = i / w, c = i - r * w;
     float v = 0.0f;
@@ -86,22 +89,26 @@ inline void fq_stage(threadgroup float* dst, thread const FqOperand& o, int row0
       v = fq_raw(o, row0 + r, c0 + c);
       if (scaled) v *= fq_scale_at(o, row0 + r, c0 + c);
     }
+    if (nonfinite != nullptr) bad = bad || !isfinite(v);
     dst[r * FQ_CHUNK + c] = v;
   }
+  if (bad) *nonfinite = 1.0f;
 }
 
 // The score s (already scaled) of query i and key j with causal masking, the boolean or
-// additive mask and sequence tails applied; -inf when j is not visible to i.
+// additive mask and sequence tails applied. Masks ADD -inf, as SDPA's math backend does
+// (docs/op_contract.md, non-finite values): a hidden key's finite score becomes -inf,
+// a NaN / +inf one NaN. Keys and rows past the sequence ends are assigned -inf.
 inline float fq_visible_score(constant FqAttnParams& p, device const uchar* mask, int b, int h, int i, int j,
                               float s) {
   if (i >= p.Sq || j >= p.Skv) return -INFINITY;
-  if (fq_causal != 0 && j > i) return -INFINITY;
+  if (fq_causal != 0 && j > i) return s + -INFINITY;
   if (fq_mask_mode != FQ_NONE) {
     const long mi = long(b) * p.mask_str[0] + long(h) * p.mask_str[1] + long(i) * p.mask_str[2] +
                     long(j) * p.mask_str[3];
     const float m = fq_load(mask, mi, fq_mask_mode);
     if (fq_mask_mode == FQ_BOOL) {
-      if (m == 0.0f) return -INFINITY;
+      if (m == 0.0f) return s + -INFINITY;
     } else {
       s += m;
     }

@@ -62,10 +62,11 @@ typedef int32_t fq_i32;
 
 // Threadgroup memory of the forward kernel, in floats: the staging chunk (32 query rows
 // or bk key rows of FQ_CHUNK columns), the score/P tile (32 x bk), the query and key row
-// scales, the running max and sum per query row, and one 8x8 diagonal per simdgroup.
+// scales, the running max and sum per query row, one 8x8 diagonal per simdgroup and one
+// flag (a staged V value was inf / NaN).
 #define FQ_FWD_CHUNK_ROWS(bk) ((bk) > FQ_BLOCK_Q ? (bk) : FQ_BLOCK_Q)
 #define FQ_FWD_TG_FLOATS(bk) \
-  (FQ_FWD_CHUNK_ROWS(bk) * FQ_CHUNK + FQ_BLOCK_Q * (bk) + 3 * FQ_BLOCK_Q + FQ_MAX_BLOCK_K + FQ_ATTN_SIMDGROUPS * 64)
+  (FQ_FWD_CHUNK_ROWS(bk) * FQ_CHUNK + FQ_BLOCK_Q * (bk) + 3 * FQ_BLOCK_Q + FQ_MAX_BLOCK_K + FQ_ATTN_SIMDGROUPS * 64 + 1)
 
 // Backward (dQ and dK/dV kernels): blocks of 32 queries and 32 keys; two staging chunks
 // (32 x FQ_CHUNK), two 32 x 32 tiles and four per-row vectors of 32. 25 KiB.
@@ -89,7 +90,10 @@ struct FqAttnParams {
   fq_i32 B, Hq, Hkv, Sq, Skv, D;
   fq_i32 has_qz, has_kz, has_vz, has_kmean;
   float scale;
-  fq_i32 pad_;
+  // 1: causal, with an inf / NaN in Q, K or V or a NaN / +inf in a float mask (set by
+  // the host): visit every key / query block, since skipping is exact only for finite
+  // inputs (SDPA adds the causal -inf, NaN stays NaN; P = 0 meets every V row: 0 * NaN)
+  fq_i32 every_key;
 };
 
 // Quantize / dequantize on the logical view (L, S, D): L = product of the leading dims.

@@ -200,6 +200,7 @@ AttnSetup setup_attention(const AttnArgs& a) {
   p.D = fq_i32(s.D);
   if (s.Sq > INT32_MAX / 2 || s.Skv > INT32_MAX / 2) fail("sequence too long");
   p.scale = float(a.has_scale ? a.scale : 1.0 / std::sqrt(double(s.D)));
+  p.every_key = a.causal && a.every_key ? 1 : 0;
   return s;
 }
 

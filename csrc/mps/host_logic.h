@@ -78,6 +78,7 @@ enum AttnInput {
 struct AttnArgs {
   TensorDesc t[kNumAttnInputs];
   bool causal = false;
+  bool every_key = false;  // FqAttnParams::every_key: the caller looked at the data
   bool has_scale = false;
   double scale = 0.0;
   std::string pv_precision = "none";

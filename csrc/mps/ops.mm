@@ -237,11 +237,33 @@ std::vector<at::Tensor> attention_inputs(const at::Tensor& q, const at::Tensor& 
   return t;
 }
 
+// Any inf / NaN in the floating q, k, v given without quantized data (backward: in dO, O;
+// a NaN lse), or a NaN / +inf in a float mask: what SDPA's causal mask does not hide
+// (docs/op_contract.md).
+bool any_non_finite(const std::vector<at::Tensor>& t) {
+  at::Tensor bad;
+  const auto add = [&](const at::Tensor& b) { bad = bad.defined() ? (bad | b) : b; };
+  const int data[3] = {fq_mps::kQData, fq_mps::kKData, fq_mps::kVData};
+  const int raw[3] = {fq_mps::kQ, fq_mps::kK, fq_mps::kV};
+  for (int i = 0; i < 3; ++i)
+    if (!t[data[i]].defined() && t[raw[i]].defined()) add(at::isfinite(t[raw[i]]).logical_not().any());
+  for (int i : {int(fq_mps::kGradOut), int(fq_mps::kOut)})  // backward
+    if (t[i].defined()) add(at::isfinite(t[i]).logical_not().any());
+  if (t[fq_mps::kLse].defined()) add(at::isnan(t[fq_mps::kLse]).any());
+  const at::Tensor& m = t[fq_mps::kMask];
+  if (m.defined() && m.is_floating_point()) add((at::isnan(m) | at::isposinf(m)).any());
+  return bad.defined() && bad.item<bool>();
+}
+
 fq_mps::AttnArgs attn_args(const std::vector<at::Tensor>& t, bool is_causal, std::optional<double> scale,
                            c10::string_view pv) {
   fq_mps::AttnArgs a;
   for (int i = 0; i < fq_mps::kNumAttnInputs; ++i) a.t[i] = desc(t[i]);
   a.causal = is_causal;
+  // Causal calls skip blocks; exact only for finite inputs (FqAttnParams::every_key). A
+  // host sync, causal calls only: the floating operands (quantized ones are finite) and a
+  // float mask read once more (issue 15 item 3).
+  if (is_causal) a.every_key = any_non_finite(t);
   a.has_scale = scale.has_value();
   a.scale = scale.value_or(0.0);
   a.pv_precision = std::string(pv);

@@ -134,7 +134,7 @@ def _bwd_preprocess(
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, DQ, LSE2, DELTA,
+    Q, K, V, DO, DQ, LSE2, DELTA, NONFINITE,
     QS, QZ, KS, KZ, KC, VS, VZ, MASK,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
@@ -189,8 +189,9 @@ def _bwd_dq(
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = SKV
-    if IS_CAUSAL:
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, SKV)
+    if IS_CAUSAL:  # (every key tile where _nonfinite_heads flags the head: the skip is
+        # exact only for finite inputs)
+        hi = tl.where(tl.load(NONFINITE + bh) != 0, SKV, tl.minimum((pid_m + 1) * BLOCK_M, SKV))
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SKV
@@ -207,7 +208,8 @@ def _bwd_dq(
         vis, bias = score_mask(offs_m, offs_n, SQ, SKV, m_base, s_mm, s_mn, IS_CAUSAL, True, MASK_MODE)
         if MASK_MODE == 2:
             s = s + bias * LOG2E
-        s = tl.where(vis, s, float("-inf"))
+        # masks ADD -inf as SDPA does (a NaN / +inf score gives NaN); keys past SKV: -inf
+        s = tl.where(n_ok[None, :], tl.where(vis, s, s + float("-inf")), float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         vf = _load_v(v_base, vs_base, vz_base, offs_n, offs_d, n_ok, D, s_vs, s_vd, s_vss, s_vsd,
                      s_vzs, s_vzd, V_MODE, V_ZP, BLOCK_N, BLOCK_D).to(DT)
@@ -223,7 +225,7 @@ def _bwd_dq(
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE2, DELTA,
+    Q, K, V, DO, DK, DV, LSE2, DELTA, NONFINITE,
     QS, QZ, KS, KZ, VS, VZ, MASK,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
@@ -267,8 +269,8 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
-    if IS_CAUSAL:
-        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:  # (every query tile where a head of the group is flagged: _nonfinite_heads)
+        lo = tl.where(tl.load(NONFINITE + bh) != 0, 0, ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b * s_qb + h * s_qh
@@ -291,17 +293,19 @@ def _bwd_dkdv(
                 q16 = _load_operand(q_base, qs_base, qz_base, offs_m, offs_d, m_ok, D, s_qs, s_qd, s_qss,
                                     s_qzs, Q_MODE, Q_ZP, BLOCK_M, BLOCK_D).to(DT)
                 sT = tl.dot(k16, tl.trans(q16)) * qk_scale
-            # Transposed tile: rows are keys (n), columns queries (m).
-            visT = n_ok[:, None] & m_ok[None, :]
+            # Transposed tile: rows are keys (n), columns queries (m). Causal and bool
+            # masks ADD -inf (SDPA: a NaN / +inf score stays NaN); out of range: -inf.
+            inb = n_ok[:, None] & m_ok[None, :]
+            visT = inb
             if IS_CAUSAL:
                 visT = visT & (offs_n[:, None] <= offs_m[None, :])
             if MASK_MODE == 1:
-                mv = tl.load(m_base + offs_m[None, :] * s_mm + offs_n[:, None] * s_mn, mask=visT, other=0)
+                mv = tl.load(m_base + offs_m[None, :] * s_mm + offs_n[:, None] * s_mn, mask=inb, other=0)
                 visT = visT & (mv != 0)
             elif MASK_MODE == 2:
-                mv = tl.load(m_base + offs_m[None, :] * s_mm + offs_n[:, None] * s_mn, mask=visT, other=0.0)
+                mv = tl.load(m_base + offs_m[None, :] * s_mm + offs_n[:, None] * s_mn, mask=inb, other=0.0)
                 sT = sT + mv.to(tl.float32) * LOG2E
-            sT = tl.where(visT, sT, float("-inf"))
+            sT = tl.where(inb, tl.where(visT, sT, sT + float("-inf")), float("-inf"))
             lse2 = load_row_vector(LSE2 + row_base, offs_m, 1, m_ok, float("inf"))
             delta = load_row_vector(DELTA + row_base, offs_m, 1, m_ok, 0.0)
             pT = tl.math.exp2(sT - lse2[None, :])
@@ -319,6 +323,33 @@ def _bwd_dkdv(
 
 
 # ----------------------------------------------------------------------------- launcher
+def _head_sum(x: torch.Tensor) -> torch.Tensor:
+    return torch.sum(x, dim=(2, 3), dtype=torch.float32)
+
+
+def _nonfinite_heads(grad_out, q, k, v, out, lse, attn_mask, group) -> torch.Tensor:
+    """int32 (B, Hq): 1 where the causal tile skips would not be exact (SDPA's gradient
+    multiplies the masked P = 0 by dP, delta and K: 0 * NaN = NaN) — an inf / NaN in that
+    head's dO, O, floating Q (None: quantized, finite), K or V, a NaN lse, or a NaN / +inf
+    anywhere in a float mask. On the device, no host sync: a sum is finite iff every term
+    is (an overflow of huge finite values only flags a head needlessly: slower, same
+    result). Cost, causal calls only: dO, O, Q, K, V (and the float mask) read once more,
+    ~12 small launches; each program then loads one int."""
+    kv = None
+    for x in (k, v):
+        if x is not None:
+            kv = _head_sum(x) if kv is None else kv + _head_sum(x)
+    total = _head_sum(grad_out) + _head_sum(out)
+    if q is not None:
+        total = total + _head_sum(q)
+    if kv is not None:
+        total = total + kv.repeat_interleave(group, dim=1)
+    bad = ~torch.isfinite(total) | torch.isnan(lse).any(dim=2)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        bad |= ~(attn_mask.amax() < float("inf"))
+    return bad.to(torch.int32).contiguous()
+
+
 def _mode(data: Optional[torch.Tensor]) -> int:
     if data is None:
         return _FLOAT
@@ -492,10 +523,16 @@ def attention_backward_triton(
         HQ, group, SQ, D, sm_scale,
     ), dict(Q_MODE=qmode, Q_ZP=q_zp, HAS_KMEAN=has_kmean, BLOCK_M=pm, BLOCK_D=BLOCK_D), kernels, "pre")
     common_strides = (*sq_, *sk_, *vt.stride(), *grad_out.stride())
+    if is_causal:  # per (b, query head) for dQ, per (b, kv head) (any of its group) for dK / dV
+        nonfinite_q = _nonfinite_heads(grad_out, q if q_data is None else None, k if k_data is None else None,
+                                       v if v_data is None else None, out, lse_c, attn_mask, group)
+        nonfinite_kv = nonfinite_q.view(B, HKV, group).amax(dim=2).contiguous()
+    else:
+        nonfinite_q = nonfinite_kv = lse2  # dummies, never read
 
     def launch_dq(cfg):
         host.launch(_bwd_dq, (cdiv(SQ, cfg.block_m), B * HQ), (
-            qt, kt, vt, grad_out, dq, lse2, delta,
+            qt, kt, vt, grad_out, dq, lse2, delta, nonfinite_q,
             qsc, qzp, ksc, kzp, kc, vsc, vzp, m,
             *common_strides, *dq.stride(),
             *s_qsc, *s_qzp, *s_ksc, *s_kzp, *kc.stride(), *s_vsc, *s_vzp, *s_m,
@@ -507,7 +544,7 @@ def attention_backward_triton(
 
     def launch_dkdv(cfg):
         host.launch(_bwd_dkdv, (cdiv(SKV, cfg.block_n), B * HKV), (
-            qt, kt, vt, grad_out, dk, dv, lse2, delta,
+            qt, kt, vt, grad_out, dk, dv, lse2, delta, nonfinite_kv,
             qsc, qzp, ksc, kzp, vsc, vzp, m,
             *common_strides, *dk.stride(), *dv.stride(),
             *s_qsc, *s_qzp, *s_ksc, *s_kzp, *s_vsc, *s_vzp, *s_m,

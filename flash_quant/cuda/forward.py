@@ -196,7 +196,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             s = t * qs2[:, None]
             if MASK_KIND == 2:
                 s = s + bias * 1.4426950408889634
-            s = tl.where(visible, s, float("-inf"))
+            # causal / bool masks ADD -inf, as SDPA's math backend does: a NaN or +inf
+            # score stays (becomes) NaN where masked (docs/op_contract.md, non-finite
+            # values); keys past Skv are no keys at all and are assigned -inf
+            s = tl.where(visible, s, s + float("-inf"))
+            if CHECK:
+                s = tl.where(nmask[None, :], s, float("-inf"))
+            # (tl.max / tl.maximum drop NaN on the GPU: harmless here, P = exp2(NaN - m)
+            # stays NaN, so l_i, the output row and its lse do too, whatever m is)
             m_tile = tl.max(s, 1)
         elif QK_MODE == 0 and KS_CONST:  # the row max of the int32 tile, converted per row
             m_tile = tl.max(qk_i, 1).to(tl.float32) * qs2
@@ -282,7 +289,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
+def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE, NONFINITE,
                      sm_scale, Hq, kv_group, Sq, Skv, split_len, split_so, split_sl,
                      sqb, sqh, sqs, sqd,
                      skb, skh, sks, skd,
@@ -391,7 +398,11 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE,
 
     # blocks fully visible to every row of the tile need no causal / bounds masking
     if IS_CAUSAL:
-        hi = tl.minimum(Skv, start_m + BLOCK_M)
+        # key tiles after the tile's last row are skipped, exact only for finite inputs
+        # (SDPA adds the causal -inf: NaN stays NaN; its P @ V meets every V row: 0 * NaN);
+        # a (batch, head) flagged by _nonfinite_heads visits them all (never packed)
+        every_key = tl.load(NONFINITE + b * Hq + h) != 0
+        hi = tl.where(every_key, Skv, tl.minimum(Skv, start_m + BLOCK_M))
         full_end = tl.minimum((start_m + 1) // BLOCK_N, Skv // BLOCK_N) * BLOCK_N
     else:
         hi = Skv
@@ -726,20 +737,21 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
     out = torch.empty((p.B, p.Hq, p.Sq, p.D), dtype=p.out_dtype, device=p.device)
     lse = torch.empty((p.B, p.Hq, p.Sq), dtype=torch.float32, device=p.device)
     ptrs = [tensors[i] if i >= 0 else lse for i in p.pointers]  # lse: a dummy, never dereferenced
+    nonfinite = _nonfinite_heads(tensors, p) if p.consts["IS_CAUSAL"] else lse  # (dummy when not causal)
 
     def launch(cfg: autotune.Config):
         grid, splits, split_len, meta = _grid(p, cfg, num_splits)
         key = (cfg, num_splits)  # with the plan's signature, fixes grid, meta and the scalars
         if splits == 1:
             host.launch(_attn_fwd_kernel, grid,
-                        (*ptrs, out, lse, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
+                        (*ptrs, out, lse, nonfinite, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
                          p.Skv + cfg.block_n, 0, 0, *p.strides, *out.stride()), meta, p.kernels, key)
             return
         rows = p.B * p.Hq * p.Sq
         o_part = torch.empty((splits, p.B, p.Hq, p.Sq, p.D), dtype=torch.float32, device=p.device)
         lse_part = torch.empty((splits, rows), dtype=torch.float32, device=p.device)
         host.launch(_attn_fwd_kernel, grid,
-                    (*ptrs, o_part, lse_part, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
+                    (*ptrs, o_part, lse_part, nonfinite, p.scale, p.Hq, p.Hq // p.Hkv, p.Sq, p.Skv,
                      split_len, rows * p.D, rows, *p.strides, *o_part.stride()[1:]), meta, p.kernels, key)
         br = 16
         host.launch(_combine_splits_kernel, (cdiv(rows, br),),
@@ -750,6 +762,33 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         config = autotune.select(p.tune_key, list(p.candidates), p.default, launch)
     launch(config)
     return out, lse
+
+
+def _head_sum(x: torch.Tensor) -> torch.Tensor:
+    return torch.sum(x, dim=(2, 3), dtype=torch.float32)
+
+
+def _nonfinite_heads(tensors, p: _ForwardPlan) -> torch.Tensor:
+    """int32 (B, Hq): 1 where the causal tile skip would not be exact — an inf / NaN in
+    that head's floating Q, K or V, or a NaN / +inf anywhere in a float mask (quantized
+    operands are finite by construction). Computed on the device, no host sync: a sum is
+    finite iff every term is (an fp32 overflow of huge finite values only flags a head
+    needlessly: slower, same result), and a mask's amax is NaN / +inf iff it has one.
+    Cost, causal calls only: Q, K, V (and the float mask) read once more, ~8 small
+    launches; the kernel then loads one int per program."""
+    q, k, v, mask = tensors[_Q], tensors[_K], tensors[_V], tensors[_MASK]
+    bad = torch.zeros((p.B, p.Hq), dtype=torch.bool, device=p.device)
+    if tensors[_QD] is None:
+        bad |= ~torch.isfinite(_head_sum(q))
+    kv = None
+    for x, data in ((k, tensors[_KD]), (v, tensors[_VD])):
+        if data is None:
+            kv = _head_sum(x) if kv is None else kv + _head_sum(x)
+    if kv is not None:
+        bad |= ~torch.isfinite(kv).repeat_interleave(p.Hq // p.Hkv, dim=1)
+    if mask is not None and mask.is_floating_point():
+        bad |= ~(mask.amax() < float("inf"))
+    return bad.to(torch.int32)
 
 
 _SM_COUNT = {}

@@ -263,6 +263,17 @@ def _desc(t: Optional[torch.Tensor]) -> CTensor:
     return c
 
 
+def _any_non_finite(ins) -> bool:
+    """As ops.mm's any_non_finite: an inf / NaN in q, k or v given without quantized data
+    (or, backward, in grad_out or out; a NaN lse), or a NaN / +inf in a float mask
+    (FqAttnParams::every_key, causal calls only)."""
+    bad = any(t is not None and d is None and not bool(torch.isfinite(t).all())
+              for t, d in ((ins[0], ins[3]), (ins[1], ins[6]), (ins[2], ins[10]), (ins[14], None), (ins[15], None)))
+    bad = bad or (ins[16] is not None and bool(ins[16].isnan().any()))
+    m = ins[13]
+    return bad or (m is not None and m.is_floating_point() and bool((m.isnan() | m.isposinf()).any()))
+
+
 class Emulator:
     """Plans with host_logic and runs Metal kernels on the CPU."""
 
@@ -371,10 +382,11 @@ class Emulator:
         return plan
 
     def plan_attention(self, tensors: Sequence[Optional[torch.Tensor]], causal: bool, scale: Optional[float],
-                       pv_precision: str, backward: bool = False) -> CPlan:
+                       pv_precision: str, backward: bool = False, every_key: bool = False) -> CPlan:
         arr = (CTensor * len(tensors))(*[_desc(t) for t in tensors])
         plan, err = CPlan(), ctypes.create_string_buffer(1024)
-        rc = self._plan.fq_emu_plan_attention(int(backward), arr, int(causal), int(scale is not None),
+        rc = self._plan.fq_emu_plan_attention(int(backward), arr, int(causal), int(every_key),
+                                              int(scale is not None),
                                               ctypes.c_double(scale or 0.0), pv_precision.encode(),
                                               ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
@@ -446,7 +458,7 @@ class Emulator:
                           attn_mask=None, is_causal=False, scale=None, pv_precision="none", order=0):
         ins = [q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean, v_data, v_scale,
                v_zero_point, attn_mask, None, None, None]
-        plan = self.plan_attention(ins, is_causal, scale, pv_precision)
+        plan = self.plan_attention(ins, is_causal, scale, pv_precision, every_key=is_causal and _any_non_finite(ins))
         out, lse = self.run_plan(plan, ins, order)
         return out, lse
 
@@ -456,7 +468,8 @@ class Emulator:
                            order=0):
         ins = [q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean, v_data, v_scale,
                v_zero_point, attn_mask, grad_out, out, lse]
-        plan = self.plan_attention(ins, is_causal, scale, pv_precision, backward=True)
+        plan = self.plan_attention(ins, is_causal, scale, pv_precision, backward=True,
+                                   every_key=is_causal and _any_non_finite(ins))
         dq, dk, dv = self.run_plan(plan, ins, order)[:3]
         return dq, dk, dv
 

@@ -92,12 +92,13 @@ static int guarded(F&& f, CPlan* out, char* err, int errlen) {
   }
 }
 
-extern "C" int fq_emu_plan_attention(int backward, const CTensor* t, int causal, int has_scale, double scale,
-                                     const char* pv, CPlan* out, char* err, int errlen) {
+extern "C" int fq_emu_plan_attention(int backward, const CTensor* t, int causal, int every_key, int has_scale,
+                                     double scale, const char* pv, CPlan* out, char* err, int errlen) {
   return guarded([&] {
     AttnArgs a;
     for (int i = 0; i < kNumAttnInputs; ++i) a.t[i] = to_desc(t[i]);
     a.causal = causal != 0;
+    a.every_key = every_key != 0;
     a.has_scale = has_scale != 0;
     a.scale = scale;
     a.pv_precision = pv;
