@@ -12,7 +12,8 @@ takes its place wherever the float values are not at hand or not worth computing
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,17 +30,17 @@ class OperandArgs(NamedTuple):
     """One operand's arguments. `float` carries shape, dtype and gradient; with `data`
     given the kernels compute with the codes (data - zero_point) * scale instead."""
 
-    float: Optional[torch.Tensor]
-    data: Optional[torch.Tensor] = None
-    scale: Optional[torch.Tensor] = None
-    zero_point: Optional[torch.Tensor] = None
-    mean: Optional[torch.Tensor] = None  # K's smoothing mean (k_mean): only for the lse
+    float: torch.Tensor | None
+    data: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    mean: torch.Tensor | None = None  # K's smoothing mean (k_mean): only for the lse
 
     @property
     def quantized(self) -> bool:
         return self.data is not None
 
-    def as_kwargs(self, role: str) -> Dict[str, Optional[torch.Tensor]]:
+    def as_kwargs(self, role: str) -> dict[str, torch.Tensor | None]:
         """These arguments under the schema's names for `role` ("q", "k" or "v")."""
         kwargs = {role: self.float, f"{role}_data": self.data, f"{role}_scale": self.scale,
                   f"{role}_zero_point": self.zero_point}
@@ -50,18 +51,18 @@ class OperandArgs(NamedTuple):
         return kwargs
 
     @classmethod
-    def from_inputs(cls, role: str, inputs: Mapping[str, Any]) -> "OperandArgs":
+    def from_inputs(cls, role: str, inputs: Mapping[str, Any]) -> OperandArgs:
         """The operand `role` of an op's inputs given by name (see schema_names)."""
         return cls(inputs[role], inputs[f"{role}_data"], inputs[f"{role}_scale"],
                    inputs[f"{role}_zero_point"], inputs.get(f"{role}_mean"))
 
 
-def operand_kwargs(q: OperandArgs, k: OperandArgs, v: OperandArgs) -> Dict[str, Optional[torch.Tensor]]:
+def operand_kwargs(q: OperandArgs, k: OperandArgs, v: OperandArgs) -> dict[str, torch.Tensor | None]:
     """The three operands' arguments of attention_forward / attention_backward, by name."""
     return {**q.as_kwargs("q"), **k.as_kwargs("k"), **v.as_kwargs("v")}
 
 
-def schema_names(op: torch._ops.OpOverload) -> Tuple[str, ...]:
+def schema_names(op: torch._ops.OpOverload) -> tuple[str, ...]:
     """An op's argument names in schema order (the order of the inputs autograd's
     setup_context gets, defaults filled in, and of the gradients it returns)."""
     return tuple(a.name for a in op._schema.arguments)

@@ -347,7 +347,7 @@ def _attention_setup(ctx, inputs, output):
     ctx.stand_ins = [(x.float.shape, x.float.dtype, x.float.device) if x.quantized else None for x in operands]
     kept = [x._replace(float=None) if x.quantized else x for x in operands]
     ctx.save_for_backward(args["attn_mask"], out, lse, *(t for x in kept for t in x))
-    ctx.flags = dict(is_causal=args["is_causal"], scale=args["scale"], pv_precision=args["pv_precision"])
+    ctx.flags = {name: args[name] for name in ("is_causal", "scale", "pv_precision")}
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
