@@ -8,6 +8,7 @@ import torch
 from . import ops
 from .config import AttentionConfig, OperandConfig, Strategy, resolve_config
 from .key_stats import visible_keys
+from .operand import OperandArgs, operand_kwargs, stand_in
 from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
 from .rotation import rotate, rotated_stand_in
@@ -95,13 +96,13 @@ def attention_with_lse(
     with torch.no_grad():  # straight-through: gradients reach q/k/v through the attention
         # op's own formula, so the quantization steps need no autograd graph (nor its
         # saved copies of q and k)
-        q_args = _operand_args(query, q, cfg.q, "q", q_rot)
-        k_args = _operand_args(key, k, cfg.k, "k", k_rot, visible)
-        v_args = _operand_args(value, v, cfg.v, "v", visible=visible)
+        q_args = _operand_args(q_op, query, q, cfg.q, "q", q_rot)
+        k_args = _operand_args(k_op, key, k, cfg.k, "k", k_rot, visible)
+        v_args = _operand_args(v, value, v, cfg.v, "v", visible=visible)
 
     mask = _prepare_mask(attn_mask)
     out, lse = ops.attention_forward(
-        q_op, k_op, v, *q_args, *k_args, *v_args,
+        **operand_kwargs(q_args, k_args, v_args),
         attn_mask=mask, is_causal=bool(is_causal), scale=scale, pv_precision=cfg.pv.value,
     )
     return out.to(out_dtype), lse
@@ -134,9 +135,9 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
 
 def _operand_float(x: Operand) -> torch.Tensor:
     """The float tensor the op sees as q/k/v. For a QuantizedTensor: a zero-stride
-    placeholder of the right shape and dtype (the kernels read its data instead)."""
+    stand-in of the right shape and dtype (the kernels read its data instead)."""
     if isinstance(x, QuantizedTensor):
-        return torch.zeros((), dtype=x.orig_dtype, device=x.device).expand(x.orig_shape)
+        return stand_in(x.orig_shape, x.orig_dtype, x.device)
     return x
 
 
@@ -179,25 +180,25 @@ def _visible_keys_if_needed(cfg: AttentionConfig, key, value, attn_mask, is_caus
     return visible_keys(attn_mask, is_causal, b, hq, k_shape[1], sq, k_shape[2], device=key.device)
 
 
-def _operand_args(given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str, rotate: bool = False,
-                  visible: Optional[torch.Tensor] = None):
-    """The op's (data, scale, zero_point[, mean]) for one operand: a given QuantizedTensor's
-    fields, or `x` quantized per `cfg` (Hadamard-rotated first when `rotate`; `visible`:
-    the keys some query sees, for K and V), or Nones for an unquantized operand. No
-    QuantizedTensor is built per call."""
+def _operand_args(float_arg: torch.Tensor, given: Operand, x: torch.Tensor, cfg: OperandConfig, role: str,
+                  rotate: bool = False, visible: Optional[torch.Tensor] = None) -> OperandArgs:
+    """The op's arguments for one operand: `float_arg` as its float tensor, with a given
+    QuantizedTensor's fields, or `x` quantized per `cfg` (Hadamard-rotated first when
+    `rotate`; `visible`: the keys some query sees, for K and V), or no codes for an
+    unquantized operand. No QuantizedTensor is built per call."""
     if isinstance(given, QuantizedTensor):
-        return _op_args(given.data, given.scale, given.zero_point, given.mean, given.granularity,
+        return _op_args(float_arg, given.data, given.scale, given.zero_point, given.mean, given.granularity,
                         given.strategy, given.orig_shape, role)
     if not cfg.quantized:
-        return (None, None, None, None) if role == "k" else (None, None, None)
+        return OperandArgs(float_arg)
     data, scale, zero_point, mean = quantize_codes(x, cfg, rotate=rotate, visible=visible)
-    return _op_args(data, scale, zero_point, mean if cfg.smooth else None, cfg.granularity, cfg.strategy,
-                    tuple(x.shape), role)
+    return _op_args(float_arg, data, scale, zero_point, mean if cfg.smooth else None, cfg.granularity,
+                    cfg.strategy, tuple(x.shape), role)
 
 
-def _op_args(data, scale, zero_point, mean, granularity, strategy, shape, role: str):
-    """(data, scale, zero_point[, mean]) as the op wants them: Q/K scales expanded to
-    rows when blocked, zero points only for asymmetric operands."""
+def _op_args(float_arg, data, scale, zero_point, mean, granularity, strategy, shape, role: str) -> OperandArgs:
+    """The operand as the op wants it: Q/K scales expanded to rows when blocked, zero
+    points only for asymmetric operands, a mean only for K."""
     if granularity.name == "per_channel" and role in ("q", "k"):
         raise ValueError(f"a per_channel {role.upper()} cannot be used in attention: its scale varies along the head dim")
     zp = zero_point if strategy is Strategy.ASYMMETRIC else None
@@ -206,12 +207,12 @@ def _op_args(data, scale, zero_point, mean, granularity, strategy, shape, role: 
         scale = ops.expand_groups(scale, rows, granularity.block_size)
         zp = None if zp is None else ops.expand_groups(zp, rows, granularity.block_size)
     if role == "k":
-        return (data, scale, zp, mean)
+        return OperandArgs(float_arg, data, scale, zp, mean)
     if role == "q" and mean is not None:
         raise ValueError("a smoothed query cannot be used in attention (smoothing Q needs a correction); smooth K only")
     if role == "v" and mean is not None:
         raise ValueError("a smoothed value cannot be used in attention; smooth K only")
-    return (data, scale, zp)
+    return OperandArgs(float_arg, data, scale, zp)
 
 
 def _prepare_mask(attn_mask):

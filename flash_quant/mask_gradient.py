@@ -20,9 +20,11 @@ the quantized forward, like dQ, dK and dV.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
+
+from .operand import OperandArgs
 
 _ops = torch.ops.flash_quant
 
@@ -40,51 +42,48 @@ _PRECISION_OF_DTYPE = {
 
 def mask_gradient(
     grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: OperandArgs,
+    k: OperandArgs,
+    v: OperandArgs,
     out: torch.Tensor,
     lse: torch.Tensor,
-    operands: Tuple[Optional[torch.Tensor], ...],
     attn_mask: torch.Tensor,
     is_causal: bool,
     scale: Optional[float],
 ) -> torch.Tensor:
-    """dLoss/d attn_mask, in attn_mask's shape and dtype. `operands` are the forward's
-    (q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean, v_data,
-    v_scale, v_zero_point), in schema order."""
-    q_data, q_scale, q_zp, k_data, k_scale, k_zp, k_mean, v_data, v_scale, v_zp = operands
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
+    """dLoss/d attn_mask, in attn_mask's shape and dtype. q, k, v: the forward's operands
+    (a quantized one's float may be a stand-in: its codes are read)."""
+    B, Hq, Sq, D = q.float.shape
+    Hkv, Skv = k.float.shape[1], k.float.shape[2]
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    smoothed = k_data is not None and k_mean is not None and k_mean.numel() > 0
+    smoothed = k.quantized and k.mean is not None and k.mean.numel() > 0
 
     mask4 = _as4d(attn_mask)
     grad = torch.zeros(mask4.shape, dtype=torch.float32, device=mask4.device)
     heads = max(1, min(Hq, CHUNK_SCORES // (Sq * Skv)))
     rows = Sq if heads > 1 else max(1, min(Sq, CHUNK_SCORES // Skv))
-    keys = torch.arange(Skv, device=q.device)
+    keys = torch.arange(Skv, device=q.float.device)
 
     for b in range(B):
         for h0 in range(0, Hq, heads):
             h1 = min(Hq, h0 + heads)
             kv0, kv1 = h0 // group, (h1 - 1) // group + 1
-            kv_of_head = torch.arange(h0, h1, device=q.device) // group - kv0  # GQA: no K/V repeat in memory
-            kc = _operand(k, k_data, k_scale, k_zp, b, kv0, kv1)[:, kv_of_head]
-            vc = _operand(v, v_data, v_scale, v_zp, b, kv0, kv1)[:, kv_of_head]
+            kv_of_head = torch.arange(h0, h1, device=q.float.device) // group - kv0  # GQA: no K/V repeat in memory
+            kc = _operand(k, b, kv0, kv1)[:, kv_of_head]
+            vc = _operand(v, b, kv0, kv1)[:, kv_of_head]
             for r0 in range(0, Sq, rows):
                 r1 = min(Sq, r0 + rows)
-                qc = _operand(q, q_data, q_scale, q_zp, b, h0, h1, r0, r1)
+                qc = _operand(q, b, h0, h1, r0, r1)
                 lse_c = lse[b:b + 1, h0:h1, r0:r1, None]
                 if smoothed:  # the kernel's scores use the smoothed K; its lse adds q · k_mean back
-                    km = _slice(k_mean, b, kv0, kv1).float()
+                    km = _slice(k.mean, b, kv0, kv1).float()
                     km = km[:, kv_of_head] if km.shape[1] > 1 else km
                     lse_c = lse_c - scale * (qc * km).sum(-1, keepdim=True)
                 s = scale * torch.matmul(qc, kc.transpose(-1, -2))
                 s = s + _slice(mask4, b, h0, h1, r0, r1).float()
                 if is_causal:
-                    queries = torch.arange(r0, r1, device=q.device)
+                    queries = torch.arange(r0, r1, device=q.float.device)
                     s = s.masked_fill(keys[None, :] > queries[:, None], float("-inf"))
                 # a row with no visible key (lse = -inf) contributes nothing
                 p = torch.where(lse_c == float("-inf"), torch.zeros_like(s), torch.exp(s - lse_c))
@@ -114,16 +113,16 @@ def _slice(t: torch.Tensor, b: int, h0: int, h1: int, r0: Optional[int] = None, 
     return t
 
 
-def _operand(x, data, scale, zero_point, b, h0, h1, r0=None, r1=None) -> torch.Tensor:
-    """The fp32 values the kernels computed with: x itself, or the dequantized codes
-    (never x: it may be a placeholder when the codes are given)."""
-    if data is None:
-        return _slice(x, b, h0, h1, r0, r1).float()
-    empty = scale.new_empty((0,))
-    zp = empty if zero_point is None else _slice(zero_point, b, h0, h1, r0, r1)
+def _operand(x: OperandArgs, b, h0, h1, r0=None, r1=None) -> torch.Tensor:
+    """The fp32 values the kernels computed with: x's float itself, or its dequantized
+    codes (never the float then: it may be a stand-in)."""
+    if not x.quantized:
+        return _slice(x.float, b, h0, h1, r0, r1).float()
+    empty = x.scale.new_empty((0,))
+    zp = empty if x.zero_point is None else _slice(x.zero_point, b, h0, h1, r0, r1)
     return _ops.dequantize(
-        _slice(data, b, h0, h1, r0, r1), _slice(scale, b, h0, h1, r0, r1), zp, empty,
-        _PRECISION_OF_DTYPE[data.dtype], 1, torch.float32,
+        _slice(x.data, b, h0, h1, r0, r1), _slice(x.scale, b, h0, h1, r0, r1), zp, empty,
+        _PRECISION_OF_DTYPE[x.data.dtype], 1, torch.float32,
     )
 
 

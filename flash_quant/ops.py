@@ -18,6 +18,7 @@ from .config import QUANTIZED_PRECISIONS, Precision
 from .groups import expand_groups, group_amax, reduce_groups, scale_shape
 from .layout import cuda_kmajor_layout, cuda_kmajor_seq_len
 from .mask_gradient import mask_gradient
+from .operand import ROLES, OperandArgs, operand_kwargs, schema_names, stand_in
 
 __all__ = [
     "quantize",
@@ -327,56 +328,44 @@ def _attention_forward_fake(q, k, v, *args):
     return out, lse
 
 
-_FWD_OPERANDS = 13  # q, k, v and the ten quantized-operand tensors, in schema order
-
-
-# (float operand, its quantized data) positions in the schema
-_DATA_OF = ((0, 3), (1, 6), (2, 10))
+#: attention_forward's argument names in schema order: its inputs are read by these names.
+_FORWARD_ARGS = schema_names(_ops.attention_forward.default)
 
 
 def _attention_setup(ctx, inputs, output):
-    tensors = list(inputs[:_FWD_OPERANDS])
-    attn_mask, is_causal, scale, pv_precision = inputs[_FWD_OPERANDS:]
+    args = dict(zip(_FORWARD_ARGS, inputs))
     out, lse = output
     ctx.mark_non_differentiable(lse)
     # Every backend's backward reads a quantized operand's data, never its float tensor
-    # (docs/op_contract.md: a zero-stride placeholder may stand in for it). Keep only the
+    # (docs/op_contract.md: a zero-stride stand-in may take its place). Keep only the
     # float's metadata, so the graph does not hold e.g. the rotated copies of q and k:
     # at 4x32x4096x128 bf16 that is 256 MiB of the fwd+bwd peak.
-    ctx.placeholders = []
-    for i, d in _DATA_OF:
-        if tensors[d] is not None:
-            ctx.placeholders.append((i, tensors[i].shape, tensors[i].dtype, tensors[i].device))
-            tensors[i] = None
-    ctx.save_for_backward(*tensors, attn_mask, out, lse)
-    ctx.flags = (is_causal, scale, pv_precision)
+    operands = [OperandArgs.from_inputs(role, args) for role in ROLES]
+    ctx.stand_ins = [(x.float.shape, x.float.dtype, x.float.device) if x.quantized else None for x in operands]
+    kept = [x._replace(float=None) if x.quantized else x for x in operands]
+    ctx.save_for_backward(args["attn_mask"], out, lse, *(t for x in kept for t in x))
+    ctx.flags = {name: args[name] for name in ("is_causal", "scale", "pv_precision")}
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    saved = list(ctx.saved_tensors)
-    for i, shape, dtype, device in ctx.placeholders:
-        saved[i] = torch.empty((), dtype=dtype, device=device).expand(shape)
-    q, k, v = saved[:3]
-    operands = saved[3:_FWD_OPERANDS]
-    attn_mask, out, lse = saved[_FWD_OPERANDS:]
-    is_causal, scale, pv_precision = ctx.flags
+    attn_mask, out, lse, *flat = ctx.saved_tensors
+    n = len(OperandArgs._fields)
+    operands = (OperandArgs(*flat[i:i + n]) for i in range(0, len(flat), n))
+    q, k, v = (x if meta is None else x._replace(float=stand_in(*meta)) for x, meta in zip(operands, ctx.stand_ins))
     grad_out = grad_out.contiguous()
-    need = ctx.needs_input_grad
-    dq = dk = dv = None
-    if any(need[:3]):
+    need = dict(zip(_FORWARD_ARGS, ctx.needs_input_grad))
+    grads = {}
+    if any(need[role] for role in ROLES):
         dq, dk, dv = _ops.attention_backward(
-            grad_out, q, k, v, out, lse, *operands, attn_mask, is_causal, scale, pv_precision
+            grad_out=grad_out, out=out, lse=lse, **operand_kwargs(q, k, v), attn_mask=attn_mask, **ctx.flags
         )
+        grads.update((role, g) for role, g in zip(ROLES, (dq, dk, dv)) if need[role])
     # A float mask that requires grad gets dS summed to its shape (flash_quant/mask_gradient.py);
     # a bool mask never requires grad. Nothing is computed for a mask without gradient.
-    d_mask = None
-    if need[_FWD_OPERANDS]:
-        d_mask = mask_gradient(grad_out, q, k, v, out, lse, operands, attn_mask, is_causal, scale)
-    return (
-        dq if need[0] else None,
-        dk if need[1] else None,
-        dv if need[2] else None,
-    ) + (None,) * (_FWD_OPERANDS - 3) + (d_mask,) + (None,) * (len(need) - _FWD_OPERANDS - 1)
+    if need["attn_mask"]:
+        grads["attn_mask"] = mask_gradient(grad_out, q, k, v, out, lse, attn_mask, ctx.flags["is_causal"],
+                                           ctx.flags["scale"])
+    return tuple(grads.get(name) for name in _FORWARD_ARGS)
 
 
 torch.library.register_autograd(

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .operand import stand_in
+
 __all__ = ["hadamard_matrix", "rotate", "unrotate", "rotated_stand_in"]
 
 
@@ -50,17 +52,13 @@ def unrotate(x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, hadamard_matrix(x.shape[-1], device=x.device, dtype=x.dtype).t())
 
 
-def _zero_stride_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
-
-
 class _RotatedStandIn(torch.autograd.Function):
     """Forward: a zero-stride tensor of x's shape and dtype (no values are computed).
     Backward: the incoming gradient, taken with respect to rotate(x), unrotated."""
 
     @staticmethod
     def forward(ctx, x):
-        return _zero_stride_like(x)
+        return stand_in(x.shape, x.dtype, x.device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -74,4 +72,4 @@ def rotated_stand_in(x: torch.Tensor) -> torch.Tensor:
     flow to x as they would through rotate(x)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _RotatedStandIn.apply(x)
-    return _zero_stride_like(x)
+    return stand_in(x.shape, x.dtype, x.device)

@@ -42,8 +42,8 @@ from ..support import FLOAT_DTYPES, HEAD_DIM_RULE, head_dim_supported
 from . import autotune
 from . import host
 from .host import PlanCache, cdiv, next_pow2, tensor_signature
-from .common import (KIND_FLOAT, KIND_FP8, KIND_INT4, KIND_INT8, LOG2E, load_codes,
-                     load_dequant, load_row_vector, score_mask)
+from .common import (KIND_FLOAT, KIND_FP8, KIND_INT4, KIND_INT8, LOG2E, MASK_ADDITIVE, MASK_BOOL,
+                     MASK_NONE, load_codes, load_dequant, load_row_vector, score_mask)
 
 __all__ = ["attention_backward_triton", "BACKWARD_PRECISION"]
 
@@ -59,9 +59,6 @@ BACKWARD_PRECISION = {
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KERNELS = PlanCache()  # call signature -> the compiled kernels of its launches (host.launch)
 
-# Operand modes (the KIND constants of common.py).
-_FLOAT, _INT8, _INT4, _FP8 = KIND_FLOAT, KIND_INT8, KIND_INT4, KIND_FP8
-
 
 # ----------------------------------------------------------------------------- helpers
 # Tile loads and dequantization come from flash_quant/cuda/common.py (shared with the
@@ -74,8 +71,8 @@ def _load_operand(base, sc_base, zp_base, rows, offs_d, row_ok, D, s_row, s_d, s
                   BLOCK_D: tl.constexpr):
     """Value of a Q/K tile: floating operands as stored (no fp32 round trip), quantized
     ones dequantized to fp32 (per-row scale and zero point; stride 0 broadcasts)."""
-    if KIND == 0:
-        return load_codes(base, rows, offs_d, s_row, s_d, row_ok, D, 0, BLOCK_D)
+    if KIND == KIND_FLOAT:
+        return load_codes(base, rows, offs_d, s_row, s_d, row_ok, D, KIND_FLOAT, BLOCK_D)
     else:
         return load_dequant(base, rows, offs_d, s_row, s_d, row_ok, D,
                             sc_base, s_sc, 0, zp_base, s_zp, 0,
@@ -87,8 +84,8 @@ def _load_v(base, sc_base, zp_base, rows, offs_d, row_ok, D, s_row, s_d, s_sc_r,
             KIND: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Value of a V tile: as stored when floating, else dequantized with an elementwise
     broadcast scale (per channel, per row or coarser)."""
-    if KIND == 0:
-        return load_codes(base, rows, offs_d, s_row, s_d, row_ok, D, 0, BLOCK_D)
+    if KIND == KIND_FLOAT:
+        return load_codes(base, rows, offs_d, s_row, s_d, row_ok, D, KIND_FLOAT, BLOCK_D)
     else:
         return load_dequant(base, rows, offs_d, s_row, s_d, row_ok, D, sc_base, s_sc_r, s_sc_d,
                             zp_base, s_zp_r, s_zp_d, KIND, True, HAS_ZP, BLOCK_R, BLOCK_D)
@@ -166,7 +163,7 @@ def _bwd_dq(
     q_base = Q + b * s_qb + h * s_qh
     qs_base = QS + b * s_qsb + h * s_qsh
     if QK_INT8:
-        q_codes = load_codes(q_base, offs_m, offs_d, s_qs, s_qd, m_ok, D, 1, BLOCK_D)
+        q_codes = load_codes(q_base, offs_m, offs_d, s_qs, s_qd, m_ok, D, KIND_INT8, BLOCK_D)
         qs = load_row_vector(qs_base, offs_m, s_qss, m_ok, 0.0)
     else:
         q16 = _load_operand(q_base, qs_base, QZ + b * s_qzb + h * s_qzh, offs_m, offs_d, m_ok, D,
@@ -196,7 +193,7 @@ def _bwd_dq(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SKV
         if QK_INT8:
-            k_codes = load_codes(k_base, offs_n, offs_d, s_ks, s_kd, n_ok, D, 1, BLOCK_D)
+            k_codes = load_codes(k_base, offs_n, offs_d, s_ks, s_kd, n_ok, D, KIND_INT8, BLOCK_D)
             ks = load_row_vector(ks_base, offs_n, s_kss, n_ok, 0.0)
             s = tl.dot(q_codes, tl.trans(k_codes), out_dtype=tl.int32).to(tl.float32)
             s = s * (qs[:, None] * qk_scale) * ks[None, :]
@@ -206,7 +203,7 @@ def _bwd_dq(
                                K_MODE, K_ZP, BLOCK_N, BLOCK_D)
             s = tl.dot(q16, tl.trans(kf.to(DT))) * qk_scale
         vis, bias = score_mask(offs_m, offs_n, SQ, SKV, m_base, s_mm, s_mn, IS_CAUSAL, True, MASK_MODE)
-        if MASK_MODE == 2:
+        if MASK_MODE == MASK_ADDITIVE:
             s = s + bias * LOG2E
         # masks ADD -inf as SDPA does (a NaN / +inf score gives NaN); keys past SKV: -inf
         s = tl.where(n_ok[None, :], tl.where(vis, s, s + float("-inf")), float("-inf"))
@@ -256,7 +253,7 @@ def _bwd_dkdv(
     k_base = K + b * s_kb + hk * s_kh
     ks_base = KS + b * s_ksb + hk * s_ksh
     if QK_INT8:
-        k_codes = load_codes(k_base, offs_n, offs_d, s_ks, s_kd, n_ok, D, 1, BLOCK_D)
+        k_codes = load_codes(k_base, offs_n, offs_d, s_ks, s_kd, n_ok, D, KIND_INT8, BLOCK_D)
         ks = load_row_vector(ks_base, offs_n, s_kss, n_ok, 0.0)
     else:
         k16 = _load_operand(k_base, ks_base, KZ + b * s_kzb + hk * s_kzh, offs_n, offs_d, n_ok, D,
@@ -284,7 +281,7 @@ def _bwd_dkdv(
             m_ok = offs_m < SQ
             ok_md = m_ok[:, None] & d_ok[None, :]
             if QK_INT8:
-                q_codes = load_codes(q_base, offs_m, offs_d, s_qs, s_qd, m_ok, D, 1, BLOCK_D)
+                q_codes = load_codes(q_base, offs_m, offs_d, s_qs, s_qd, m_ok, D, KIND_INT8, BLOCK_D)
                 qs = load_row_vector(qs_base, offs_m, s_qss, m_ok, 0.0)
                 sT = tl.dot(k_codes, tl.trans(q_codes), out_dtype=tl.int32).to(tl.float32)
                 sT = sT * (ks[:, None] * qk_scale) * qs[None, :]
@@ -299,10 +296,10 @@ def _bwd_dkdv(
             visT = inb
             if IS_CAUSAL:
                 visT = visT & (offs_n[:, None] <= offs_m[None, :])
-            if MASK_MODE == 1:
+            if MASK_MODE == MASK_BOOL:
                 mv = tl.load(m_base + offs_m[None, :] * s_mm + offs_n[:, None] * s_mn, mask=inb, other=0)
                 visT = visT & (mv != 0)
-            elif MASK_MODE == 2:
+            elif MASK_MODE == MASK_ADDITIVE:
                 mv = tl.load(m_base + offs_m[None, :] * s_mm + offs_n[:, None] * s_mn, mask=inb, other=0.0)
                 sT = sT + mv.to(tl.float32) * LOG2E
             sT = tl.where(inb, tl.where(visT, sT, sT + float("-inf")), float("-inf"))
@@ -351,14 +348,15 @@ def _nonfinite_heads(grad_out, q, k, v, out, lse, attn_mask, group) -> torch.Ten
 
 
 def _mode(data: Optional[torch.Tensor]) -> int:
+    """The operand's KIND constexpr (common.py)."""
     if data is None:
-        return _FLOAT
+        return KIND_FLOAT
     if data.dtype == torch.int8:
-        return _INT8
+        return KIND_INT8
     if data.dtype == torch.uint8:
-        return _INT4
+        return KIND_INT4
     if data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return _FP8
+        return KIND_FP8
     raise ValueError(f"attention_backward: unsupported quantized data dtype {data.dtype}")
 
 
@@ -444,9 +442,9 @@ def attention_backward_triton(
     qmode, kmode, vmode = _mode(q_data), _mode(k_data), _mode(v_data)
     qt, sq_, qsc, s_qsc, qzp, s_qzp, q_zp = _row_params("q", q, q_data, q_scale, q_zero_point, B, HQ, SQ)
     kt, sk_, ksc, s_ksc, kzp, s_kzp, k_zp = _row_params("k", k, k_data, k_scale, k_zero_point, B, HKV, SKV)
-    if qmode == _INT4 and qt.shape[-1] * 2 != D:
+    if qmode == KIND_INT4 and qt.shape[-1] * 2 != D:
         raise ValueError("attention_backward: INT4 q_data must have last dim D/2")
-    if kmode == _INT4 and kt.shape[-1] * 2 != D:
+    if kmode == KIND_INT4 and kt.shape[-1] * 2 != D:
         raise ValueError("attention_backward: INT4 k_data must have last dim D/2")
     # V: elementwise-broadcast scale.
     if v_data is None:
@@ -456,7 +454,7 @@ def attention_backward_triton(
     else:
         if v_scale is None:
             raise ValueError("attention_backward: v_scale is required with v_data")
-        if vmode == _INT4 and v_data.shape[-1] * 2 != D:
+        if vmode == KIND_INT4 and v_data.shape[-1] * 2 != D:
             raise ValueError("attention_backward: INT4 v_data must have last dim D/2")
         vt = v_data
         vsc = v_scale.to(torch.float32).expand(B, HKV, SKV, D)
@@ -467,7 +465,7 @@ def attention_backward_triton(
         else:
             vzp, s_vzp, v_zp = vsc, s_vsc, False
     # INT8 tensor-core scores: both operands symmetric INT8.
-    qk_int8 = qmode == _INT8 and kmode == _INT8 and not q_zp and not k_zp
+    qk_int8 = qmode == KIND_INT8 and kmode == KIND_INT8 and not q_zp and not k_zp
     # lse correction for smoothed K (only meaningful with quantized K, whose dequantized
     # value is the smoothed K).
     has_kmean = k_data is not None and k_mean is not None and k_mean.numel() > 0
@@ -483,17 +481,17 @@ def attention_backward_triton(
     else:
         kc, has_kc = km, False
     # Mask.
-    mask_mode = 0
+    mask_mode = MASK_NONE
     if attn_mask is not None:
         m = attn_mask
         while m.dim() < 4:
             m = m.unsqueeze(0)
         m = m.expand(B, HQ, SQ, SKV)
         if m.dtype == torch.bool:
-            mask_mode = 1
+            mask_mode = MASK_BOOL
             m = m.view(torch.uint8)  # same item size: a view, never a copy of the expansion
         else:
-            mask_mode = 2
+            mask_mode = MASK_ADDITIVE
         s_m = m.stride()
     else:
         m = torch.zeros(1, dtype=torch.uint8, device=dev)

@@ -36,6 +36,10 @@ __all__ = [
     "KIND_INT8",
     "KIND_INT4",
     "KIND_FP8",
+    "MASK_NONE",
+    "MASK_BOOL",
+    "MASK_ADDITIVE",
+    "KernelConstant",
     "operand_kind",
     "round_half_even",
     "round_to_int",
@@ -56,10 +60,27 @@ __all__ = [
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax runs in base 2, folded into scale
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts the base-2 lse back to a natural log
 
-KIND_FLOAT = 0
-KIND_INT8 = 1
-KIND_INT4 = 2
-KIND_FP8 = 3
+
+class KernelConstant(int, tl.constexpr):
+    """A named mode number: a plain int to host code (plans, cache keys, launch
+    arguments), and a tl.constexpr that @triton.jit code may compare against. The Triton
+    compiler refuses globals that are not constexpr; the interpreter does not check, so
+    a plain int global would pass the interpreter tests and fail to compile on a GPU."""
+
+    def __init__(self, value: int):
+        tl.constexpr.__init__(self, int(value))
+
+
+# Operand kinds (the KIND constexprs; see the module docstring).
+KIND_FLOAT = KernelConstant(0)
+KIND_INT8 = KernelConstant(1)
+KIND_INT4 = KernelConstant(2)
+KIND_FP8 = KernelConstant(3)
+
+# Mask kinds (the MASK_KIND constexpr of score_mask and the attention kernels).
+MASK_NONE = KernelConstant(0)
+MASK_BOOL = KernelConstant(1)  # bool, True = attend
+MASK_ADDITIVE = KernelConstant(2)  # floating, added to the scores
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -154,7 +175,7 @@ def load_codes(base, offs_r, offs_c, stride_r, stride_c, mask_r, n_cols, KIND: t
     rows/columns read 0. For KIND_INT4 the strides are those of the packed byte tensor
     and the result is the pair (lo, hi), each (rows, BLOCK_C // 2); otherwise one tile.
     """
-    if KIND == 2:
+    if KIND == KIND_INT4:
         half = tl.arange(0, BLOCK_C // 2)
         m = mask_r[:, None] & (half[None, :] < n_cols // 2)
         packed = tl.load(base + offs_r[:, None] * stride_r + half[None, :] * stride_c, mask=m,
@@ -177,7 +198,7 @@ def load_dequant(base, offs_r, offs_c, stride_r, stride_c, mask_r, n_cols,
     per-column and broadcast (stride 0) layouts all work. HAS_SCALE=False returns the
     (zero-point corrected) codes unscaled, for callers that apply a factored-out scale.
     """
-    if KIND == 2:
+    if KIND == KIND_INT4:
         lo, hi = load_codes(base, offs_r, offs_c, stride_r, stride_c, mask_r, n_cols, KIND,
                             BLOCK_C)
         x = interleave_int4(lo, hi, BLOCK_R, BLOCK_C // 2).to(tl.float32)
@@ -208,7 +229,7 @@ def score_mask(offs_m, offs_n, n_q, n_kv, mask_base, smask_m, smask_n,
 
     Returns (visible, bias): `visible` is a bool tile (key in range when CHECK_BOUNDS,
     causal j <= i, bool mask True); `bias` the fp32 additive mask tile (0 where none).
-    Mask elements of query rows >= n_q or keys >= n_kv are never read. MASK_KIND: 0 none, 1 bool (True = attend), 2 additive. The
+    Mask elements of query rows >= n_q or keys >= n_kv are never read. MASK_KIND: MASK_NONE, MASK_BOOL or MASK_ADDITIVE. The
     caller passes the mask's base already offset to its (batch, head) and the strides of
     its query and key dims (0 for broadcast dims). Bias is in natural-log units.
     """
@@ -218,10 +239,10 @@ def score_mask(offs_m, offs_n, n_q, n_kv, mask_base, smask_m, smask_n,
     if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None])
     bias = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
-    if MASK_KIND != 0:
+    if MASK_KIND != MASK_NONE:
         in_kv = (offs_n[None, :] < n_kv) & (offs_m[:, None] < n_q)
         ptrs = mask_base + offs_m[:, None] * smask_m + offs_n[None, :] * smask_n
-        if MASK_KIND == 1:
+        if MASK_KIND == MASK_BOOL:
             allowed = tl.load(ptrs, mask=in_kv, other=0)
             visible = visible & (allowed != 0)
         else:

@@ -4,20 +4,22 @@ One program computes a BLOCK_M tile of query rows of one (batch, query head) aga
 all visible keys with an online softmax in fp32 (base 2: ``scale * log2(e)`` and the
 per-row Q scale are folded into one factor). Q·Kᵀ modes (``QK_MODE``):
 
-* 0 INT8 x INT8 on the tensor cores, int32 accumulation, times the two row scales;
-* 1 packed INT4 x INT4: nibbles unpacked in registers to int8, two INT8 dots (even and
-  odd columns of D) summed in int32;
-* 2 FP8 x FP8 (e4m3 / e5m2, any mix), fp32 accumulation;
-* 3 generic: each operand's codes (minus its zero point) or float values converted to
+* QK_INT8: INT8 x INT8 on the tensor cores, int32 accumulation, times the two row
+  scales;
+* QK_INT4: packed INT4 x INT4: nibbles unpacked in registers to int8, two INT8 dots
+  (even and odd columns of D) summed in int32;
+* QK_FP8: FP8 x FP8 (e4m3 / e5m2, any mix), fp32 accumulation;
+* QK_GENERIC: each operand's codes (minus its zero point) or float values converted to
   the 16-bit input type (exact for every code) — asymmetric, mixed-precision and
   unquantized inputs; fp32 inputs use tf32 dots.
 
-P·V modes (``PV_MODE``): 0 P in the input's 16-bit type, V dequantized (or its codes with
-the per-channel scale applied after the loop); 1 P rounded to e4m3 times FP8 V on the
-tensor cores (V per-channel scale after the loop, fp32 promotion every BLOCK_N <= 128
-keys through ``max_num_imprecise_acc``); 2 P quantized to int8 (scale: the row's max over
-the key tile / 127, computed as round(127 * exp2(s - tile max))) times INT8 V, int32 per
-key block, rescaled per row; 3 / 4 the same P roundings with a 16-bit dot for any other V.
+P·V modes (``PV_MODE``): PV_16BIT P in the input's 16-bit type, V dequantized (or its
+codes with the per-channel scale applied after the loop); PV_FP8_DOT P rounded to e4m3
+times FP8 V on the tensor cores (V per-channel scale after the loop, fp32 promotion every
+BLOCK_N <= 128 keys through ``max_num_imprecise_acc``); PV_INT8_DOT P quantized to int8
+(scale: the row's max over the key tile / 127, computed as round(127 * exp2(s - tile
+max))) times INT8 V, int32 per key block, rescaled per row; PV_FP8_ROUNDED /
+PV_INT8_ROUNDED the same P roundings with a 16-bit dot for any other V.
 
 Unmasked key blocks fold the per-row factor (Q scale * scale * log2 e) into one FMA per
 score, which needs that factor > 0: the quantizers' scales are (an all-zero row gets 1)
@@ -57,6 +59,10 @@ from .common import (
     KIND_FP8,
     KIND_INT4,
     KIND_INT8,
+    MASK_ADDITIVE,
+    MASK_BOOL,
+    MASK_NONE,
+    KernelConstant,
     load_codes,
     load_dequant,
     operand_kind,
@@ -73,6 +79,19 @@ __all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _PV_PRECISIONS = ("none", "int8", "fp8_e4m3")
+
+# Q·Kᵀ modes (the QK_MODE constexpr; the module docstring says what each computes).
+QK_INT8 = KernelConstant(0)
+QK_INT4 = KernelConstant(1)
+QK_FP8 = KernelConstant(2)
+QK_GENERIC = KernelConstant(3)
+
+# P·V modes (the PV_MODE constexpr; see the module docstring).
+PV_16BIT = KernelConstant(0)  # P in the input's 16-bit type
+PV_FP8_DOT = KernelConstant(1)  # P rounded to e4m3 times FP8 V on the tensor cores
+PV_INT8_DOT = KernelConstant(2)  # P as int8 codes times INT8 V, int32 per key block
+PV_FP8_ROUNDED = KernelConstant(3)  # P rounded to e4m3, 16-bit dot with any other V
+PV_INT8_ROUNDED = KernelConstant(4)  # P as int8 codes, 16-bit dot with any other V
 
 
 @triton.jit
@@ -157,18 +176,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < Skv
         # ---- S = Q Kᵀ (base-2 logits)
-        if QK_MODE == 1:
+        if QK_MODE == QK_INT4:
             klo, khi = load_codes(k_base, offs_n, offs_d, sks, skd, nmask, HEAD_DIM, K_KIND, BLOCK_D)
             qk = tl.dot(q0, tl.trans(klo), out_dtype=tl.int32)
             qk = tl.dot(q1, tl.trans(khi), qk, out_dtype=tl.int32)
             qk = qk.to(tl.float32)
-            qk_i = qk  # (unused: only QK_MODE 0 folds)
-        elif QK_MODE == 0:
+            qk_i = qk  # (unused: only QK_INT8 folds)
+        elif QK_MODE == QK_INT8:
             k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
                            CHECK, HEAD_DIM != BLOCK_D)
             qk_i = tl.dot(q0, tl.trans(k), out_dtype=tl.int32)
             qk = qk_i.to(tl.float32)  # (dead on the folded path below)
-        elif QK_MODE == 2:
+        elif QK_MODE == QK_FP8:
             k = _load_tile(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, nmask, dmask,
                            CHECK, HEAD_DIM != BLOCK_D)
             qk = tl.dot(q0, tl.trans(k))
@@ -190,11 +209,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             t = qk * ks[None, :]
         else:
             t = qk
-        if CHECK or MASK_KIND != 0 or not SCALE_POS:
+        if CHECK or MASK_KIND != MASK_NONE or not SCALE_POS:
             visible, bias = score_mask(offs_m, offs_n, Sq, Skv, mask_base, smm, smn,
                                        IS_CAUSAL and CHECK, CHECK, MASK_KIND)
             s = t * qs2[:, None]
-            if MASK_KIND == 2:
+            if MASK_KIND == MASK_ADDITIVE:
                 s = s + bias * 1.4426950408889634
             # causal / bool masks ADD -inf, as SDPA's math backend does: a NaN or +inf
             # score stays (becomes) NaN where masked (docs/op_contract.md, non-finite
@@ -205,36 +224,36 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             # (tl.max / tl.maximum drop NaN on the GPU: harmless here, P = exp2(NaN - m)
             # stays NaN, so l_i, the output row and its lse do too, whatever m is)
             m_tile = tl.max(s, 1)
-        elif QK_MODE == 0 and KS_CONST:  # the row max of the int32 tile, converted per row
+        elif QK_MODE == QK_INT8 and KS_CONST:  # the row max of the int32 tile, converted per row
             m_tile = tl.max(qk_i, 1).to(tl.float32) * qs2
         else:
             # unmasked blocks: qs2 > 0 commutes with the max, and one FMA per score
             # then applies it and subtracts the max (saves a multiply per score)
             m_tile = tl.max(t, 1) * qs2
         # ---- online softmax (fp32, exp2)
-        FOLD: tl.constexpr = QK_MODE == 0 and KS_CONST and not (MASK_KIND != 0 or CHECK or not SCALE_POS)
+        FOLD: tl.constexpr = QK_MODE == QK_INT8 and KS_CONST and not (MASK_KIND != MASK_NONE or CHECK or not SCALE_POS)
         mq = 12582912.0 * qs2
-        if FOLD and (PV_MODE == 2 or PV_MODE == 4):  # the tile's reference max, P <= 1
+        if FOLD and (PV_MODE == PV_INT8_DOT or PV_MODE == PV_INT8_ROUNDED):  # the tile's reference max, P <= 1
             c_tile, m_tile = _folded_max(m_tile, mq)
         else:
             c_tile = m_tile
         m_new = tl.maximum(m_i, m_tile)
-        if FOLD and not (PV_MODE == 2 or PV_MODE == 4):
+        if FOLD and not (PV_MODE == PV_INT8_DOT or PV_MODE == PV_INT8_ROUNDED):
             c_new, m_new = _folded_max(m_new, mq)
         else:
             c_new = m_new
-        if MASK_KIND != 0 or CHECK or not SCALE_POS:
+        if MASK_KIND != MASK_NONE or CHECK or not SCALE_POS:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
         alpha = tl.math.exp2(m_i - m_use)
-        if PV_MODE == 2 or PV_MODE == 4:
+        if PV_MODE == PV_INT8_DOT or PV_MODE == PV_INT8_ROUNDED:
             # int8 P per row and key tile, relative to the tile's own row max: e lies in
             # [0, 1] with max 1, so the tile scale 1/127 needs no extra reduction and the
             # tile's factor beta = exp2(tile max - running max) goes on the product.
             # (A fixed 1/127 on exp2(s - running max) rounds away the small probabilities
             # of flat rows: 2.8 % vs 1.7 % rel-L2.)
-            if CHECK or MASK_KIND != 0 or not SCALE_POS:
+            if CHECK or MASK_KIND != MASK_NONE or not SCALE_POS:
                 mt_use = tl.where(m_tile == float("-inf"), 0.0, m_tile)
                 e = tl.math.exp2(s - mt_use[:, None])
             else:
@@ -243,7 +262,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
             l_i = l_i * alpha + beta * tl.sum(e, 1)
             pq = round_to_int(e * P_QMAX)
         else:
-            if CHECK or MASK_KIND != 0 or not SCALE_POS:
+            if CHECK or MASK_KIND != MASK_NONE or not SCALE_POS:
                 p = tl.math.exp2(s - m_use[:, None])
             else:
                 p = tl.math.exp2(_exp2_arg(t, qk_i, qs2, m_use, c_new, FOLD, INTERPRET))
@@ -251,20 +270,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
         acc = acc * alpha[:, None]
         m_i = m_new
         # ---- acc += P V
-        if PV_MODE == 1 or PV_MODE == 2:
+        if PV_MODE == PV_FP8_DOT or PV_MODE == PV_INT8_DOT:
             if V_TRANS:
                 v = tl.trans(_load_tile(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
                                         dmask, nmask, HEAD_DIM != BLOCK_D, CHECK))
             else:
                 v = _load_tile(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, nmask, dmask,
                                CHECK, HEAD_DIM != BLOCK_D)
-            if PV_MODE == 1:
+            if PV_MODE == PV_FP8_DOT:
                 acc = tl.dot(_to_fp8e4(p, INTERPRET), v, acc, max_num_imprecise_acc=BLOCK_N)
             else:
                 pv = int_to_float(tl.dot(pq.to(tl.int8), v, out_dtype=tl.int32))
                 acc += pv * (beta * (1.0 / P_QMAX))[:, None]
         else:
-            if V_KIND == 0 and not V_DEQ_IN_LOOP:
+            if V_KIND == KIND_FLOAT and not V_DEQ_IN_LOOP:
                 if V_TRANS:
                     vc = tl.trans(_load_tile(v_base + offs_d[:, None] * svd + offs_n[None, :] * svs,
                                              dmask, nmask, HEAD_DIM != BLOCK_D, CHECK)).to(COMPUTE)
@@ -275,12 +294,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q0, q1, qs2,
                 vc = load_dequant(v_base, offs_n, offs_d, svs, svd, nmask, HEAD_DIM,
                                   vs_base, svs_s, svs_d, vz_base, svz_s, svz_d,
                                   V_KIND, V_DEQ_IN_LOOP, V_ZP, BLOCK_N, BLOCK_D).to(COMPUTE)
-            if PV_MODE == 4:  # the int8 P codes are exact in 16 bits
+            if PV_MODE == PV_INT8_ROUNDED:  # the int8 P codes are exact in 16 bits
                 pv = _dot16(int_to_float(pq).to(COMPUTE), vc,
                             tl.zeros((pq.shape[0], BLOCK_D), dtype=tl.float32), DOT_F32)
                 acc += pv * (beta * (1.0 / P_QMAX))[:, None]
             else:
-                if PV_MODE == 3:
+                if PV_MODE == PV_FP8_ROUNDED:
                     pc = _to_fp8e4(p, INTERPRET).to(COMPUTE)
                 else:
                     pc = p.to(COMPUTE)
@@ -349,9 +368,9 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE, NONFINIT
         q_rstride = sqs
 
     # ---- Q tile, its row scale folded with scale * log2(e)
-    if QK_MODE == 1:
+    if QK_MODE == QK_INT4:
         q0, q1 = load_codes(q_base, q_rows, offs_d, q_rstride, sqd, mmask, HEAD_DIM, Q_KIND, BLOCK_D)
-    elif QK_MODE == 3:
+    elif QK_MODE == QK_GENERIC:
         q0 = load_dequant(q_base, q_rows, offs_d, q_rstride, sqd, mmask, HEAD_DIM,
                           QS, 0, 0, QZ + b * sqz_b + h0 * sqz_h, sqz_s, 0,
                           Q_KIND, False, Q_ZP, BLOCK_M, BLOCK_D).to(COMPUTE)
@@ -366,7 +385,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE, NONFINIT
     qs2 = q_scale * (sm_scale * 1.4426950408889634)
     if KS_CONST:  # one K scale for every key of this head (per head / per tensor): a row factor
         qs2 = qs2 * tl.load(KS + b * sks_b + hk * sks_h)
-        if QK_MODE == 0:  # 2 low mantissa bits cleared (relative 5e-7): 1.5 * 2**23 * qs2 is
+        if QK_MODE == QK_INT8:  # 2 low mantissa bits cleared (relative 5e-7): 1.5 * 2**23 * qs2 is
             # then exact, which the folded exponent needs (_folded_max)
             qs2 = (qs2.to(tl.int32, bitcast=True) & -4).to(tl.float32, bitcast=True)
 
@@ -382,7 +401,7 @@ def _attn_fwd_kernel(Q, K, V, QS, KS, VS, QZ, KZ, VZ, KM, MASK, O, LSE, NONFINIT
     # it live for the epilogue spilled registers at BLOCK_M 128)
     if HAS_KM:
         km_base = KM + b * skm_b + hk * skm_h
-        if QK_MODE == 1:
+        if QK_MODE == QK_INT4:
             half = tl.arange(0, BLOCK_D // 2)
             hm = half < HEAD_DIM // 2
             km_e = tl.load(km_base + (2 * half) * skm_d, mask=hm, other=0.0)
@@ -563,12 +582,12 @@ def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_s
     if km is not None and km.device != q.device:
         raise RuntimeError(f"flash_quant.attention_forward: k_mean is on {km.device}, q on {q.device}")
     mask = None
-    mask_kind = 0
+    mask_kind = MASK_NONE
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            mask_kind = 1
+            mask_kind = MASK_BOOL
         elif attn_mask.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            mask_kind = 2
+            mask_kind = MASK_ADDITIVE
         else:
             raise TypeError(f"flash_quant.attention_forward: attn_mask must be bool or floating, got {attn_mask.dtype}")
         if attn_mask.device != q.device:
@@ -579,34 +598,34 @@ def plan(q, k, v, q_data=None, q_scale=None, q_zero_point=None, k_data=None, k_s
     scale = float(scale)
 
     if qkind == kkind == KIND_INT8 and qz is None and kz is None:
-        qk_mode = 0
+        qk_mode = QK_INT8
     elif qkind == kkind == KIND_INT4 and qz is None and kz is None:
-        qk_mode = 1
+        qk_mode = QK_INT4
     elif qkind == kkind == KIND_FP8 and qz is None and kz is None:
-        qk_mode = 2
+        qk_mode = QK_FP8
     else:
-        qk_mode = 3
+        qk_mode = QK_GENERIC
     v_quant = vkind != KIND_FLOAT
     v_per_col = v_quant and vs.stride(2) == 0 and vz is None and vkind != KIND_INT4
     v_deq_in_loop = v_quant and not v_per_col
     if pv_precision == "fp8_e4m3":
-        pv_mode = 1 if (vkind == KIND_FP8 and v_per_col) else 3
+        pv_mode = PV_FP8_DOT if (vkind == KIND_FP8 and v_per_col) else PV_FP8_ROUNDED
     elif pv_precision == "int8":
-        pv_mode = 2 if (vkind == KIND_INT8 and v_per_col) else 4
+        pv_mode = PV_INT8_DOT if (vkind == KIND_INT8 and v_per_col) else PV_INT8_ROUNDED
     else:
-        pv_mode = 0
+        pv_mode = PV_16BIT
     v_trans = vt.stride(2) == 1 and vt.stride(3) != 1 and vkind != KIND_INT4
     return dict(
         q=qt, k=kt, v=vt, qs=qs, qz=qz, ks=ks, kz=kz, vs=vs, vz=vz, km=km, mask=mask,
         B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D, scale=scale, dtype=q.dtype, device=q.device,
         Q_KIND=qkind, K_KIND=kkind, V_KIND=vkind, QK_MODE=qk_mode, PV_MODE=pv_mode,
         Q_QUANT=qkind != KIND_FLOAT, K_QUANT=kkind != KIND_FLOAT, V_QUANT=v_quant,
-        KS_CONST=kkind != KIND_FLOAT and qk_mode in (0, 1, 2) and ks.stride(2) == 0,
+        KS_CONST=kkind != KIND_FLOAT and qk_mode != QK_GENERIC and ks.stride(2) == 0,
         Q_ZP=qz is not None, K_ZP=kz is not None, V_ZP=vz is not None,
         V_DEQ_IN_LOOP=v_deq_in_loop, V_TRANS=v_trans, HAS_KM=km is not None,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal),
         # short query blocks of a GQA group share their K/V loads (see _attn_fwd_kernel)
-        PACK_GQA=Hq > Hkv and Sq <= 64 and not is_causal and mask_kind == 0 and qz is None,
+        PACK_GQA=Hq > Hkv and Sq <= 64 and not is_causal and mask_kind == MASK_NONE and qz is None,
     )
 
 
@@ -646,7 +665,7 @@ _PLANS = PlanCache()
 
 
 def _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa) -> _ForwardPlan:
-    p = plan(*tensors[:13], attn_mask=tensors[_MASK], is_causal=is_causal, scale=scale,
+    p = plan(*tensors[:_MASK], attn_mask=tensors[_MASK], is_causal=is_causal, scale=scale,
              pv_precision=pv_precision)
     B, Hq, Hkv, Sq, Skv, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Skv"], p["D"]
     dev = p["device"]
@@ -687,7 +706,7 @@ def _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa) -> _Forward
             raise ValueError("flash_quant.attention_forward: pack_gqa=True needs Hq > Hkv, Sq <= 64, "
                              "no causal flag, no mask and no Q zero point")
         pack = bool(pack_gqa)
-    eight_bit = p["QK_MODE"] in (0, 1, 2)
+    eight_bit = p["QK_MODE"] != QK_GENERIC
     nbytes = p["dtype"].itemsize
     sq_bucket = "Sq<=64" if Sq <= 64 else ("Sq<=1024" if Sq <= 1024 else "Sq>1024")
     tune_key = ("attention_forward", dev.type, block_d, p["QK_MODE"], p["PV_MODE"], p["V_KIND"],
