@@ -58,14 +58,17 @@ def main() -> None:
     ap.add_argument("--shape", default="1,24,4608,128")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--presets", nargs="+", default=["accurate", "fast"])
+    ap.add_argument("--causal", action="store_true")
     ap.add_argument("--label", default=flash_quant.__file__)
     a = ap.parse_args()
     b, h, s, d = (int(x) for x in a.shape.split(","))
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    c = a.causal
+    calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c)}
     for p in a.presets:
-        calls[p] = (lambda p=p: flash_quant.attention(q, k, v, config=p))
-    print(f"# {a.label} | {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {a.shape} bf16")
+        calls[p] = (lambda p=p: flash_quant.attention(q, k, v, is_causal=c, config=p))
+    print(f"# {a.label} | {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {a.shape} bf16"
+          f"{' causal' if c else ''}")
     with torch.inference_mode():
         for name, fn in calls.items():
             med, low = _eager_ms(fn, a.iters)

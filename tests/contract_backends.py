@@ -91,7 +91,7 @@ def _positional(kw):
 
 def _op_backend(name, device, **extra):
     """A backend reached through the registered ops (cpu, cuda, mps)."""
-    import flash_quant  # noqa: F401  (registers the kernels of every built backend)
+    import flash_quant.ops  # noqa: F401  (loads the ops; registers the kernels of every built backend)
 
     ops = torch.ops.flash_quant
 
@@ -175,7 +175,15 @@ CUDA_BARS = {  # the compiled Triton kernels: the interpreter's numbers, except 
     # dots are coarser than the interpreter's numpy products (fp32 inputs take tf32 dots in
     # the backward too; 16-bit backward: tests/test_training.py's GPU bars)
     **TRITON_BARS,
-    "bwd32": Bar(rel_l2=2e-3),
+    # Measured on an H100 (2026-12-06, the first GPU run of this suite): tf32 dots put lse
+    # off by up to 2.4e-3 at D = 32 and dq at up to 3.8e-3 rel-L2; a float or fp8 operand
+    # beside a quantized one is multiplied in 16 bits (forward.py COMPUTE), so scores of
+    # |s| ~ 20 move lse by up to 0.216 (int8 Q, float K, D = 32) and the output by up to
+    # 3.2e-3: a relative bound, 1e-2 of |lse| (bf16 rounding is 3.9e-3 relative).
+    "fwd32": Bar(rel_l2=2e-3, lse_abs=1e-2),
+    "fwd_quant_int": Bar(rel_l2=5e-3, lse_abs=1e-2, lse_scale=1),
+    "fwd_quant_fp": Bar(rel_l2=5e-3, lse_abs=1e-2, lse_scale=1),
+    "bwd32": Bar(rel_l2=5e-3),
     "bwd16": Bar(rel_l2=1e-2),
 }
 MPS_BARS = {  # tests/test_mps.py (fp32 1e-5 and 16-bit 1.5e-2 rel-L2); the rest as the emulator's

@@ -185,6 +185,10 @@ def test_forward_quantized_matches_dequantized_reference(backend, case):
     dequantized operands (the integer / fp8 arithmetic is exact up to fp32 rounding), and
     lse must be that of the unsmoothed K."""
     qspec, kspec, sq, skv, d = case
+    if backend.name == "cuda" and qspec[0] == "int4" and kspec and kspec[0] == "int4" and d < 64:
+        # Found by this suite's first GPU run (H100, 2026-12-06): Triton's 8-bit dot needs
+        # K >= 32 and INT4 at D = 32 packs 16 columns, so the kernel does not compile.
+        pytest.xfail("known: the CUDA INT4 Q·Kᵀ kernel does not compile below head dim 64")
     q, k, v = make_qkv(1, 2, sq, d, skv=skv, family="realistic")
     qq, qdq, _ = _quant(backend, q, *qspec)
     kw = _operands("q", qq)
