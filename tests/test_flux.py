@@ -115,7 +115,7 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(MissingExtraError, match=r"pip install '\.\[diffusers\]'"):
         apply_flux_attention(torch.nn.Linear(2, 2))
-    with pytest.raises(ImportError, match=r"flash-quant\[diffusers\]"):
+    with pytest.raises(ImportError, match=r"pip install '\.\[diffusers\]'"):
         FluxQuantAttnProcessor()
 
 

@@ -17,6 +17,10 @@ PACKAGE = "flash_quant"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Compiled modules of the package (setup.py's extension): leaves, importing nothing of it.
+EXTENSION_MODULES = {PACKAGE + "._C"}
+
+
 def package_modules(root: Path = ROOT, package: str = PACKAGE) -> dict:
     """Dotted module name -> (source path, is a package __init__)."""
     modules = {}
@@ -43,7 +47,8 @@ def _imported(module: str, path: Path, is_package: bool, modules: dict) -> set:
                 source = node.module or ""
             for alias in node.names:
                 submodule = f"{source}.{alias.name}"
-                targets.add(submodule if submodule in modules else source)
+                # (the compiled extension is a leaf module of its own, not the package)
+                targets.add(submodule if submodule in modules or submodule in EXTENSION_MODULES else source)
     return {t for t in targets if t in modules and t != module}
 
 
