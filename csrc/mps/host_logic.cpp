@@ -1,6 +1,7 @@
 // See host_logic.h. Everything here is plain C++17 so that it builds on every platform.
 #include "host_logic.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -607,6 +608,184 @@ Plan plan_quantize_with_scale(const QuantWithScaleArgs& a) {
   l.params_slot = 5;
   l.params = bytes_of(p);
   plan.launches.push_back(std::move(l));
+  return plan;
+}
+
+}  // namespace fq_mps
+
+// ------------------------------------------------------------------ decode
+namespace fq_mps {
+namespace {
+
+// One cache operand (K or V): checks its buffers and fills its strides. Returns the code
+// precision (FQ_I8 / FQ_I4).
+int setup_cache_operand(const DecodeArgs& a, int codes_i, int scale_i, int offset_i, int window_i, int centre_i,
+                        const char* name, int64_t B, int64_t Hkv, int64_t D, int64_t grows, int64_t gcols,
+                        FqDecCacheStrides& st, fq_i32* has_offset, fq_i32* has_centre, Dtype* window_dtype) {
+  const std::string n(name);
+  const TensorDesc &c = a.t[codes_i], &s = a.t[scale_i], &o = a.t[offset_i], &w = a.t[window_i];
+  if (grows < 1 || gcols < 1 || D % gcols)
+    fail(n + " scale groups must be >= 1 token and a divisor of the head dim " + std::to_string(D) + " in channels, got " +
+         std::to_string(grows) + " x " + std::to_string(gcols));
+  int code = FQ_NONE;
+  if (a.n_coded > 0) {
+    check_4d(c, (n + "_codes").c_str());
+    if (c.dtype == Dtype::I8) code = FQ_I8;
+    else if (c.dtype == Dtype::U8) code = FQ_I4;
+    else fail(n + "_codes must be int8 or uint8 (packed int4), got " + dtype_name(c.dtype));
+    const int64_t width = code == FQ_I4 ? D / FQ_INT4_PER_BYTE : D;
+    if (code == FQ_I4 && D % FQ_INT4_PER_BYTE) fail(n + "_codes: int4 needs an even head dim");
+    if (c.sizes[0] != B || c.sizes[1] != Hkv || c.sizes[2] < a.n_coded || c.sizes[3] != width)
+      fail(n + "_codes must have shape (" + std::to_string(B) + ", " + std::to_string(Hkv) + ", >= " +
+           std::to_string(a.n_coded) + ", " + std::to_string(width) + "), got " + shape_str(c.sizes));
+    for (int i = 0; i < 4; ++i) st.code[i] = c.strides[i];
+    check_4d(s, (n + "_scale").c_str());
+    if (!is_floating_io(s.dtype)) fail(n + "_scale must be float32, float16 or bfloat16, got " + dtype_name(s.dtype));
+    const std::vector<int64_t> groups{B, Hkv, ceil_div(a.n_coded, grows), D / gcols};
+    for (int i = 0; i < 4; ++i) {
+      const bool ok = s.sizes[i] == 1 || (i == 2 ? s.sizes[i] >= groups[i] : s.sizes[i] == groups[i]);
+      if (!ok)
+        fail(n + "_scale of shape " + shape_str(s.sizes) + " does not cover the groups " + shape_str(groups) +
+             " of " + std::to_string(a.n_coded) + " coded tokens");
+      st.scale[i] = s.sizes[i] == 1 ? 0 : s.strides[i];
+    }
+    *has_offset = o.defined ? 1 : 0;
+    if (o.defined) {
+      if (o.sizes != s.sizes || o.dtype != s.dtype) fail(n + "_offset must have the scale's shape and dtype");
+      for (int i = 0; i < 4; ++i) st.offset[i] = o.sizes[i] == 1 ? 0 : o.strides[i];
+    }
+  }
+  const int64_t n_window = a.length - a.n_coded;
+  if (n_window > 0) {
+    check_4d(w, (n + "_window").c_str());
+    if (!is_floating_io(w.dtype)) fail(n + "_window must be float32, float16 or bfloat16, got " + dtype_name(w.dtype));
+    if (w.sizes[0] != B || w.sizes[1] != Hkv || w.sizes[2] < n_window || w.sizes[3] != D)
+      fail(n + "_window must have shape (" + std::to_string(B) + ", " + std::to_string(Hkv) + ", >= " +
+           std::to_string(n_window) + ", " + std::to_string(D) + "), got " + shape_str(w.sizes));
+    for (int i = 0; i < 4; ++i) st.window[i] = w.strides[i];
+    *window_dtype = w.dtype;
+  }
+  if (centre_i >= 0 && a.t[centre_i].defined) {
+    const TensorDesc& ce = a.t[centre_i];
+    if (ce.dtype != Dtype::F32) fail(n + "_centre must be float32, got " + dtype_name(ce.dtype));
+    broadcast_strides(ce, {B, Hkv, 1, D}, (n + "_centre").c_str(), st.centre);
+    *has_centre = 1;
+  }
+  return code;
+}
+
+}  // namespace
+
+int64_t decode_num_splits(int64_t batch, int64_t kv_heads, int64_t row_blocks, int64_t length) {
+  const int64_t groups = std::max<int64_t>(1, batch * kv_heads * row_blocks);
+  const int64_t want = ceil_div(FQ_DEC_TARGET_THREADGROUPS, groups);
+  return std::max<int64_t>(1, std::min(want, length / FQ_DEC_MIN_SPLIT_KEYS));
+}
+
+static_assert(sizeof(FqDecodeParams) == 2 * 20 * 8 + 12 * 8 + 20 * 4, "FqDecodeParams layout changed: keep it in sync with Metal");
+
+Plan plan_decode(const DecodeArgs& a) {
+  const TensorDesc& q = a.t[kDecQ];
+  check_4d(q, "q");
+  if (!is_floating_io(q.dtype)) fail(std::string("q must be float32, float16 or bfloat16, got ") + dtype_name(q.dtype));
+  const int64_t B = q.sizes[0], Hq = q.sizes[1], Sq = q.sizes[2], D = q.sizes[3];
+  if (Sq < 1 || Sq > FQ_DEC_MAX_SQ)
+    fail("decode takes 1 to " + std::to_string(FQ_DEC_MAX_SQ) + " queries, got " + std::to_string(Sq));
+  if (!fq_head_dim_supported(D))
+    fail("head dim must be a multiple of " + std::to_string(FQ_HEAD_DIM_MULTIPLE) + " in " +
+         std::to_string(FQ_MIN_HEAD_DIM) + ".." + std::to_string(FQ_MAX_HEAD_DIM) + ", got " + std::to_string(D));
+  if (B < 1 || Hq < 1) fail("q needs at least one batch and one head");
+  if (B > 65535) fail("batch sizes above 65535 are not supported");
+  if (a.length < 1) fail("the cache holds no token (length " + std::to_string(a.length) + ")");
+  if (a.n_coded < 0 || a.n_coded > a.length)
+    fail("n_coded (" + std::to_string(a.n_coded) + ") must be in 0..length (" + std::to_string(a.length) + ")");
+  if (a.length > INT32_MAX / 2) fail("cache too long");
+  const TensorDesc& any_kv = a.n_coded > 0 ? a.t[kDecKCodes] : a.t[kDecKWindow];
+  check_4d(any_kv, a.n_coded > 0 ? "k_codes" : "k_window");
+  const int64_t Hkv = any_kv.sizes[1];
+  if (Hkv < 1 || Hq % Hkv) fail("Hq (" + std::to_string(Hq) + ") must be a multiple of Hkv (" + std::to_string(Hkv) + ")");
+
+  FqDecodeParams p{};
+  Dtype kwin = q.dtype, vwin = q.dtype;
+  fq_i32 unused = 0;
+  const int k_mode = setup_cache_operand(a, kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre, "k", B, Hkv,
+                                         D, a.k_group_rows, a.k_group_cols, p.k, &p.has_k_offset, &p.has_k_centre, &kwin);
+  const int v_mode = setup_cache_operand(a, kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow, -1, "v", B, Hkv, D,
+                                         a.v_group_rows, a.v_group_cols, p.v, &p.has_v_offset, &unused, &vwin);
+  if (kwin != vwin) fail("k_window and v_window must have the same dtype");
+  if (a.n_coded > 0) {
+    if (a.t[kDecKScale].dtype != a.t[kDecVScale].dtype) fail("k_scale and v_scale must have the same dtype");
+    if (a.t[kDecKCodes].dtype != a.t[kDecVCodes].dtype) fail("k_codes and v_codes must have the same dtype");
+  }
+  const TensorDesc& m = a.t[kDecMask];
+  int mask_mode = FQ_NONE;
+  if (m.defined) {
+    switch (m.dtype) {
+      case Dtype::Bool: mask_mode = FQ_BOOL; break;
+      case Dtype::F32: mask_mode = FQ_F32; break;
+      case Dtype::F16: mask_mode = FQ_F16; break;
+      case Dtype::BF16: mask_mode = FQ_BF16; break;
+      default: fail(std::string("attn_mask must be bool, float32, float16 or bfloat16, got ") + dtype_name(m.dtype));
+    }
+    broadcast_strides(m, {B, Hq, Sq, a.length}, "attn_mask", p.mask_str);
+  }
+  if (a.num_splits < 0) fail("num_splits must be >= 0 (0: automatic), got " + std::to_string(a.num_splits));
+
+  const int64_t rows = (Hq / Hkv) * Sq, row_blocks = ceil_div(rows, FQ_DEC_ROWS);
+  const int64_t want = a.num_splits > 0 ? a.num_splits : decode_num_splits(B, Hkv, row_blocks, a.length);
+  const int64_t split_len = ceil_div(a.length, std::min(want, a.length));
+  const int64_t n_splits = ceil_div(a.length, split_len);  // every split holds at least one key
+  const TensorDesc out = TensorDesc::contiguous(q.dtype, {B, Hq, Sq, D});
+  for (int i = 0; i < 4; ++i) p.q_str[i] = q.strides[i], p.o_str[i] = out.strides[i];
+  p.B = fq_i32(B), p.Hq = fq_i32(Hq), p.Hkv = fq_i32(Hkv), p.Sq = fq_i32(Sq), p.D = fq_i32(D);
+  p.length = fq_i32(a.length), p.n_coded = fq_i32(a.n_coded);
+  p.rows = fq_i32(rows), p.row_blocks = fq_i32(row_blocks);
+  p.split_len = fq_i32(split_len), p.n_splits = fq_i32(n_splits);
+  p.k_group_rows = fq_i32(a.k_group_rows), p.k_group_cols = fq_i32(a.k_group_cols);
+  p.v_group_rows = fq_i32(a.v_group_rows), p.v_group_cols = fq_i32(a.v_group_cols);
+  p.window_dtype = io_code(kwin);
+  p.scale = float(a.has_scale ? a.scale : 1.0 / std::sqrt(double(D)));
+
+  Plan plan;
+  plan.outputs.push_back({q.dtype, {B, Hq, Sq, D}});
+  plan.outputs.push_back({Dtype::F32, {B, Hq, Sq}});
+  plan.outputs.push_back({Dtype::F32, {n_splits, B, Hq, Sq, D}});
+  plan.outputs.push_back({Dtype::F32, {n_splits, B, Hq, Sq}});
+  const std::vector<uint8_t> params = bytes_of(p);
+  // Codes absent (every token in the window): the modes are never read; any valid value.
+  const int scale_dtype = a.n_coded > 0 ? io_code(a.t[kDecKScale].dtype) : FQ_F32;
+  const std::vector<std::pair<int, int32_t>> consts{
+      {FQ_FC_HEAD_DIM, int32_t(D)},       {FQ_FC_IO_DTYPE, io_code(q.dtype)},
+      {FQ_FC_K_MODE, k_mode == FQ_NONE ? FQ_I8 : k_mode}, {FQ_FC_V_MODE, v_mode == FQ_NONE ? FQ_I8 : v_mode},
+      {FQ_FC_MASK_MODE, mask_mode},       {FQ_FC_DEC_SCALE_DTYPE, scale_dtype}};
+  auto opt = [&](int i) { return a.t[i].defined && a.t[i].numel() > 0 ? i : kUnbound; };
+
+  Launch part;
+  part.function = "fq_decode_partial";
+  part.constants = consts;
+  part.grid[0] = grid_dim(n_splits, "splits");
+  part.grid[1] = grid_dim(Hkv * row_blocks, "KV heads x row blocks");
+  part.grid[2] = grid_dim(B, "batch");
+  part.threads[0] = FQ_ATTN_THREADS;
+  part.tg_mem_bytes = uint32_t(FQ_DEC_TG_FLOATS(D) * sizeof(float));
+  part.bindings = {{0, kDecQ},
+                   {1, opt(kDecKCodes)},  {2, opt(kDecKScale)},  {3, opt(kDecKOffset)}, {4, opt(kDecKWindow)},
+                   {5, opt(kDecKCentre)}, {6, opt(kDecVCodes)},  {7, opt(kDecVScale)},  {8, opt(kDecVOffset)},
+                   {9, opt(kDecVWindow)}, {10, opt(kDecMask)},   {11, kOutput + 2},     {12, kOutput + 3}};
+  part.params_slot = 13;
+  part.params = params;
+
+  Launch merge;
+  merge.function = "fq_decode_merge";
+  merge.constants = {{FQ_FC_HEAD_DIM, int32_t(D)}, {FQ_FC_IO_DTYPE, io_code(q.dtype)}};
+  merge.grid[0] = grid_dim(Sq, "queries");
+  merge.grid[1] = grid_dim(Hq, "heads");
+  merge.grid[2] = grid_dim(B, "batch");
+  merge.threads[0] = FQ_DEC_MERGE_THREADS;
+  merge.bindings = {{11, kOutput + 2}, {12, kOutput + 3}, {14, kOutput + 0}, {15, kOutput + 1}};
+  merge.params_slot = 13;
+  merge.params = params;
+  plan.launches = {part, merge};
   return plan;
 }
 

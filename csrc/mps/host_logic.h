@@ -119,4 +119,35 @@ struct DequantArgs {
 };
 Plan plan_dequantize(const DequantArgs& a);
 
+// ---- decode over a quantized KV cache (flash_quant.decode_attention on MPS): inputs in
+// this order. K and V each: codes (B, Hkv, T, D) int8 or (B, Hkv, T, D / 2) uint8 (two
+// signed INT4 nibbles, low first), scale (B, Hkv, token groups, channel groups) float32 /
+// float16 / bfloat16 (group (j / group_rows, d / group_cols); size 1 dims broadcast), an
+// optional offset of the scale's shape and dtype (value = code * scale + offset), the
+// 16-bit window (B, Hkv, W, D) holding tokens [n_coded, length); K only: an optional
+// float32 centre broadcastable to (B, Hkv, 1, D) added to every key.
+enum DecodeInput {
+  kDecQ,
+  kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre,
+  kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow,
+  kDecMask,
+  kNumDecodeInputs
+};
+struct DecodeArgs {
+  TensorDesc t[kNumDecodeInputs];
+  int64_t length = 0;   // keys: cache tokens [0, length)
+  int64_t n_coded = 0;  // tokens [0, n_coded) are codes, the rest the window
+  int64_t k_group_rows = 1, k_group_cols = 1, v_group_rows = 1, v_group_cols = 1;
+  int64_t num_splits = 0;  // 0: chosen by decode_num_splits
+  bool has_scale = false;
+  double scale = 0.0;
+};
+// The split count used when num_splits is 0: enough threadgroups to fill the GPU, but no
+// split shorter than FQ_DEC_MIN_SPLIT_KEYS keys.
+int64_t decode_num_splits(int64_t batch, int64_t kv_heads, int64_t row_blocks, int64_t length);
+// Outputs: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32, then the temporaries
+// part_out (n_splits, B, Hq, Sq, D) and part_lse (n_splits, B, Hq, Sq), float32.
+// Launches: fq_decode_partial, fq_decode_merge.
+Plan plan_decode(const DecodeArgs& a);
+
 }  // namespace fq_mps

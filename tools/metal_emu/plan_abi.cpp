@@ -149,3 +149,18 @@ extern "C" int fq_emu_plan_quantize_with_scale(const CTensor* t, const char* pre
     return plan_quantize_with_scale(a);
   }, out, err, errlen);
 }
+
+extern "C" int fq_emu_plan_decode(const CTensor* t, const long long* ints, int has_scale, double scale, CPlan* out,
+                                  char* err, int errlen) {
+  return guarded([&] {
+    DecodeArgs a;
+    for (int i = 0; i < kNumDecodeInputs; ++i) a.t[i] = to_desc(t[i]);
+    // ints: length, n_coded, k group rows / cols, v group rows / cols, num_splits
+    a.length = ints[0], a.n_coded = ints[1];
+    a.k_group_rows = ints[2], a.k_group_cols = ints[3], a.v_group_rows = ints[4], a.v_group_cols = ints[5];
+    a.num_splits = ints[6];
+    a.has_scale = has_scale != 0;
+    a.scale = scale;
+    return plan_decode(a);
+  }, out, err, errlen);
+}
