@@ -42,13 +42,15 @@ struct FqDecOperand {
   long obase, ors, ocs;   // offset, same groups
   long wbase, wrs, wcs;   // window: token j - n_coded
   long cbase, ccs;        // centre (K only)
+  int n_coded;            // tokens [0, n_coded) are codes, the rest the window
   int grows, gcols, mode, wmode;
   bool has_offset, has_centre;
 };
 
 inline FqDecOperand fq_dec_operand(device const uchar* codes, device const uchar* scale, device const uchar* offset,
                                    device const uchar* window, device const float* centre,
-                                   constant FqDecCacheStrides& s, int b, int hk, int mode, int grows, int gcols,
+                                   constant FqDecCacheStrides& s, int b, int hk, int n_coded, int mode, int grows,
+                                   int gcols,
                                    int has_offset, int has_centre, int window_dtype) {
   FqDecOperand o;
   o.codes = codes, o.scale = scale, o.offset = offset, o.window = window, o.centre = centre;
@@ -57,6 +59,7 @@ inline FqDecOperand fq_dec_operand(device const uchar* codes, device const uchar
   o.obase = long(b) * s.offset[0] + long(hk) * s.offset[1], o.ors = s.offset[2], o.ocs = s.offset[3];
   o.wbase = long(b) * s.window[0] + long(hk) * s.window[1], o.wrs = s.window[2], o.wcs = s.window[3];
   o.cbase = long(b) * s.centre[0] + long(hk) * s.centre[1], o.ccs = s.centre[3];
+  o.n_coded = n_coded;
   o.grows = grows, o.gcols = gcols, o.mode = mode, o.wmode = window_dtype;
   o.has_offset = has_offset != 0, o.has_centre = has_centre != 0;
   return o;
@@ -64,19 +67,20 @@ inline FqDecOperand fq_dec_operand(device const uchar* codes, device const uchar
 
 // The dequantized value of token j, channel d: codes * scale + offset for the first
 // n_coded tokens, the 16-bit window after them; plus the K centre.
-inline float fq_dec_value(thread const FqDecOperand& o, int n_coded, int j, int d) {
+inline float fq_dec_value(thread const FqDecOperand& o, int j, int d) {
   float v;
-  if (j < n_coded) {
+  if (j < o.n_coded) {
     float c;
-    if (o.mode == FQ_I4)
-      c = fq_load_i4(o.codes, o.base + long(j) * o.rs + long(d >> 1) * o.cs, uint(d & 1));
-    else
+    if (o.mode == FQ_U4_SPLIT) {
+      const int half = fq_head_dim / 2, hi = d >= half ? 1 : 0;
+      c = float((uint(o.codes[o.base + long(j) * o.rs + long(d - hi * half) * o.cs]) >> (4 * hi)) & 0xFu);
+    } else
       c = fq_load(o.codes, o.base + long(j) * o.rs + long(d) * o.cs, o.mode);
     const long gr = j / o.grows, gc = d / o.gcols;
     v = c * fq_load(o.scale, o.sbase + gr * o.srs + gc * o.scs, fq_dec_scale_dtype);
     if (o.has_offset) v += fq_load(o.offset, o.obase + gr * o.ors + gc * o.ocs, fq_dec_scale_dtype);
   } else {
-    v = fq_load(o.window, o.wbase + long(j - n_coded) * o.wrs + long(d) * o.wcs, o.wmode);
+    v = fq_load(o.window, o.wbase + long(j - o.n_coded) * o.wrs + long(d) * o.wcs, o.wmode);
   }
   if (o.has_centre) v += o.centre[o.cbase + long(d) * o.ccs];
   return v;
@@ -84,11 +88,11 @@ inline float fq_dec_value(thread const FqDecOperand& o, int n_coded, int j, int 
 
 // Stages keys [j0, j0 + FQ_DEC_BLOCK_K) x columns [c0, c0 + w) of `o`, dequantized, into
 // `dst` (row stride FQ_CHUNK); keys at or past j_end are zero. All threads take part.
-inline void fq_dec_stage(threadgroup float* dst, thread const FqDecOperand& o, int n_coded, int j0, int j_end,
+inline void fq_dec_stage(threadgroup float* dst, thread const FqDecOperand& o, int j0, int j_end,
                          int c0, int w, uint tid) {
   for (int e = int(tid); e < FQ_DEC_BLOCK_K * w; e += FQ_ATTN_THREADS) {
     const int r = e / w, c = e - r * w;
-    dst[r * FQ_CHUNK + c] = j0 + r < j_end ? fq_dec_value(o, n_coded, j0 + r, c0 + c) : 0.0f;
+    dst[r * FQ_CHUNK + c] = j0 + r < j_end ? fq_dec_value(o, j0 + r, c0 + c) : 0.0f;
   }
 }
 
@@ -124,9 +128,9 @@ kernel void fq_decode_partial(
   const int b = int(tgp.z), hk = int(tgp.y) / p.row_blocks, r0 = (int(tgp.y) % p.row_blocks) * FQ_DEC_ROWS;
   const int split = int(tgp.x);
   const int j_begin = split * p.split_len, j_end = min(p.length, j_begin + p.split_len);
-  const FqDecOperand K = fq_dec_operand(k_codes, k_scale, k_offset, k_window, k_centre, p.k, b, hk, fq_k_mode,
+  const FqDecOperand K = fq_dec_operand(k_codes, k_scale, k_offset, k_window, k_centre, p.k, b, hk, p.k_coded, fq_k_mode,
                                         p.k_group_rows, p.k_group_cols, p.has_k_offset, p.has_k_centre, p.window_dtype);
-  const FqDecOperand V = fq_dec_operand(v_codes, v_scale, v_offset, v_window, nullptr, p.v, b, hk, fq_v_mode,
+  const FqDecOperand V = fq_dec_operand(v_codes, v_scale, v_offset, v_window, nullptr, p.v, b, hk, p.v_coded, fq_v_mode,
                                         p.v_group_rows, p.v_group_cols, p.has_v_offset, 0, p.window_dtype);
 
   threadgroup float* chunk = tg;                                   // FQ_DEC_BLOCK_K x FQ_CHUNK
@@ -166,7 +170,7 @@ kernel void fq_decode_partial(
     simdgroup_float8x8 s = fq_zero8x8();
     for (int c0 = 0; c0 < D; c0 += FQ_CHUNK) {
       const int w = min(FQ_CHUNK, D - c0);
-      fq_dec_stage(chunk, K, p.n_coded, j0, j_end, c0, w, tid);
+      fq_dec_stage(chunk, K, j0, j_end, c0, w, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int t = 0; t < w / 8; ++t) {
         simdgroup_float8x8 kt;
@@ -201,7 +205,7 @@ kernel void fq_decode_partial(
     for (int kc = 0; kc < FQ_DEC_BLOCK_K / 8; ++kc) simdgroup_load(pm[kc], S + kc * 8, FQ_DEC_BLOCK_K);
     for (int c0 = 0; c0 < D; c0 += FQ_CHUNK) {
       const int w = min(FQ_CHUNK, D - c0);
-      fq_dec_stage(chunk, V, p.n_coded, j0, j_end, c0, w, tid);
+      fq_dec_stage(chunk, V, j0, j_end, c0, w, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int t = int(sg); t < w / 8; t += FQ_ATTN_SIMDGROUPS) {
         threadgroup float* ot = O + c0 + t * 8;  // rows of stride D

@@ -30,6 +30,9 @@ typedef int32_t fq_i32;
 #define FQ_E4M3 5
 #define FQ_E5M2 6
 #define FQ_BOOL 7
+// Decode cache INT4 codes (flash_quant/kv_cache.py): two UNSIGNED nibbles per byte,
+// "half-split": byte i of a token's row holds channel i (low) and channel i + D/2 (high).
+#define FQ_U4_SPLIT 8
 #define FQ_NONE (-1)
 
 // P precision in P·V.
@@ -136,7 +139,8 @@ struct FqQuantParams {
 // Where one cache operand's buffers are, in elements of each buffer, (B, Hkv, token,
 // channel) order, 0 on a broadcast dim: the codes (INT4: bytes over the packed last dim),
 // the scale and offset of a group (indexed by (token / group_rows, channel / group_cols)),
-// the 16-bit window (its token 0 is cache token n_coded) and the K centre (B, Hkv, 1, D).
+// the 16-bit window (its token 0 is cache token k_coded / v_coded) and the K centre
+// (B, Hkv, 1, D).
 struct FqDecCacheStrides {
   fq_i64 code[4], scale[4], offset[4], window[4], centre[4];
 };
@@ -148,7 +152,7 @@ struct FqDecodeParams {
   fq_i64 mask_str[4];  // attn_mask broadcast to (B, Hq, Sq, length)
   fq_i32 B, Hq, Hkv, Sq, D;
   fq_i32 length;       // keys: cache tokens [0, length)
-  fq_i32 n_coded;      // tokens [0, n_coded) are codes, [n_coded, length) the window
+  fq_i32 k_coded, v_coded;  // tokens [0, n_coded) are codes, [n_coded, length) the window
   fq_i32 rows;         // (Hq / Hkv) * Sq query rows per KV head
   fq_i32 row_blocks;   // ceil(rows / FQ_DEC_ROWS)
   fq_i32 split_len, n_splits;
@@ -156,4 +160,5 @@ struct FqDecodeParams {
   fq_i32 has_k_offset, has_v_offset, has_k_centre;
   fq_i32 window_dtype;  // FQ_F32 / FQ_F16 / FQ_BF16
   float scale;
+  fq_i32 pad;  // keeps the size a multiple of 8 under every compiler
 };

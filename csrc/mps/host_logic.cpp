@@ -618,9 +618,9 @@ namespace fq_mps {
 namespace {
 
 // One cache operand (K or V): checks its buffers and fills its strides. Returns the code
-// precision (FQ_I8 / FQ_I4).
+// precision (FQ_I8 / FQ_U4_SPLIT; FQ_NONE when no token is coded).
 int setup_cache_operand(const DecodeArgs& a, int codes_i, int scale_i, int offset_i, int window_i, int centre_i,
-                        const char* name, int64_t B, int64_t Hkv, int64_t D, int64_t grows, int64_t gcols,
+                        const char* name, int64_t n_coded, int64_t B, int64_t Hkv, int64_t D, int64_t grows, int64_t gcols,
                         FqDecCacheStrides& st, fq_i32* has_offset, fq_i32* has_centre, Dtype* window_dtype) {
   const std::string n(name);
   const TensorDesc &c = a.t[codes_i], &s = a.t[scale_i], &o = a.t[offset_i], &w = a.t[window_i];
@@ -628,25 +628,27 @@ int setup_cache_operand(const DecodeArgs& a, int codes_i, int scale_i, int offse
     fail(n + " scale groups must be >= 1 token and a divisor of the head dim " + std::to_string(D) + " in channels, got " +
          std::to_string(grows) + " x " + std::to_string(gcols));
   int code = FQ_NONE;
-  if (a.n_coded > 0) {
+  if (n_coded < 0 || n_coded > a.length)
+    fail(n + "_coded (" + std::to_string(n_coded) + ") must be in 0..length (" + std::to_string(a.length) + ")");
+  if (n_coded > 0) {
     check_4d(c, (n + "_codes").c_str());
     if (c.dtype == Dtype::I8) code = FQ_I8;
-    else if (c.dtype == Dtype::U8) code = FQ_I4;
+    else if (c.dtype == Dtype::U8) code = FQ_U4_SPLIT;
     else fail(n + "_codes must be int8 or uint8 (packed int4), got " + dtype_name(c.dtype));
-    const int64_t width = code == FQ_I4 ? D / FQ_INT4_PER_BYTE : D;
-    if (code == FQ_I4 && D % FQ_INT4_PER_BYTE) fail(n + "_codes: int4 needs an even head dim");
-    if (c.sizes[0] != B || c.sizes[1] != Hkv || c.sizes[2] < a.n_coded || c.sizes[3] != width)
+    const int64_t width = code == FQ_U4_SPLIT ? D / FQ_INT4_PER_BYTE : D;
+    if (code == FQ_U4_SPLIT && D % FQ_INT4_PER_BYTE) fail(n + "_codes: int4 needs an even head dim");
+    if (c.sizes[0] != B || c.sizes[1] != Hkv || c.sizes[2] < n_coded || c.sizes[3] != width)
       fail(n + "_codes must have shape (" + std::to_string(B) + ", " + std::to_string(Hkv) + ", >= " +
-           std::to_string(a.n_coded) + ", " + std::to_string(width) + "), got " + shape_str(c.sizes));
+           std::to_string(n_coded) + ", " + std::to_string(width) + "), got " + shape_str(c.sizes));
     for (int i = 0; i < 4; ++i) st.code[i] = c.strides[i];
     check_4d(s, (n + "_scale").c_str());
     if (!is_floating_io(s.dtype)) fail(n + "_scale must be float32, float16 or bfloat16, got " + dtype_name(s.dtype));
-    const std::vector<int64_t> groups{B, Hkv, ceil_div(a.n_coded, grows), D / gcols};
+    const std::vector<int64_t> groups{B, Hkv, ceil_div(n_coded, grows), D / gcols};
     for (int i = 0; i < 4; ++i) {
       const bool ok = s.sizes[i] == 1 || (i == 2 ? s.sizes[i] >= groups[i] : s.sizes[i] == groups[i]);
       if (!ok)
         fail(n + "_scale of shape " + shape_str(s.sizes) + " does not cover the groups " + shape_str(groups) +
-             " of " + std::to_string(a.n_coded) + " coded tokens");
+             " of " + std::to_string(n_coded) + " coded tokens");
       st.scale[i] = s.sizes[i] == 1 ? 0 : s.strides[i];
     }
     *has_offset = o.defined ? 1 : 0;
@@ -655,7 +657,7 @@ int setup_cache_operand(const DecodeArgs& a, int codes_i, int scale_i, int offse
       for (int i = 0; i < 4; ++i) st.offset[i] = o.sizes[i] == 1 ? 0 : o.strides[i];
     }
   }
-  const int64_t n_window = a.length - a.n_coded;
+  const int64_t n_window = a.length - n_coded;
   if (n_window > 0) {
     check_4d(w, (n + "_window").c_str());
     if (!is_floating_io(w.dtype)) fail(n + "_window must be float32, float16 or bfloat16, got " + dtype_name(w.dtype));
@@ -682,7 +684,7 @@ int64_t decode_num_splits(int64_t batch, int64_t kv_heads, int64_t row_blocks, i
   return std::max<int64_t>(1, std::min(want, length / FQ_DEC_MIN_SPLIT_KEYS));
 }
 
-static_assert(sizeof(FqDecodeParams) == 2 * 20 * 8 + 12 * 8 + 20 * 4, "FqDecodeParams layout changed: keep it in sync with Metal");
+static_assert(sizeof(FqDecodeParams) == 2 * 20 * 8 + 12 * 8 + 22 * 4, "FqDecodeParams layout changed: keep it in sync with Metal");
 
 Plan plan_decode(const DecodeArgs& a) {
   const TensorDesc& q = a.t[kDecQ];
@@ -697,23 +699,21 @@ Plan plan_decode(const DecodeArgs& a) {
   if (B < 1 || Hq < 1) fail("q needs at least one batch and one head");
   if (B > 65535) fail("batch sizes above 65535 are not supported");
   if (a.length < 1) fail("the cache holds no token (length " + std::to_string(a.length) + ")");
-  if (a.n_coded < 0 || a.n_coded > a.length)
-    fail("n_coded (" + std::to_string(a.n_coded) + ") must be in 0..length (" + std::to_string(a.length) + ")");
   if (a.length > INT32_MAX / 2) fail("cache too long");
-  const TensorDesc& any_kv = a.n_coded > 0 ? a.t[kDecKCodes] : a.t[kDecKWindow];
-  check_4d(any_kv, a.n_coded > 0 ? "k_codes" : "k_window");
+  const TensorDesc& any_kv = a.k_coded > 0 ? a.t[kDecKCodes] : a.t[kDecKWindow];
+  check_4d(any_kv, a.k_coded > 0 ? "k_codes" : "k_window");
   const int64_t Hkv = any_kv.sizes[1];
   if (Hkv < 1 || Hq % Hkv) fail("Hq (" + std::to_string(Hq) + ") must be a multiple of Hkv (" + std::to_string(Hkv) + ")");
 
   FqDecodeParams p{};
   Dtype kwin = q.dtype, vwin = q.dtype;
   fq_i32 unused = 0;
-  const int k_mode = setup_cache_operand(a, kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre, "k", B, Hkv,
+  const int k_mode = setup_cache_operand(a, kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre, "k", a.k_coded, B, Hkv,
                                          D, a.k_group_rows, a.k_group_cols, p.k, &p.has_k_offset, &p.has_k_centre, &kwin);
-  const int v_mode = setup_cache_operand(a, kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow, -1, "v", B, Hkv, D,
+  const int v_mode = setup_cache_operand(a, kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow, -1, "v", a.v_coded, B, Hkv, D,
                                          a.v_group_rows, a.v_group_cols, p.v, &p.has_v_offset, &unused, &vwin);
   if (kwin != vwin) fail("k_window and v_window must have the same dtype");
-  if (a.n_coded > 0) {
+  if (a.k_coded > 0 && a.v_coded > 0) {
     if (a.t[kDecKScale].dtype != a.t[kDecVScale].dtype) fail("k_scale and v_scale must have the same dtype");
     if (a.t[kDecKCodes].dtype != a.t[kDecVCodes].dtype) fail("k_codes and v_codes must have the same dtype");
   }
@@ -738,7 +738,7 @@ Plan plan_decode(const DecodeArgs& a) {
   const TensorDesc out = TensorDesc::contiguous(q.dtype, {B, Hq, Sq, D});
   for (int i = 0; i < 4; ++i) p.q_str[i] = q.strides[i], p.o_str[i] = out.strides[i];
   p.B = fq_i32(B), p.Hq = fq_i32(Hq), p.Hkv = fq_i32(Hkv), p.Sq = fq_i32(Sq), p.D = fq_i32(D);
-  p.length = fq_i32(a.length), p.n_coded = fq_i32(a.n_coded);
+  p.length = fq_i32(a.length), p.k_coded = fq_i32(a.k_coded), p.v_coded = fq_i32(a.v_coded);
   p.rows = fq_i32(rows), p.row_blocks = fq_i32(row_blocks);
   p.split_len = fq_i32(split_len), p.n_splits = fq_i32(n_splits);
   p.k_group_rows = fq_i32(a.k_group_rows), p.k_group_cols = fq_i32(a.k_group_cols);
@@ -753,7 +753,9 @@ Plan plan_decode(const DecodeArgs& a) {
   plan.outputs.push_back({Dtype::F32, {n_splits, B, Hq, Sq}});
   const std::vector<uint8_t> params = bytes_of(p);
   // Codes absent (every token in the window): the modes are never read; any valid value.
-  const int scale_dtype = a.n_coded > 0 ? io_code(a.t[kDecKScale].dtype) : FQ_F32;
+  const int scale_dtype = a.k_coded > 0   ? io_code(a.t[kDecKScale].dtype)
+                          : a.v_coded > 0 ? io_code(a.t[kDecVScale].dtype)
+                                          : FQ_F32;
   const std::vector<std::pair<int, int32_t>> consts{
       {FQ_FC_HEAD_DIM, int32_t(D)},       {FQ_FC_IO_DTYPE, io_code(q.dtype)},
       {FQ_FC_K_MODE, k_mode == FQ_NONE ? FQ_I8 : k_mode}, {FQ_FC_V_MODE, v_mode == FQ_NONE ? FQ_I8 : v_mode},

@@ -124,7 +124,7 @@ Plan plan_dequantize(const DequantArgs& a);
 // signed INT4 nibbles, low first), scale (B, Hkv, token groups, channel groups) float32 /
 // float16 / bfloat16 (group (j / group_rows, d / group_cols); size 1 dims broadcast), an
 // optional offset of the scale's shape and dtype (value = code * scale + offset), the
-// 16-bit window (B, Hkv, W, D) holding tokens [n_coded, length); K only: an optional
+// 16-bit window (B, Hkv, W, D) holding tokens [k_coded or v_coded, length); K only: an optional
 // float32 centre broadcastable to (B, Hkv, 1, D) added to every key.
 enum DecodeInput {
   kDecQ,
@@ -136,7 +136,7 @@ enum DecodeInput {
 struct DecodeArgs {
   TensorDesc t[kNumDecodeInputs];
   int64_t length = 0;   // keys: cache tokens [0, length)
-  int64_t n_coded = 0;  // tokens [0, n_coded) are codes, the rest the window
+  int64_t k_coded = 0, v_coded = 0;  // tokens [0, n) are codes, [n, length) the window
   int64_t k_group_rows = 1, k_group_cols = 1, v_group_rows = 1, v_group_cols = 1;
   int64_t num_splits = 0;  // 0: chosen by decode_num_splits
   bool has_scale = false;

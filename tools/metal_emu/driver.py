@@ -414,12 +414,12 @@ class Emulator:
                                                DTYPES.index(dtype), ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
 
-    def plan_decode(self, tensors: Sequence[Optional[torch.Tensor]], length: int, n_coded: int, k_groups, v_groups,
+    def plan_decode(self, tensors: Sequence[Optional[torch.Tensor]], length: int, coded, k_groups, v_groups,
                     num_splits: int = 0, scale: Optional[float] = None) -> CPlan:
-        """tensors in host_logic.h's DecodeInput order; k_groups / v_groups: (tokens, channels)
-        of one scale group."""
+        """tensors in host_logic.h's DecodeInput order; coded: (k_coded, v_coded) tokens held
+        as codes; k_groups / v_groups: (tokens, channels) of one scale group."""
         arr = (CTensor * len(tensors))(*[_desc(t) for t in tensors])
-        ints = (ctypes.c_longlong * 7)(length, n_coded, *k_groups, *v_groups, num_splits)
+        ints = (ctypes.c_longlong * 8)(length, *coded, *k_groups, *v_groups, num_splits)
         plan, err = CPlan(), ctypes.create_string_buffer(1024)
         rc = self._plan.fq_emu_plan_decode(arr, ints, int(scale is not None), ctypes.c_double(scale or 0.0),
                                            ctypes.byref(plan), err, 1024)
@@ -484,9 +484,9 @@ class Emulator:
         dq, dk, dv = self.run_plan(plan, ins, order)[:3]
         return dq, dk, dv
 
-    def decode(self, tensors, length, n_coded, k_groups, v_groups, num_splits=0, scale=None, order=0):
+    def decode(self, tensors, length, coded, k_groups, v_groups, num_splits=0, scale=None, order=0):
         """Decode attention as the MPS backend computes it: (out, lse, n_splits)."""
-        plan = self.plan_decode(tensors, length, n_coded, k_groups, v_groups, num_splits, scale)
+        plan = self.plan_decode(tensors, length, coded, k_groups, v_groups, num_splits, scale)
         out, lse, part_o, _ = self.run_plan(plan, list(tensors), order)
         return out, lse, part_o.shape[0]
 

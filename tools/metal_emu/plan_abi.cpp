@@ -155,10 +155,10 @@ extern "C" int fq_emu_plan_decode(const CTensor* t, const long long* ints, int h
   return guarded([&] {
     DecodeArgs a;
     for (int i = 0; i < kNumDecodeInputs; ++i) a.t[i] = to_desc(t[i]);
-    // ints: length, n_coded, k group rows / cols, v group rows / cols, num_splits
-    a.length = ints[0], a.n_coded = ints[1];
-    a.k_group_rows = ints[2], a.k_group_cols = ints[3], a.v_group_rows = ints[4], a.v_group_cols = ints[5];
-    a.num_splits = ints[6];
+    // ints: length, k_coded, v_coded, k group rows / cols, v group rows / cols, num_splits
+    a.length = ints[0], a.k_coded = ints[1], a.v_coded = ints[2];
+    a.k_group_rows = ints[3], a.k_group_cols = ints[4], a.v_group_rows = ints[5], a.v_group_cols = ints[6];
+    a.num_splits = ints[7];
     a.has_scale = has_scale != 0;
     a.scale = scale;
     return plan_decode(a);
