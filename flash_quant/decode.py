@@ -3,7 +3,7 @@
 ``decode_attention(q, cache)`` attends 1..16 query tokens per head (decode, speculative
 verification) to the cache's ``length`` keys. Backends by q's device: CPU, the reference
 below (dequantize, then attention in float32); CUDA, the Triton split-KV kernel
-(flash_quant/cuda/decode.py); MPS, the Metal kernel (issue 18 item 5, not in this module).
+(flash_quant/cuda/decode.py); MPS, the Metal kernels (flash_quant/mps_decode.py).
 
 Semantics (every backend):
 - q (B, Hq, Sq, D), Hq a multiple of the cache's kv_heads (GQA: query head i reads kv head
@@ -114,6 +114,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache,
     if q.is_cuda:
         from .cuda.decode import decode_attention_cuda
         return decode_attention_cuda(q, cache, attn_mask, scale)
+    if q.device.type == "mps":  # the Metal kernels (issue 18 item 5): flash_quant/mps_decode.py
+        from .mps_decode import decode_attention_mps
+        return decode_attention_mps(q, cache, attn_mask, scale)
     if q.device.type != "cpu":
         raise NotImplementedError(f"decode_attention: no decode kernel for {q.device.type} yet")
     k, v = cache.dequantize()

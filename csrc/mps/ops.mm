@@ -1,6 +1,6 @@
 // flash_quant's MPS backend: TORCH_LIBRARY_IMPL(flash_quant, MPS) for quantize,
-// quantize_with_scale, dequantize, attention_forward and attention_backward, running the Metal kernels of
-// metal/*.metal.
+// quantize_with_scale, dequantize, attention_forward, attention_backward and
+// decode_attention_kv, running the Metal kernels of metal/*.metal.
 //
 // * All decisions (checks, output shapes, grids, function constants, argument bytes,
 //   buffer bindings) come from host_logic.cpp, which is plain C++ and tested on Linux
@@ -367,6 +367,37 @@ at::Tensor dequantize_mps(const at::Tensor& data, const at::Tensor& scale, const
   return run_plan(plan, ins, data.device())[0];
 }
 
+// Decode over a quantized KV cache's buffers (schema: csrc/schema.cpp decode_attention_kv;
+// the kernels: metal/decode.metal). The plan checks every buffer before any launch.
+std::tuple<at::Tensor, at::Tensor> decode_attention_kv_mps(
+    const at::Tensor& q, const OptTensor& k_codes, const OptTensor& k_scale, const OptTensor& k_offset,
+    const OptTensor& k_window, const OptTensor& k_center, const OptTensor& v_codes, const OptTensor& v_scale,
+    const OptTensor& v_offset, const OptTensor& v_window, const OptTensor& attn_mask, int64_t length,
+    int64_t k_coded, int64_t v_coded, at::IntArrayRef k_group, at::IntArrayRef v_group, int64_t num_splits,
+    std::optional<double> scale) {
+  std::vector<at::Tensor> t(fq_mps::kNumDecodeInputs);
+  t[fq_mps::kDecQ] = q;
+  t[fq_mps::kDecKCodes] = opt(k_codes), t[fq_mps::kDecKScale] = opt(k_scale), t[fq_mps::kDecKOffset] = opt(k_offset);
+  t[fq_mps::kDecKWindow] = opt(k_window), t[fq_mps::kDecKCentre] = opt(k_center);
+  t[fq_mps::kDecVCodes] = opt(v_codes), t[fq_mps::kDecVScale] = opt(v_scale), t[fq_mps::kDecVOffset] = opt(v_offset);
+  t[fq_mps::kDecVWindow] = opt(v_window), t[fq_mps::kDecMask] = opt(attn_mask);
+  static const char* names[] = {"q", "k_codes", "k_scale", "k_offset", "k_window", "k_center",
+                                "v_codes", "v_scale", "v_offset", "v_window", "attn_mask"};
+  for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) check_device(t[i], names[i]);
+  TORCH_CHECK(k_group.size() == 2 && v_group.size() == 2,
+              "flash_quant (MPS): k_group and v_group must be (tokens, channels)");
+  fq_mps::DecodeArgs a;
+  for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) a.t[i] = desc(t[i]);
+  a.length = length, a.k_coded = k_coded, a.v_coded = v_coded;
+  a.k_group_rows = k_group[0], a.k_group_cols = k_group[1], a.v_group_rows = v_group[0], a.v_group_cols = v_group[1];
+  a.num_splits = num_splits;
+  a.has_scale = scale.has_value();
+  a.scale = scale.value_or(0.0);
+  const Plan plan = make_plan([&] { return fq_mps::plan_decode(a); });
+  auto outs = run_plan(plan, t, q.device());
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 }  // namespace mps
 }  // namespace flash_quant
@@ -377,4 +408,5 @@ TORCH_LIBRARY_IMPL(flash_quant, MPS, m) {
   m.impl("dequantize", &flash_quant::mps::dequantize_mps);
   m.impl("attention_forward", &flash_quant::mps::attention_forward_mps);
   m.impl("attention_backward", &flash_quant::mps::attention_backward_mps);
+  m.impl("decode_attention_kv", &flash_quant::mps::decode_attention_kv_mps);
 }
