@@ -208,11 +208,9 @@ class QuantizedKVCache:
         t = self._check_append(k, v)
         if self.precision == "int8" and self.length == 0:
             self.k_center.copy_(k.float().mean(2))
-        if k.is_cuda:
-            from .cuda.kv_append import append_cuda  # Triton kernels, device-side offsets
-            append_cuda(self, k, v)
-        else:
-            self._append_torch(k, v, t)
+        # torch ops at device-side offsets on every device: no host sync, CUDA-graph safe.
+        # (A fused append kernel would cut an eager CUDA append's ~10-25 launches to one.)
+        self._append_torch(k, v, t)
         self.length += t
         self.length_tensor.add_(t)
 
