@@ -9,8 +9,8 @@ kernel is shaped around bandwidth:
   kernel merges the partials by their log-sum-exp;
 * one program serves every query of a GQA group: its tile's rows are the G = Hq/Hkv
   query heads times the Sq queries, so each K/V tile is loaded once for all of them;
-* codes are dequantized in registers (int8: the per-token scale is applied to the scores
-  and folded into P; int4: nibbles unpacked into the two channel halves of the
+* codes are dequantized in registers (int8: q is multiplied by the keys' per-channel
+  smoothing once, the per-token scales are applied to the scores and folded into P; int4: nibbles unpacked into the two channel halves of the
   half-split layout, then scale and zero applied);
 * the token count is read from the cache's device ``length_tensor`` and each split's
   range is derived from it in the kernel, so a CUDA graph captured at one length replays
@@ -65,7 +65,7 @@ def _dot(a, b, DT: tl.constexpr, INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr
 @triton.jit
 def _decode_split_kernel(
         q_ptr, sq_b, sq_h, sq_s,
-        kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr,
+        kc_ptr, ks_ptr, kz_ptr, kw_ptr, ksm_ptr, vc_ptr, vs_ptr, vz_ptr,
         skc, sks, skw, svc, svs,
         len_ptr,
         mask_ptr, sm_b, sm_h, sm_s, sm_n,
@@ -94,6 +94,9 @@ def _decode_split_kernel(
     q_lo = tl.load(q_rows[:, None] + dh[None, :], mask=row_ok[:, None], other=0.0)
     q_hi = tl.load(q_rows[:, None] + HALF + dh[None, :], mask=row_ok[:, None], other=0.0)
     DT = q_lo.dtype
+    if BITS == 8:  # int8 keys are stored divided by the per-channel k_smooth: q takes it
+        q_lo = (q_lo.to(tl.float32) * tl.load(ksm_ptr + bh * D + dh)[None, :]).to(DT)
+        q_hi = (q_hi.to(tl.float32) * tl.load(ksm_ptr + bh * D + HALF + dh)[None, :]).to(DT)
     last_visible = length - SQ + qi      # bottom-right causal default
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -175,11 +178,12 @@ def _decode_split_kernel(
             acc_hi += _dot(p, v_hi, DT, INPUT_PREC, DOT_F32)
         m_i = m_new
 
+    # partials of the real rows only (the padding rows are never merged)
     part = (bh * NUM_SPLITS + split) * BLOCK_M + rows
-    tl.store(o_ptr + part[:, None] * D + dh[None, :], acc_lo)
-    tl.store(o_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi)
-    tl.store(m_ptr + part, m_i)
-    tl.store(l_ptr + part, l_i)
+    tl.store(o_ptr + part[:, None] * D + dh[None, :], acc_lo, mask=row_ok[:, None])
+    tl.store(o_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi, mask=row_ok[:, None])
+    tl.store(m_ptr + part, m_i, mask=row_ok)
+    tl.store(l_ptr + part, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -241,7 +245,7 @@ def _make_plan(q, cache, mask, scale, cfg):
     meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], D=d,
                 BITS=4 if int4 else 8, KG=cache.k_group if int4 else 1,
                 VG=cache.v_group if int4 else 1, NUM_SPLITS=splits, MASK_KIND=kind,
-                INPUT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                INPUT_PREC="ieee" if q.dtype == torch.float32 else None,  # fp32 q: no tf32
                 DOT_F32=os.environ.get("TRITON_INTERPRET", "0") == "1" and q.dtype == torch.bfloat16,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, D=d, NUM_SPLITS=splits,
@@ -276,10 +280,11 @@ def decode_attention_cuda(q: torch.Tensor, cache, attn_mask: Optional[torch.Tens
     int4 = cache.precision == "int4"
     kz = cache.k_zero if int4 else cache.k_scale
     kw = cache.k_window if int4 else cache.k_scale
+    ksm = cache.k_scale if int4 else cache.k_smooth
     vz = cache.v_zero if int4 else cache.v_scale
     m_args = (mask, *mask.stride()) if mask is not None else (q, 0, 0, 0, 0)
     args = (q, q.stride(0), q.stride(1), q.stride(2),
-            cache.k_codes, cache.k_scale, kz, kw, cache.v_codes, cache.v_scale, vz,
+            cache.k_codes, cache.k_scale, kz, kw, ksm, cache.v_codes, cache.v_scale, vz,
             cache.k_codes.stride(1), cache.k_scale.stride(1), kw.stride(1),
             cache.v_codes.stride(1), cache.v_scale.stride(1),
             cache.length_tensor, *m_args, o_part, m_part, l_part, plan["scale_log2"])
