@@ -9,17 +9,27 @@ directly. Why these schemes: docs/decode.md (measured table).
 Storage layout (B = batch, H = kv_heads, L = max_len, D = head_dim; every buffer is
 contiguous, token-major within a head; kernels index them as ``[b, h, token, ...]``)
 
-precision="int8"  (K centred then per-token symmetric int8, V per-token symmetric int8)
+precision="int8"  (K centred and smoothed per channel, then per-token symmetric int8;
+                   V per-token symmetric int8)
     k_center  float32 (B, H, D)      per-channel centre, the mean of the first append's
                                      keys; fixed afterwards. Softmax is invariant to a
                                      per-channel shift of every key (q.(k - c) = q.k - q.c,
                                      the same for all keys of a row), so kernels ignore it;
                                      only dequantize() adds it back.
-    k_codes   int8    (B, H, L, D)   round((k - k_center) / k_scale), in [-127, 127]
-    k_scale   float32 (B, H, L)      max |k - k_center| over the token's D channels / 127
+    k_smooth  float32 (B, H, D)      per-channel divisor in (0, 1], fixed at the first
+                                     append (its max |k - k_center| per channel, floored,
+                                     over its largest): keys are divided by it before the
+                                     per-token scale, so a channel of large keys does not
+                                     set every token's scale (docs/decode.md: per-token
+                                     int8 K goes from 0.9 % to ~2-3.5 % rel-L2 when channel
+                                     magnitudes spread like a model's). Kernels multiply q
+                                     by it: q.k = (q * k_smooth) . (k / k_smooth).
+    k_codes   int8    (B, H, L, D)   round((k - k_center) / k_smooth / k_scale), in [-127, 127]
+    k_scale   float32 (B, H, L)      max |(k - k_center) / k_smooth| over the token's D channels / 127
     v_codes   int8    (B, H, L, D)   round(v / v_scale)
     v_scale   float32 (B, H, L)
-    key j = k_codes[b, h, j] * k_scale[b, h, j] (+ k_center[b, h]); likewise v.
+    key j = k_codes[b, h, j] * k_scale[b, h, j] * k_smooth[b, h] (+ k_center[b, h]);
+    value j = v_codes[b, h, j] * v_scale[b, h, j].
 
 precision="int4"  (K per channel over groups of k_group tokens, asymmetric (KIVI);
                    V per token over groups of v_group channels, asymmetric)
@@ -64,6 +74,9 @@ INT8_MAX = 127          # symmetric int8 codes in [-127, 127]
 INT4_MAX = 15           # asymmetric unsigned int4 codes in [0, 15]
 DEFAULT_K_GROUP = 32    # int4 K: tokens per per-channel scale group (docs/decode.md)
 DEFAULT_V_GROUP = 32    # int4 V: channels per per-token scale group (docs/decode.md)
+#: int8 K smoothing: a channel's divisor is at least the mean one over this (a channel that
+#: was near-constant in the first append must not blow up later keys divided by it)
+SMOOTH_FLOOR_RATIO = 16.0
 INT8_SCALE_DTYPE = torch.float32   # 4 bytes per 128-channel token: 3 % of the codes
 INT4_SCALE_DTYPE = torch.float16   # fp32 would add 25 % to int4's bytes at group 32
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -135,6 +148,7 @@ class QuantizedKVCache:
         dev = self.device
         if precision == "int8":
             self.k_center = torch.zeros(*shape, head_dim, dtype=torch.float32, device=dev)
+            self.k_smooth = torch.ones(*shape, head_dim, dtype=torch.float32, device=dev)
             self.k_codes = torch.zeros(*shape, max_len, head_dim, dtype=torch.int8, device=dev)
             self.k_scale = torch.zeros(*shape, max_len, dtype=INT8_SCALE_DTYPE, device=dev)
             self.v_codes = torch.zeros(*shape, max_len, head_dim, dtype=torch.int8, device=dev)
@@ -154,7 +168,7 @@ class QuantizedKVCache:
 
     # ------------------------------------------------------------------ bookkeeping
     def _buffers(self):
-        names = (("k_center", "k_codes", "k_scale", "v_codes", "v_scale") if self.precision == "int8"
+        names = (("k_center", "k_smooth", "k_codes", "k_scale", "v_codes", "v_scale") if self.precision == "int8"
                  else ("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero"))
         return [(n, getattr(self, n)) for n in names] + [("length_tensor", self.length_tensor)]
 
@@ -164,7 +178,8 @@ class QuantizedKVCache:
         return sum(t.numel() * t.element_size() for _, t in self._buffers())
 
     def reset(self) -> None:
-        """Forget every token (buffers are kept; the int8 centre is set again by the next append)."""
+        """Forget every token (buffers are kept; int8's centre and smoothing are set again
+        by the next append)."""
         self.length = 0
         self.length_tensor.zero_()
 
@@ -207,14 +222,24 @@ class QuantizedKVCache:
         """Quantize k, v (B, Hkv, T, D) into the buffers at the current length, in place."""
         t = self._check_append(k, v)
         if self.precision == "int8" and self.length == 0:
-            self.k_center.copy_(k.float().mean(2))
-        if k.is_cuda:
-            from .cuda.kv_append import append_cuda  # Triton kernels, device-side offsets
-            append_cuda(self, k, v)
-        else:
-            self._append_torch(k, v, t)
+            self._set_key_statistics(k.float())
+        # torch ops at device-side offsets on every device: no host sync, CUDA-graph safe.
+        # (A fused append kernel would cut an eager CUDA append's ~10-25 launches to one.)
+        self._append_torch(k, v, t)
         self.length += t
         self.length_tensor.add_(t)
+
+    def _set_key_statistics(self, k: torch.Tensor) -> None:
+        """int8: the centre and smoothing divisors, from the first append's keys."""
+        center = k.mean(2)
+        spread = (k - center.unsqueeze(2)).abs().amax(2)
+        spread = torch.maximum(spread, spread.mean(-1, keepdim=True) / SMOOTH_FLOOR_RATIO)
+        top = spread.amax(-1, keepdim=True)
+        # (one token, or constant keys: no spread, no smoothing)
+        smooth = torch.where(top > 0, spread / torch.where(top > 0, top, torch.ones_like(top)),
+                             torch.ones_like(spread))
+        self.k_center.copy_(center)
+        self.k_smooth.copy_(smooth)
 
     def _positions(self, t: int) -> torch.Tensor:
         """Token indices length .. length + t - 1, computed on the device (no host sync)."""
@@ -224,7 +249,7 @@ class QuantizedKVCache:
         """The reference append (torch ops, device-side offsets)."""
         pos = self._positions(t)
         if self.precision == "int8":
-            kc, ks = _symmetric_int8(k.float() - self.k_center.unsqueeze(2))
+            kc, ks = _symmetric_int8((k.float() - self.k_center.unsqueeze(2)) / self.k_smooth.unsqueeze(2))
             vc, vs = _symmetric_int8(v.float())
             self.k_codes.index_copy_(2, pos, kc)
             self.k_scale.index_copy_(2, pos, ks)
@@ -274,7 +299,8 @@ class QuantizedKVCache:
         """(k, v), each (B, Hkv, length, D) in the cache's dtype (tests, reference path)."""
         n = self.length
         if self.precision == "int8":
-            k = self.k_codes[:, :, :n].float() * self.k_scale[:, :, :n, None] + self.k_center[:, :, None]
+            k = (self.k_codes[:, :, :n].float() * self.k_scale[:, :, :n, None] * self.k_smooth[:, :, None]
+                 + self.k_center[:, :, None])
             v = self.v_codes[:, :, :n].float() * self.v_scale[:, :, :n, None]
             return k.to(self.dtype), v.to(self.dtype)
         b, h, d = self.batch, self.kv_heads, self.head_dim
