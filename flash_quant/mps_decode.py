@@ -10,9 +10,10 @@ loads them: no dequantized copy of the cache is made.
 How the cache maps to the op (the layout numbers live in the cache; nothing is copied):
 
 * int8: K codes with one float32 scale per token (group = 1 token x D channels), likewise
-  V; every token is coded. The K centre is not passed: softmax is invariant to one shift
-  of every key (q . (k + c) = q . k + q . c, the same for all keys of a row), so the output
-  is exact without it (only the op's lse, which decode_attention drops, omits q . c).
+  V; every token is coded. The codes hold k / k_smooth: the kernel multiplies q by
+  ``k_smooth``. The K centre is not passed: softmax is invariant to one shift of every key
+  (q . (k + c) = q . k + q . c, the same for all keys of a row), so the output is exact
+  without it (only the op's lse, which decode_attention drops, omits q . c).
 * int4: K codes per channel over groups of ``k_group`` tokens (group = k_group x 1) with
   float16 scale and offset (``k_zero``), the newest ``length % k_group`` keys in the 16-bit
   window; V per token over groups of ``v_group`` channels (group = 1 x v_group), every token
@@ -37,16 +38,17 @@ AUTO_SPLITS = 0
 
 def _cache_buffers(cache: QuantizedKVCache):
     """(K buffers, V buffers, (k_coded, v_coded), k_group, v_group) of the cache's current
-    length: buffers as (codes, scale, offset, window, centre) in the op's order."""
+    length: K as (codes, scale, offset, window, centre, smooth), V as (codes, scale, offset,
+    window), in the op's order."""
     n, d = cache.length, cache.head_dim
     if cache.precision == "int8":
         # (B, H, L) scales as (B, H, L, 1): one group of D channels per token.
-        k = (cache.k_codes, cache.k_scale.unsqueeze(-1), None, None, None)
+        k = (cache.k_codes, cache.k_scale.unsqueeze(-1), None, None, None, cache.k_smooth.unsqueeze(2))
         v = (cache.v_codes, cache.v_scale.unsqueeze(-1), None, None)
         return k, v, (n, n), (1, d), (1, d)
     g = cache.k_group
     k_coded = (n // g) * g  # complete groups; the rest is in k_window
-    k = (cache.k_codes, cache.k_scale, cache.k_zero, cache.k_window, None)
+    k = (cache.k_codes, cache.k_scale, cache.k_zero, cache.k_window, None, None)
     v = (cache.v_codes, cache.v_scale, cache.v_zero, None)
     return k, v, (k_coded, n), (g, 1), (1, cache.v_group)
 

@@ -414,8 +414,8 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake("flash_quant::decode_attention_kv")
-def _decode_attention_kv_fake(q, k_codes, k_scale, k_offset, k_window, k_center, v_codes, v_scale, v_offset, v_window,
-                              attn_mask, length, k_coded, v_coded, k_group, v_group, num_splits, scale):
+def _decode_attention_kv_fake(q, k_codes, k_scale, k_offset, k_window, k_center, k_smooth, v_codes, v_scale, v_offset,
+                              v_window, attn_mask, length, k_coded, v_coded, k_group, v_group, num_splits, scale):
     b, h, s, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
 

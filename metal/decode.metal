@@ -19,7 +19,8 @@
 //   the K centre; the newest tokens from the cache's 16-bit window): per-channel K groups
 //   cannot be factored out of the dot product as per-row scales can.
 // * 128 threads = 4 simdgroups. Scores: simdgroup g computes the 8 rows x 8 keys
-//   [8g, 8g + 8) of the tile against Q (head_dim / 8 matrices in registers). Softmax:
+//   [8g, 8g + 8) of the tile against Q (head_dim / 8 matrices in registers; int8 K's
+//   per-channel smoothing divisors are multiplied into Q as it is staged). Softmax:
 //   simdgroup g handles rows 2g, 2g + 1, one key per lane. P V: simdgroup g owns the
 //   output column tiles t with t % 4 == g. O lives in threadgroup memory (8 x head_dim
 //   floats), so the running-max rescale is per element (exact for inf / NaN rows) and
@@ -122,6 +123,7 @@ kernel void fq_decode_partial(
     device const uchar* v_offset [[buffer(8)]], device const uchar* v_window [[buffer(9)]],
     device const uchar* mask [[buffer(10)]], device float* part_o [[buffer(11)]],
     device float* part_lse [[buffer(12)]], constant FqDecodeParams& p [[buffer(13)]],
+    device const float* k_smooth [[buffer(14)]],
     threadgroup float* tg FQ_TG_MEM(0), uint3 tgp FQ_TG_POS, uint tid FQ_TID, uint sg FQ_SIMDGROUP,
     uint lane FQ_LANE) {
   const int D = fq_head_dim;
@@ -146,7 +148,8 @@ kernel void fq_decode_partial(
     row_l[tid] = 0.0f;
   }
 
-  // Q rows of the block, times the softmax scale, as D / 8 matrices in every simdgroup.
+  // Q rows of the block, times the softmax scale (and the K smoothing divisors: the codes
+  // hold k / smooth), as D / 8 matrices in every simdgroup.
   simdgroup_float8x8 qm[FQ_MAX_HEAD_DIM / 8];
   for (int c0 = 0; c0 < D; c0 += FQ_CHUNK) {
     const int w = min(FQ_CHUNK, D - c0);
@@ -157,6 +160,8 @@ kernel void fq_decode_partial(
         const long qi = long(b) * p.q_str[0] + long(fq_dec_head(p, hk, r)) * p.q_str[1] +
                         long(r % p.Sq) * p.q_str[2] + long(c0 + c) * p.q_str[3];
         x = fq_load(q, qi, fq_io_dtype) * p.scale;
+        if (p.has_k_smooth != 0)
+          x *= k_smooth[long(b) * p.k.smooth[0] + long(hk) * p.k.smooth[1] + long(c0 + c) * p.k.smooth[3]];
       }
       chunk[rr * FQ_CHUNK + c] = x;
     }

@@ -139,10 +139,11 @@ struct FqQuantParams {
 // Where one cache operand's buffers are, in elements of each buffer, (B, Hkv, token,
 // channel) order, 0 on a broadcast dim: the codes (INT4: bytes over the packed last dim),
 // the scale and offset of a group (indexed by (token / group_rows, channel / group_cols)),
-// the 16-bit window (its token 0 is cache token k_coded / v_coded) and the K centre
-// (B, Hkv, 1, D).
+// the 16-bit window (its token 0 is cache token k_coded / v_coded), the K centre
+// (B, Hkv, 1, D) and the K smoothing divisors (B, Hkv, 1, D; the kernel multiplies q by
+// them: q . k = (q * smooth) . (k / smooth)).
 struct FqDecCacheStrides {
-  fq_i64 code[4], scale[4], offset[4], window[4], centre[4];
+  fq_i64 code[4], scale[4], offset[4], window[4], centre[4], smooth[4];
 };
 
 struct FqDecodeParams {
@@ -157,8 +158,7 @@ struct FqDecodeParams {
   fq_i32 row_blocks;   // ceil(rows / FQ_DEC_ROWS)
   fq_i32 split_len, n_splits;
   fq_i32 k_group_rows, k_group_cols, v_group_rows, v_group_cols;
-  fq_i32 has_k_offset, has_v_offset, has_k_centre;
+  fq_i32 has_k_offset, has_v_offset, has_k_centre, has_k_smooth;
   fq_i32 window_dtype;  // FQ_F32 / FQ_F16 / FQ_BF16
   float scale;
-  fq_i32 pad;  // keeps the size a multiple of 8 under every compiler
 };

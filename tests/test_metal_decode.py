@@ -68,7 +68,7 @@ def filled_cache(precision, k, v, dtype=torch.float32, **kw):
 def emu_decode(emu, q, cache, attn_mask=None, scale=None, num_splits=0, order=0):
     """decode_attention as the MPS backend runs it: (out, lse, splits used)."""
     args = mps_decode.op_arguments(q, cache, attn_mask, scale, num_splits)
-    tensors, (length, k_coded, v_coded, k_group, v_group, splits, sc) = args[:11], args[11:]
+    tensors, (length, k_coded, v_coded, k_group, v_group, splits, sc) = args[:12], args[12:]
     return emu.decode(list(tensors), length, (k_coded, v_coded), k_group, v_group, splits, sc, order)
 
 
@@ -140,7 +140,7 @@ def test_int4_window_and_groups_both_read(emu):
     k, v = issue_kv(1, 2, 17, D, seed=5)
     cache = filled_cache("int4", k, v, k_group=8, v_group=16)
     args = mps_decode.op_arguments(torch.zeros(1, 4, 1, D), cache)
-    assert args[12:16] == (16, 17, [8, 1], [1, 16])
+    assert args[13:17] == (16, 17, [8, 1], [1, 16])
     q = torch.randn(1, 4, 3, D)
     out, _, _ = emu_decode(emu, q, cache, num_splits=2)
     kd, vd = cache.dequantize()
@@ -216,7 +216,7 @@ def test_decode_plans_fit_apple_limits(emu, d):
     for precision, kw in (("int8", {}), ("int4", dict(v_group=8))):
         cache = filled_cache(precision, k, v, **kw)
         args = mps_decode.op_arguments(torch.zeros(1, 16, MAX_QUERIES, d), cache)
-        plan = emu.plan_decode(list(args[:11]), args[11], args[12:14], args[14], args[15], 0, None)
+        plan = emu.plan_decode(list(args[:12]), args[12], args[13:15], args[15], args[16], 0, None)
         names = [plan.launch[i].function for i in range(plan.n_launch)]
         assert names == [b"fq_decode_partial", b"fq_decode_merge"]
         for i in range(plan.n_launch):
@@ -235,13 +235,13 @@ def test_auto_split_count(emu):
 
     def splits(length, hq=4, sq=1):
         a = list(mps_decode.op_arguments(torch.zeros(1, hq, sq, 16), cache))
-        plan = emu.plan_decode(a[:11], length, (length, length), a[14], a[15], 0, None)
+        plan = emu.plan_decode(a[:12], length, (length, length), a[15], a[16], 0, None)
         return plan.launch[0].grid[0]
 
     assert splits(100) == 1 and splits(300) == 1 and splits(600) == 2
     assert splits(4000) == 15  # 4000 // 256; fewer than 128 / 2 threadgroups wanted
     assert splits(4000, hq=16, sq=16) == 4  # 2 KV heads x 16 row blocks: 128 / 32 splits
-    assert args[16] == mps_decode.AUTO_SPLITS
+    assert args[17] == mps_decode.AUTO_SPLITS
 
 
 def test_decode_plan_errors_name_the_problem(emu):
@@ -251,7 +251,7 @@ def test_decode_plan_errors_name_the_problem(emu):
     base = list(mps_decode.op_arguments(torch.zeros(1, 4, 1, D), cache))
 
     def plan(tensors=None, length=40, coded=(32, 40), kg=(32, 1), vg=(1, 32), splits=0, **over):
-        t = list(base[:11])
+        t = list(base[:12])
         for i, x in over.items():
             t[int(i[1:])] = x
         return emu.plan_decode(t, length, coded, list(kg), list(vg), splits, None)
@@ -266,8 +266,10 @@ def test_decode_plan_errors_name_the_problem(emu):
         (dict(_2=cache.k_scale[:, :, :0]), "k_scale of shape"),
         (dict(_3=cache.k_zero.float()), "k_offset must have the scale's shape and dtype"),
         (dict(_4=None), "k_window is required"),
-        (dict(_10=torch.ones(3, 40, dtype=torch.bool)), "attn_mask of shape"),
-        (dict(_10=torch.ones(40, dtype=torch.int32)), "attn_mask must be bool"),
+        (dict(_11=torch.ones(3, 40, dtype=torch.bool)), "attn_mask of shape"),
+        (dict(_11=torch.ones(40, dtype=torch.int32)), "attn_mask must be bool"),
+        (dict(_6=torch.ones(1, 2, 1, D, dtype=torch.float16)), "k_smooth must be float32"),
+        (dict(_6=torch.ones(1, 3, D)), "k_smooth of shape"),
     ]
     for over, message in cases:
         with pytest.raises(driver.PlanError, match=message):

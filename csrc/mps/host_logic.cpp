@@ -620,8 +620,9 @@ namespace {
 // One cache operand (K or V): checks its buffers and fills its strides. Returns the code
 // precision (FQ_I8 / FQ_U4_SPLIT; FQ_NONE when no token is coded).
 int setup_cache_operand(const DecodeArgs& a, int codes_i, int scale_i, int offset_i, int window_i, int centre_i,
-                        const char* name, int64_t n_coded, int64_t B, int64_t Hkv, int64_t D, int64_t grows, int64_t gcols,
-                        FqDecCacheStrides& st, fq_i32* has_offset, fq_i32* has_centre, Dtype* window_dtype) {
+                        int smooth_i, const char* name, int64_t n_coded, int64_t B, int64_t Hkv, int64_t D,
+                        int64_t grows, int64_t gcols, FqDecCacheStrides& st, fq_i32* has_offset, fq_i32* has_centre,
+                        fq_i32* has_smooth, Dtype* window_dtype) {
   const std::string n(name);
   const TensorDesc &c = a.t[codes_i], &s = a.t[scale_i], &o = a.t[offset_i], &w = a.t[window_i];
   if (grows < 1 || gcols < 1 || D % gcols)
@@ -667,12 +668,16 @@ int setup_cache_operand(const DecodeArgs& a, int codes_i, int scale_i, int offse
     for (int i = 0; i < 4; ++i) st.window[i] = w.strides[i];
     *window_dtype = w.dtype;
   }
-  if (centre_i >= 0 && a.t[centre_i].defined) {
-    const TensorDesc& ce = a.t[centre_i];
-    if (ce.dtype != Dtype::F32) fail(n + "_centre must be float32, got " + dtype_name(ce.dtype));
-    broadcast_strides(ce, {B, Hkv, 1, D}, (n + "_centre").c_str(), st.centre);
-    *has_centre = 1;
-  }
+  // Per-channel vectors (K's centre and smoothing divisors), broadcast to (B, Hkv, 1, D).
+  auto channel_vector = [&](int i, const char* what, fq_i64* str, fq_i32* has) {
+    if (i < 0 || !a.t[i].defined) return;
+    const std::string vn = n + "_" + what;
+    if (a.t[i].dtype != Dtype::F32) fail(vn + " must be float32, got " + dtype_name(a.t[i].dtype));
+    broadcast_strides(a.t[i], {B, Hkv, 1, D}, vn.c_str(), str);
+    *has = 1;
+  };
+  channel_vector(centre_i, "center", st.centre, has_centre);
+  channel_vector(smooth_i, "smooth", st.smooth, has_smooth);
   return code;
 }
 
@@ -684,7 +689,7 @@ int64_t decode_num_splits(int64_t batch, int64_t kv_heads, int64_t row_blocks, i
   return std::max<int64_t>(1, std::min(want, length / FQ_DEC_MIN_SPLIT_KEYS));
 }
 
-static_assert(sizeof(FqDecodeParams) == 2 * 20 * 8 + 12 * 8 + 22 * 4, "FqDecodeParams layout changed: keep it in sync with Metal");
+static_assert(sizeof(FqDecodeParams) == 2 * 24 * 8 + 12 * 8 + 22 * 4, "FqDecodeParams layout changed: keep it in sync with Metal");
 
 Plan plan_decode(const DecodeArgs& a) {
   const TensorDesc& q = a.t[kDecQ];
@@ -708,10 +713,12 @@ Plan plan_decode(const DecodeArgs& a) {
   FqDecodeParams p{};
   Dtype kwin = q.dtype, vwin = q.dtype;
   fq_i32 unused = 0;
-  const int k_mode = setup_cache_operand(a, kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre, "k", a.k_coded, B, Hkv,
-                                         D, a.k_group_rows, a.k_group_cols, p.k, &p.has_k_offset, &p.has_k_centre, &kwin);
-  const int v_mode = setup_cache_operand(a, kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow, -1, "v", a.v_coded, B, Hkv, D,
-                                         a.v_group_rows, a.v_group_cols, p.v, &p.has_v_offset, &unused, &vwin);
+  const int k_mode = setup_cache_operand(a, kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre, kDecKSmooth,
+                                         "k", a.k_coded, B, Hkv, D, a.k_group_rows, a.k_group_cols, p.k,
+                                         &p.has_k_offset, &p.has_k_centre, &p.has_k_smooth, &kwin);
+  const int v_mode = setup_cache_operand(a, kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow, -1, -1, "v", a.v_coded, B,
+                                         Hkv, D, a.v_group_rows, a.v_group_cols, p.v, &p.has_v_offset, &unused, &unused,
+                                         &vwin);
   if (kwin != vwin) fail("k_window and v_window must have the same dtype");
   if (a.k_coded > 0 && a.v_coded > 0) {
     if (a.t[kDecKScale].dtype != a.t[kDecVScale].dtype) fail("k_scale and v_scale must have the same dtype");
@@ -773,7 +780,8 @@ Plan plan_decode(const DecodeArgs& a) {
   part.bindings = {{0, kDecQ},
                    {1, opt(kDecKCodes)},  {2, opt(kDecKScale)},  {3, opt(kDecKOffset)}, {4, opt(kDecKWindow)},
                    {5, opt(kDecKCentre)}, {6, opt(kDecVCodes)},  {7, opt(kDecVScale)},  {8, opt(kDecVOffset)},
-                   {9, opt(kDecVWindow)}, {10, opt(kDecMask)},   {11, kOutput + 2},     {12, kOutput + 3}};
+                   {9, opt(kDecVWindow)}, {10, opt(kDecMask)},   {11, kOutput + 2},     {12, kOutput + 3},
+                   {14, opt(kDecKSmooth)}};
   part.params_slot = 13;
   part.params = params;
 

@@ -125,10 +125,11 @@ Plan plan_dequantize(const DequantArgs& a);
 // float16 / bfloat16 (group (j / group_rows, d / group_cols); size 1 dims broadcast), an
 // optional offset of the scale's shape and dtype (value = code * scale + offset), the
 // 16-bit window (B, Hkv, W, D) holding tokens [k_coded or v_coded, length); K only: an optional
-// float32 centre broadcastable to (B, Hkv, 1, D) added to every key.
+// float32 centre broadcastable to (B, Hkv, 1, D) added to every key and optional float32
+// smoothing divisors of that shape (the stored keys are k / smooth: q is multiplied by it).
 enum DecodeInput {
   kDecQ,
-  kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre,
+  kDecKCodes, kDecKScale, kDecKOffset, kDecKWindow, kDecKCentre, kDecKSmooth,
   kDecVCodes, kDecVScale, kDecVOffset, kDecVWindow,
   kDecMask,
   kNumDecodeInputs

@@ -371,7 +371,7 @@ at::Tensor dequantize_mps(const at::Tensor& data, const at::Tensor& scale, const
 // the kernels: metal/decode.metal). The plan checks every buffer before any launch.
 std::tuple<at::Tensor, at::Tensor> decode_attention_kv_mps(
     const at::Tensor& q, const OptTensor& k_codes, const OptTensor& k_scale, const OptTensor& k_offset,
-    const OptTensor& k_window, const OptTensor& k_center, const OptTensor& v_codes, const OptTensor& v_scale,
+    const OptTensor& k_window, const OptTensor& k_center, const OptTensor& k_smooth, const OptTensor& v_codes, const OptTensor& v_scale,
     const OptTensor& v_offset, const OptTensor& v_window, const OptTensor& attn_mask, int64_t length,
     int64_t k_coded, int64_t v_coded, at::IntArrayRef k_group, at::IntArrayRef v_group, int64_t num_splits,
     std::optional<double> scale) {
@@ -379,9 +379,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_kv_mps(
   t[fq_mps::kDecQ] = q;
   t[fq_mps::kDecKCodes] = opt(k_codes), t[fq_mps::kDecKScale] = opt(k_scale), t[fq_mps::kDecKOffset] = opt(k_offset);
   t[fq_mps::kDecKWindow] = opt(k_window), t[fq_mps::kDecKCentre] = opt(k_center);
+  t[fq_mps::kDecKSmooth] = opt(k_smooth);
   t[fq_mps::kDecVCodes] = opt(v_codes), t[fq_mps::kDecVScale] = opt(v_scale), t[fq_mps::kDecVOffset] = opt(v_offset);
   t[fq_mps::kDecVWindow] = opt(v_window), t[fq_mps::kDecMask] = opt(attn_mask);
-  static const char* names[] = {"q", "k_codes", "k_scale", "k_offset", "k_window", "k_center",
+  static const char* names[] = {"q", "k_codes", "k_scale", "k_offset", "k_window", "k_center", "k_smooth",
                                 "v_codes", "v_scale", "v_offset", "v_window", "attn_mask"};
   for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) check_device(t[i], names[i]);
   TORCH_CHECK(k_group.size() == 2 && v_group.size() == 2,
