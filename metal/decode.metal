@@ -25,7 +25,7 @@
 //   output column tiles t with t % 4 == g. O lives in threadgroup memory (8 x head_dim
 //   floats), so the running-max rescale is per element (exact for inf / NaN rows) and
 //   nothing depends on Apple's undocumented lane layout of simdgroup matrices.
-// Threadgroup memory: FQ_DEC_TG_FLOATS(D) (fq_params.h), <= 17.5 KiB at D = 256.
+// Threadgroup memory: FQ_DEC_TG_FLOATS(D) (fq_params.h), 17.1 KiB at D = 256.
 #include "fq_attention.h"
 
 // The dtype of the cache's scales and offsets (FQ_F32 / FQ_F16 / FQ_BF16).
