@@ -97,11 +97,12 @@ TORCH_LIBRARY(flash_quant, m) {
   // optional offset per group of group[0] tokens x group[1] channels (value = code *
   // scale + offset), and a 16-bit window holding tokens [coded, length); K also an
   // optional float32 centre added to every key and optional float32 smoothing divisors
-  // (stored keys are k / smooth; kernels multiply q by them), both (B, Hkv, D)-like. Without attn_mask query i sees keys
-  // [0, length - Sq + i]; with one (bool or additive, broadcastable to (B, Hq, Sq,
-  // length)) the mask alone decides. num_splits: key-range splits merged by lse (0: the
-  // backend chooses). Returns out (B, Hq, Sq, D) in q.dtype and lse (B, Hq, Sq) float32
-  // (of the keys as stored: without the centre when none is passed). Kernels: MPS.
+  // (stored keys are k / smooth; kernels multiply q by them), both broadcastable to
+  // (B, Hkv, 1, D). Without attn_mask query i sees keys [0, length - Sq + i]; with one
+  // (bool or additive, broadcastable to (B, Hq, Sq, length)) the mask alone decides.
+  // num_splits: key-range splits merged by lse (0: the backend chooses). Returns out
+  // (B, Hq, Sq, D) in q.dtype and lse (B, Hq, Sq) float32 (of the keys as stored: without
+  // the centre when none is passed). Kernels: MPS.
   m.def(
       "decode_attention_kv(Tensor q, Tensor? k_codes, Tensor? k_scale, Tensor? k_offset, "
       "Tensor? k_window, Tensor? k_center, Tensor? k_smooth, Tensor? v_codes, Tensor? v_scale, Tensor? v_offset, "
