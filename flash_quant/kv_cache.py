@@ -243,9 +243,7 @@ class QuantizedKVCache:
         t = self._check_append(k, v)
         if self.precision == "int8" and self.length == 0:
             self._set_key_statistics(k.float())
-        # torch ops at device-side offsets on every device: no host sync, CUDA-graph safe.
-        # (A fused append kernel would cut an eager CUDA append's ~10-25 launches to one.)
-        self._append_torch(k, v, t)
+        self._write(k, v, t)
         self.length += t
         self.length_tensor.add_(t)
 
@@ -260,6 +258,17 @@ class QuantizedKVCache:
                              torch.ones_like(spread))
         self.k_center.copy_(center)
         self.k_smooth.copy_(smooth)
+
+    def _write(self, k, v, t: int) -> None:
+        """Quantize into the buffers at the device count (no host sync, CUDA-graph safe):
+        on CUDA the Triton append kernels (1-3 launches), elsewhere (and for shapes they do
+        not take) the torch reference."""
+        if k.is_cuda:
+            from .cuda import kv_append
+            if kv_append.supported(self):
+                kv_append.append_cuda(self, k, v)
+                return
+        self._append_torch(k, v, t)
 
     def _positions(self, t: int) -> torch.Tensor:
         """Token indices length .. length + t - 1, computed on the device (no host sync)."""
