@@ -25,8 +25,9 @@ from .host import PlanCache, cdiv, launch, tensor_signature
 
 __all__ = ["append_cuda", "supported"]
 
-INT8_MAX = 127.0
-INT4_MAX = 15.0
+# (constexpr: a Triton kernel may read no other kind of global)
+INT8_MAX = tl.constexpr(127.0)
+INT4_MAX = tl.constexpr(15.0)
 _PLANS = PlanCache()
 
 
