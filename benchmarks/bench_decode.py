@@ -103,10 +103,12 @@ def make_cache(precision, k, v):
 
 def decode_fn(q, cache, config):
     import flash_quant
-    from flash_quant.cuda.decode import decode_attention_cuda
+    from flash_quant.cuda.decode import decode_launch
     if not config:
         return lambda: flash_quant.decode_attention(q, cache)
-    return lambda: decode_attention_cuda(q, cache, None, None, config=config)
+    args = (q, *cache.kernel_buffers(), cache.length_tensor, None, None, cache.precision,
+            cache.k_group or 0, cache.v_group or 0)
+    return lambda: decode_launch(*args, config=config)
 
 
 def run_table(args, contexts):
@@ -151,7 +153,7 @@ def run_sweep(args, contexts):
     best_all = {}
     for b, n in contexts:
         q, k, v = make_inputs(b, n, args.hq, args.hkv, args.hd)
-        auto = choose_splits(n, b * args.hkv, _sm_count(q.device))
+        auto = choose_splits(n, b * args.hkv, _sm_count(q.device))  # (the cache holds n keys)
         for precision in args.precisions:
             cache = make_cache(precision, k, v)
             best = None

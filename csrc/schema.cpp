@@ -90,22 +90,20 @@ TORCH_LIBRARY(flash_quant, m) {
       "Tensor? attn_mask, bool is_causal, float? scale, str pv_precision) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
 
-  // Decode attention over the buffers of a quantized KV cache (flash_quant/kv_cache.py
-  // documents the layout; flash_quant/mps_decode.py passes them): 1..16 queries q
-  // (B, Hq, Sq, D) against the cache's `length` tokens. K and V each: codes (int8, or
-  // uint8 holding two unsigned 4-bit codes, channel i low and i + D/2 high), scale and
-  // optional offset per group of group[0] tokens x group[1] channels (value = code *
-  // scale + offset), and a 16-bit window holding tokens [coded, length); K also an
-  // optional float32 centre added to every key and optional float32 smoothing divisors
-  // (stored keys are k / smooth; kernels multiply q by them), both broadcastable to
-  // (B, Hkv, 1, D). Without attn_mask query i sees keys [0, length - Sq + i]; with one
-  // (bool or additive, broadcastable to (B, Hq, Sq, length)) the mask alone decides.
-  // num_splits: key-range splits merged by lse (0: the backend chooses). Returns out
-  // (B, Hq, Sq, D) in q.dtype and lse (B, Hq, Sq) float32 (of the keys as stored: without
-  // the centre when none is passed). Kernels: MPS.
+  // Decode attention over a quantized KV cache (issue 18). The buffers are those of
+  // flash_quant.QuantizedKVCache (layout and schemes: flash_quant/kv_cache.py's
+  // docstring); semantics: flash_quant/decode.py. q (B, Hq, Sq, D), 1 <= Sq <= 16,
+  // Hq % Hkv == 0, attends to the cache's first `length` tokens (int32 (1,) tensor on
+  // the cache's device: kernels read it there, so a captured graph follows the cache).
+  //   precision "int8": k_smooth required; k_zero, k_window, v_zero None
+  //   precision "int4": k_zero, k_window, v_zero required; k_smooth None; k_group
+  //                     tokens per K group, v_group channels per V group
+  //   attn_mask: bool (True = attend) or additive, broadcastable to (B, Hq, Sq, length);
+  //              None: query i sees keys [0, length - Sq + i]
+  // Returns (B, Hq, Sq, D) in q.dtype; a row with no visible key is 0.
   m.def(
-      "decode_attention_kv(Tensor q, Tensor? k_codes, Tensor? k_scale, Tensor? k_offset, "
-      "Tensor? k_window, Tensor? k_center, Tensor? k_smooth, Tensor? v_codes, Tensor? v_scale, Tensor? v_offset, "
-      "Tensor? v_window, Tensor? attn_mask, int length, int k_coded, int v_coded, int[] k_group, "
-      "int[] v_group, int num_splits, float? scale) -> (Tensor out, Tensor lse)");
+      "decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor? k_zero, "
+      "Tensor? k_smooth, Tensor? k_window, Tensor v_codes, Tensor v_scale, Tensor? v_zero, "
+      "Tensor length, Tensor? attn_mask, float? scale, str precision, int k_group, "
+      "int v_group) -> Tensor");
 }

@@ -66,7 +66,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["QuantizedKVCache", "PRECISIONS", "INT8_MAX", "INT4_MAX", "DEFAULT_K_GROUP",
+__all__ = ["QuantizedKVCache", "dequantize_buffers", "PRECISIONS", "INT8_MAX", "INT4_MAX", "DEFAULT_K_GROUP",
            "DEFAULT_V_GROUP", "pack_int4", "unpack_int4"]
 
 PRECISIONS = ("int8", "int4")
@@ -112,6 +112,26 @@ def _asymmetric_int4(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Ten
     safe = torch.where(s > 0, s, torch.ones_like(s))  # a constant slice: codes 0
     codes = torch.round((x - zero.float()) / safe).clamp_(0, INT4_MAX).to(torch.uint8)
     return codes, scale.squeeze(dim), zero.squeeze(dim)
+
+
+def dequantize_buffers(precision: str, n: int, k_codes, k_scale, k_zero, k_smooth, k_window,
+                       v_codes, v_scale, v_zero, k_group: int, v_group: int):
+    """The first n keys and values of a cache's buffers (the module docstring's formulas)
+    in float32, (B, Hkv, n, D) each. int8 keys come without the centre: attention does
+    not depend on it."""
+    if precision == "int8":
+        k = k_codes[:, :, :n].float() * k_scale[:, :, :n, None] * k_smooth[:, :, None]
+        v = v_codes[:, :, :n].float() * v_scale[:, :, :n, None]
+        return k, v
+    b, h, d = k_codes.shape[0], k_codes.shape[1], 2 * k_codes.shape[3]
+    g, gv = k_group, v_group
+    nfull = (n // g) * g
+    kc = unpack_int4(k_codes[:, :, :nfull]).float().reshape(b, h, nfull // g, g, d)
+    kq = kc * k_scale[:, :, :nfull // g, None].float() + k_zero[:, :, :nfull // g, None].float()
+    k = torch.cat([kq.reshape(b, h, nfull, d), k_window[:, :, :n - nfull].float()], 2)
+    vc = unpack_int4(v_codes[:, :, :n]).float().reshape(b, h, n, d // gv, gv)
+    v = vc * v_scale[:, :, :n, :, None].float() + v_zero[:, :, :n, :, None].float()
+    return k, v.reshape(b, h, n, d)
 
 
 class QuantizedKVCache:
@@ -223,9 +243,7 @@ class QuantizedKVCache:
         t = self._check_append(k, v)
         if self.precision == "int8" and self.length == 0:
             self._set_key_statistics(k.float())
-        # torch ops at device-side offsets on every device: no host sync, CUDA-graph safe.
-        # (A fused append kernel would cut an eager CUDA append's ~10-25 launches to one.)
-        self._append_torch(k, v, t)
+        self._write(k, v, t)
         self.length += t
         self.length_tensor.add_(t)
 
@@ -240,6 +258,17 @@ class QuantizedKVCache:
                              torch.ones_like(spread))
         self.k_center.copy_(center)
         self.k_smooth.copy_(smooth)
+
+    def _write(self, k, v, t: int) -> None:
+        """Quantize into the buffers at the device count (no host sync, CUDA-graph safe):
+        on CUDA the Triton append kernels (1-3 launches), elsewhere (and for shapes they do
+        not take) the torch reference."""
+        if k.is_cuda:
+            from .cuda import kv_append
+            if kv_append.supported(self):
+                kv_append.append_cuda(self, k, v)
+                return
+        self._append_torch(k, v, t)
 
     def _positions(self, t: int) -> torch.Tensor:
         """Token indices length .. length + t - 1, computed on the device (no host sync)."""
@@ -297,21 +326,21 @@ class QuantizedKVCache:
     # ------------------------------------------------------------------ reading
     def dequantize(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(k, v), each (B, Hkv, length, D) in the cache's dtype (tests, reference path)."""
-        n = self.length
+        k, v = dequantize_buffers(self.precision, self.length, *self.kernel_buffers(),
+                                  self.k_group or 0, self.v_group or 0)
         if self.precision == "int8":
-            k = (self.k_codes[:, :, :n].float() * self.k_scale[:, :, :n, None] * self.k_smooth[:, :, None]
-                 + self.k_center[:, :, None])
-            v = self.v_codes[:, :, :n].float() * self.v_scale[:, :, :n, None]
-            return k.to(self.dtype), v.to(self.dtype)
-        b, h, d = self.batch, self.kv_heads, self.head_dim
-        g, gv = self.k_group, self.v_group
-        nfull = (n // g) * g
-        kc = unpack_int4(self.k_codes[:, :, :nfull]).float().reshape(b, h, nfull // g, g, d)
-        kq = kc * self.k_scale[:, :, :nfull // g, None].float() + self.k_zero[:, :, :nfull // g, None].float()
-        k = torch.cat([kq.reshape(b, h, nfull, d), self.k_window[:, :, :n - nfull].float()], 2)
-        vc = unpack_int4(self.v_codes[:, :, :n]).float().reshape(b, h, n, d // gv, gv)
-        v = vc * self.v_scale[:, :, :n, :, None].float() + self.v_zero[:, :, :n, :, None].float()
-        return k.to(self.dtype), v.reshape(b, h, n, d).to(self.dtype)
+            k = k + self.k_center[:, :, None]
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def kernel_buffers(self):
+        """The buffers a decode kernel reads, in the order of the decode_attention op's
+        schema (csrc/schema.cpp): k_codes, k_scale, k_zero, k_smooth, k_window, v_codes,
+        v_scale, v_zero (None where the precision has no such buffer)."""
+        if self.precision == "int8":
+            return (self.k_codes, self.k_scale, None, self.k_smooth, None,
+                    self.v_codes, self.v_scale, None)
+        return (self.k_codes, self.k_scale, self.k_zero, None, self.k_window,
+                self.v_codes, self.v_scale, self.v_zero)
 
     def __repr__(self) -> str:
         return (f"QuantizedKVCache({self.precision}, batch={self.batch}, kv_heads={self.kv_heads}, "

@@ -1,5 +1,6 @@
-// Decode attention over a quantized KV cache (issue 18 item 5; flash_quant.decode_attention,
-// flash_quant/kv_cache.py for the cache layout).
+// Decode attention over a quantized KV cache (issue 18 item 5): the MPS kernels of the
+// decode_attention op (csrc/schema.cpp; flash_quant/kv_cache.py for the cache layout,
+// csrc/mps/host_logic.cpp plan_decode for how its buffers map onto FqDecodeParams).
 //
 // Design
 // ------
@@ -10,6 +11,9 @@
 //   query rows, the softmax-normalised partial output and its lse (float32 temporaries).
 //   fq_decode_merge, one threadgroup per query row, combines the splits by their lse
 //   (out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M)).
+// * The token count is read from the cache's device counter (buffer 9), not passed by the
+//   host: the plan (splits over the cache's capacity) depends only on the buffers' shapes,
+//   and a split past the length holds no key (lse -inf, weight 0 in the merge).
 // * GQA packing. The G = Hq / Hkv query heads of one KV head times the Sq queries form the
 //   rows r = g * Sq + i of one K / V read; a threadgroup takes FQ_DEC_ROWS (8) of them, the
 //   height of a simdgroup matrix, so a typical decode step (G <= 8, Sq = 1) reads every
@@ -37,37 +41,32 @@ struct FqDecOperand {
   device const uchar* scale;
   device const uchar* offset;
   device const uchar* window;
-  device const float* centre;
   long base, rs, cs;      // codes: element (j, d) at base + j * rs + (d or d / 2) * cs
   long sbase, srs, scs;   // scale of the group (j / grows, d / gcols)
   long obase, ors, ocs;   // offset, same groups
   long wbase, wrs, wcs;   // window: token j - n_coded
-  long cbase, ccs;        // centre (K only)
   int n_coded;            // tokens [0, n_coded) are codes, the rest the window
   int grows, gcols, mode, wmode;
-  bool has_offset, has_centre;
+  bool has_offset;
 };
 
 inline FqDecOperand fq_dec_operand(device const uchar* codes, device const uchar* scale, device const uchar* offset,
-                                   device const uchar* window, device const float* centre,
-                                   constant FqDecCacheStrides& s, int b, int hk, int n_coded, int mode, int grows,
-                                   int gcols,
-                                   int has_offset, int has_centre, int window_dtype) {
+                                   device const uchar* window, constant FqDecCacheStrides& s, int b, int hk,
+                                   int n_coded, int mode, int grows, int gcols, int has_offset, int window_dtype) {
   FqDecOperand o;
-  o.codes = codes, o.scale = scale, o.offset = offset, o.window = window, o.centre = centre;
+  o.codes = codes, o.scale = scale, o.offset = offset, o.window = window;
   o.base = long(b) * s.code[0] + long(hk) * s.code[1], o.rs = s.code[2], o.cs = s.code[3];
   o.sbase = long(b) * s.scale[0] + long(hk) * s.scale[1], o.srs = s.scale[2], o.scs = s.scale[3];
   o.obase = long(b) * s.offset[0] + long(hk) * s.offset[1], o.ors = s.offset[2], o.ocs = s.offset[3];
   o.wbase = long(b) * s.window[0] + long(hk) * s.window[1], o.wrs = s.window[2], o.wcs = s.window[3];
-  o.cbase = long(b) * s.centre[0] + long(hk) * s.centre[1], o.ccs = s.centre[3];
   o.n_coded = n_coded;
   o.grows = grows, o.gcols = gcols, o.mode = mode, o.wmode = window_dtype;
-  o.has_offset = has_offset != 0, o.has_centre = has_centre != 0;
+  o.has_offset = has_offset != 0;
   return o;
 }
 
 // The dequantized value of token j, channel d: codes * scale + offset for the first
-// n_coded tokens, the 16-bit window after them; plus the K centre.
+// n_coded tokens, the 16-bit window after them.
 inline float fq_dec_value(thread const FqDecOperand& o, int j, int d) {
   float v;
   if (j < o.n_coded) {
@@ -83,7 +82,6 @@ inline float fq_dec_value(thread const FqDecOperand& o, int j, int d) {
   } else {
     v = fq_load(o.window, o.wbase + long(j - o.n_coded) * o.wrs + long(d) * o.wcs, o.wmode);
   }
-  if (o.has_centre) v += o.centre[o.cbase + long(d) * o.ccs];
   return v;
 }
 
@@ -104,10 +102,10 @@ inline int fq_dec_head(constant FqDecodeParams& p, int hk, int r) { return hk * 
 // rows; bottom-right causal (query i sees keys [0, length - Sq + i]) unless a mask is
 // given, in which case the mask alone decides. Masks add -inf (SDPA's math backend).
 inline float fq_dec_visible(constant FqDecodeParams& p, device const uchar* mask, int b, int hk, int r, int j,
-                            int j_end, float s) {
+                            int j_end, int length, float s) {
   if (r >= p.rows || j >= j_end) return -INFINITY;
   const int i = r % p.Sq;
-  if (fq_mask_mode == FQ_NONE) return j > p.length - p.Sq + i ? s + -INFINITY : s;
+  if (fq_mask_mode == FQ_NONE) return j > length - p.Sq + i ? s + -INFINITY : s;
   const long mi = long(b) * p.mask_str[0] + long(fq_dec_head(p, hk, r)) * p.mask_str[1] + long(i) * p.mask_str[2] +
                   long(j) * p.mask_str[3];
   const float m = fq_load(mask, mi, fq_mask_mode);
@@ -118,22 +116,25 @@ inline float fq_dec_visible(constant FqDecodeParams& p, device const uchar* mask
 kernel void fq_decode_partial(
     device const uchar* q [[buffer(0)]], device const uchar* k_codes [[buffer(1)]],
     device const uchar* k_scale [[buffer(2)]], device const uchar* k_offset [[buffer(3)]],
-    device const uchar* k_window [[buffer(4)]], device const float* k_centre [[buffer(5)]],
+    device const uchar* k_window [[buffer(4)]], device const float* k_smooth [[buffer(5)]],
     device const uchar* v_codes [[buffer(6)]], device const uchar* v_scale [[buffer(7)]],
-    device const uchar* v_offset [[buffer(8)]], device const uchar* v_window [[buffer(9)]],
+    device const uchar* v_offset [[buffer(8)]], device const int* length_counter [[buffer(9)]],
     device const uchar* mask [[buffer(10)]], device float* part_o [[buffer(11)]],
     device float* part_lse [[buffer(12)]], constant FqDecodeParams& p [[buffer(13)]],
-    device const float* k_smooth [[buffer(14)]],
     threadgroup float* tg FQ_TG_MEM(0), uint3 tgp FQ_TG_POS, uint tid FQ_TID, uint sg FQ_SIMDGROUP,
     uint lane FQ_LANE) {
   const int D = fq_head_dim;
   const int b = int(tgp.z), hk = int(tgp.y) / p.row_blocks, r0 = (int(tgp.y) % p.row_blocks) * FQ_DEC_ROWS;
   const int split = int(tgp.x);
-  const int j_begin = split * p.split_len, j_end = min(p.length, j_begin + p.split_len);
-  const FqDecOperand K = fq_dec_operand(k_codes, k_scale, k_offset, k_window, k_centre, p.k, b, hk, p.k_coded, fq_k_mode,
-                                        p.k_group_rows, p.k_group_cols, p.has_k_offset, p.has_k_centre, p.window_dtype);
-  const FqDecOperand V = fq_dec_operand(v_codes, v_scale, v_offset, v_window, nullptr, p.v, b, hk, p.v_coded, fq_v_mode,
-                                        p.v_group_rows, p.v_group_cols, p.has_v_offset, 0, p.window_dtype);
+  // (clamped: a counter past the buffers' capacity must not send reads out of them)
+  const int length = clamp(length_counter[0], 0, p.capacity);
+  const int j_begin = split * p.split_len, j_end = min(length, j_begin + p.split_len);
+  const int k_coded = (length / p.k_coded_multiple) * p.k_coded_multiple;
+  const int v_coded = (length / p.v_coded_multiple) * p.v_coded_multiple;
+  const FqDecOperand K = fq_dec_operand(k_codes, k_scale, k_offset, k_window, p.k, b, hk, k_coded, fq_k_mode,
+                                        p.k_group_rows, p.k_group_cols, p.has_k_offset, p.window_dtype);
+  const FqDecOperand V = fq_dec_operand(v_codes, v_scale, v_offset, nullptr, p.v, b, hk, v_coded, fq_v_mode,
+                                        p.v_group_rows, p.v_group_cols, p.has_v_offset, p.window_dtype);
 
   threadgroup float* chunk = tg;                                   // FQ_DEC_BLOCK_K x FQ_CHUNK
   threadgroup float* S = chunk + FQ_DEC_BLOCK_K * FQ_CHUNK;        // FQ_DEC_ROWS x FQ_DEC_BLOCK_K: scores, then P
@@ -189,7 +190,8 @@ kernel void fq_decode_partial(
 
     // Online softmax: simdgroup g takes rows 2g and 2g + 1, lane = key of the tile.
     for (int rr = 2 * int(sg); rr < 2 * int(sg) + 2; ++rr) {
-      const float x = fq_dec_visible(p, mask, b, hk, r0 + rr, j0 + int(lane), j_end, S[rr * FQ_DEC_BLOCK_K + lane]);
+      const float x = fq_dec_visible(p, mask, b, hk, r0 + rr, j0 + int(lane), j_end, length,
+                                     S[rr * FQ_DEC_BLOCK_K + lane]);
       const float m_old = row_m[rr];
       const float m_new = max(m_old, simd_max(x));
       // (a masked score is -inf; a NaN / +inf one gives a NaN P, whatever max() made of it)

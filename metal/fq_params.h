@@ -139,26 +139,29 @@ struct FqQuantParams {
 // Where one cache operand's buffers are, in elements of each buffer, (B, Hkv, token,
 // channel) order, 0 on a broadcast dim: the codes (INT4: bytes over the packed last dim),
 // the scale and offset of a group (indexed by (token / group_rows, channel / group_cols)),
-// the 16-bit window (its token 0 is cache token k_coded / v_coded), the K centre
-// (B, Hkv, 1, D) and the K smoothing divisors (B, Hkv, 1, D; the kernel multiplies q by
-// them: q . k = (q * smooth) . (k / smooth)).
+// the 16-bit window (its token 0 is the first token past the coded ones) and, K only, the
+// smoothing divisors (B, Hkv, 1, D; the kernel multiplies q by them: q . k =
+// (q * smooth) . (k / smooth)).
 struct FqDecCacheStrides {
-  fq_i64 code[4], scale[4], offset[4], window[4], centre[4], smooth[4];
+  fq_i64 code[4], scale[4], offset[4], window[4], smooth[4];
 };
 
 struct FqDecodeParams {
   FqDecCacheStrides k, v;
   fq_i64 q_str[4];     // q (B, Hq, Sq, D)
   fq_i64 o_str[4];     // out (B, Hq, Sq, D)
-  fq_i64 mask_str[4];  // attn_mask broadcast to (B, Hq, Sq, length)
+  fq_i64 mask_str[4];  // attn_mask broadcast to (B, Hq, Sq, keys)
   fq_i32 B, Hq, Hkv, Sq, D;
-  fq_i32 length;       // keys: cache tokens [0, length)
-  fq_i32 k_coded, v_coded;  // tokens [0, n_coded) are codes, [n_coded, length) the window
+  fq_i32 capacity;     // tokens the cache can hold: the device-side length is clamped to it
+  // Tokens [0, (length / m) * m) are codes, the rest the window (m = 1: every token coded;
+  // int4 K: m = k_group, a group is quantized once complete).
+  fq_i32 k_coded_multiple, v_coded_multiple;
   fq_i32 rows;         // (Hq / Hkv) * Sq query rows per KV head
   fq_i32 row_blocks;   // ceil(rows / FQ_DEC_ROWS)
-  fq_i32 split_len, n_splits;
+  fq_i32 split_len, n_splits;  // split s holds keys [s * split_len, (s + 1) * split_len)
   fq_i32 k_group_rows, k_group_cols, v_group_rows, v_group_cols;
-  fq_i32 has_k_offset, has_v_offset, has_k_centre, has_k_smooth;
+  fq_i32 has_k_offset, has_v_offset, has_k_smooth;
   fq_i32 window_dtype;  // FQ_F32 / FQ_F16 / FQ_BF16
   float scale;
+  fq_i32 pad;  // keeps the size a multiple of 8 under every compiler
 };

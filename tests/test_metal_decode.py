@@ -1,9 +1,9 @@
 """The MPS decode path (issue 18 item 5) on Linux: metal/decode.metal run by the Metal
 emulator (tools/metal_emu: every launch under several thread schedules compared bit for
 bit, between poisoned guard bands), launched as the MPS backend launches it: the arguments
-come from flash_quant.mps_decode.op_arguments (what decode_attention passes to
-torch.ops.flash_quant.decode_attention_kv on MPS) and go through csrc/mps/host_logic.cpp's
-plan_decode (checks, split choice, grid, bindings, argument bytes).
+are those flash_quant.decode_attention passes to torch.ops.flash_quant.decode_attention
+(checked against it below) and go through csrc/mps/host_logic.cpp's plan_decode, the code
+ops.mm runs for the op's MPS kernel (checks, split choice, grid, bindings, argument bytes).
 
 Caches are filled by flash_quant.kv_cache.QuantizedKVCache on the CPU (appends in several
 steps), so the kernels read the real layout: int8 per-token codes, int4 K per channel over
@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from flash_quant import mps_decode
+import flash_quant.decode
 from flash_quant.decode import MAX_QUERIES, decode_attention, reference_attention
 from flash_quant.kv_cache import QuantizedKVCache
 
@@ -65,11 +65,21 @@ def filled_cache(precision, k, v, dtype=torch.float32, **kw):
     return cache
 
 
+def op_arguments(q, cache, attn_mask=None, scale=None):
+    """The decode_attention op's arguments for flash_quant.decode_attention(q, cache, ...)
+    (test_op_arguments_are_decode_attentions checks that decode.py passes these)."""
+    return (q, *cache.kernel_buffers(), cache.length_tensor, attn_mask, scale, cache.precision,
+            cache.k_group or 0, cache.v_group or 0)
+
+
+def emu_plan(emu, args, num_splits=0):
+    return emu.plan_decode(list(args[:11]), *args[11:], num_splits)
+
+
 def emu_decode(emu, q, cache, attn_mask=None, scale=None, num_splits=0, order=0):
-    """decode_attention as the MPS backend runs it: (out, lse, splits used)."""
-    args = mps_decode.op_arguments(q, cache, attn_mask, scale, num_splits)
-    tensors, (length, k_coded, v_coded, k_group, v_group, splits, sc) = args[:12], args[12:]
-    return emu.decode(list(tensors), length, (k_coded, v_coded), k_group, v_group, splits, sc, order)
+    """decode_attention as the MPS backend runs it: (out, lse, splits launched)."""
+    args = op_arguments(q, cache, attn_mask, scale)
+    return emu.decode(list(args[:11]), *args[11:], num_splits, order)
 
 
 def sdpa_baseline(q, kd, vd, mask, ref):
@@ -85,23 +95,23 @@ def sdpa_baseline(q, kd, vd, mask, ref):
 
 
 # ------------------------------------------------------------------ the op's arguments
-def test_op_arguments_follow_the_schema():
-    """op_arguments is what the MPS kernel receives: one value per schema argument."""
-    try:
-        from flash_quant import ops  # noqa: F401  (the schemas and the fake kernels)
-        schema = torch.ops.flash_quant.decode_attention_kv.default._schema
-    except Exception as e:  # noqa: BLE001  (the extension is not built in this checkout)
-        pytest.skip(f"flash_quant._C with decode_attention_kv is not built: {e}")
+def test_op_arguments_are_decode_attentions(monkeypatch):
+    """What flash_quant.decode_attention hands the op (and so, on MPS, the Metal kernel) is
+    what these tests run: one value per schema argument."""
     k, v = issue_kv(1, 2, 40, D, seed=0)
     for precision in ("int8", "int4"):
         cache = filled_cache(precision, k, v)
-        args = mps_decode.op_arguments(torch.randn(1, 4, 1, D), cache)
-        assert len(args) == len(schema.arguments)
-        # the fake kernel (torch.compile): shapes and dtypes of the outputs
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            out, lse = torch.ops.flash_quant.decode_attention_kv(*args)
-        assert out.shape == (1, 4, 1, D) and lse.shape == (1, 4, 1) and lse.dtype == torch.float32
+        q, mask = torch.randn(1, 4, 2, D), torch.rand(40) > 0.5
+        seen = []
+        monkeypatch.setattr(flash_quant.decode.ops, "decode_attention", lambda *a: seen.append(a) or q)
+        decode_attention(q, cache, attn_mask=mask, scale=0.5)
+        expected = op_arguments(q, cache, mask, 0.5)
+        assert len(seen) == 1 and len(seen[0]) == len(expected)
+        for got, want in zip(seen[0], expected):
+            assert got is want or got == want
+        monkeypatch.undo()
+        schema = torch.ops.flash_quant.decode_attention.default._schema
+        assert len(expected) == len(schema.arguments)
 
 
 # ------------------------------------------------------------------ correctness
@@ -123,8 +133,8 @@ def test_decode_matches_fp64_and_the_cpu_path(emu, precision, b, n, hq, hkv, sq,
     q = torch.randn(b, hq, sq, D, generator=torch.Generator().manual_seed(sq))
     out, lse, used = emu_decode(emu, q, cache, num_splits=splits, order=splits % 2)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (b, hq, sq)
-    if splits:
-        assert used == min(splits, n)
+    if splits:  # splits cover the capacity (n + 3): those past the length hold no key
+        assert used == min(splits, n + 3)
     kd, vd = cache.dequantize()
     ref = reference_attention(q, kd, vd, compute_dtype=torch.float64)
     assert rel_l2(out, ref) <= 4 * sdpa_baseline(q, kd, vd, None, ref) + 1e-6
@@ -139,8 +149,7 @@ def test_int4_window_and_groups_both_read(emu):
     (k_coded = 16); V is coded per token in groups of 16 channels."""
     k, v = issue_kv(1, 2, 17, D, seed=5)
     cache = filled_cache("int4", k, v, k_group=8, v_group=16)
-    args = mps_decode.op_arguments(torch.zeros(1, 4, 1, D), cache)
-    assert args[13:17] == (16, 17, [8, 1], [1, 16])
+    assert int(cache.length_tensor) == 17 and cache.k_group == 8
     q = torch.randn(1, 4, 3, D)
     out, _, _ = emu_decode(emu, q, cache, num_splits=2)
     kd, vd = cache.dequantize()
@@ -152,6 +161,22 @@ def test_int4_window_and_groups_both_read(emu):
     assert not torch.allclose(moved[:, :, -1], out[:, :, -1], atol=1e-3)
 
 
+def test_one_plan_follows_the_growing_cache(emu):
+    """The token count is read on the device: a plan made once (as a captured command
+    would be) gives the right answer after further appends, K window included."""
+    k, v = issue_kv(1, 2, 50, D, seed=4)
+    cache = QuantizedKVCache(1, 2, D, 60, precision="int4", dtype=torch.float32, k_group=8)
+    cache.append(k[:, :, :30], v[:, :, :30])
+    q = torch.randn(1, 4, 1, D)
+    args = op_arguments(q, cache)
+    plan = emu_plan(emu, args, num_splits=3)
+    for n in (30, 31, 40, 50):
+        if n > cache.length:
+            cache.append(k[:, :, cache.length:n], v[:, :, cache.length:n])
+        out = emu.run_plan(plan, list(args[:11]))[0]
+        assert rel_l2(out, decode_attention(q, cache)) <= 1e-5, n
+
+
 def test_split_counts_agree(emu):
     """1, 3, 7 splits and the host's choice give the same output and lse (up to fp32
     rounding); the host's choice keeps every split >= FQ_DEC_MIN_SPLIT_KEYS (256) keys."""
@@ -159,7 +184,7 @@ def test_split_counts_agree(emu):
     cache = filled_cache("int8", k, v)
     q = torch.randn(1, 4, 2, D)
     outs = {s: emu_decode(emu, q, cache, num_splits=s) for s in (1, 3, 7, 0)}
-    assert outs[0][2] == 2  # 4 heads x 2 queries = 1 row block: 700 // 256 splits
+    assert outs[0][2] == 2  # 4 heads x 2 queries = 1 row block: capacity 703 // 256 splits
     for s in (3, 7, 0):
         assert rel_l2(outs[s][0], outs[1][0]) <= 1e-6
         assert torch.allclose(outs[s][1], outs[1][1], atol=1e-5)
@@ -215,8 +240,7 @@ def test_decode_plans_fit_apple_limits(emu, d):
     k, v = issue_kv(1, 2, 40, d, seed=1)
     for precision, kw in (("int8", {}), ("int4", dict(v_group=8))):
         cache = filled_cache(precision, k, v, **kw)
-        args = mps_decode.op_arguments(torch.zeros(1, 16, MAX_QUERIES, d), cache)
-        plan = emu.plan_decode(list(args[:12]), args[12], args[13:15], args[15], args[16], 0, None)
+        plan = emu_plan(emu, op_arguments(torch.zeros(1, 16, MAX_QUERIES, d), cache))
         names = [plan.launch[i].function for i in range(plan.n_launch)]
         assert names == [b"fq_decode_partial", b"fq_decode_merge"]
         for i in range(plan.n_launch):
@@ -228,57 +252,62 @@ def test_decode_plans_fit_apple_limits(emu, d):
 
 
 def test_auto_split_count(emu):
-    """Enough threadgroups for a large Apple GPU, no split under 256 keys."""
-    k, v = issue_kv(1, 2, 4000, 16, seed=1)
-    cache = filled_cache("int8", k, v)
-    args = list(mps_decode.op_arguments(torch.zeros(1, 4, 1, 16), cache))
-
-    def splits(length, hq=4, sq=1):
-        a = list(mps_decode.op_arguments(torch.zeros(1, hq, sq, 16), cache))
-        plan = emu.plan_decode(a[:12], length, (length, length), a[15], a[16], 0, None)
-        return plan.launch[0].grid[0]
+    """Enough threadgroups for a large Apple GPU, no split under 256 keys of capacity."""
+    def splits(capacity, hq=4, sq=1):
+        k, v = issue_kv(1, 2, 3, 16, seed=1)
+        cache = QuantizedKVCache(1, 2, 16, capacity, precision="int8", dtype=torch.float32)
+        cache.append(k, v)
+        return emu_plan(emu, op_arguments(torch.zeros(1, hq, sq, 16), cache)).launch[0].grid[0]
 
     assert splits(100) == 1 and splits(300) == 1 and splits(600) == 2
-    assert splits(4000) == 15  # 4000 // 256; fewer than 128 / 2 threadgroups wanted
+    assert splits(4000) == 15  # 4000 // 256; 2 KV heads x 1 row block want 64
     assert splits(4000, hq=16, sq=16) == 4  # 2 KV heads x 16 row blocks: 128 / 32 splits
-    assert args[17] == mps_decode.AUTO_SPLITS
 
 
 def test_decode_plan_errors_name_the_problem(emu):
     """Bad arguments fail in the host logic, before any kernel, with the argument named."""
     k, v = issue_kv(1, 2, 40, D, seed=1)
-    cache = filled_cache("int4", k, v)
-    base = list(mps_decode.op_arguments(torch.zeros(1, 4, 1, D), cache))
+    caches = {p: filled_cache(p, k, v) for p in ("int8", "int4")}
+    names = ["q", "k_codes", "k_scale", "k_zero", "k_smooth", "k_window", "v_codes", "v_scale", "v_zero", "length",
+             "attn_mask", "scale", "precision", "k_group", "v_group"]
 
-    def plan(tensors=None, length=40, coded=(32, 40), kg=(32, 1), vg=(1, 32), splits=0, **over):
-        t = list(base[:12])
-        for i, x in over.items():
-            t[int(i[1:])] = x
-        return emu.plan_decode(t, length, coded, list(kg), list(vg), splits, None)
+    def plan(cache="int4", splits=0, **change):
+        args = dict(zip(names, op_arguments(torch.zeros(1, 4, 1, D), caches[cache])))
+        args.update(change)
+        return emu.plan_decode([args[n] for n in names[:11]], *[args[n] for n in names[11:]], splits)
 
-    plan()  # the valid call
+    plan(), plan("int8")  # the valid calls
+    c4 = caches["int4"]
     cases = [
-        (dict(_0=torch.zeros(1, 4, MAX_QUERIES + 1, D)), "1 to 16 queries"),
-        (dict(_0=torch.zeros(1, 3, 1, D)), "multiple of Hkv"),
-        (dict(_0=torch.zeros(1, 4, 1, D, dtype=torch.float64)), "q must be float32"),
-        (dict(_1=cache.k_codes.view(torch.int8).to(torch.int16)), "k_codes must be int8 or uint8"),
-        (dict(_1=cache.k_codes[..., :5]), "k_codes must have shape"),
-        (dict(_2=cache.k_scale[:, :, :0]), "k_scale of shape"),
-        (dict(_3=cache.k_zero.float()), "k_offset must have the scale's shape and dtype"),
-        (dict(_4=None), "k_window is required"),
-        (dict(_11=torch.ones(3, 40, dtype=torch.bool)), "attn_mask of shape"),
-        (dict(_11=torch.ones(40, dtype=torch.int32)), "attn_mask must be bool"),
-        (dict(_6=torch.ones(1, 2, 1, D, dtype=torch.float16)), "k_smooth must be float32"),
-        (dict(_6=torch.ones(1, 3, D)), "k_smooth of shape"),
+        (dict(q=torch.zeros(1, 4, MAX_QUERIES + 1, D)), "1 to 16 queries"),
+        (dict(q=torch.zeros(1, 3, 1, D)), "multiple of Hkv"),
+        (dict(q=torch.zeros(1, 4, 1, D, dtype=torch.float64)), "q must be float32"),
+        (dict(q=torch.zeros(1, 4, 1, D + 8)), "k_codes must have shape"),
+        (dict(k_codes=c4.k_codes.to(torch.int16)), "int4 codes must be uint8"),
+        (dict(k_codes=c4.k_codes[:, :, :8]), "k_codes must have shape"),
+        (dict(k_scale=c4.k_scale[..., :8], k_zero=c4.k_zero[..., :8]), "k_scale of shape"),
+        (dict(k_zero=c4.k_zero.float()), "k_zero must have the scale's shape and dtype"),
+        (dict(k_window=None), "k_window is required for precision 'int4'"),
+        (dict(k_window=c4.k_window[:, :, :3]), "k_window must have shape"),
+        (dict(v_scale=c4.v_scale.float(), v_zero=c4.v_zero.float()), "k_scale and v_scale must have the same dtype"),
+        (dict(length=torch.zeros(1, dtype=torch.int64)), "length must be an int32 tensor"),
+        (dict(attn_mask=torch.ones(3, 40, dtype=torch.bool)), "attn_mask of shape"),
+        (dict(attn_mask=torch.ones(40, dtype=torch.int32)), "attn_mask must be bool"),
+        (dict(attn_mask=torch.ones(99, dtype=torch.bool)), "attn_mask has 99 keys"),
+        (dict(precision="int2"), "precision must be 'int8' or 'int4'"),
+        (dict(v_group=48), "v groups"),
+        (dict(k_group=0), "int4 needs k_group >= 1"),
+        (dict(k_smooth=torch.ones(1, 2, D)), "k_smooth must be None"),
     ]
-    for over, message in cases:
+    for change, message in cases:
         with pytest.raises(driver.PlanError, match=message):
-            plan(**over)
+            plan(**change)
     with pytest.raises(driver.PlanError, match="num_splits must be >= 0"):
         plan(splits=-1)
-    with pytest.raises(driver.PlanError, match="scale groups"):
-        plan(vg=(1, 48))
-    with pytest.raises(driver.PlanError, match="no token"):
-        plan(length=0, coded=(0, 0))
-    with pytest.raises(driver.PlanError, match=r"v_coded \(41\) must be in 0..length"):
-        plan(coded=(32, 41))
+    c8 = caches["int8"]
+    with pytest.raises(driver.PlanError, match="k_smooth is required for precision 'int8'"):
+        plan("int8", k_smooth=None)
+    with pytest.raises(driver.PlanError, match="k_smooth must be float32"):
+        plan("int8", k_smooth=c8.k_smooth.half())
+    with pytest.raises(driver.PlanError, match="k_zero, k_window and v_zero must be None"):
+        plan("int8", v_zero=c8.v_scale)

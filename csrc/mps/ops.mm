@@ -1,6 +1,6 @@
 // flash_quant's MPS backend: TORCH_LIBRARY_IMPL(flash_quant, MPS) for quantize,
 // quantize_with_scale, dequantize, attention_forward, attention_backward and
-// decode_attention_kv, running the Metal kernels of metal/*.metal.
+// decode_attention, running the Metal kernels of metal/*.metal.
 //
 // * All decisions (checks, output shapes, grids, function constants, argument bytes,
 //   buffer bindings) come from host_logic.cpp, which is plain C++ and tested on Linux
@@ -367,36 +367,31 @@ at::Tensor dequantize_mps(const at::Tensor& data, const at::Tensor& scale, const
   return run_plan(plan, ins, data.device())[0];
 }
 
-// Decode over a quantized KV cache's buffers (schema: csrc/schema.cpp decode_attention_kv;
-// the kernels: metal/decode.metal). The plan checks every buffer before any launch.
-std::tuple<at::Tensor, at::Tensor> decode_attention_kv_mps(
-    const at::Tensor& q, const OptTensor& k_codes, const OptTensor& k_scale, const OptTensor& k_offset,
-    const OptTensor& k_window, const OptTensor& k_center, const OptTensor& k_smooth, const OptTensor& v_codes, const OptTensor& v_scale,
-    const OptTensor& v_offset, const OptTensor& v_window, const OptTensor& attn_mask, int64_t length,
-    int64_t k_coded, int64_t v_coded, at::IntArrayRef k_group, at::IntArrayRef v_group, int64_t num_splits,
-    std::optional<double> scale) {
+// decode_attention over a QuantizedKVCache's buffers (schema: csrc/schema.cpp; kernels:
+// metal/decode.metal). The plan checks every buffer before any launch; the token count
+// stays on the device (the kernel reads `length`), so no host sync.
+at::Tensor decode_attention_mps(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                const OptTensor& k_zero, const OptTensor& k_smooth, const OptTensor& k_window,
+                                const at::Tensor& v_codes, const at::Tensor& v_scale, const OptTensor& v_zero,
+                                const at::Tensor& length, const OptTensor& attn_mask, std::optional<double> scale,
+                                c10::string_view precision, int64_t k_group, int64_t v_group) {
   std::vector<at::Tensor> t(fq_mps::kNumDecodeInputs);
   t[fq_mps::kDecQ] = q;
-  t[fq_mps::kDecKCodes] = opt(k_codes), t[fq_mps::kDecKScale] = opt(k_scale), t[fq_mps::kDecKOffset] = opt(k_offset);
-  t[fq_mps::kDecKWindow] = opt(k_window), t[fq_mps::kDecKCentre] = opt(k_center);
-  t[fq_mps::kDecKSmooth] = opt(k_smooth);
-  t[fq_mps::kDecVCodes] = opt(v_codes), t[fq_mps::kDecVScale] = opt(v_scale), t[fq_mps::kDecVOffset] = opt(v_offset);
-  t[fq_mps::kDecVWindow] = opt(v_window), t[fq_mps::kDecMask] = opt(attn_mask);
-  static const char* names[] = {"q", "k_codes", "k_scale", "k_offset", "k_window", "k_center", "k_smooth",
-                                "v_codes", "v_scale", "v_offset", "v_window", "attn_mask"};
+  t[fq_mps::kDecKCodes] = k_codes, t[fq_mps::kDecKScale] = k_scale, t[fq_mps::kDecKZero] = opt(k_zero);
+  t[fq_mps::kDecKSmooth] = opt(k_smooth), t[fq_mps::kDecKWindow] = opt(k_window);
+  t[fq_mps::kDecVCodes] = v_codes, t[fq_mps::kDecVScale] = v_scale, t[fq_mps::kDecVZero] = opt(v_zero);
+  t[fq_mps::kDecLength] = length, t[fq_mps::kDecMask] = opt(attn_mask);
+  static const char* names[] = {"q",       "k_codes", "k_scale", "k_zero", "k_smooth", "k_window",
+                                "v_codes", "v_scale", "v_zero",  "length", "attn_mask"};
   for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) check_device(t[i], names[i]);
-  TORCH_CHECK(k_group.size() == 2 && v_group.size() == 2,
-              "flash_quant (MPS): k_group and v_group must be (tokens, channels)");
   fq_mps::DecodeArgs a;
   for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) a.t[i] = desc(t[i]);
-  a.length = length, a.k_coded = k_coded, a.v_coded = v_coded;
-  a.k_group_rows = k_group[0], a.k_group_cols = k_group[1], a.v_group_rows = v_group[0], a.v_group_cols = v_group[1];
-  a.num_splits = num_splits;
   a.has_scale = scale.has_value();
   a.scale = scale.value_or(0.0);
+  a.precision = std::string(precision);
+  a.k_group = k_group, a.v_group = v_group;
   const Plan plan = make_plan([&] { return fq_mps::plan_decode(a); });
-  auto outs = run_plan(plan, t, q.device());
-  return {outs[0], outs[1]};
+  return run_plan(plan, t, q.device())[0];
 }
 
 }  // namespace
@@ -409,5 +404,5 @@ TORCH_LIBRARY_IMPL(flash_quant, MPS, m) {
   m.impl("dequantize", &flash_quant::mps::dequantize_mps);
   m.impl("attention_forward", &flash_quant::mps::attention_forward_mps);
   m.impl("attention_backward", &flash_quant::mps::attention_backward_mps);
-  m.impl("decode_attention_kv", &flash_quant::mps::decode_attention_kv_mps);
+  m.impl("decode_attention", &flash_quant::mps::decode_attention_mps);
 }

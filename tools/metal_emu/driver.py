@@ -414,15 +414,16 @@ class Emulator:
                                                DTYPES.index(dtype), ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
 
-    def plan_decode(self, tensors: Sequence[Optional[torch.Tensor]], length: int, coded, k_groups, v_groups,
-                    num_splits: int = 0, scale: Optional[float] = None) -> CPlan:
-        """tensors in host_logic.h's DecodeInput order; coded: (k_coded, v_coded) tokens held
-        as codes; k_groups / v_groups: (tokens, channels) of one scale group."""
+    def plan_decode(self, tensors: Sequence[Optional[torch.Tensor]], scale: Optional[float], precision: str,
+                    k_group: int, v_group: int, num_splits: int = 0) -> CPlan:
+        """The decode_attention op's arguments (csrc/schema.cpp order: q, the cache's eight
+        buffers, length, attn_mask; then scale, precision, k_group, v_group); num_splits
+        0 is the automatic choice ops.mm uses."""
         arr = (CTensor * len(tensors))(*[_desc(t) for t in tensors])
-        ints = (ctypes.c_longlong * 8)(length, *coded, *k_groups, *v_groups, num_splits)
         plan, err = CPlan(), ctypes.create_string_buffer(1024)
-        rc = self._plan.fq_emu_plan_decode(arr, ints, int(scale is not None), ctypes.c_double(scale or 0.0),
-                                           ctypes.byref(plan), err, 1024)
+        rc = self._plan.fq_emu_plan_decode(arr, int(scale is not None), ctypes.c_double(scale or 0.0),
+                                           precision.encode(), ctypes.c_longlong(k_group), ctypes.c_longlong(v_group),
+                                           ctypes.c_longlong(num_splits), ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
 
     # -- execution
@@ -484,9 +485,9 @@ class Emulator:
         dq, dk, dv = self.run_plan(plan, ins, order)[:3]
         return dq, dk, dv
 
-    def decode(self, tensors, length, coded, k_groups, v_groups, num_splits=0, scale=None, order=0):
-        """Decode attention as the MPS backend computes it: (out, lse, n_splits)."""
-        plan = self.plan_decode(tensors, length, coded, k_groups, v_groups, num_splits, scale)
+    def decode(self, tensors, scale, precision, k_group, v_group, num_splits=0, order=0):
+        """decode_attention as the MPS backend computes it: (out, lse, splits launched)."""
+        plan = self.plan_decode(tensors, scale, precision, k_group, v_group, num_splits)
         out, lse, part_o, _ = self.run_plan(plan, list(tensors), order)
         return out, lse, part_o.shape[0]
 

@@ -150,17 +150,16 @@ extern "C" int fq_emu_plan_quantize_with_scale(const CTensor* t, const char* pre
   }, out, err, errlen);
 }
 
-extern "C" int fq_emu_plan_decode(const CTensor* t, const long long* ints, int has_scale, double scale, CPlan* out,
-                                  char* err, int errlen) {
+extern "C" int fq_emu_plan_decode(const CTensor* t, int has_scale, double scale, const char* precision,
+                                  long long k_group, long long v_group, long long num_splits, CPlan* out, char* err,
+                                  int errlen) {
   return guarded([&] {
     DecodeArgs a;
     for (int i = 0; i < kNumDecodeInputs; ++i) a.t[i] = to_desc(t[i]);
-    // ints: length, k_coded, v_coded, k group rows / cols, v group rows / cols, num_splits
-    a.length = ints[0], a.k_coded = ints[1], a.v_coded = ints[2];
-    a.k_group_rows = ints[3], a.k_group_cols = ints[4], a.v_group_rows = ints[5], a.v_group_cols = ints[6];
-    a.num_splits = ints[7];
     a.has_scale = has_scale != 0;
     a.scale = scale;
+    a.precision = precision;
+    a.k_group = k_group, a.v_group = v_group, a.num_splits = num_splits;
     return plan_decode(a);
   }, out, err, errlen);
 }
