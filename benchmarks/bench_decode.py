@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BARS = {"int8": 1.5, "int4": 2.2}  # speed-up over cuDNN fp16 the issue asks for
 #: --sweep's grid (override with --sweep-grid JSON); split_factor scales choose_splits' count
-SWEEP = {"block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (3,), "split_factor": (0.5, 1, 2)}
+SWEEP = {"block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (3,), "split_factor": (0.5, 1, 2),
+         "v_expand": (0, 1)}
 
 
 def do_bench(fn, quick):
@@ -149,7 +150,8 @@ def run_table(args, contexts):
 
 def run_sweep(args, contexts):
     from flash_quant.cuda.decode import DEFAULTS, _sm_count, choose_splits
-    lines = ["| context | precision | block_n | warps | stages | splits | graph µs |", "|---|---|---|---|---|---|---|"]
+    lines = ["| context | precision | block_n | warps | stages | splits | v_expand | graph µs |",
+             "|---|---|---|---|---|---|---|---|"]
     best_all = {}
     for b, n in contexts:
         q, k, v = make_inputs(b, n, args.hq, args.hkv, args.hd)
@@ -158,23 +160,36 @@ def run_sweep(args, contexts):
             cache = make_cache(precision, k, v)
             best = None
             grid = {**SWEEP, **(args.sweep_grid or {})}
-            for bn, w, st, f in itertools.product(*(grid[k] for k in SWEEP)):
+            combos = set()
+            for bn, w, st, f, ve in itertools.product(*(grid[k] for k in SWEEP)):
+                if precision == "int4":
+                    bn = cache.k_group  # int4 tiles are K groups: block_n does not apply
+                else:
+                    ve = 0              # int8 has no V groups
                 cfg = {**DEFAULTS, "block_n": bn, "num_warps": w, "num_stages": st,
-                       "num_splits": max(1, int(round(auto * f)))}
+                       "num_splits": max(1, int(round(auto * f))), "v_expand": ve}
+                if tuple(sorted(cfg.items())) in combos:
+                    continue
+                combos.add(tuple(sorted(cfg.items())))
                 try:
                     t = graph_us(decode_fn(q, cache, cfg), True)
                 except Exception as e:  # a configuration that does not compile: skip it
                     print(f"  {cfg}: {type(e).__name__}")
                     continue
-                lines.append(f"| {b}x{n} | {precision} | {bn} | {w} | {st} | {cfg['num_splits']} | {t:.1f} |")
+                lines.append(f"| {b}x{n} | {precision} | {bn} | {w} | {st} | {cfg['num_splits']} | {ve} | {t:.1f} |")
                 print(lines[-1], flush=True)
                 if best is None or t < best[0]:
                     best = (t, cfg)
             best_all[f"{b}x{n} {precision}"] = best
             del cache
     lines.append("")
-    for key, (t, cfg) in best_all.items():
-        lines.append(f"- best {key}: {t:.1f} µs with `{json.dumps({c: cfg[c] for c in ('block_n', 'num_warps', 'num_stages', 'num_splits')})}`")
+    for key, best in best_all.items():
+        if best is None:
+            lines.append(f"- {key}: no configuration ran")
+            continue
+        t, cfg = best
+        keys = ("block_n", "num_warps", "num_stages", "num_splits", "v_expand")
+        lines.append(f"- best {key}: {t:.1f} µs with `{json.dumps({c: cfg[c] for c in keys})}`")
     return lines
 
 

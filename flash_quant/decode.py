@@ -79,6 +79,11 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache,
     """Attention of q (B, Hq, Sq <= 16, D) over the cache's quantized keys and values
     (semantics: the module docstring). Returns (B, Hq, Sq, D) in q.dtype."""
     _check(q, cache, attn_mask, scale)
+    if q.is_cuda and not torch.compiler.is_compiling():
+        # eager CUDA: the op's kernel without the dispatcher, its plan kept on the cache
+        # (an LLM loop's per-call host cost is what an eager decode step is bound by)
+        from .cuda.decode import decode_cache
+        return decode_cache(q, cache, attn_mask, None if scale is None else float(scale))
     return ops.decode_attention(q, *cache.kernel_buffers(), cache.length_tensor, attn_mask,
                                 None if scale is None else float(scale), cache.precision,
                                 cache.k_group or 0, cache.v_group or 0)

@@ -56,8 +56,10 @@ def _main():
             cache.length += t
         q = torch.randn(2, 4, 3, d, dtype=dtype)
         m = {None: None, "bool": torch.rand(1, 1, 3, 6) > 0.5, "additive": torch.randn(2, 4, 3, 6)}[mask]
-        decode.decode_launch(q, *cache.kernel_buffers(), cache.length_tensor, m, None, precision,
-                             cache.k_group or 0, cache.v_group or 0, config={"num_splits": 2})
+        for v_expand in ((0, 1) if precision == "int4" else (0,)):
+            decode.decode_launch(q, *cache.kernel_buffers(), cache.length_tensor, m, None, precision,
+                                 cache.k_group or 0, cache.v_group or 0,
+                                 config={"num_splits": 2, "v_expand": v_expand})
     print("compiled:", " ".join(sorted(set(compiled))))
 
 

@@ -58,6 +58,21 @@ def test_kernel_matches_fp64_on_the_cache(precision, b, hq, hkv, n, sq, dtype):
     assert rel_l2(out, ref) <= 4 * sdpa_error(q, kd, vd, ref) + torch.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_op_and_eager_path_agree(precision):
+    """torch.ops.flash_quant.decode_attention (what torch.compile traces) and the eager
+    path (the same kernel through decode_cache) give the same output."""
+    from flash_quant import ops
+    k, v = issue_kv(2, 8, 3000, 128, torch.float16)
+    cache = filled(precision, k, v)
+    q = torch.randn(2, 32, 2, 128, device=DEV, dtype=torch.float16)
+    via_op = ops.decode_attention(q, *cache.kernel_buffers(), cache.length_tensor, None, None, precision,
+                                  cache.k_group or 0, cache.v_group or 0)
+    assert torch.equal(via_op, flash_quant.decode_attention(q, cache))
+    compiled = torch.compile(lambda q: flash_quant.decode_attention(q, cache), fullgraph=True)
+    assert rel_l2(compiled(q), via_op) < 1e-3
+
+
 @pytest.mark.parametrize("precision,bar", [("int8", INT8_BAR), ("int4", INT4_BAR)])
 def test_accuracy_bars(precision, bar):
     k, v = issue_kv(1, 8, 8192, 128, torch.float32)

@@ -15,7 +15,7 @@ from flash_quant.cuda.common import enable_interpreter_numpy_compat  # noqa: E40
 
 enable_interpreter_numpy_compat()
 
-from flash_quant.cuda.decode import decode_launch  # noqa: E402
+from flash_quant.cuda.decode import decode_cache, decode_launch  # noqa: E402
 from flash_quant.decode import reference_attention  # noqa: E402
 from flash_quant.kv_cache import QuantizedKVCache  # noqa: E402
 
@@ -70,11 +70,14 @@ CASES = [  # precision, B, Hq, Hkv, Sq, n keys, splits, block_n (int4: k_group, 
     ("int4", 2, 4, 1, 4, 45, 3, 16, torch.float16, None),   # 2 groups + 13 keys in the window
     ("int4", 1, 6, 2, 2, 64, 2, 32, torch.bfloat16, "bool"),  # 2 groups of 32, empty window
     ("int4", 1, 2, 1, 1, 9, 2, 16, torch.float32, "additive"),  # all keys in the window
+    ("int4v", 2, 4, 2, 2, 50, 2, 16, torch.float16, None),  # V scales broadcast (v_expand=1)
 ]
 
 
 @pytest.mark.parametrize("precision,b,hq,hkv,sq,n,splits,block_n,dtype,mask_kind", CASES)
 def test_decode_kernel_matches_fp64(precision, b, hq, hkv, sq, n, splits, block_n, dtype, mask_kind):
+    v_expand = int(precision == "int4v")
+    precision = precision[:4]
     cache = make_cache(precision, b, hkv, n, dtype, chunks=(n // 3,) if n > 3 else (),
                        **({"k_group": block_n, "v_group": 16} if precision == "int4" else {}))
     q = torch.randn(b, hq, sq, D).to(dtype)
@@ -84,7 +87,8 @@ def test_decode_kernel_matches_fp64(precision, b, hq, hkv, sq, n, splits, block_
         mask[..., 0] = True
     elif mask_kind == "additive":
         mask = torch.randn(1, hq, sq, n)
-    out = decode_attention_cuda(q, cache, mask, None, config={"num_splits": splits, "block_n": block_n})
+    out = decode_attention_cuda(q, cache, mask, None,
+                                config={"num_splits": splits, "block_n": block_n, "v_expand": v_expand})
     assert out.shape == q.shape and out.dtype == dtype
     kd, vd = cache.dequantize()
     ref = reference_attention(q, kd, vd, mask, compute_dtype=torch.float64)
@@ -109,15 +113,17 @@ def test_fully_masked_row_and_empty_splits_give_zero():
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_same_plan_follows_the_device_length(precision):
-    """What a replayed CUDA graph relies on: one launch plan (same grid and constexprs),
-    called after appends that only the device counter tells it about, reads the new
-    keys (the split ranges and the int4 window start come from length_tensor)."""
+    """What a replayed CUDA graph relies on: one launch plan (same grid and constexprs,
+    kept on the cache by the eager path decode_cache), called after appends that only the
+    device counter tells it about, reads the new keys (the split ranges and the int4
+    window start come from length_tensor)."""
     kw = {"k_group": 16, "v_group": 16} if precision == "int4" else {}
     cache = make_cache(precision, 1, 2, 30, torch.float16, max_len=60, **kw)
     q = torch.randn(1, 4, 1, D, dtype=torch.float16)
     cfg = {"num_splits": 3, "block_n": 16}
     for step in range(3):
-        out = decode_attention_cuda(q, cache, None, None, config=cfg)
+        out = decode_cache(q, cache, None, None, config=cfg)
+        assert len(cache.backend_plans) == 1
         kd, vd = cache.dequantize()
         ref = reference_attention(q, kd, vd, compute_dtype=torch.float64)
         assert rel_l2(out, ref) <= tolerance(baseline_error(q, kd, vd, None, ref), q.dtype)

@@ -38,7 +38,7 @@ from .. import _C  # noqa: F401  (defines the op schemas)
 from .._checks import check_decode_op
 from .host import PlanCache, cdiv, launch, next_pow2, tensor_signature
 
-__all__ = ["decode_attention_cuda", "decode_launch", "DEFAULTS", "choose_splits"]
+__all__ = ["decode_attention_cuda", "decode_launch", "decode_cache", "DEFAULTS", "choose_splits"]
 
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16              # tl.dot needs >= 16 rows: the G*Sq query rows are padded to it
@@ -47,9 +47,10 @@ WAVES = 2                  # programs to aim for, in multiples of the SM count
 
 #: Kernel parameters; any may be overridden by ``config=`` (num_splits None: choose_splits).
 DEFAULTS = {"block_n": 64, "num_warps": 4, "num_stages": 3, "num_splits": None,
-            "merge_warps": 4}
+            "merge_warps": 4, "v_expand": 0}
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+CACHE_PLANS = 64           # launch plans kept per cache (decode_cache)
 LOG2E_C = tl.constexpr(LOG2E)  # (the kernel's copy: an additive mask is in natural-log units)
 
 _PLANS = PlanCache()
@@ -68,18 +69,46 @@ def _dot(a, b, DT: tl.constexpr, INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr
 
 
 @triton.jit
+def _v_group_params(g_rows, z_rows, nok, dh, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
+                    VG: tl.constexpr, V_EXPAND: tl.constexpr):
+    """int4 V: each channel's scale and zero, (BLOCK_N, HALF) per channel half, fp32.
+    V_EXPAND 0 gathers them per channel (one load per element, served by L1); 1 loads one
+    per group and broadcasts it across the group's VG channels in registers (needs
+    VG <= HALF). Which is faster is for the GPU to say (bench_decode.py --sweep)."""
+    if V_EXPAND == 0:
+        g_lo = (dh // VG)[None, :]
+        g_hi = ((HALF + dh) // VG)[None, :]
+        s_lo = tl.load(g_rows + g_lo, mask=nok[:, None], other=0.0).to(tl.float32)
+        z_lo = tl.load(z_rows + g_lo, mask=nok[:, None], other=0.0).to(tl.float32)
+        s_hi = tl.load(g_rows + g_hi, mask=nok[:, None], other=0.0).to(tl.float32)
+        z_hi = tl.load(z_rows + g_hi, mask=nok[:, None], other=0.0).to(tl.float32)
+    else:
+        NGH: tl.constexpr = HALF // VG
+        gi = tl.arange(0, NGH)[None, :]
+        s_lo = tl.load(g_rows + gi, mask=nok[:, None], other=0.0).to(tl.float32)
+        z_lo = tl.load(z_rows + gi, mask=nok[:, None], other=0.0).to(tl.float32)
+        s_hi = tl.load(g_rows + NGH + gi, mask=nok[:, None], other=0.0).to(tl.float32)
+        z_hi = tl.load(z_rows + NGH + gi, mask=nok[:, None], other=0.0).to(tl.float32)
+        s_lo = tl.reshape(tl.broadcast_to(s_lo[:, :, None], (BLOCK_N, NGH, VG)), (BLOCK_N, HALF))
+        z_lo = tl.reshape(tl.broadcast_to(z_lo[:, :, None], (BLOCK_N, NGH, VG)), (BLOCK_N, HALF))
+        s_hi = tl.reshape(tl.broadcast_to(s_hi[:, :, None], (BLOCK_N, NGH, VG)), (BLOCK_N, HALF))
+        z_hi = tl.reshape(tl.broadcast_to(z_hi[:, :, None], (BLOCK_N, NGH, VG)), (BLOCK_N, HALF))
+    return s_lo, z_lo, s_hi, z_hi
+
+
+@triton.jit
 def _decode_split_kernel(
         q_ptr, sq_b, sq_h, sq_s,
         kc_ptr, ks_ptr, kz_ptr, kw_ptr, ksm_ptr, vc_ptr, vs_ptr, vz_ptr,
         skc, sks, skw, svc, svs,
         len_ptr,
         mask_ptr, sm_b, sm_h, sm_s, sm_n,
-        o_ptr, m_ptr, l_ptr,
-        scale_log2,
+        ws_ptr, scale_log2,
         HKV: tl.constexpr, GQ: tl.constexpr, SQ: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
         VG: tl.constexpr, NUM_SPLITS: tl.constexpr, MASK_KIND: tl.constexpr,
-        INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr, V_EXPAND: tl.constexpr,
+        ROWS: tl.constexpr):
     HALF: tl.constexpr = D // 2
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -180,42 +209,40 @@ def _decode_split_kernel(
             packed = tl.load(vc_base + offs[:, None] * HALF + dh[None, :], mask=nok[:, None], other=0)
             g_rows = vs_ptr + bh * svs + offs[:, None] * (D // VG)
             z_rows = vz_ptr + bh * svs + offs[:, None] * (D // VG)
-            g_lo = (dh // VG)[None, :]
-            g_hi = ((HALF + dh) // VG)[None, :]
-            v_lo = (packed & 0xF).to(tl.float32) * tl.load(g_rows + g_lo, mask=nok[:, None], other=0.0).to(tl.float32) \
-                + tl.load(z_rows + g_lo, mask=nok[:, None], other=0.0).to(tl.float32)
-            v_hi = (packed >> 4).to(tl.float32) * tl.load(g_rows + g_hi, mask=nok[:, None], other=0.0).to(tl.float32) \
-                + tl.load(z_rows + g_hi, mask=nok[:, None], other=0.0).to(tl.float32)
+            s_lo, z_lo, s_hi, z_hi = _v_group_params(g_rows, z_rows, nok, dh, BLOCK_N, HALF, VG, V_EXPAND)
+            v_lo = (packed & 0xF).to(tl.float32) * s_lo + z_lo
+            v_hi = (packed >> 4).to(tl.float32) * s_hi + z_hi
             acc_lo += _dot(p, v_lo, DT, INPUT_PREC, DOT_F32)
             acc_hi += _dot(p, v_hi, DT, INPUT_PREC, DOT_F32)
         m_i = m_new
 
     # partials of the real rows only (the padding rows are never merged)
-    part = (bh * NUM_SPLITS + split) * BLOCK_M + rows
-    tl.store(o_ptr + part[:, None] * D + dh[None, :], acc_lo, mask=row_ok[:, None])
-    tl.store(o_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi, mask=row_ok[:, None])
-    tl.store(m_ptr + part, m_i, mask=row_ok)
-    tl.store(l_ptr + part, l_i, mask=row_ok)
+    # (the workspace: O partials (ROWS, D), then m (ROWS,), then l (ROWS,); real rows only)
+    part = (bh * NUM_SPLITS + split) * (GQ * SQ) + rows
+    tl.store(ws_ptr + part[:, None] * D + dh[None, :], acc_lo, mask=row_ok[:, None])
+    tl.store(ws_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi, mask=row_ok[:, None])
+    tl.store(ws_ptr + ROWS * D + part, m_i, mask=row_ok)
+    tl.store(ws_ptr + ROWS * (D + 1) + part, l_i, mask=row_ok)
 
 
 @triton.jit
-def _decode_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, so_s,
+def _decode_merge_kernel(ws_ptr, out_ptr, so_b, so_h, so_s,
                          HKV: tl.constexpr, GQ: tl.constexpr, SQ: tl.constexpr,
-                         BLOCK_M: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_P2: tl.constexpr):
+                         D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_P2: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // (GQ * SQ)
     r = pid % (GQ * SQ)
     sp = tl.arange(0, SPLITS_P2)
     ok = sp < NUM_SPLITS
-    part = (bh * NUM_SPLITS + sp) * BLOCK_M + r
-    m = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
+    part = (bh * NUM_SPLITS + sp) * (GQ * SQ) + r
+    m = tl.load(ws_ptr + ROWS * D + part, mask=ok, other=float("-inf"))
     m_max = tl.max(m, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_safe)              # a split that saw no visible key: m = -inf, w = 0
-    l = tl.sum(tl.load(l_ptr + part, mask=ok, other=0.0) * w, 0)
+    l = tl.sum(tl.load(ws_ptr + ROWS * (D + 1) + part, mask=ok, other=0.0) * w, 0)
     d = tl.arange(0, D)
-    o = tl.load(o_ptr + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(ws_ptr + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
     o = tl.sum(o * w[:, None], 0)
     out = tl.where(l > 0, o / tl.where(l > 0, l, 1.0), 0.0)  # no visible key: 0
     b = bh // HKV
@@ -270,12 +297,39 @@ def _make_plan(q, k_codes, v_codes, mask, scale, precision, k_group, v_group, cf
                 NUM_SPLITS=splits, MASK_KIND=kind,
                 INPUT_PREC="ieee" if q.dtype == torch.float32 else None,  # fp32 q: no tf32
                 DOT_F32=os.environ.get("TRITON_INTERPRET", "0") == "1" and q.dtype == torch.bfloat16,
+                V_EXPAND=cfg["v_expand"] if int4 and v_group <= d // 2 and (d // 2) % v_group == 0 else 0,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, D=d, NUM_SPLITS=splits,
-                      SPLITS_P2=next_pow2(splits), num_warps=cfg["merge_warps"])
+    rows = b * hkv * splits * gq * sq
+    meta["ROWS"] = rows
+    merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, D=d, NUM_SPLITS=splits,
+                      SPLITS_P2=next_pow2(splits), ROWS=rows, num_warps=cfg["merge_warps"])
     return {"grid": (splits, b * hkv), "merge_grid": (b * hkv * gq * sq,), "meta": meta,
-            "merge_meta": merge_meta, "scale_log2": scale * LOG2E, "block_m": block_m,
-            "splits": splits, "kernels": {}, "merge_kernels": {}}
+            "merge_meta": merge_meta, "scale_log2": scale * LOG2E, "ws_numel": rows * (d + 2),
+            "out_strides": (hq * sq * d, sq * d, d),  # out: contiguous, q's shape
+            "kernels": {}, "merge_kernels": {}}
+
+
+def _static_args(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero, length):
+    """The split kernel's arguments after q that depend only on the cache's buffers."""
+    unused = k_scale  # a valid pointer for the buffers this precision has not
+    kz, ksm, kw, vz = (t if t is not None else unused for t in (k_zero, k_smooth, k_window, v_zero))
+    return (q.stride(0), q.stride(1), q.stride(2),
+            k_codes, k_scale, kz, kw, ksm, v_codes, v_scale, vz,
+            k_codes.stride(1), k_scale.stride(1), kw.stride(1), v_codes.stride(1), v_scale.stride(1),
+            length)
+
+
+def _run(plan, q, static, attn_mask, key):
+    """Allocate the workspace and output, launch the split and merge kernels."""
+    mask = _mask_view(attn_mask)
+    ws = torch.empty(plan["ws_numel"], dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    m_args = (mask, *mask.stride()) if mask is not None else (q, 0, 0, 0, 0)
+    launch(_decode_split_kernel, plan["grid"], (q, *static, *m_args, ws, plan["scale_log2"]),
+           plan["meta"], plan["kernels"], key)
+    launch(_decode_merge_kernel, plan["merge_grid"], (ws, out, *plan["out_strides"]),
+           plan["merge_meta"], plan["merge_kernels"], key)
+    return out
 
 
 def decode_launch(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero,
@@ -284,30 +338,40 @@ def decode_launch(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_sc
     `config` overrides :data:`DEFAULTS` (benchmark sweeps)."""
     cfg = DEFAULTS if not config else {**DEFAULTS, **config}
     q = q if q.stride(-1) == 1 else q.contiguous()
-    mask = _mask_view(attn_mask)
     bufs = (k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero)
-    key = (tensor_signature(q), *(tensor_signature(t) for t in bufs), tensor_signature(mask),
+    key = (tensor_signature(q), *(tensor_signature(t) for t in bufs), tensor_signature(_mask_view(attn_mask)),
            scale, precision, k_group, v_group, tuple(sorted(cfg.items())))
-    plan = _PLANS.get_or_put(key, lambda: _make_plan(q, k_codes, v_codes, mask, scale, precision,
-                                                      k_group, v_group, cfg))
-    b, hq, sq, d = q.shape
-    rows = b * k_codes.shape[1] * plan["splits"] * plan["block_m"]
-    o_part = torch.empty(rows, d, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(rows, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(rows, dtype=torch.float32, device=q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    unused = k_scale  # a valid pointer for the buffers this precision has not
-    kz, ksm, kw, vz = (t if t is not None else unused for t in (k_zero, k_smooth, k_window, v_zero))
-    m_args = (mask, *mask.stride()) if mask is not None else (q, 0, 0, 0, 0)
-    args = (q, q.stride(0), q.stride(1), q.stride(2),
-            k_codes, k_scale, kz, kw, ksm, v_codes, v_scale, vz,
-            k_codes.stride(1), k_scale.stride(1), kw.stride(1), v_codes.stride(1), v_scale.stride(1),
-            length, *m_args, o_part, m_part, l_part, plan["scale_log2"])
-    launch(_decode_split_kernel, plan["grid"], args, plan["meta"], plan["kernels"], key)
-    launch(_decode_merge_kernel, plan["merge_grid"],
-           (o_part, m_part, l_part, out, out.stride(0), out.stride(1), out.stride(2)),
-           plan["merge_meta"], plan["merge_kernels"], key)
-    return out
+    plan = _PLANS.get_or_put(key, lambda: _make_plan(q, k_codes, v_codes, _mask_view(attn_mask), scale,
+                                                      precision, k_group, v_group, cfg))
+    static = _static_args(q, *bufs, length)
+    return _run(plan, q, static, attn_mask, key)
+
+
+def decode_cache(q, cache, attn_mask=None, scale=None, config=None):
+    """flash_quant.decode_attention's eager CUDA path (its checks done): the op's kernel
+    without the dispatcher, with the plan and the buffer arguments kept on the cache
+    (``cache.backend_plans``) per query / mask signature, so a decode loop's call costs
+    two allocations and two launches of host work. (torch.compile traces the op.)"""
+    mask_sig = None if attn_mask is None else (attn_mask.shape, attn_mask.stride(), attn_mask.dtype)
+    key = ("cuda", q.shape, q.stride(), q.dtype, q.device, mask_sig, scale,
+           None if config is None else tuple(sorted(config.items())))
+    entry = cache.backend_plans.get(key)
+    if entry is None:
+        if q.stride(-1) != 1:
+            return decode_launch(q, *cache.kernel_buffers(), cache.length_tensor, attn_mask, scale,
+                                 cache.precision, cache.k_group or 0, cache.v_group or 0, config)
+        cfg = DEFAULTS if not config else {**DEFAULTS, **config}
+        bufs = cache.kernel_buffers()
+        check_decode_op(q, *bufs, cache.length_tensor, attn_mask, cache.precision, cache.k_group or 0,
+                        cache.v_group or 0)
+        plan = _make_plan(q, cache.k_codes, cache.v_codes, _mask_view(attn_mask), scale, cache.precision,
+                          cache.k_group or 0, cache.v_group or 0, cfg)
+        entry = (plan, _static_args(q, *bufs, cache.length_tensor))
+        if len(cache.backend_plans) >= CACHE_PLANS:  # (a masked loop makes one per length)
+            cache.backend_plans.clear()
+        cache.backend_plans[key] = entry
+    plan, static = entry
+    return _run(plan, q, static, attn_mask, "cache")  # (the plan's own kernels dict)
 
 
 def decode_attention_cuda(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale,
