@@ -154,29 +154,32 @@ def _decode_split_kernel(
             s = s * (k_scale * scale_log2)[None, :]
         else:
             # int4 tiles are whole K groups (BLOCK_N == KG, and nfull is a multiple of
-            # KG): a tile is all codes or all window
-            if n0 < nfull:
-                # The group's per-channel scale and zero fold into q: q.(c*sc + z) =
-                # (q*sc).c + q.z, so codes enter the dot as they are (0..15, exact in DT).
-                grp = ks_ptr + bh * sks + (n0 // KG) * D
-                zgrp = kz_ptr + bh * sks + (n0 // KG) * D
-                sc_lo = tl.load(grp + dh).to(tl.float32)
-                sc_hi = tl.load(grp + HALF + dh).to(tl.float32)
-                z_lo = tl.load(zgrp + dh).to(tl.float32)
-                z_hi = tl.load(zgrp + HALF + dh).to(tl.float32)
-                qf_lo = q_lo.to(tl.float32)
-                qf_hi = q_hi.to(tl.float32)
-                bias = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)
-                packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :])
-                s = _dot(qf_lo * sc_lo[None, :], tl.trans(packed & 0xF), DT, INPUT_PREC, DOT_F32)
-                s += _dot(qf_hi * sc_hi[None, :], tl.trans(packed >> 4), DT, INPUT_PREC, DOT_F32)
-                s += bias[:, None]
-            else:
-                w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
-                w_lo = tl.load(w_rows + dh[None, :], mask=nok[:, None], other=0.0)
-                w_hi = tl.load(w_rows + HALF + dh[None, :], mask=nok[:, None], other=0.0)
-                s = _dot(q_lo, tl.trans(w_lo), DT, INPUT_PREC, DOT_F32)
-                s += _dot(q_hi, tl.trans(w_hi), DT, INPUT_PREC, DOT_F32)
+            # KG): a tile is all codes or all window. Both scores are computed and one
+            # selected (the other's loads are masked off): a branch-free loop body is
+            # what the compiler software-pipelines.
+            coded = n0 < nfull
+            # The group's per-channel scale and zero fold into q: q.(c*sc + z) =
+            # (q*sc).c + q.z, so codes enter the dot as they are (0..15, exact in DT).
+            grp = ks_ptr + bh * sks + (n0 // KG) * D
+            zgrp = kz_ptr + bh * sks + (n0 // KG) * D
+            sc_lo = tl.load(grp + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            sc_hi = tl.load(grp + HALF + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            z_lo = tl.load(zgrp + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            z_hi = tl.load(zgrp + HALF + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            qf_lo = q_lo.to(tl.float32)
+            qf_hi = q_hi.to(tl.float32)
+            bias = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)
+            packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :], mask=(nok & coded)[:, None], other=0)
+            s_coded = _dot(qf_lo * sc_lo[None, :], tl.trans(packed & 0xF), DT, INPUT_PREC, DOT_F32)
+            s_coded += _dot(qf_hi * sc_hi[None, :], tl.trans(packed >> 4), DT, INPUT_PREC, DOT_F32)
+            s_coded += bias[:, None]
+            windowed = nok & (offs >= nfull)
+            w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
+            w_lo = tl.load(w_rows + dh[None, :], mask=windowed[:, None], other=0.0)
+            w_hi = tl.load(w_rows + HALF + dh[None, :], mask=windowed[:, None], other=0.0)
+            s_window = _dot(q_lo, tl.trans(w_lo), DT, INPUT_PREC, DOT_F32)
+            s_window += _dot(q_hi, tl.trans(w_hi), DT, INPUT_PREC, DOT_F32)
+            s = tl.where(coded, s_coded, s_window)
             s = s * scale_log2
         # ---- masks
         if MASK_KIND == 0:
