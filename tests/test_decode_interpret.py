@@ -15,7 +15,7 @@ from flash_quant.cuda.common import enable_interpreter_numpy_compat  # noqa: E40
 
 enable_interpreter_numpy_compat()
 
-from flash_quant.cuda.decode import decode_cache, decode_launch  # noqa: E402
+from flash_quant.cuda.decode import _CACHE_PLANS, decode_cache, decode_launch  # noqa: E402
 from flash_quant.decode import reference_attention  # noqa: E402
 from flash_quant.kv_cache import QuantizedKVCache  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_same_plan_follows_the_device_length(precision):
     cfg = {"num_splits": 3, "block_n": 16}
     for step in range(3):
         out = decode_cache(q, cache, None, None, config=cfg)
-        assert len(cache.backend_plans) == 1
+        assert len(_CACHE_PLANS[cache]) == 1
         kd, vd = cache.dequantize()
         ref = reference_attention(q, kd, vd, compute_dtype=torch.float64)
         assert rel_l2(out, ref) <= tolerance(baseline_error(q, kd, vd, None, ref), q.dtype)

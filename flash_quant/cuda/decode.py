@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -54,6 +55,9 @@ CACHE_PLANS = 64           # launch plans kept per cache (decode_cache)
 LOG2E_C = tl.constexpr(LOG2E)  # (the kernel's copy: an additive mask is in natural-log units)
 
 _PLANS = PlanCache()
+#: decode_cache's plans per cache object (dropped with the cache; a copy of a cache, whose
+#: buffers are others, starts without)
+_CACHE_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SM_COUNT: Dict[int, int] = {}
 
 
@@ -353,12 +357,15 @@ def decode_launch(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_sc
 def decode_cache(q, cache, attn_mask=None, scale=None, config=None):
     """flash_quant.decode_attention's eager CUDA path (its checks done): the op's kernel
     without the dispatcher, with the plan and the buffer arguments kept on the cache
-    (``cache.backend_plans``) per query / mask signature, so a decode loop's call costs
+    (``_CACHE_PLANS``) per query / mask signature, so a decode loop's call costs
     two allocations and two launches of host work. (torch.compile traces the op.)"""
     mask_sig = None if attn_mask is None else (attn_mask.shape, attn_mask.stride(), attn_mask.dtype)
     key = ("cuda", q.shape, q.stride(), q.dtype, q.device, mask_sig, scale,
            None if config is None else tuple(sorted(config.items())))
-    entry = cache.backend_plans.get(key)
+    plans = _CACHE_PLANS.get(cache)
+    if plans is None:
+        plans = _CACHE_PLANS[cache] = {}
+    entry = plans.get(key)
     if entry is None:
         if q.stride(-1) != 1:
             return decode_launch(q, *cache.kernel_buffers(), cache.length_tensor, attn_mask, scale,
@@ -370,9 +377,9 @@ def decode_cache(q, cache, attn_mask=None, scale=None, config=None):
         plan = _make_plan(q, cache.k_codes, cache.v_codes, _mask_view(attn_mask), scale, cache.precision,
                           cache.k_group or 0, cache.v_group or 0, cfg)
         entry = (plan, _static_args(q, *bufs, cache.length_tensor))
-        if len(cache.backend_plans) >= CACHE_PLANS:  # (a masked loop makes one per length)
-            cache.backend_plans.clear()
-        cache.backend_plans[key] = entry
+        if len(plans) >= CACHE_PLANS:  # (a masked loop makes one per length)
+            plans.clear()
+        plans[key] = entry
     plan, static = entry
     return _run(plan, q, static, attn_mask, "cache")  # (the plan's own kernels dict)
 
