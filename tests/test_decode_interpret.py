@@ -71,6 +71,7 @@ CASES = [  # precision, B, Hq, Hkv, Sq, n keys, splits, block_n (int4: k_group, 
     ("int4", 1, 6, 2, 2, 64, 2, 32, torch.bfloat16, "bool"),  # 2 groups of 32, empty window
     ("int4", 1, 2, 1, 1, 9, 2, 16, torch.float32, "additive"),  # all keys in the window
     ("int4v", 2, 4, 2, 2, 50, 2, 16, torch.float16, None),  # V scales broadcast (v_expand=1)
+    ("int8", 1, 10, 1, 8, 30, 2, 16, torch.float16, None),  # 80 rows: two row blocks of 64
 ]
 
 

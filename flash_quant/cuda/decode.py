@@ -43,6 +43,8 @@ __all__ = ["decode_attention_cuda", "decode_launch", "decode_cache", "DEFAULTS",
 
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16              # tl.dot needs >= 16 rows: the G*Sq query rows are padded to it
+MAX_ROWS = 64              # more G*Sq rows (e.g. MQA with 16 queries) take several row blocks,
+                           # each reading the K/V tiles (registers bound the tile)
 MIN_KEYS_PER_SPLIT = 256   # below this a split's fixed cost (q load, partial store) dominates
 WAVES = 2                  # programs to aim for, in multiples of the SM count
 
@@ -123,7 +125,7 @@ def _decode_split_kernel(
     start = split * tiles * BLOCK_N
     end = tl.minimum(start + tiles * BLOCK_N, length)
 
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # (row blocks: GQ*SQ > MAX_ROWS)
     row_ok = rows < GQ * SQ
     qh = hkv * GQ + rows // SQ           # query head of each row
     qi = rows % SQ                       # query index (0 .. Sq-1) of each row
@@ -288,7 +290,7 @@ def _make_plan(q, k_codes, v_codes, mask, scale, precision, k_group, v_group, cf
         raise ValueError(f"decode_attention (CUDA): head_dim must be a power of two >= 32, got {d}")
     hkv = k_codes.shape[1]
     gq = hq // hkv
-    block_m = max(MIN_ROWS, next_pow2(gq * sq))
+    block_m = min(MAX_ROWS, max(MIN_ROWS, next_pow2(gq * sq)))
     int4 = precision == "int4"
     if int4 and (k_group < MIN_ROWS or k_group & (k_group - 1)):
         raise ValueError(f"decode_attention (CUDA): int4 tiles are K groups: k_group must be a power of "
@@ -310,7 +312,7 @@ def _make_plan(q, k_codes, v_codes, mask, scale, precision, k_group, v_group, cf
     meta["ROWS"] = rows
     merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, D=d, NUM_SPLITS=splits,
                       SPLITS_P2=next_pow2(splits), ROWS=rows, num_warps=cfg["merge_warps"])
-    return {"grid": (splits, b * hkv), "merge_grid": (b * hkv * gq * sq,), "meta": meta,
+    return {"grid": (splits, b * hkv, cdiv(gq * sq, block_m)), "merge_grid": (b * hkv * gq * sq,), "meta": meta,
             "merge_meta": merge_meta, "scale_log2": scale * LOG2E, "ws_numel": rows * (d + 2),
             "out_strides": (hq * sq * d, sq * d, d),  # out: contiguous, q's shape
             "kernels": {}, "merge_kernels": {}}
