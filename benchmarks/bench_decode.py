@@ -48,29 +48,35 @@ def graph_us(fn, quick):
         return float("nan")
 
 
-def sdpa(backend, q, k, v):
+def sdpa_backend(backend):
+    """The context that forces one SDPA backend (entered around the timing, not per call:
+    an LLM loop pays no context switch per step)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]])
+
+
+def sdpa(q, k, v):
+    """A decode step of SDPA on fp16 K/V (call inside sdpa_backend): GQA native, or with
+    K/V expanded to Hq heads where the backend has no GQA (then it reads Hq/Hkv x the
+    bytes: the table says so)."""
     expand = q.shape[1] // k.shape[1]
 
     def gqa():
-        with sdpa_kernel([be]):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     try:
         gqa()
         return gqa, "enable_gqa"
-    except RuntimeError:  # the backend has no GQA: K/V expanded to Hq heads beforehand
+    except RuntimeError:
         ke, ve = k.repeat_interleave(expand, 1), v.repeat_interleave(expand, 1)
 
         def expanded():
-            with sdpa_kernel([be]):
-                return F.scaled_dot_product_attention(q, ke, ve)
+            return F.scaled_dot_product_attention(q, ke, ve)
         try:
             expanded()
             return expanded, f"K/V expanded x{expand}"
         except RuntimeError as e:
-            print(f"  sdpa-{backend} unavailable: {str(e).splitlines()[0][:100]}")
+            print(f"  unavailable: {str(e).splitlines()[0][:100]}")
             return None, "unavailable"
 
 
@@ -103,13 +109,13 @@ def make_cache(precision, k, v):
 
 
 def decode_fn(q, cache, config):
+    """One decode step as flash_quant.decode_attention makes it (eager CUDA: decode_cache),
+    with a kernel configuration when given."""
     import flash_quant
-    from flash_quant.cuda.decode import decode_launch
+    from flash_quant.cuda.decode import decode_cache
     if not config:
         return lambda: flash_quant.decode_attention(q, cache)
-    args = (q, *cache.kernel_buffers(), cache.length_tensor, None, None, cache.precision,
-            cache.k_group or 0, cache.v_group or 0)
-    return lambda: decode_launch(*args, config=config)
+    return lambda: decode_cache(q, cache, None, None, config=config)
 
 
 def run_table(args, contexts):
@@ -122,15 +128,17 @@ def run_table(args, contexts):
         fp16_mb = 2 * k.numel() * 2 / 1e6
         base = {}
         for backend in ("cudnn", "flash"):
-            fn, how = sdpa(backend, q, k, v)
-            if fn is None:
-                lines.append(f"| {ctx} | sdpa-{backend} fp16 | n/a | n/a | | | | | {fp16_mb:.1f} |")
-                continue
-            e, g = do_bench(fn, args.quick), graph_us(fn, args.quick)
+            with sdpa_backend(backend):
+                fn, how = sdpa(q, k, v)
+                if fn is None:
+                    lines.append(f"| {ctx} | sdpa-{backend} fp16 | n/a | n/a | | | | | {fp16_mb:.1f} |")
+                    continue
+                e, g = do_bench(fn, args.quick), graph_us(fn, args.quick)
+                err = rel_l2(fn(), ref)
             if not base:  # the baseline: cuDNN, or flash where cuDNN is unavailable
                 base.update(e=e, g=g, name=backend)
             lines.append(f"| {ctx} | sdpa-{backend} fp16 ({how}) | {e:.1f} | {g:.1f} | {base['e'] / e:.2f}x | "
-                         f"{base['g'] / g:.2f}x | | {rel_l2(fn(), ref):.2e} | {fp16_mb:.1f} |")
+                         f"{base['g'] / g:.2f}x | | {err:.2e} | {fp16_mb:.1f} |")
             print(lines[-1], flush=True)
         for precision in args.precisions:
             cache = make_cache(precision, k, v)

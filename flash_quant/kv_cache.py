@@ -185,8 +185,6 @@ class QuantizedKVCache:
             self.v_zero = torch.zeros(*shape, max_len, nv, dtype=INT4_SCALE_DTYPE, device=dev)
         self.length_tensor = torch.zeros(1, dtype=torch.int32, device=dev)
         self.length = 0
-        #: decode kernels' launch plans for this cache's buffers (flash_quant/cuda/decode.py)
-        self.backend_plans = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def _buffers(self):

@@ -315,3 +315,16 @@ def test_decode_op_rejects_bad_buffers():
         ops.decode_attention(q, kc, ks, kz, ksm, kw, vc, vs, vz, cache.length_tensor.long(), None, None, "int8", 0, 0)
     with pytest.raises(ValueError, match="precision"):
         ops.decode_attention(q, kc, ks, kz, ksm, kw, vc, vs, vz, cache.length_tensor, None, None, "int2", 0, 0)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_deepcopy_is_an_independent_cache(precision):
+    """(HF's generate may copy caches.) A copy holds the same tokens in its own buffers."""
+    import copy
+    k, v = issue_kv(1, 2, 20, D)
+    cache = filled_cache(precision, k, v)
+    twin = copy.deepcopy(cache)
+    assert all(torch.equal(a, b) for a, b in zip(cache.dequantize(), twin.dequantize()))
+    twin.append(k[:, :, :3], v[:, :, :3])
+    assert cache.length == 20 and int(cache.length_tensor) == 20 and twin.length == 23
+    assert cache.dequantize()[0].shape[2] == 20

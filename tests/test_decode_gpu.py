@@ -47,7 +47,8 @@ def sdpa_error(q, kd, vd, ref):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("b,hq,hkv,n,sq,dtype", [
     (1, 32, 8, 32768, 1, torch.float16), (8, 32, 8, 8192, 1, torch.bfloat16),
-    (2, 32, 8, 1000, 16, torch.float16), (3, 8, 8, 17, 4, torch.bfloat16), (1, 28, 4, 4099, 7, torch.float16)])
+    (2, 32, 8, 1000, 16, torch.float16), (3, 8, 8, 17, 4, torch.bfloat16), (1, 28, 4, 4099, 7, torch.float16),
+    (1, 32, 1, 600, 16, torch.bfloat16)])  # MQA x 16 queries: 512 rows, row blocks
 def test_kernel_matches_fp64_on_the_cache(precision, b, hq, hkv, n, sq, dtype):
     k, v = issue_kv(b, hkv, n, 128, dtype)
     cache = filled(precision, k, v)

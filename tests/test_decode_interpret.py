@@ -15,7 +15,7 @@ from flash_quant.cuda.common import enable_interpreter_numpy_compat  # noqa: E40
 
 enable_interpreter_numpy_compat()
 
-from flash_quant.cuda.decode import decode_cache, decode_launch  # noqa: E402
+from flash_quant.cuda.decode import _CACHE_PLANS, decode_cache, decode_launch  # noqa: E402
 from flash_quant.decode import reference_attention  # noqa: E402
 from flash_quant.kv_cache import QuantizedKVCache  # noqa: E402
 
@@ -71,6 +71,7 @@ CASES = [  # precision, B, Hq, Hkv, Sq, n keys, splits, block_n (int4: k_group, 
     ("int4", 1, 6, 2, 2, 64, 2, 32, torch.bfloat16, "bool"),  # 2 groups of 32, empty window
     ("int4", 1, 2, 1, 1, 9, 2, 16, torch.float32, "additive"),  # all keys in the window
     ("int4v", 2, 4, 2, 2, 50, 2, 16, torch.float16, None),  # V scales broadcast (v_expand=1)
+    ("int8", 1, 10, 1, 8, 30, 2, 16, torch.float16, None),  # 80 rows: two row blocks of 64
 ]
 
 
@@ -123,7 +124,7 @@ def test_same_plan_follows_the_device_length(precision):
     cfg = {"num_splits": 3, "block_n": 16}
     for step in range(3):
         out = decode_cache(q, cache, None, None, config=cfg)
-        assert len(cache.backend_plans) == 1
+        assert len(_CACHE_PLANS[cache]) == 1
         kd, vd = cache.dequantize()
         ref = reference_attention(q, kd, vd, compute_dtype=torch.float64)
         assert rel_l2(out, ref) <= tolerance(baseline_error(q, kd, vd, None, ref), q.dtype)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -42,6 +43,8 @@ __all__ = ["decode_attention_cuda", "decode_launch", "decode_cache", "DEFAULTS",
 
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16              # tl.dot needs >= 16 rows: the G*Sq query rows are padded to it
+MAX_ROWS = 64              # more G*Sq rows (e.g. MQA with 16 queries) take several row blocks,
+                           # each reading the K/V tiles (registers bound the tile)
 MIN_KEYS_PER_SPLIT = 256   # below this a split's fixed cost (q load, partial store) dominates
 WAVES = 2                  # programs to aim for, in multiples of the SM count
 
@@ -54,6 +57,9 @@ CACHE_PLANS = 64           # launch plans kept per cache (decode_cache)
 LOG2E_C = tl.constexpr(LOG2E)  # (the kernel's copy: an additive mask is in natural-log units)
 
 _PLANS = PlanCache()
+#: decode_cache's plans per cache object (dropped with the cache; a copy of a cache, whose
+#: buffers are others, starts without)
+_CACHE_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SM_COUNT: Dict[int, int] = {}
 
 
@@ -119,7 +125,7 @@ def _decode_split_kernel(
     start = split * tiles * BLOCK_N
     end = tl.minimum(start + tiles * BLOCK_N, length)
 
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # (row blocks: GQ*SQ > MAX_ROWS)
     row_ok = rows < GQ * SQ
     qh = hkv * GQ + rows // SQ           # query head of each row
     qi = rows % SQ                       # query index (0 .. Sq-1) of each row
@@ -154,29 +160,32 @@ def _decode_split_kernel(
             s = s * (k_scale * scale_log2)[None, :]
         else:
             # int4 tiles are whole K groups (BLOCK_N == KG, and nfull is a multiple of
-            # KG): a tile is all codes or all window
-            if n0 < nfull:
-                # The group's per-channel scale and zero fold into q: q.(c*sc + z) =
-                # (q*sc).c + q.z, so codes enter the dot as they are (0..15, exact in DT).
-                grp = ks_ptr + bh * sks + (n0 // KG) * D
-                zgrp = kz_ptr + bh * sks + (n0 // KG) * D
-                sc_lo = tl.load(grp + dh).to(tl.float32)
-                sc_hi = tl.load(grp + HALF + dh).to(tl.float32)
-                z_lo = tl.load(zgrp + dh).to(tl.float32)
-                z_hi = tl.load(zgrp + HALF + dh).to(tl.float32)
-                qf_lo = q_lo.to(tl.float32)
-                qf_hi = q_hi.to(tl.float32)
-                bias = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)
-                packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :])
-                s = _dot(qf_lo * sc_lo[None, :], tl.trans(packed & 0xF), DT, INPUT_PREC, DOT_F32)
-                s += _dot(qf_hi * sc_hi[None, :], tl.trans(packed >> 4), DT, INPUT_PREC, DOT_F32)
-                s += bias[:, None]
-            else:
-                w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
-                w_lo = tl.load(w_rows + dh[None, :], mask=nok[:, None], other=0.0)
-                w_hi = tl.load(w_rows + HALF + dh[None, :], mask=nok[:, None], other=0.0)
-                s = _dot(q_lo, tl.trans(w_lo), DT, INPUT_PREC, DOT_F32)
-                s += _dot(q_hi, tl.trans(w_hi), DT, INPUT_PREC, DOT_F32)
+            # KG): a tile is all codes or all window. Both scores are computed and one
+            # selected (the other's loads are masked off): a branch-free loop body is
+            # what the compiler software-pipelines.
+            coded = n0 < nfull
+            # The group's per-channel scale and zero fold into q: q.(c*sc + z) =
+            # (q*sc).c + q.z, so codes enter the dot as they are (0..15, exact in DT).
+            grp = ks_ptr + bh * sks + (n0 // KG) * D
+            zgrp = kz_ptr + bh * sks + (n0 // KG) * D
+            sc_lo = tl.load(grp + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            sc_hi = tl.load(grp + HALF + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            z_lo = tl.load(zgrp + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            z_hi = tl.load(zgrp + HALF + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            qf_lo = q_lo.to(tl.float32)
+            qf_hi = q_hi.to(tl.float32)
+            bias = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)
+            packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :], mask=(nok & coded)[:, None], other=0)
+            s_coded = _dot(qf_lo * sc_lo[None, :], tl.trans(packed & 0xF), DT, INPUT_PREC, DOT_F32)
+            s_coded += _dot(qf_hi * sc_hi[None, :], tl.trans(packed >> 4), DT, INPUT_PREC, DOT_F32)
+            s_coded += bias[:, None]
+            windowed = nok & (offs >= nfull)
+            w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
+            w_lo = tl.load(w_rows + dh[None, :], mask=windowed[:, None], other=0.0)
+            w_hi = tl.load(w_rows + HALF + dh[None, :], mask=windowed[:, None], other=0.0)
+            s_window = _dot(q_lo, tl.trans(w_lo), DT, INPUT_PREC, DOT_F32)
+            s_window += _dot(q_hi, tl.trans(w_hi), DT, INPUT_PREC, DOT_F32)
+            s = tl.where(coded, s_coded, s_window)
             s = s * scale_log2
         # ---- masks
         if MASK_KIND == 0:
@@ -281,7 +290,7 @@ def _make_plan(q, k_codes, v_codes, mask, scale, precision, k_group, v_group, cf
         raise ValueError(f"decode_attention (CUDA): head_dim must be a power of two >= 32, got {d}")
     hkv = k_codes.shape[1]
     gq = hq // hkv
-    block_m = max(MIN_ROWS, next_pow2(gq * sq))
+    block_m = min(MAX_ROWS, max(MIN_ROWS, next_pow2(gq * sq)))
     int4 = precision == "int4"
     if int4 and (k_group < MIN_ROWS or k_group & (k_group - 1)):
         raise ValueError(f"decode_attention (CUDA): int4 tiles are K groups: k_group must be a power of "
@@ -303,7 +312,7 @@ def _make_plan(q, k_codes, v_codes, mask, scale, precision, k_group, v_group, cf
     meta["ROWS"] = rows
     merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, D=d, NUM_SPLITS=splits,
                       SPLITS_P2=next_pow2(splits), ROWS=rows, num_warps=cfg["merge_warps"])
-    return {"grid": (splits, b * hkv), "merge_grid": (b * hkv * gq * sq,), "meta": meta,
+    return {"grid": (splits, b * hkv, cdiv(gq * sq, block_m)), "merge_grid": (b * hkv * gq * sq,), "meta": meta,
             "merge_meta": merge_meta, "scale_log2": scale * LOG2E, "ws_numel": rows * (d + 2),
             "out_strides": (hq * sq * d, sq * d, d),  # out: contiguous, q's shape
             "kernels": {}, "merge_kernels": {}}
@@ -350,12 +359,15 @@ def decode_launch(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_sc
 def decode_cache(q, cache, attn_mask=None, scale=None, config=None):
     """flash_quant.decode_attention's eager CUDA path (its checks done): the op's kernel
     without the dispatcher, with the plan and the buffer arguments kept on the cache
-    (``cache.backend_plans``) per query / mask signature, so a decode loop's call costs
+    (``_CACHE_PLANS``) per query / mask signature, so a decode loop's call costs
     two allocations and two launches of host work. (torch.compile traces the op.)"""
     mask_sig = None if attn_mask is None else (attn_mask.shape, attn_mask.stride(), attn_mask.dtype)
     key = ("cuda", q.shape, q.stride(), q.dtype, q.device, mask_sig, scale,
            None if config is None else tuple(sorted(config.items())))
-    entry = cache.backend_plans.get(key)
+    plans = _CACHE_PLANS.get(cache)
+    if plans is None:
+        plans = _CACHE_PLANS[cache] = {}
+    entry = plans.get(key)
     if entry is None:
         if q.stride(-1) != 1:
             return decode_launch(q, *cache.kernel_buffers(), cache.length_tensor, attn_mask, scale,
@@ -367,9 +379,9 @@ def decode_cache(q, cache, attn_mask=None, scale=None, config=None):
         plan = _make_plan(q, cache.k_codes, cache.v_codes, _mask_view(attn_mask), scale, cache.precision,
                           cache.k_group or 0, cache.v_group or 0, cfg)
         entry = (plan, _static_args(q, *bufs, cache.length_tensor))
-        if len(cache.backend_plans) >= CACHE_PLANS:  # (a masked loop makes one per length)
-            cache.backend_plans.clear()
-        cache.backend_plans[key] = entry
+        if len(plans) >= CACHE_PLANS:  # (a masked loop makes one per length)
+            plans.clear()
+        plans[key] = entry
     plan, static = entry
     return _run(plan, q, static, attn_mask, "cache")  # (the plan's own kernels dict)
 
