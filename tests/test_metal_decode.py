@@ -220,18 +220,32 @@ def test_decode_masks(emu, kind):
     assert rel_l2(out, ref) <= 4 * sdpa_baseline(q, kd, vd, mask, ref) + 1e-6
 
 
+def dequantized_fp32(cache):
+    """The cache's K/V dequantized in float32 without the final rounding to the cache's
+    dtype (what the kernel computes with: code * scale + zero in float32)."""
+    saved, cache.dtype = cache.dtype, torch.float32
+    try:
+        return cache.dequantize()
+    finally:
+        cache.dtype = saved
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_16bit_cache_and_scale(emu, dtype):
-    """A 16-bit model: q, out and the int4 K window in its dtype; an explicit scale."""
+    """A 16-bit model: q, out and the int4 K window in its dtype; an explicit scale. The
+    kernel's error is the rounding of its output to the dtype."""
     k, v = issue_kv(1, 2, 45, D, seed=2, dtype=dtype)
     cache = filled_cache("int4", k, v, dtype=dtype)
     q = torch.randn(1, 4, 2, D).to(dtype)
     out, _, _ = emu_decode(emu, q, cache, scale=0.3)
     assert out.dtype == dtype
-    kd, vd = cache.dequantize()
+    kd, vd = dequantized_fp32(cache)
     ref = reference_attention(q, kd, vd, scale=0.3, compute_dtype=torch.float64)
-    assert rel_l2(out, ref) < 1e-2  # 16-bit output rounding
-    assert rel_l2(out, decode_attention(q, cache, scale=0.3)) < 1e-2
+    rounding = rel_l2(ref.to(dtype), ref)
+    assert rel_l2(out, ref) <= 2 * rounding + 1e-6
+    # the CPU path rounds the dequantized K/V to the dtype first: its own error bounds the gap
+    cpu = decode_attention(q, cache, scale=0.3)
+    assert rel_l2(out, cpu) <= rel_l2(cpu, ref) + 2 * rounding
 
 
 # ------------------------------------------------------------------ host logic
