@@ -43,6 +43,7 @@ lse -inf. ``attention_forward_launch`` works on tensors of any device (CPU under
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -71,11 +72,11 @@ from .common import (
     round_to_int,
     score_mask,
 )
-from . import host
+from . import dispatch, host
 from .host import PlanCache, cdiv, next_pow2, tensor_signature
 from ..config import Precision
 
-__all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_count"]
+__all__ = ["attention_forward_launch", "attention_forward_cuda", "dispatched_forward", "plan", "split_count"]
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _PV_PRECISIONS = ("none", "int8", "fp8_e4m3")
@@ -831,12 +832,25 @@ def split_count(programs: int, Sq: int, Skv: int, block_n: int, device: torch.de
 def attention_forward_cuda(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point,
                            k_mean, v_data, v_scale, v_zero_point, attn_mask, is_causal, scale,
                            pv_precision):
+    """The op's CUDA kernel: the sm90 CUDA C++ kernel or this file's Triton kernel, as
+    flash_quant.cuda.dispatch decides."""
     if q.device.type != "cuda":
         raise RuntimeError(f"flash_quant.attention_forward (CUDA kernel): q is on {q.device}")
-    with torch.cuda.device(q.device):
-        return attention_forward_launch(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale,
-                                        k_zero_point, k_mean, v_data, v_scale, v_zero_point,
-                                        attn_mask, is_causal, scale, pv_precision)
+    return dispatched_forward(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
+                              v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision)
+
+
+def dispatched_forward(*args):
+    """One attention_forward call (the op's arguments in schema order) on the kernel that
+    dispatch.decide picks (validation first, the same for both kernels). Device-agnostic,
+    so CPU tests route calls under TRITON_INTERPRET=1 with the device mocked."""
+    decision = dispatch.decide(*args)
+    if decision.kernel == dispatch.SM90:  # (the C++ op guards the device itself)
+        return torch.ops.flash_quant._sm90_attention_forward(*dispatch.sm90_arguments(*args))
+    dispatch.record(decision)
+    q = args[0]
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        return attention_forward_launch(*args)
 
 
 torch.library.register_kernel("flash_quant::attention_forward", "cuda", attention_forward_cuda)

@@ -1,0 +1,304 @@
+"""Which CUDA kernel serves a flash_quant::attention_forward call: the one place that decides.
+
+Two forward kernels exist for CUDA tensors:
+
+* ``"sm90"``: the Hopper CUDA C++ kernel (csrc/cuda/sm90, issue 17), the internal op
+  ``flash_quant::_sm90_attention_forward``. It needs an sm_90 device, an extension built
+  with it (setup.py: torch with CUDA and nvcc found) and a call it covers (SM90 below:
+  INT8 Q·Kᵀ with per-row scales and no zero points, 16-bit P·V with 16-bit V or INT8 P·V
+  with INT8 K-major per-channel V, head dim 128, bf16 / fp16, no mask, a positive
+  softmax scale).
+* ``"triton"``: flash_quant/cuda/forward.py, every other call and every other GPU.
+
+:func:`forward_kernel` returns ``(name, reason)``: the kernel, and why not sm90 (None when
+sm90 serves). Every call that Triton serves in ``auto`` mode is a counted fallback, one
+count per reason code (:func:`fallback_counts`), logged once per code: a warning where an
+sm90 kernel exists for the device but this call is not covered or the build lacks it, an
+info line for a device that is not sm_90 (the normal case on other GPUs).
+
+Forcing a kernel (benchmarks, tests): ``FLASH_QUANT_CUDA_FORWARD=auto|triton|sm90`` (read
+once, at the first decision) or the :func:`force_kernel` context manager, which wins over
+the variable. Forcing ``sm90`` for a call it cannot serve raises a ValueError naming the
+reason: a forced kernel is never silently replaced.
+
+The decision depends only on the call's signature (shapes, strides, dtypes, devices,
+flags) and the mode, so it is cached per signature like the Triton launch plans
+(host.PlanCache); the arguments are validated (forward.plan) on the first call of a
+signature, before any kernel runs, with the same errors whichever kernel then serves it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from .host import PlanCache, tensor_signature
+
+__all__ = [
+    "SM90", "TRITON", "MODES", "ENV_VAR", "SM90_OP", "forward_kernel", "force_kernel", "mode",
+    "fallback_counts", "reset_fallback_counts", "sm90_arguments",
+]
+
+logger = logging.getLogger(__name__)
+
+SM90 = "sm90"
+TRITON = "triton"
+AUTO = "auto"
+MODES = (AUTO, TRITON, SM90)
+ENV_VAR = "FLASH_QUANT_CUDA_FORWARD"
+SM90_OP = "flash_quant::_sm90_attention_forward"
+
+# What the sm90 kernel covers (docs/hopper.md; the lead's SM90_API coverage, step 1).
+SM90_CAPABILITY = (9, 0)
+SM90_HEAD_DIMS = (128,)
+SM90_DTYPES = (torch.bfloat16, torch.float16)
+
+# Reason codes (the counters' keys). The message after the code says what this call has.
+R_FORCED = "forced_triton"
+R_DEVICE = "device_not_sm90"
+R_NOT_BUILT = "sm90_not_built"
+R_DTYPE = "dtype"
+R_HEAD_DIM = "head_dim"
+R_MASK = "mask"
+R_QK = "qk_not_int8"
+R_ZERO_POINT = "zero_point"
+R_PV = "pv_precision"
+R_V = "v_layout"
+R_SCALE = "softmax_scale"
+#: Reasons that are expected on a machine without the sm90 kernel: logged at INFO, not WARNING.
+_QUIET = (R_DEVICE,)
+
+_ARGS = ("q", "k", "v", "q_data", "q_scale", "q_zero_point", "k_data", "k_scale", "k_zero_point", "k_mean",
+         "v_data", "v_scale", "v_zero_point", "attn_mask", "is_causal", "scale", "pv_precision")
+
+
+class Decision(NamedTuple):
+    kernel: str  # SM90 | TRITON
+    code: Optional[str]  # reason code when not SM90
+    message: Optional[str]  # "code: what this call has"
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self.message
+
+
+# ------------------------------------------------------------------------------ mode
+_ENV_MODE: Dict[str, str] = {}  # {"mode": ...} once read
+_FORCED = []  # force_kernel's stack (innermost last)
+
+
+def _check_mode(value: str, source: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"flash_quant: {source} must be one of {MODES}, got {value!r}")
+    return value
+
+
+def mode() -> str:
+    """The forward kernel mode in force: force_kernel's, else FLASH_QUANT_CUDA_FORWARD's
+    (read once), else "auto"."""
+    if _FORCED:
+        return _FORCED[-1]
+    m = _ENV_MODE.get("mode")
+    if m is None:
+        m = _ENV_MODE["mode"] = _check_mode(os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO, ENV_VAR)
+    return m
+
+
+@contextlib.contextmanager
+def force_kernel(kernel: str):
+    """Within the block, CUDA attention forwards use `kernel` ("sm90", "triton" or "auto").
+    Host-side only: a CUDA graph or compiled graph captured inside keeps the kernel it
+    captured."""
+    _FORCED.append(_check_mode(kernel, "force_kernel's kernel"))
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+# ------------------------------------------------------------------ device and build
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+
+
+def _device_capability(device: torch.device) -> Tuple[int, int]:
+    """(major, minor) of a CUDA device, cached per index (tests replace this function)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return cap
+
+
+_REGISTERED: Dict[str, bool] = {}
+
+
+def _sm90_op_registered() -> bool:
+    """Whether the extension registered the sm90 op's CUDA kernel (tests replace this)."""
+    r = _REGISTERED.get("cuda")
+    if r is None:
+        r = _REGISTERED["cuda"] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(SM90_OP, "CUDA"))
+    return r
+
+
+def _built_with_sm90() -> Optional[bool]:
+    try:
+        from .._build_info import SM90_KERNELS
+    except ImportError:  # a build from before the flag existed
+        return None
+    return bool(SM90_KERNELS)
+
+
+# ------------------------------------------------------------------------- coverage
+def _per_row(scale: Optional[torch.Tensor]) -> bool:
+    """A Q/K scale that is one value per row or coarser (never per element)."""
+    return scale is not None and scale.dim() == 4 and scale.size(-1) == 1
+
+
+def _sm90_gap(a: dict, p: dict) -> Optional[Tuple[str, str]]:
+    """Why the sm90 kernel cannot serve this (validated) call, or None. `a`: the call's
+    arguments by schema name; `p`: forward.plan's resolved modes."""
+    if p["dtype"] not in SM90_DTYPES:
+        return R_DTYPE, f"{p['dtype']} (sm90 takes bfloat16 / float16)"
+    if p["D"] not in SM90_HEAD_DIMS:
+        return R_HEAD_DIM, f"head dim {p['D']} (sm90 covers {SM90_HEAD_DIMS})"
+    if a["attn_mask"] is not None:
+        return R_MASK, "an attn_mask (sm90 takes none; is_causal is covered)"
+    if a["q_data"] is None or a["k_data"] is None or a["q_data"].dtype != torch.int8 \
+            or a["k_data"].dtype != torch.int8:
+        return R_QK, "Q and K must both be INT8 codes"
+    if any(a[n] is not None for n in ("q_zero_point", "k_zero_point", "v_zero_point")):
+        return R_ZERO_POINT, "asymmetric operand (zero point)"
+    if not (_per_row(a["q_scale"]) and _per_row(a["k_scale"])):
+        return R_QK, "Q / K scales must be per row or coarser"
+    pv = a["pv_precision"]
+    v_data = a["v_data"]
+    if pv == "none":
+        if v_data is not None:
+            return R_V, "quantized V with 16-bit P·V (sm90 reads a 16-bit V for pv_precision='none')"
+    elif pv == "int8":
+        if v_data is None or v_data.dtype != torch.int8:
+            return R_V, "INT8 P·V needs INT8 V codes"
+        vs = a["v_scale"]
+        if vs.dim() != 4 or vs.size(-2) != 1:
+            return R_V, "INT8 V needs a per-channel scale (…, 1, D)"
+        if v_data.stride(-2) != 1:
+            return R_V, "INT8 V must be stored K-major (stride(-2) == 1, as the CUDA quantize does)"
+    else:
+        return R_PV, f"pv_precision={pv!r} (sm90 covers 'none' and 'int8')"
+    if not p["scale"] > 0:
+        return R_SCALE, f"softmax scale {p['scale']} (sm90 folds it into a positive factor)"
+    return None
+
+
+def _decide(a: dict, m: str) -> Decision:
+    from .forward import plan  # (forward imports this module)
+
+    p = plan(**a)  # validates; raises the op's errors before any kernel
+    if m == TRITON:
+        return Decision(TRITON, R_FORCED, f"{R_FORCED}: {ENV_VAR} / force_kernel")
+    gap = None
+    cap = _device_capability(p["device"])
+    if cap != SM90_CAPABILITY:
+        gap = R_DEVICE, f"{p['device']} is sm_{cap[0]}{cap[1]} (the sm90 kernel needs sm_90)"
+    elif not _sm90_op_registered():
+        built = _built_with_sm90()
+        gap = R_NOT_BUILT, ("flash_quant._C was built without the sm90 kernels (" + (
+            "flash_quant/_build_info.py: SM90_KERNELS = False; rebuild with a CUDA torch and nvcc)"
+            if built is False else "its CUDA kernel is not registered)"))
+    else:
+        gap = _sm90_gap(a, p)
+    if gap is None:
+        return Decision(SM90, None, None)
+    if m == SM90:
+        raise ValueError(f"flash_quant.attention_forward: the sm90 kernel was forced ({ENV_VAR} / force_kernel) "
+                         f"but cannot serve this call: {gap[0]}: {gap[1]}")
+    return Decision(TRITON, gap[0], f"{gap[0]}: {gap[1]}")
+
+
+_DECISIONS = PlanCache()
+
+
+def decide(*args, **kwargs) -> Decision:
+    """The cached Decision for one attention_forward call (arguments as the op's schema)."""
+    a = dict(zip(_ARGS, args))
+    a.update(kwargs)
+    for name in _ARGS[3:]:
+        a.setdefault(name, None)
+    if a["is_causal"] is None:
+        a["is_causal"] = False
+    if a["pv_precision"] is None:
+        a["pv_precision"] = "none"
+    m = mode()
+    key = (tuple(tensor_signature(a[n]) for n in _ARGS[:14]), bool(a["is_causal"]), a["scale"],
+           a["pv_precision"], m)
+    d = _DECISIONS.get(key)
+    if d is None:
+        d = _decide(a, m)
+        _DECISIONS.put(key, d)
+    return d
+
+
+def forward_kernel(*args, **kwargs) -> Tuple[str, Optional[str]]:
+    """(kernel, reason) for an attention_forward call given as the op's arguments:
+    ("sm90", None) or ("triton", why not sm90). Counts nothing (see `record`)."""
+    d = decide(*args, **kwargs)
+    return d.kernel, d.reason
+
+
+# ------------------------------------------------------------------------ fallbacks
+_COUNTS: Dict[str, int] = {}
+_LOGGED: set = set()
+
+
+def record(d: Decision) -> None:
+    """Count a call that Triton serves in auto mode (a fallback), logging its reason
+    the first time it occurs."""
+    if d.kernel != TRITON or d.code == R_FORCED:
+        return
+    _COUNTS[d.code] = _COUNTS.get(d.code, 0) + 1
+    if d.code not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add(d.code)
+        level = logging.INFO if d.code in _QUIET else logging.WARNING
+        logger.log(level, "flash_quant attention forward: Triton kernel instead of sm90 [%s] (logged once per "
+                   "reason; counts: flash_quant.cuda.dispatch.fallback_counts())", d.message)
+
+
+def fallback_counts() -> Dict[str, int]:
+    """Calls served by Triton in auto mode, per reason code (a copy)."""
+    return dict(_COUNTS)
+
+
+def reset_fallback_counts() -> None:
+    """Zero the counts, and log each reason again the next time it occurs."""
+    _COUNTS.clear()
+    _LOGGED.clear()
+
+
+def _reset_for_tests() -> None:
+    """Forget the cached mode, capabilities, registration and decisions (tests)."""
+    _ENV_MODE.clear()
+    _CAPABILITY.clear()
+    _REGISTERED.clear()
+    _DECISIONS.clear()
+    reset_fallback_counts()
+
+
+# ------------------------------------------------------------------------ the sm90 op
+def sm90_arguments(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean, v_data,
+                   v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision):
+    """The sm90 op's arguments for a covered call, re-viewed as it wants them: Q/K scales
+    (B, H, S) (squeezed; coarser ones expanded), k_mean (B, Hkv, D), v_scale (B, Hkv, D)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+
+    def rows(s, h, n):  # a (…, 1) scale broadcastable to (B, h, n, 1) -> (B, h, n)
+        return s.expand(B, h, n, 1).reshape(B, h, n)
+
+    km = None if k_mean is None else k_mean.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
+    vs = None if v_scale is None else v_scale.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
+    return (q_data, rows(q_scale, Hq, Sq), k_data, rows(k_scale, Hkv, Skv), km, v, v_data, vs, bool(is_causal),
+            float(scale) if scale is not None else 1.0 / math.sqrt(D))  # (forward.plan's default)
