@@ -330,7 +330,7 @@ def _attention_forward_fake(q, k, v, *args):
 
 @torch.library.register_fake("flash_quant::_sm90_attention_forward")
 def _sm90_attention_forward_fake(q_data, q_scale, k_data, k_scale, k_mean, v, v_data, v_scale,
-                                 is_causal, scale):
+                                 nonfinite, is_causal, scale):
     # Internal op of the Hopper CUDA kernel (flash_quant/cuda/dispatch.py): out in v's
     # 16-bit dtype, lse float32; shapes as attention_forward's.
     b, hq, sq, _ = q_data.shape

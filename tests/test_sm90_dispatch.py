@@ -107,6 +107,25 @@ def _float_q():
     return call(q_data=None, q_scale=None)
 
 
+def _misaligned_q():
+    """q_data whose start is one byte past a 16-byte boundary (strides fine)."""
+    a = call()
+    qd = a[dispatch._ARGS.index("q_data")]
+    buf = torch.empty(qd.numel() + 1, dtype=torch.int8)
+    moved = buf[1:].view(qd.shape)
+    moved.copy_(qd)
+    return call(q_data=moved, q_scale=a[dispatch._ARGS.index("q_scale")])
+
+
+def _padded_v():
+    """A 16-bit V whose rows are 129 elements apart (258 bytes: no TMA descriptor)."""
+    a = call()
+    v = a[dispatch._ARGS.index("v")]
+    buf = torch.zeros(v.shape[:-1] + (129,), dtype=v.dtype)
+    buf[..., :128] = v
+    return call(v=buf[..., :128], k=buf[..., :128])
+
+
 @pytest.mark.parametrize("make, code", [
     (_with(d=64), dispatch.R_HEAD_DIM),
     (_with(d=256), dispatch.R_HEAD_DIM),
@@ -119,8 +138,10 @@ def _float_q():
     (_fp8_q, dispatch.R_QK),
     (_float_q, dispatch.R_QK),
     (_with(scale=-0.1), dispatch.R_SCALE),
+    (_misaligned_q, dispatch.R_LAYOUT),
+    (_padded_v, dispatch.R_LAYOUT),
 ], ids=["d64", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
-        "float_q", "negative_scale"])
+        "float_q", "negative_scale", "misaligned_q", "padded_v"])
 def test_uncovered_calls_name_their_reason(hopper, make, code):
     kernel, reason = dispatch.forward_kernel(*make())
     assert kernel == "triton" and reason.startswith(code + ":"), reason
@@ -248,7 +269,7 @@ def test_non_hopper_fallback_logs_at_info(hopper, caplog):
 # ------------------------------------------------------------------------- routing
 def _dequantized(a):
     """q, k, v, lse offset of the sm90 op's arguments, in float64 (what the op must compute)."""
-    q_data, q_scale, k_data, k_scale, k_mean, v, v_data, v_scale, is_causal, scale = a
+    q_data, q_scale, k_data, k_scale, k_mean, v, v_data, v_scale, nonfinite, is_causal, scale = a
     q = q_data.double() * q_scale.double()[..., None]
     k = k_data.double() * k_scale.double()[..., None]
     vv = v.double() if v_data is None else v_data.double() * v_scale.double()[:, :, None, :]
@@ -265,11 +286,11 @@ def sm90_on_cpu(hopper):
     def kernel(*a):
         got.append(a)
         q, k, v = _dequantized(a)
-        out, lse = reference_attention(q, k, v, is_causal=a[8], scale=a[9], return_lse=True)
+        out, lse = reference_attention(q, k, v, is_causal=a[9], scale=a[10], return_lse=True)
         if a[4] is not None:  # smoothing: lse of the unsmoothed scores (schema.cpp)
             hq, hkv = q.shape[1], a[4].shape[1]
             km = a[4].double().repeat_interleave(hq // hkv, dim=1)
-            lse = lse + a[9] * torch.einsum("bhsd,bhd->bhs", q, km)
+            lse = lse + a[10] * torch.einsum("bhsd,bhd->bhs", q, km)
         return out.to(a[5].dtype), lse.float()
 
     lib.impl("_sm90_attention_forward", kernel, "CPU")
@@ -291,7 +312,12 @@ def test_routed_call_reaches_the_op_with_its_operands_reviewed(sm90_on_cpu, reci
         assert a[6].stride(-2) == 1 and a[7].shape == (2, 2, 128)
     else:
         assert a[6] is None and a[7] is None
-    assert a[8] is causal and a[9] == pytest.approx(128 ** -0.5)
+    assert a[9] is causal and a[10] == pytest.approx(128 ** -0.5)
+    # the per-head non-finite flag: for causal calls with a 16-bit V only (quantized V is finite)
+    if causal and recipe == "accurate":
+        assert a[8].dtype == torch.int32 and a[8].shape == (2, 4) and not a[8].any()
+    else:
+        assert a[8] is None
     with dispatch.force_kernel("triton"):
         ref_out, ref_lse = dispatched_forward(*args)
     assert len(sm90_on_cpu) == 1  # triton served the forced call
@@ -300,6 +326,18 @@ def test_routed_call_reaches_the_op_with_its_operands_reviewed(sm90_on_cpu, reci
     # (the fast recipe's Triton kernel quantizes P to int8 per tile: ~1 % apart)
     tol = 0.03 if recipe == "fast" else 0.01
     assert (out.double() - ref_out.double()).norm() <= tol * ref_out.double().norm()
+
+
+def test_causal_call_flags_heads_whose_v_is_not_finite(sm90_on_cpu):
+    """A NaN in kv head 1's V (GQA 4 / 2): query heads 2 and 3 get the flag that turns
+    causal tile skipping off; the others keep it."""
+    args = list(call(b=1, hq=4, hkv=2, sq=9, skv=9, causal=True))
+    v = args[dispatch._ARGS.index("v")].clone()
+    v[0, 1, 5, 7] = float("nan")
+    args[dispatch._ARGS.index("v")] = v
+    dispatched_forward(*args)
+    (a,) = sm90_on_cpu
+    assert a[8].tolist() == [[0, 0, 1, 1]]
 
 
 def test_uncovered_call_runs_triton_and_counts(sm90_on_cpu):
@@ -315,6 +353,6 @@ def test_fake_kernel_shapes():
         out, lse = torch.ops.flash_quant._sm90_attention_forward(
             torch.empty(2, 8, 33, 128, dtype=torch.int8), torch.empty(2, 8, 33),
             torch.empty(2, 2, 40, 128, dtype=torch.int8), torch.empty(2, 2, 40), None,
-            torch.empty(2, 2, 40, 128, dtype=torch.float16), None, None, True, 0.1)
+            torch.empty(2, 2, 40, 128, dtype=torch.float16), None, None, None, True, 0.1)
     assert out.shape == (2, 8, 33, 128) and out.dtype == torch.float16
     assert lse.shape == (2, 8, 33) and lse.dtype == torch.float32

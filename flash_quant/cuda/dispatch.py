@@ -7,7 +7,7 @@ Two forward kernels exist for CUDA tensors:
   with it (setup.py: torch with CUDA and nvcc found) and a call it covers (SM90 below:
   INT8 Q·Kᵀ with per-row scales and no zero points, 16-bit P·V with 16-bit V or INT8 P·V
   with INT8 K-major per-channel V, head dim 128, bf16 / fp16, no mask, a positive
-  softmax scale).
+  softmax scale, operands TMA can read: 16-byte aligned, strides multiples of 16 bytes).
 * ``"triton"``: flash_quant/cuda/forward.py, every other call and every other GPU.
 
 :func:`forward_kernel` returns ``(name, reason)``: the kernel, and why not sm90 (None when
@@ -22,7 +22,8 @@ the variable. Forcing ``sm90`` for a call it cannot serve raises a ValueError na
 reason: a forced kernel is never silently replaced.
 
 The decision depends only on the call's signature (shapes, strides, dtypes, devices,
-flags) and the mode, so it is cached per signature like the Triton launch plans
+flags), the 16-byte alignment of the operands TMA reads and the mode, so it is cached
+per signature like the Triton launch plans
 (host.PlanCache); the arguments are validated (forward.plan) on the first call of a
 signature, before any kernel runs, with the same errors whichever kernel then serves it.
 """
@@ -54,6 +55,9 @@ SM90_OP = "flash_quant::_sm90_attention_forward"
 
 # What the sm90 kernel covers (docs/hopper.md; the lead's SM90_API coverage, step 1).
 SM90_CAPABILITY = (9, 0)
+#: TMA reads each operand through a descriptor: 16-byte aligned base, strides multiples
+#: of 16 bytes (csrc/cuda/sm90/register_sm90.cpp checks the same and raises).
+TMA_ALIGN = 16
 SM90_HEAD_DIMS = (128,)
 SM90_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -69,6 +73,7 @@ R_ZERO_POINT = "zero_point"
 R_PV = "pv_precision"
 R_V = "v_layout"
 R_SCALE = "softmax_scale"
+R_LAYOUT = "tma_layout"
 #: Reasons that are expected on a machine without the sm90 kernel: logged at INFO, not WARNING.
 _QUIET = (R_DEVICE,)
 
@@ -191,7 +196,28 @@ def _sm90_gap(a: dict, p: dict) -> Optional[Tuple[str, str]]:
         return R_PV, f"pv_precision={pv!r} (sm90 covers 'none' and 'int8')"
     if not p["scale"] > 0:
         return R_SCALE, f"softmax scale {p['scale']} (sm90 folds it into a positive factor)"
+    for name, t, rows in (("q_data", a["q_data"], True), ("k_data", a["k_data"], True),
+                          ("v", a["v"], True) if v_data is None else ("v_data", v_data, False)):
+        if not _tma_strides(t, rows):
+            return R_LAYOUT, (f"{name} strides {tuple(t.stride())} ({t.element_size()}-byte elements): TMA needs "
+                              f"a contiguous {'last dim' if rows else 'token dim'} and the others multiples of "
+                              f"{TMA_ALIGN} bytes")
     return None
+
+
+def _tma_strides(t: torch.Tensor, rows: bool) -> bool:
+    """Whether TMA can read `t`: unit stride along the head dim (`rows`) or along the
+    tokens (K-major), every other stride a multiple of TMA_ALIGN bytes."""
+    unit = 3 if rows else 2
+    return t.stride(unit) == 1 and all((t.stride(d) * t.element_size()) % TMA_ALIGN == 0
+                                       for d in range(4) if d != unit)
+
+
+def _aligned(a: dict) -> Tuple[bool, ...]:
+    """Per call (not a signature property): whether the tensors TMA reads start on a
+    TMA_ALIGN-byte boundary. Part of the decision's cache key."""
+    return tuple(a[n].data_ptr() % TMA_ALIGN == 0 for n in ("q_data", "k_data", "v", "v_data")
+                 if a[n] is not None)
 
 
 def _decide(a: dict, m: str) -> Decision:
@@ -211,6 +237,8 @@ def _decide(a: dict, m: str) -> Decision:
             if built is False else "its CUDA kernel is not registered)"))
     else:
         gap = _sm90_gap(a, p)
+        if gap is None and not all(_aligned(a)):
+            gap = R_LAYOUT, f"an operand's data is not {TMA_ALIGN}-byte aligned (a sliced tensor?)"
     if gap is None:
         return Decision(SM90, None, None)
     if m == SM90:
@@ -234,7 +262,7 @@ def decide(*args, **kwargs) -> Decision:
         a["pv_precision"] = "none"
     m = mode()
     key = (tuple(tensor_signature(a[n]) for n in _ARGS[:14]), bool(a["is_causal"]), a["scale"],
-           a["pv_precision"], m)
+           a["pv_precision"], m, _aligned(a))
     d = _DECISIONS.get(key)
     if d is None:
         d = _decide(a, m)
@@ -289,9 +317,10 @@ def _reset_for_tests() -> None:
 
 # ------------------------------------------------------------------------ the sm90 op
 def sm90_arguments(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean, v_data,
-                   v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision):
+                   v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision, nonfinite=None):
     """The sm90 op's arguments for a covered call, re-viewed as it wants them: Q/K scales
-    (B, H, S) (squeezed; coarser ones expanded), k_mean (B, Hkv, D), v_scale (B, Hkv, D)."""
+    (B, H, S) (squeezed; coarser ones expanded), k_mean (B, Hkv, D), v_scale (B, Hkv, D);
+    `nonfinite`: the (B, Hq) int32 per-head flag of causal calls with a 16-bit V."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
 
@@ -300,5 +329,5 @@ def sm90_arguments(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_ze
 
     km = None if k_mean is None else k_mean.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
     vs = None if v_scale is None else v_scale.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
-    return (q_data, rows(q_scale, Hq, Sq), k_data, rows(k_scale, Hkv, Skv), km, v, v_data, vs, bool(is_causal),
-            float(scale) if scale is not None else 1.0 / math.sqrt(D))  # (forward.plan's default)
+    return (q_data, rows(q_scale, Hq, Sq), k_data, rows(k_scale, Hkv, Skv), km, v, v_data, vs, nonfinite,
+            bool(is_causal), float(scale) if scale is not None else 1.0 / math.sqrt(D))  # (forward.plan's default)

@@ -784,6 +784,14 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
     return out, lse
 
 
+class _Heads(NamedTuple):
+    """What _nonfinite_heads reads of a plan (the sm90 path has no Triton plan)."""
+    B: int
+    Hq: int
+    Hkv: int
+    device: torch.device
+
+
 def _head_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.sum(x, dim=(2, 3), dtype=torch.float32)
 
@@ -846,7 +854,11 @@ def dispatched_forward(*args):
     so CPU tests route calls under TRITON_INTERPRET=1 with the device mocked."""
     decision = dispatch.decide(*args)
     if decision.kernel == dispatch.SM90:  # (the C++ op guards the device itself)
-        return torch.ops.flash_quant._sm90_attention_forward(*dispatch.sm90_arguments(*args))
+        q, k = args[0], args[1]
+        nonfinite = None  # quantized Q / K / V are finite: only a causal call's 16-bit V needs the flag
+        if args[14] and args[10] is None:
+            nonfinite = _nonfinite_heads(args[:14], _Heads(q.shape[0], q.shape[1], k.shape[1], q.device))
+        return torch.ops.flash_quant._sm90_attention_forward(*dispatch.sm90_arguments(*args, nonfinite=nonfinite))
     dispatch.record(decision)
     q = args[0]
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
