@@ -77,12 +77,13 @@ def _check_target_torch():
     )
 
 
-def _write_build_info(sm90: bool):
+def _write_build_info(sm90: bool, why_not):
     text = (
         '"""Written by setup.py: the torch this build of flash_quant._C was compiled against,\n'
-        'and whether the Hopper (sm_90a) CUDA C++ kernels were compiled into it."""\n'
+        'and whether the Hopper (sm_90a) CUDA C++ kernels were compiled into it (else why not)."""\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"SM90_KERNELS = {sm90!r}\n"
+        f"SM90_NOT_BUILT_BECAUSE = {why_not!r}\n"
     )
     old = open(BUILD_INFO).read() if os.path.exists(BUILD_INFO) else None
     if old != text:  # unchanged files keep their time stamp
@@ -185,7 +186,7 @@ else:
     _sm90, _why_not = _sm90_sources()
     print("flash_quant: Hopper sm_90a CUDA kernels: " + (
         f"compiled ({len(_sm90)} sources)" if _sm90 else f"not built ({_why_not}); CUDA calls use Triton"))
-    _write_build_info(bool(_sm90))
+    _write_build_info(bool(_sm90), _why_not)
     setup(
         ext_modules=[_extension(_sm90)],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -149,12 +149,13 @@ def _sm90_op_registered() -> bool:
     return r
 
 
-def _built_with_sm90() -> Optional[bool]:
+def _why_not_built() -> Optional[str]:
+    """Why setup.py left the sm90 kernels out (flash_quant/_build_info.py), or None."""
     try:
-        from .._build_info import SM90_KERNELS
+        from .._build_info import SM90_NOT_BUILT_BECAUSE
     except ImportError:  # a build from before the flag existed
         return None
-    return bool(SM90_KERNELS)
+    return SM90_NOT_BUILT_BECAUSE
 
 
 # ------------------------------------------------------------------------- coverage
@@ -231,10 +232,9 @@ def _decide(a: dict, m: str) -> Decision:
     if cap != SM90_CAPABILITY:
         gap = R_DEVICE, f"{p['device']} is sm_{cap[0]}{cap[1]} (the sm90 kernel needs sm_90)"
     elif not _sm90_op_registered():
-        built = _built_with_sm90()
+        why = _why_not_built()
         gap = R_NOT_BUILT, ("flash_quant._C was built without the sm90 kernels (" + (
-            "flash_quant/_build_info.py: SM90_KERNELS = False; rebuild with a CUDA torch and nvcc)"
-            if built is False else "its CUDA kernel is not registered)"))
+            f"setup.py: {why}; rebuild with a CUDA torch and nvcc)" if why else "its CUDA kernel is not registered)"))
     else:
         gap = _sm90_gap(a, p)
         if gap is None and not all(_aligned(a)):
