@@ -39,7 +39,9 @@ masks. GQA maps query head h to kv head h // (Hq / Hkv); for short queries (Sq <
 non-causal, no mask) the group's query heads are packed into one program's rows
 (``PACK_GQA``), so each K/V tile is read once per kv head rather than once per query head. Fully masked rows give out 0 and
 lse -inf. ``attention_forward_launch`` works on tensors of any device (CPU under
-``TRITON_INTERPRET=1``); ``attention_forward_cuda`` is the op kernel registered at import.
+``TRITON_INTERPRET=1``); ``attention_forward_cuda`` is the op kernel registered at import:
+it serves a call with this kernel or, on Hopper, the sm90 CUDA C++ kernel, as
+flash_quant/cuda/dispatch.py decides (docs/hopper.md).
 """
 from __future__ import annotations
 
