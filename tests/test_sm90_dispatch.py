@@ -368,3 +368,14 @@ def test_fake_kernel_shapes():
             torch.empty(2, 2, 40, 128, dtype=torch.float16), None, None, None, True, 0.1)
     assert out.shape == (2, 8, 33, 128) and out.dtype == torch.float16
     assert lse.shape == (2, 8, 33) and lse.dtype == torch.float32
+
+
+def test_which_kernel_names_the_device_off_cuda():
+    """flash_quant.which_kernel on CPU tensors: the CPU backend, whatever the preset."""
+    import flash_quant
+
+    q, k, v = make_qkv(1, 2, 9, 128, dtype=torch.bfloat16)
+    for preset in ("accurate", "fast", "bf16"):
+        assert flash_quant.which_kernel(q, k, v, config=preset, is_causal=True) == ("cpu", None)
+    out = flash_quant.attention(q, k, v, config="fast", is_causal=True)  # (the refactored call path)
+    assert out.shape == q.shape and out.dtype == q.dtype
