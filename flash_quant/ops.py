@@ -328,6 +328,11 @@ def _attention_forward_fake(q, k, v, *args):
     return out, lse
 
 
+if not hasattr(_ops, "_sm90_attention_forward"):  # a flash_quant._C compiled before csrc/schema.cpp had it
+    raise ImportError("flash_quant's C++ extension (flash_quant._C) predates the op _sm90_attention_forward "
+                      f"of csrc/schema.cpp: it is stale; {_extension._REBUILD}")
+
+
 @torch.library.register_fake("flash_quant::_sm90_attention_forward")
 def _sm90_attention_forward_fake(q_data, q_scale, k_data, k_scale, k_mean, v, v_data, v_scale,
                                  nonfinite, is_causal, scale):

@@ -156,6 +156,23 @@ def test_uncovered_calls_name_their_reason(hopper, make, code):
     assert kernel == "triton" and reason.startswith(code + ":"), reason
 
 
+def test_alignment_counts_only_for_what_tma_reads(hopper):
+    """The fast recipe reads V's codes, not its float tensor: a misaligned float V (a
+    stand-in here) does not turn sm90 off; a misaligned 16-bit V (accurate) does."""
+    a = call("fast")
+    v = a[dispatch._ARGS.index("v")]
+    buf = torch.empty(v[0, 0].numel() + 1, dtype=v.dtype)
+    odd_v = buf[1:].view(v.shape[2:]).expand(v.shape)
+    assert odd_v.data_ptr() % dispatch.TMA_ALIGN
+    assert dispatch.forward_kernel(*call("fast", v=odd_v))[0] == "sm90"
+    acc = call()
+    v = acc[dispatch._ARGS.index("v")]
+    buf = torch.empty(v.numel() + 8, dtype=v.dtype)
+    odd_v = buf[1:v.numel() + 1].view(v.shape)
+    kernel, reason = dispatch.forward_kernel(*call(v=odd_v, k=odd_v))
+    assert kernel == "triton" and reason.startswith(dispatch.R_LAYOUT)
+
+
 @pytest.mark.parametrize("capability", [(8, 0), (8, 9), (10, 0), (12, 0)])
 def test_other_devices_use_triton(hopper, capability):
     hopper["capability"] = capability

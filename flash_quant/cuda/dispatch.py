@@ -145,7 +145,11 @@ def _sm90_op_registered() -> bool:
     """Whether the extension registered the sm90 op's CUDA kernel (tests replace this)."""
     r = _REGISTERED.get("cuda")
     if r is None:
-        r = _REGISTERED["cuda"] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(SM90_OP, "CUDA"))
+        try:
+            r = bool(torch._C._dispatch_has_kernel_for_dispatch_key(SM90_OP, "CUDA"))
+        except RuntimeError:  # (no such op: a stale extension; flash_quant.ops refuses to load first)
+            r = False
+        _REGISTERED["cuda"] = r
     return r
 
 
@@ -217,8 +221,8 @@ def _tma_strides(t: torch.Tensor, rows: bool) -> bool:
 def _aligned(a: dict) -> Tuple[bool, ...]:
     """Per call (not a signature property): whether the tensors TMA reads start on a
     TMA_ALIGN-byte boundary. Part of the decision's cache key."""
-    return tuple(a[n].data_ptr() % TMA_ALIGN == 0 for n in ("q_data", "k_data", "v", "v_data")
-                 if a[n] is not None)
+    read = ("q_data", "k_data", "v" if a["v_data"] is None else "v_data")  # (V's floats are unread beside codes)
+    return tuple(a[n].data_ptr() % TMA_ALIGN == 0 for n in read if a[n] is not None)
 
 
 def _decide(a: dict, m: str) -> Decision:
