@@ -41,7 +41,7 @@ from .host import PlanCache, tensor_signature
 
 __all__ = [
     "SM90", "TRITON", "MODES", "ENV_VAR", "SM90_OP", "forward_kernel", "force_kernel", "mode",
-    "fallback_counts", "reset_fallback_counts", "sm90_arguments",
+    "fallback_counts", "reset_fallback_counts", "sm90_arguments", "decide", "decide_signed", "signature",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ class Decision(NamedTuple):
     kernel: str  # SM90 | TRITON
     code: Optional[str]  # reason code when not SM90
     message: Optional[str]  # "code: what this call has"
+    # SM90 only: (B, Hq, Hkv, Sq, Skv, D, softmax scale) and whether q_scale, k_scale,
+    # k_mean, v_scale already have full (…, 1) / (…, 1, D) shapes (a squeeze re-views
+    # them; a broadcast one is expanded and copied): sm90_arguments' recipe.
+    dims: Optional[Tuple] = None
+    full: Optional[Tuple[bool, bool, bool, bool]] = None
 
     @property
     def reason(self) -> Optional[str]:
@@ -221,8 +226,15 @@ def _tma_strides(t: torch.Tensor, rows: bool) -> bool:
 def _aligned(a: dict) -> Tuple[bool, ...]:
     """Per call (not a signature property): whether the tensors TMA reads start on a
     TMA_ALIGN-byte boundary. Part of the decision's cache key."""
-    read = ("q_data", "k_data", "v" if a["v_data"] is None else "v_data")  # (V's floats are unread beside codes)
-    return tuple(a[n].data_ptr() % TMA_ALIGN == 0 for n in read if a[n] is not None)
+    return _aligned_args(tuple(a[n] for n in _ARGS))
+
+
+_QD, _KD, _V, _VD = (_ARGS.index(n) for n in ("q_data", "k_data", "v", "v_data"))
+
+
+def _aligned_args(args: tuple) -> Tuple[bool, ...]:
+    read = (args[_QD], args[_KD], args[_V] if args[_VD] is None else args[_VD])  # (V's floats are unread beside codes)
+    return tuple([t.data_ptr() % TMA_ALIGN == 0 for t in read if t is not None])
 
 
 def _decide(a: dict, m: str) -> Decision:
@@ -244,7 +256,11 @@ def _decide(a: dict, m: str) -> Decision:
         if gap is None and not all(_aligned(a)):
             gap = R_LAYOUT, f"an operand's data is not {TMA_ALIGN}-byte aligned (a sliced tensor?)"
     if gap is None:
-        return Decision(SM90, None, None)
+        B, Hq, Hkv, Sq, Skv, D = (p[n] for n in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
+        full = tuple(t is None or tuple(t.shape) == shape for t, shape in (
+            (a["q_scale"], (B, Hq, Sq, 1)), (a["k_scale"], (B, Hkv, Skv, 1)), (a["k_mean"], (B, Hkv, 1, D)),
+            (a["v_scale"], (B, Hkv, 1, D))))
+        return Decision(SM90, None, None, (B, Hq, Hkv, Sq, Skv, D, p["scale"]), full)
     if m == SM90:
         raise ValueError(f"flash_quant.attention_forward: the sm90 kernel was forced ({ENV_VAR} / force_kernel) "
                          f"but cannot serve this call: {gap[0]}: {gap[1]}")
@@ -254,8 +270,8 @@ def _decide(a: dict, m: str) -> Decision:
 _DECISIONS = PlanCache()
 
 
-def decide(*args, **kwargs) -> Decision:
-    """The cached Decision for one attention_forward call (arguments as the op's schema)."""
+def _normalized(args, kwargs) -> tuple:
+    """The 17 arguments in schema order, defaults filled in."""
     a = dict(zip(_ARGS, args))
     a.update(kwargs)
     for name in _ARGS[3:]:
@@ -264,14 +280,36 @@ def decide(*args, **kwargs) -> Decision:
         a["is_causal"] = False
     if a["pv_precision"] is None:
         a["pv_precision"] = "none"
-    m = mode()
-    key = (tuple(tensor_signature(a[n]) for n in _ARGS[:14]), bool(a["is_causal"]), a["scale"],
-           a["pv_precision"], m, _aligned(a))
+    return tuple(a[n] for n in _ARGS)
+
+
+def signature(args: tuple) -> tuple:
+    """The tensors' part of a call's cache key: host.tensor_signature of each of the 14
+    tensor arguments (forward.attention_forward_launch takes it to key its plan, so a
+    call computes it once)."""
+    try:  # (the op's own calls: tensors or None, as the schema guarantees)
+        return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in args[:14]])
+    except AttributeError:  # a direct call with a non-tensor: tensor_signature names it
+        return tuple(tensor_signature(t) for t in args[:14])
+
+
+def decide(*args, **kwargs) -> Decision:
+    """The cached Decision for one attention_forward call (arguments as the op's schema)."""
+    return decide_signed(args if len(args) == len(_ARGS) and not kwargs else _normalized(args, kwargs))[0]
+
+
+def decide_signed(args: tuple, sig: Optional[tuple] = None) -> Tuple[Decision, tuple]:
+    """(Decision, signature(args)) for the 17 arguments in schema order; the hot path of
+    every CUDA forward call (host time counts: docs/hopper.md)."""
+    m = _FORCED[-1] if _FORCED else _ENV_MODE.get("mode") or mode()
+    if sig is None:
+        sig = signature(args)
+    key = (sig, bool(args[14]), args[15], args[16], m, _aligned_args(args))
     d = _DECISIONS.get(key)
     if d is None:
-        d = _decide(a, m)
+        d = _decide(dict(zip(_ARGS, args)), m)
         _DECISIONS.put(key, d)
-    return d
+    return d, sig
 
 
 def forward_kernel(*args, **kwargs) -> Tuple[str, Optional[str]]:
@@ -320,18 +358,16 @@ def _reset_for_tests() -> None:
 
 
 # ------------------------------------------------------------------------ the sm90 op
-def sm90_arguments(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean, v_data,
-                   v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision, nonfinite=None):
-    """The sm90 op's arguments for a covered call, re-viewed as it wants them: Q/K scales
-    (B, H, S) (squeezed; coarser ones expanded), k_mean (B, Hkv, D), v_scale (B, Hkv, D);
-    `nonfinite`: the (B, Hq) int32 per-head flag of causal calls with a 16-bit V."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-
-    def rows(s, h, n):  # a (…, 1) scale broadcastable to (B, h, n, 1) -> (B, h, n)
-        return s.expand(B, h, n, 1).reshape(B, h, n)
-
-    km = None if k_mean is None else k_mean.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
-    vs = None if v_scale is None else v_scale.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
-    return (q_data, rows(q_scale, Hq, Sq), k_data, rows(k_scale, Hkv, Skv), km, v, v_data, vs, nonfinite,
-            bool(is_causal), float(scale) if scale is not None else 1.0 / math.sqrt(D))  # (forward.plan's default)
+def sm90_arguments(d: Decision, args: tuple, nonfinite: Optional[torch.Tensor] = None) -> tuple:
+    """The sm90 op's arguments for a call `d` covers (the 17 arguments in schema order),
+    re-viewed as it wants them: Q/K scales (B, H, S), k_mean (B, Hkv, D), v_scale
+    (B, Hkv, D) — squeezed when full, expanded when broadcast; `nonfinite`: the (B, Hq)
+    int32 per-head flag of causal calls with a 16-bit V."""
+    B, Hq, Hkv, Sq, Skv, D, scale = d.dims
+    fq, fk, fm, fv = d.full
+    (_, _, v, q_data, q_scale, _, k_data, k_scale, _, k_mean, v_data, v_scale, _, _, is_causal, _, _) = args
+    qs = q_scale.squeeze(3) if fq else q_scale.expand(B, Hq, Sq, 1).reshape(B, Hq, Sq)
+    ks = k_scale.squeeze(3) if fk else k_scale.expand(B, Hkv, Skv, 1).reshape(B, Hkv, Skv)
+    km = None if k_mean is None else k_mean.squeeze(2) if fm else k_mean.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
+    vs = None if v_scale is None else v_scale.squeeze(2) if fv else v_scale.expand(B, Hkv, 1, D).reshape(B, Hkv, D)
+    return q_data, qs, k_data, ks, km, v, v_data, vs, nonfinite, bool(is_causal), scale

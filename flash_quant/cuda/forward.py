@@ -745,16 +745,19 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
                              v_zero_point=None, attn_mask=None, is_causal=False, scale=None,
                              pv_precision="none", config: Optional[autotune.Config] = None,
                              num_splits: Optional[int] = None,
-                             pack_gqa: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                             pack_gqa: Optional[bool] = None,
+                             signature: Optional[tuple] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (out, lse). `config` forces a launch config,
     `num_splits` the number of key ranges (split-KV; default: :func:`split_count`),
     `pack_gqa=False` turns off the packing of a GQA group's short queries (default: on
-    where it applies; True where it does not apply is refused)."""
+    where it applies; True where it does not apply is refused). `signature`: the 14
+    tensors' host.tensor_signature when the caller has it (dispatch.signature)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"flash_quant.attention_forward: num_splits must be an int >= 1, got {num_splits!r}")
     tensors = (q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
                v_data, v_scale, v_zero_point, attn_mask)
-    key = (tuple(tensor_signature(t) for t in tensors), is_causal, scale, pv_precision, pack_gqa)
+    key = (signature if signature is not None else tuple(tensor_signature(t) for t in tensors), is_causal, scale,
+           pv_precision, pack_gqa)
     p = _PLANS.get_or_put(key, lambda: _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa))
     out = torch.empty((p.B, p.Hq, p.Sq, p.D), dtype=p.out_dtype, device=p.device)
     lse = torch.empty((p.B, p.Hq, p.Sq), dtype=torch.float32, device=p.device)
@@ -851,20 +854,20 @@ def attention_forward_cuda(q, k, v, q_data, q_scale, q_zero_point, k_data, k_sca
 
 
 def dispatched_forward(*args):
-    """One attention_forward call (the op's arguments in schema order) on the kernel that
-    dispatch.decide picks (validation first, the same for both kernels). Device-agnostic,
+    """One attention_forward call (the op's 17 arguments in schema order) on the kernel
+    that dispatch picks (validation first, the same for both kernels). Device-agnostic,
     so CPU tests route calls under TRITON_INTERPRET=1 with the device mocked."""
-    decision = dispatch.decide(*args)
+    decision, sig = dispatch.decide_signed(args)
     if decision.kernel == dispatch.SM90:  # (the C++ op guards the device itself)
-        q, k = args[0], args[1]
         nonfinite = None  # quantized Q / K / V are finite: only a causal call's 16-bit V needs the flag
         if args[14] and args[10] is None:
-            nonfinite = _nonfinite_heads(args[:14], _Heads(q.shape[0], q.shape[1], k.shape[1], q.device))
-        return torch.ops.flash_quant._sm90_attention_forward(*dispatch.sm90_arguments(*args, nonfinite=nonfinite))
+            B, Hq, Hkv = decision.dims[:3]
+            nonfinite = _nonfinite_heads(args[:14], _Heads(B, Hq, Hkv, args[0].device))
+        return torch.ops.flash_quant._sm90_attention_forward(*dispatch.sm90_arguments(decision, args, nonfinite))
     dispatch.record(decision)
     q = args[0]
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        return attention_forward_launch(*args)
+        return attention_forward_launch(*args, signature=sig)
 
 
 torch.library.register_kernel("flash_quant::attention_forward", "cuda", attention_forward_cuda)
