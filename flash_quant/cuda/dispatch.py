@@ -237,10 +237,20 @@ def _aligned_args(args: tuple) -> Tuple[bool, ...]:
     return tuple([t.data_ptr() % TMA_ALIGN == 0 for t in read if t is not None])
 
 
-def _decide(a: dict, m: str) -> Decision:
-    from .forward import plan  # (forward imports this module)
+_VALIDATE = []  # [forward.plan]: registered by flash_quant/cuda/forward.py at its import
 
-    p = plan(**a)  # validates; raises the op's errors before any kernel
+
+def use_validator(plan) -> None:
+    """Called by forward.py (which imports this module; the reverse import would be a
+    circle): `plan(**arguments)` validates a call, raising the op's errors, and returns
+    its resolved modes."""
+    _VALIDATE[:] = [plan]
+
+
+def _decide(a: dict, m: str) -> Decision:
+    # (importing this module imports the package flash_quant.cuda first, whose
+    # __init__ imports forward, which registers its validator)
+    p = _VALIDATE[0](**a)  # validates; raises the op's errors before any kernel
     if m == TRITON:
         return Decision(TRITON, R_FORCED, f"{R_FORCED}: {ENV_VAR} / force_kernel")
     gap = None

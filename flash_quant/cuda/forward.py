@@ -870,4 +870,5 @@ def dispatched_forward(*args):
         return attention_forward_launch(*args, signature=sig)
 
 
+dispatch.use_validator(plan)
 torch.library.register_kernel("flash_quant::attention_forward", "cuda", attention_forward_cuda)
