@@ -10,7 +10,6 @@ SM90_KERNELS = False with the reason in _build_info.py.
 """
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 from pathlib import Path

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
