@@ -5,7 +5,8 @@
 // Structure (docs/hopper.md): one CTA = one producer warpgroup + two consumer
 // warpgroups. One producer thread issues TMA loads of the CTA's Q tile (128 rows) and of
 // the K / V tiles into a ring of kStages stages, each guarded by a "full" mbarrier (the
-// TMA bytes arrived) and an "empty" one (both consumers are done with the stage). Each
+// TMA bytes arrived; for K also the tile's K scales, which the producer warp's lanes copy
+// into shared memory) and an "empty" one (both consumers are done with the stage). Each
 // consumer warpgroup owns 64 query rows and walks all key tiles: S = Q·Kᵀ (int32), the
 // online softmax in registers, O += P·V with P fed from registers as the A operand.
 // setmaxnreg moves registers from the producer to the consumers.
@@ -21,17 +22,23 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "fwd_params.h"
 #include "ptx.cuh"
 
 namespace flash_quant_sm90 {
 
-constexpr int kStages = 2;
+constexpr int kStages = 3;
 constexpr int kThreadsPerWarpgroup = 128;
 constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumerWarpgroups);
-constexpr int kProducerRegisters = 40;
-constexpr int kConsumerRegisters = 232;
+constexpr int kLaunchRegisters = 168;  // 64K registers / 384 threads, rounded down to 8
+// The CTA owns what the launch gave it: 168 registers x 384 threads; setmaxnreg.inc
+// blocks until the pool can serve it, so 2 x consumer + producer must stay <= 3 x 168.
+constexpr int kProducerRegisters = 24;
+constexpr int kConsumerRegisters = 240;
+static_assert(kConsumerWarpgroups * kConsumerRegisters + kProducerRegisters <= (1 + kConsumerWarpgroups) * kLaunchRegisters,
+              "setmaxnreg would deadlock: the register pool cannot serve the consumers");
 constexpr int kSwizzleRowBytes = 128;                 // one 128-byte swizzle row
 constexpr int kSwizzleGroupBytes = 8 * kSwizzleRowBytes;  // 8 rows: one swizzle atom
 constexpr int kQTileBytes = kRowsPerCta * kHeadDim;          // int8
@@ -43,6 +50,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 //: INT8 P's largest code (flash_quant Precision.INT8.qmax; docs/op_contract.md).
 constexpr float kPCodeMax = 127.f;
+//: Integer <-> float without the quarter-rate conversion unit: for |i| < 2^22 the bits of
+//: i + kFloatOffsetBits, read as fp32, are exactly i + kFloatOffset (1.5 * 2^23), and the
+//: low byte of the bits of x + kFloatOffset is round-to-nearest-even(x) for 0 <= x < 256.
+constexpr float kFloatOffset = 12582912.f;
+constexpr int32_t kFloatOffsetBits = 0x4B400000;
+//: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
+//: lane after it stored its share of the tile's K scales.
+constexpr int kKBarrierArrivals = 1 + 32;
 
 template <bool kPvInt8>
 struct SharedStorage {
@@ -50,6 +65,8 @@ struct SharedStorage {
   alignas(1024) int8_t q[kQTileBytes];
   alignas(1024) int8_t k[kStages][kKTileBytes];
   alignas(1024) uint8_t v[kStages][kVTileBytes];
+  // the K scale of each key of a tile, written by the producer warp
+  float k_scale[kStages][kKeysPerTile];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -101,6 +118,106 @@ __device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
   return __byte_perm(x, y, t < 2 ? 0x5410 : 0x7632);
 }
 
+// Scores of one tile in base-2 units without the per-row factor: x' = qk * K scale,
+// from the int32 accumulator (bit trick, see kFloatOffset), masked keys -inf. Returns
+// this thread's row maxima of x' through tile_max (not yet reduced over the quad).
+template <bool kCausal, bool kMask>
+__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float* ks, int t, int n0,
+                                       int kv_len, int row0, float (&tile_max)[2]) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 kscale = *reinterpret_cast<const float2*>(ks + 8 * j + 2 * t);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float k = e ? kscale.y : kscale.x;
+      const float shift = -kFloatOffset * k;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = 4 * j + 2 * r + e;
+        float v = fmaf(__int_as_float(acc[i] + kFloatOffsetBits), k, shift);
+        if constexpr (kMask) {
+          const int col = n0 + 8 * j + 2 * t + e;
+          if (col >= kv_len || (kCausal && col > row0 + 8 * r)) v = -INFINITY;
+        }
+        x[i] = v;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m = x[2 * r];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) m = fmaxf(m, fmaxf(x[4 * j + 2 * r], x[4 * j + 2 * r + 1]));
+    tile_max[r] = m;
+  }
+}
+
+// The online-softmax step of one tile (rows g, g+8 of this thread): P in place of x,
+// alpha = the factor on the output so far, beta = the factor on this tile's P·V (int8 P is
+// relative to the tile's own row max; 16-bit P to the running max, beta = 1).
+template <bool kPvInt8>
+__device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2], const float (&row_factor)[2],
+                                             float (&m_run)[2], float (&l_part)[2], float (&alpha)[2],
+                                             float (&beta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float tm = quad_max(tile_max[r]) * row_factor[r];  // row_factor > 0 (dispatcher)
+    const float m_new = fmaxf(m_run[r], tm);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    alpha[r] = fast_exp2(m_run[r] - m_use);
+    const float ref = kPvInt8 ? (tm == -INFINITY ? 0.f : tm) : m_use;
+    beta[r] = kPvInt8 ? fast_exp2(tm - m_use) : 1.f;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = 4 * j + 2 * r + e;
+        const float pe = fast_exp2(fmaf(x[i], row_factor[r], -ref));
+        sum += pe;
+        x[i] = pe;
+      }
+    }
+    l_part[r] = l_part[r] * alpha[r] + beta[r] * sum;
+    m_run[r] = m_new;
+  }
+}
+
+// int8 P codes round(127 p) (p in [0, 1]) in the A-operand layout of four k32 steps.
+__device__ __forceinline__ void pack_p8(uint32_t (&a)[4][4], const float (&x)[64], int lane) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j0 = 4 * c + 2 * h;  // the half's first 8-column block
+        // the low byte of each float's bits is its code (kFloatOffset)
+        const uint32_t c0 = __float_as_uint(fmaf(x[4 * j0 + 2 * r], kPCodeMax, kFloatOffset));
+        const uint32_t c1 = __float_as_uint(fmaf(x[4 * j0 + 2 * r + 1], kPCodeMax, kFloatOffset));
+        const uint32_t c2 = __float_as_uint(fmaf(x[4 * (j0 + 1) + 2 * r], kPCodeMax, kFloatOffset));
+        const uint32_t c3 = __float_as_uint(fmaf(x[4 * (j0 + 1) + 2 * r + 1], kPCodeMax, kFloatOffset));
+        const uint32_t own = __byte_perm(__byte_perm(c0, c1, 0x0040), __byte_perm(c2, c3, 0x0040), 0x5410);
+        a[c][2 * h + r] = gather_a8(own, lane);
+      }
+    }
+  }
+}
+
+// 16-bit P in the A-operand layout of eight k16 steps (the accumulator's own pairs).
+template <class T>
+__device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], const float (&x)[64]) {
+#pragma unroll
+  for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
+#pragma unroll
+    for (int q4 = 0; q4 < 4; ++q4) {
+      // q4: (block 2kk, row g), (2kk, g+8), (2kk+1, g), (2kk+1, g+8)
+      const int base = 4 * (2 * kk + (q4 >> 1)) + 2 * (q4 & 1);
+      a[kk][q4] = Pack16<T>::pack(x[base], x[base + 1]);
+    }
+  }
+}
+
 template <class T, bool kPvInt8, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
@@ -115,8 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int hq = blockIdx.y;
   const int b = blockIdx.z;
-  const int group = p.q_heads / p.kv_heads;
-  const int hkv = hq / group;
+  const int hkv = hq / (p.q_heads / p.kv_heads);
   const int m0 = m_block * kRowsPerCta;
 
   // Key tiles this CTA visits: causal rows m0 .. m0+127 see keys <= row, unless the head
@@ -129,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     barrier_init(&sm.q_full, 1);
     for (int s = 0; s < kStages; ++s) {
-      barrier_init(&sm.k_full[s], 1);
+      barrier_init(&sm.k_full[s], kKBarrierArrivals);
       barrier_init(&sm.v_full[s], 1);
       barrier_init(&sm.kv_empty[s], kConsumerWarpgroups * kThreadsPerWarpgroup);
     }
@@ -138,19 +254,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    // ------------------------------------------------------------ producer
+    // ------------------------------------------------------------ producer (warp 0)
     registers_release<kProducerRegisters>();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * p.kv_len;
+    if (lane == 0) {
       tma_prefetch_map(&tm_q);
       tma_prefetch_map(&tm_k);
       tma_prefetch_map(&tm_v);
       barrier_expect_bytes(&sm.q_full, kQTileBytes);
       tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
-      for (int it = 0; it < n_tiles; ++it) {
-        const int s = it % kStages;
-        const uint32_t phase = (it / kStages) & 1;
-        barrier_wait(&sm.kv_empty[s], phase ^ 1);
-        const int n0 = it * kKeysPerTile;
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+      const int s = it % kStages;
+      const uint32_t phase = (it / kStages) & 1;
+      barrier_wait(&sm.kv_empty[s], phase ^ 1);
+      const int n0 = it * kKeysPerTile;
+      if (lane == 0) {
         barrier_expect_bytes(&sm.k_full[s], kKTileBytes);
         tma_load_4d(sm.k[s], &tm_k, &sm.k_full[s], 0, n0, hkv, b);
         if constexpr (kPvInt8) {
@@ -162,6 +283,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           tma_load_4d(sm.v[s] + kV16HalfBytes, &tm_v, &sm.v_full[s], 64, n0, hkv, b);
         }
       }
+      // the tile's K scales (keys past the end: 0, masked by the consumers)
+#pragma unroll
+      for (int i = 0; i < kKeysPerTile / 32; ++i) {
+        const int key = n0 + i * 32 + lane;
+        sm.k_scale[s][i * 32 + lane] = key < p.kv_len ? k_scale[key] : 0.f;
+      }
+      barrier_arrive(&sm.k_full[s]);
     }
     return;
   }
@@ -176,11 +304,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t = lane % 4;
   const int wg_row0 = m0 + wg * kRowsPerWarpgroup;
   const int row[2] = {wg_row0 + warp * 16 + g, wg_row0 + warp * 16 + g + 8};
-  // this warpgroup's own causal limit: its rows see keys < wg_key_end
+  // this warpgroup's own causal limit: its rows see keys < wg_key_end; tiles from
+  // n_active on are waited for and released without computing
   const int wg_key_end = may_skip ? min(p.kv_len, wg_row0 + kRowsPerWarpgroup) : p.kv_len;
+  const int n_active = min(n_tiles, wg_key_end > 0 ? (wg_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
 
   const float* q_scale = p.q_scale + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len;
-  const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * p.kv_len;
   // per-row factor: Q scale * softmax scale * log2(e) (scores in base-2 units)
   float row_factor[2];
 #pragma unroll
@@ -191,158 +320,183 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (quad-summed at the end)
+  // softmax factors of the newest tile: int8 P·V folds them in when that tile's P·V is
+  // done (before the next softmax overwrites them); 16-bit P·V rescales O at once
+  float alpha[2], beta[2];
 
   const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kHeadDim);
   barrier_wait(&sm.q_full, 0);
 
-  for (int it = 0; it < n_tiles; ++it) {
-    const int s = it % kStages;
-    const uint32_t phase = (it / kStages) & 1;
-    const int n0 = it * kKeysPerTile;
-    // every consumer waits on every tile, computing or not, so that no warpgroup runs a
-    // full ring ahead and arrives twice on one phase of an empty barrier
-    const bool active = n0 < wg_key_end;
-    const bool needs_mask = (n0 + kKeysPerTile > p.kv_len) || (kCausal && n0 + kKeysPerTile - 1 > wg_row0);
-    barrier_wait(&sm.k_full[s], phase);
+  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
+  //   16-bit P·V: issue QK(i), wait; issue PV(i-1) into O; softmax(i) while PV(i-1) runs;
+  //     wait; rescale O (when a row max moved); pack P(i).
+  //   int8 P·V (its int32 accumulator needs 64 more registers, so it is never live next
+  //     to S): issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
+  //     P(i). The other consumer warpgroup keeps the tensor cores busy meanwhile.
+  int32_t acc_s[64];
+  float x[64];
+  uint32_t pa8[4][4];
+  uint32_t pa16[kKeysPerTile / 16][4];
+  int32_t acc_pv[64];
+  float tile_max[2];
 
-    float x[64];  // base-2 scores, accumulator layout
-    float alpha[2], beta[2];
-    if (active) {
-      int32_t acc_s[64];
-      wgmma_fence();
+  // Descriptors: built once, then moved by byte offsets (the start address field counts
+  // 16-byte units; every tile lies in the 256 KB the field covers, so adds never carry out).
+  const uint64_t q_desc = sw128_descriptor(q_tile, 0, kSwizzleGroupBytes);
+  const uint64_t k_desc0 = sw128_descriptor(sm.k[0], 0, kSwizzleGroupBytes);
+  const uint64_t v_desc0 = kPvInt8 ? sw128_descriptor(sm.v[0], 0, kSwizzleGroupBytes)
+                                   : sw128_descriptor(sm.v[0], kV16HalfBytes, kSwizzleGroupBytes);
+  auto moved = [](uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); };
+  auto issue_qk = [&](int s) {
+    const uint64_t k_desc = moved(k_desc0, s * kKTileBytes);
 #pragma unroll
-      for (int kk = 0; kk < kHeadDim / 32; ++kk) {
-        wgmma_s8_ss(acc_s, sw128_descriptor(q_tile + kk * 32, 0, kSwizzleGroupBytes),
-                    sw128_descriptor(sm.k[s] + kk * 32, 0, kSwizzleGroupBytes), kk > 0);
+    for (int kk = 0; kk < kHeadDim / 32; ++kk) {
+      wgmma_s8_ss(acc_s, moved(q_desc, kk * 32), moved(k_desc, kk * 32), kk > 0);
+    }
+  };
+  auto issue_pv = [&](int s, const uint32_t (&pa)[kKeysPerTile / 16][4]) {
+    const uint64_t v_desc = moved(v_desc0, s * Smem::kVTileBytes);
+    if constexpr (kPvInt8) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) wgmma_s8_rs(acc_pv, pa8[c], moved(v_desc, c * 32), c > 0);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
+        Pack16<T>::mma(o, pa[kk], moved(v_desc, kk * 16 * kSwizzleRowBytes), 1);  // 16 keys = 2 row groups
       }
+    }
+  };
+  // O <- O * alpha + (int32 P·V) * beta / 127 (the int8 path; bit trick of kFloatOffset)
+  auto fold_pv8 = [&]() {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i >> 1) & 1;
+      const float w = beta[r] * (1.f / kPCodeMax);
+      o[i] = fmaf(__int_as_float(acc_pv[i] + kFloatOffsetBits), w, fmaf(o[i], alpha[r], -kFloatOffset * w));
+    }
+  };
+  // kMask: the tile holds keys past the end or past a row's causal limit. Masked and
+  // unmasked tiles run in separate loops (below): a branch between the two inside one
+  // iteration makes ptxas retire the in-flight P·V before it, losing the overlap.
+  auto softmax_tile = [&](int s, int n0, auto mask) {
+    if constexpr (std::is_same_v<decltype(mask), bool>) {  // decided per tile (int8 P·V): mask = "tile is full"
+      if (mask) {
+        scores<kCausal, false>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+      } else {
+        scores<kCausal, true>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+      }
+    } else {
+      scores<kCausal, decltype(mask)::value>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+    }
+    softmax_step<kPvInt8>(x, tile_max, row_factor, m_run, l_part, alpha, beta);
+  };
+  using Masked = std::true_type;
+  using Unmasked = std::false_type;
+  // leading tiles with no masked key: below the sequence end and, causal, wholly at or
+  // below this warpgroup's first row
+  int n_full = p.kv_len / kKeysPerTile;
+  if (kCausal && may_skip) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
+  n_full = min(n_full, n_active);
+
+  if (n_active > 0) {
+    // tile 0
+    barrier_wait(&sm.k_full[0], 0);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc_s);
+    if (n_full > 0) {
+      softmax_tile(0, 0, Unmasked{});
+    } else {
+      softmax_tile(0, 0, Masked{});
+    }
+    if constexpr (kPvInt8) {
+      pack_p8(pa8, x, lane);
+    } else {
+      pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
+    }
+  }
+  auto mixed_step = [&](int it, auto mask) {
+    const int s = it % kStages;
+    const int sp = (it - 1) % kStages;
+    const int n0 = it * kKeysPerTile;
+    barrier_wait(&sm.k_full[s], (it / kStages) & 1);
+    barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
+    if constexpr (kPvInt8) {
+      // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
+      // are never live together; the other warpgroup fills the tensor cores meanwhile
+        wgmma_fence();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_pv);
+      barrier_arrive(&sm.kv_empty[sp]);
+      fold_pv8();
+      wgmma_fence_operands(o);
+      wgmma_fence();
+      issue_qk(s);
+      wgmma_commit();
+        wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, n0, mask);
+      pack_p8(pa8, x, lane);
+    } else {
+      // QK(i) completes before PV(i-1) is issued: with both in flight ptxas cannot tell
+      // which group a wait retired and waits for both before the softmax reads S
+      wgmma_fence_operands(o);
+        wgmma_fence();
+      issue_qk(s);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(acc_s);
-
-      // scores: int32 · K scale · row factor, masked keys -inf
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + 8 * j + 2 * t + e;
-          const float ks = k_scale[min(col, p.kv_len - 1)];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float v = static_cast<float>(acc_s[4 * j + 2 * r + e]) * ks * row_factor[r];
-            if (needs_mask && (col >= p.kv_len || (kCausal && col > row[r]))) v = -INFINITY;
-            x[4 * j + 2 * r + e] = v;
-            tile_max[r] = fmaxf(tile_max[r], v);
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = quad_max(tile_max[r]);
-        const float m_new = fmaxf(m_run[r], tile_max[r]);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        alpha[r] = exp2f(m_run[r] - m_use);
-        if constexpr (kPvInt8) {
-          // int8 P relative to the tile's own row max: codes of exp2(x - tile max) in
-          // [0, 1]; the tile factor beta = exp2(tile max - running max) goes on P·V
-          const float t_use = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
-          beta[r] = exp2f(tile_max[r] - m_use);
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pe = exp2f(x[4 * j + 2 * r + e] - t_use);
-              sum += pe;
-              x[4 * j + 2 * r + e] = pe;
-            }
-          }
-          l_part[r] = l_part[r] * alpha[r] + beta[r] * sum;
-        } else {
-          beta[r] = 1.f;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pe = exp2f(x[4 * j + 2 * r + e] - m_use);
-              sum += pe;
-              x[4 * j + 2 * r + e] = pe;
-            }
-          }
-          l_part[r] = l_part[r] * alpha[r] + sum;
-        }
-        m_run[r] = m_new;
-      }
-    }
-
-    barrier_wait(&sm.v_full[s], phase);
-    if (active) {
-      if constexpr (kPvInt8) {
-        // own[r][c][h]: int8 codes of row r, k32 step c, key half h (see gather_a8)
-        uint32_t a[4][4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int j0 = 4 * c + 2 * h;  // the half's first 8-column block
-              uint32_t own = 0;
-#pragma unroll
-              for (int bb = 0; bb < 2; ++bb) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                  const uint32_t code = static_cast<uint32_t>(__float2int_rn(x[4 * (j0 + bb) + 2 * r + e] * kPCodeMax));
-                  own |= code << (8 * (2 * bb + e));
-                }
-              }
-              a[c][2 * h + r] = gather_a8(own, lane);
-            }
-          }
-        }
-        int32_t acc_pv[64];
-        wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          wgmma_s8_rs(acc_pv, a[c], sw128_descriptor(sm.v[s] + c * 32, 0, kSwizzleGroupBytes), c > 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc_pv);
-#pragma unroll
-        for (int i = 0; i < 64; ++i) {
-          const int r = (i >> 1) & 1;
-          o[i] = o[i] * alpha[r] + static_cast<float>(acc_pv[i]) * (beta[r] * (1.f / kPCodeMax));
-        }
-      } else {
-        // all A operands first: a register written between two wgmmas of one batch
-        // would make the compiler serialise them
-        uint32_t a[kKeysPerTile / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
-#pragma unroll
-          for (int q4 = 0; q4 < 4; ++q4) {
-            // q4: (block 2kk, row g), (2kk, g+8), (2kk+1, g), (2kk+1, g+8)
-            const int base = 4 * (2 * kk + (q4 >> 1)) + 2 * (q4 & 1);
-            a[kk][q4] = Pack16<T>::pack(x[base], x[base + 1]);
-          }
-        }
+      issue_pv(sp, pa16);
+      wgmma_commit();
+        softmax_tile(s, n0, mask);  // runs while PV(i-1) occupies the tensor cores
+      wgmma_fence_operands(x);
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      barrier_arrive(&sm.kv_empty[sp]);
+      // after the first tiles a row's max rarely moves: skip the rescale when no row of
+      // the warp needs it (alpha == 1 exactly)
+      if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
 #pragma unroll
         for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
-        wgmma_fence_operands(o);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
-          // 16 keys = two 8-row groups of the MN-major V tile
-          Pack16<T>::mma(o, a[kk],
-                         sw128_descriptor(sm.v[s] + kk * 16 * kSwizzleRowBytes, kV16HalfBytes, kSwizzleGroupBytes), 1);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(o);
       }
+      pack_p16<T>(pa16, x);
     }
+  };
+  if constexpr (kPvInt8) {
+    // (no product is in flight across the mask branch here, and one loop keeps the
+    // register pressure of this path below the spill point)
+    for (int it = 1; it < n_active; ++it) mixed_step(it, it < n_full);
+  } else {
+    for (int it = 1; it < n_full; ++it) mixed_step(it, Unmasked{});
+    for (int it = max(1, n_full); it < n_active; ++it) mixed_step(it, Masked{});
+  }
+  if (n_active > 0) {  // P·V of the last tile
+    const int sp = (n_active - 1) % kStages;
+    barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    issue_pv(sp, pa16);
+    wgmma_commit();
+    wgmma_wait<0>();
+    barrier_arrive(&sm.kv_empty[sp]);
+    if constexpr (kPvInt8) {
+      wgmma_fence_operands(acc_pv);
+      fold_pv8();
+    } else {
+      wgmma_fence_operands(o);
+    }
+  }
+  // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and
+  // arrives twice on one phase) and release
+  for (int it = n_active; it < n_tiles; ++it) {
+    const int s = it % kStages;
+    const uint32_t phase = (it / kStages) & 1;
+    barrier_wait(&sm.k_full[s], phase);
+    barrier_wait(&sm.v_full[s], phase);
     barrier_arrive(&sm.kv_empty[s]);
   }
 

@@ -54,6 +54,15 @@ __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
+// ---------------------------------------------------------------- math
+// 2^x on the special-function unit, flushing denormal results to 0 (exp2f adds a
+// range check and two multiplies around the same instruction).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---------------------------------------------------------------- registers
 template <uint32_t kRegs>
 __device__ __forceinline__ void registers_release() {
