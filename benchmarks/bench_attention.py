@@ -258,6 +258,9 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--ref-rows", type=int, default=256)
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated shape names to run (default: all, or the two of --quick); "
+                         "--quick then only shortens the repetitions")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -271,7 +274,14 @@ def main():
     meta = stamp()
     meta["dtype"] = args.dtype
     print(json.dumps(meta))
-    shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {s[0] for s in SHAPES})
+        if unknown:
+            ap.error(f"unknown shape(s) {unknown}; known: {[s[0] for s in SHAPES]}")
+        shapes = [s for s in SHAPES if s[0] in wanted]
+    else:
+        shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
     rows = []
     tag = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
