@@ -47,6 +47,8 @@ _EXPORTS = {
     "PRESETS": "config",
     "STRATEGY_VERSION": "config",
     "get_preset": "config",
+    "decode_attention": "decode",
+    "QuantizedKVCache": "kv_cache",
 }
 
 #: Subpackages reachable as attributes after a plain `import flash_quant`.

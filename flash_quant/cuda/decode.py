@@ -1,0 +1,290 @@
+"""Triton split-KV decode over a QuantizedKVCache (issue 18 item 1; layout and schemes in
+flash_quant/kv_cache.py, semantics in flash_quant/decode.py).
+
+Decode reads every cached byte once per step and does little arithmetic on it, so the
+kernel is shaped around bandwidth:
+
+* the key range is split across programs (grid = splits x B*Hkv); each split runs an
+  online softmax over its keys and writes an unnormalised partial (O, m, l); a second
+  kernel merges the partials by their log-sum-exp;
+* one program serves every query of a GQA group: its tile's rows are the G = Hq/Hkv
+  query heads times the Sq queries, so each K/V tile is loaded once for all of them;
+* codes are dequantized in registers (int8: the per-token scale is applied to the scores
+  and folded into P; int4: nibbles unpacked into the two channel halves of the
+  half-split layout, then scale and zero applied);
+* the token count is read from the cache's device ``length_tensor`` and each split's
+  range is derived from it in the kernel, so a CUDA graph captured at one length replays
+  correctly at any later one (no host sync anywhere);
+* launch plans (grid, constexprs, strides) are cached per call signature and kernels
+  launched through their compiled launchers (host.py), for a low eager host cost.
+
+Tile sizes and split counts: :data:`DEFAULTS`, overridable per call (``config=``) so the
+benchmark can sweep them (benchmarks/bench_decode.py --sweep).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .host import PlanCache, cdiv, launch, next_pow2, tensor_signature
+
+__all__ = ["decode_attention_cuda", "DEFAULTS", "choose_splits"]
+
+LOG2E = 1.4426950408889634
+MIN_ROWS = 16              # tl.dot needs >= 16 rows: the G*Sq query rows are padded to it
+MIN_KEYS_PER_SPLIT = 256   # below this a split's fixed cost (q load, partial store) dominates
+WAVES = 2                  # programs to aim for, in multiples of the SM count
+
+#: Kernel parameters; any may be overridden by ``config=`` (num_splits None: choose_splits).
+DEFAULTS = {"block_n": 64, "num_warps": 4, "num_stages": 3, "num_splits": None,
+            "merge_warps": 4}
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+LOG2E_C = tl.constexpr(LOG2E)  # (the kernel's copy: an additive mask is in natural-log units)
+
+_PLANS = PlanCache()
+_SM_COUNT: Dict[int, int] = {}
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr, INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with both operands rounded to DT (q's dtype), fp32 accumulation. DOT_F32
+    widens the rounded operands: the interpreter's bf16 dot is wrong (numpy has no bf16),
+    and so is its int -> bf16 cast (hence the float32 step first)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32).to(DT).to(tl.float32), b.to(tl.float32).to(DT).to(tl.float32))
+    else:
+        return tl.dot(a.to(DT), b.to(DT), input_precision=INPUT_PREC)
+
+
+@triton.jit
+def _decode_split_kernel(
+        q_ptr, sq_b, sq_h, sq_s,
+        kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr,
+        skc, sks, skw, svc, svs,
+        len_ptr,
+        mask_ptr, sm_b, sm_h, sm_s, sm_n,
+        o_ptr, m_ptr, l_ptr,
+        scale_log2,
+        HKV: tl.constexpr, GQ: tl.constexpr, SQ: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
+        VG: tl.constexpr, NUM_SPLITS: tl.constexpr, MASK_KIND: tl.constexpr,
+        INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    length = tl.load(len_ptr)
+    tiles = tl.cdiv(tl.cdiv(length, BLOCK_N), NUM_SPLITS)
+    start = split * tiles * BLOCK_N
+    end = tl.minimum(start + tiles * BLOCK_N, length)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GQ * SQ
+    qh = hkv * GQ + rows // SQ           # query head of each row
+    qi = rows % SQ                       # query index (0 .. Sq-1) of each row
+    dh = tl.arange(0, HALF)
+    q_rows = q_ptr + b * sq_b + qh * sq_h + qi * sq_s
+    q_lo = tl.load(q_rows[:, None] + dh[None, :], mask=row_ok[:, None], other=0.0)
+    q_hi = tl.load(q_rows[:, None] + HALF + dh[None, :], mask=row_ok[:, None], other=0.0)
+    DT = q_lo.dtype
+    last_visible = length - SQ + qi      # bottom-right causal default
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc_lo = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, HALF), tl.float32)
+    nfull = (length // KG) * KG          # int4: keys before nfull are codes, after: window
+
+    kc_base = kc_ptr + bh * skc
+    vc_base = vc_ptr + bh * svc
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nok = offs < end
+        # ---- scores
+        if BITS == 8:
+            k_lo = tl.load(kc_base + offs[:, None] * D + dh[None, :], mask=nok[:, None], other=0)
+            k_hi = tl.load(kc_base + offs[:, None] * D + HALF + dh[None, :], mask=nok[:, None], other=0)
+            s = _dot(q_lo, tl.trans(k_lo), DT, INPUT_PREC, DOT_F32)
+            s += _dot(q_hi, tl.trans(k_hi), DT, INPUT_PREC, DOT_F32)
+            k_scale = tl.load(ks_ptr + bh * sks + offs, mask=nok, other=0.0)
+            s = s * (k_scale * scale_log2)[None, :]
+        else:
+            coded = nok & (offs < nfull)
+            packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :], mask=coded[:, None], other=0)
+            grp = (offs // KG)[:, None] * D
+            s_lo = tl.load(ks_ptr + bh * sks + grp + dh[None, :], mask=coded[:, None], other=0.0)
+            z_lo = tl.load(kz_ptr + bh * sks + grp + dh[None, :], mask=coded[:, None], other=0.0)
+            s_hi = tl.load(ks_ptr + bh * sks + grp + HALF + dh[None, :], mask=coded[:, None], other=0.0)
+            z_hi = tl.load(kz_ptr + bh * sks + grp + HALF + dh[None, :], mask=coded[:, None], other=0.0)
+            k_lo = (packed & 0xF).to(tl.float32) * s_lo.to(tl.float32) + z_lo.to(tl.float32)
+            k_hi = (packed >> 4).to(tl.float32) * s_hi.to(tl.float32) + z_hi.to(tl.float32)
+            windowed = nok & (offs >= nfull)
+            w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
+            w_lo = tl.load(w_rows + dh[None, :], mask=windowed[:, None], other=0.0)
+            w_hi = tl.load(w_rows + HALF + dh[None, :], mask=windowed[:, None], other=0.0)
+            k_lo = tl.where(windowed[:, None], w_lo.to(tl.float32), k_lo)
+            k_hi = tl.where(windowed[:, None], w_hi.to(tl.float32), k_hi)
+            s = _dot(q_lo, tl.trans(k_lo), DT, INPUT_PREC, DOT_F32)
+            s += _dot(q_hi, tl.trans(k_hi), DT, INPUT_PREC, DOT_F32)
+            s = s * scale_log2
+        # ---- masks
+        if MASK_KIND == 0:
+            visible = nok[None, :] & (offs[None, :] <= last_visible[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        else:
+            mrow = mask_ptr + b * sm_b + qh * sm_h + qi * sm_s
+            mval = tl.load(mrow[:, None] + offs[None, :] * sm_n, mask=row_ok[:, None] & nok[None, :], other=0)
+            if MASK_KIND == 1:
+                s = tl.where((mval != 0) & nok[None, :], s, float("-inf"))
+            else:
+                s = tl.where(nok[None, :], s + mval.to(tl.float32) * LOG2E_C, float("-inf"))
+        # ---- online softmax (base 2)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        # ---- values
+        if BITS == 8:
+            v_scale = tl.load(vs_ptr + bh * svs + offs, mask=nok, other=0.0)
+            pv = p * v_scale[None, :]
+            v_lo = tl.load(vc_base + offs[:, None] * D + dh[None, :], mask=nok[:, None], other=0)
+            v_hi = tl.load(vc_base + offs[:, None] * D + HALF + dh[None, :], mask=nok[:, None], other=0)
+            acc_lo += _dot(pv, v_lo, DT, INPUT_PREC, DOT_F32)
+            acc_hi += _dot(pv, v_hi, DT, INPUT_PREC, DOT_F32)
+        else:
+            packed = tl.load(vc_base + offs[:, None] * HALF + dh[None, :], mask=nok[:, None], other=0)
+            g_rows = vs_ptr + bh * svs + offs[:, None] * (D // VG)
+            z_rows = vz_ptr + bh * svs + offs[:, None] * (D // VG)
+            g_lo = (dh // VG)[None, :]
+            g_hi = ((HALF + dh) // VG)[None, :]
+            v_lo = (packed & 0xF).to(tl.float32) * tl.load(g_rows + g_lo, mask=nok[:, None], other=0.0).to(tl.float32) \
+                + tl.load(z_rows + g_lo, mask=nok[:, None], other=0.0).to(tl.float32)
+            v_hi = (packed >> 4).to(tl.float32) * tl.load(g_rows + g_hi, mask=nok[:, None], other=0.0).to(tl.float32) \
+                + tl.load(z_rows + g_hi, mask=nok[:, None], other=0.0).to(tl.float32)
+            acc_lo += _dot(p, v_lo, DT, INPUT_PREC, DOT_F32)
+            acc_hi += _dot(p, v_hi, DT, INPUT_PREC, DOT_F32)
+        m_i = m_new
+
+    part = (bh * NUM_SPLITS + split) * BLOCK_M + rows
+    tl.store(o_ptr + part[:, None] * D + dh[None, :], acc_lo)
+    tl.store(o_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi)
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+
+
+@triton.jit
+def _decode_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, so_s,
+                         HKV: tl.constexpr, GQ: tl.constexpr, SQ: tl.constexpr,
+                         BLOCK_M: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_P2: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = pid // (GQ * SQ)
+    r = pid % (GQ * SQ)
+    sp = tl.arange(0, SPLITS_P2)
+    ok = sp < NUM_SPLITS
+    part = (bh * NUM_SPLITS + sp) * BLOCK_M + r
+    m = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)              # a split that saw no visible key: m = -inf, w = 0
+    l = tl.sum(tl.load(l_ptr + part, mask=ok, other=0.0) * w, 0)
+    d = tl.arange(0, D)
+    o = tl.load(o_ptr + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.sum(o * w[:, None], 0)
+    out = tl.where(l > 0, o / tl.where(l > 0, l, 1.0), 0.0)  # no visible key: 0
+    b = bh // HKV
+    h = (bh % HKV) * GQ + r // SQ
+    tl.store(out_ptr + b * so_b + h * so_h + (r % SQ) * so_s + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_splits(length: int, heads: int, sm_count: int) -> int:
+    """Splits of the key range: enough programs for WAVES waves of the SMs, but no split
+    shorter than MIN_KEYS_PER_SPLIT keys."""
+    return max(1, min(cdiv(WAVES * sm_count, heads), cdiv(length, MIN_KEYS_PER_SPLIT)))
+
+
+def _check_cuda(q, cache) -> None:
+    d = cache.head_dim
+    if d < 32 or d & (d - 1):
+        raise ValueError(f"decode_attention (CUDA): head_dim must be a power of two >= 32, got {d}")
+    if q.stride(-1) != 1:
+        raise ValueError("decode_attention (CUDA): q's last dimension must be contiguous")
+
+
+def _make_plan(q, cache, mask, scale, cfg):
+    _check_cuda(q, cache)
+    b, hq, sq, d = q.shape
+    hkv = cache.kv_heads
+    gq = hq // hkv
+    block_m = max(MIN_ROWS, next_pow2(gq * sq))
+    splits = cfg["num_splits"]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    int4 = cache.precision == "int4"
+    kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
+    meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], D=d,
+                BITS=4 if int4 else 8, KG=cache.k_group if int4 else 1,
+                VG=cache.v_group if int4 else 1, NUM_SPLITS=splits, MASK_KIND=kind,
+                INPUT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                DOT_F32=os.environ.get("TRITON_INTERPRET", "0") == "1" and q.dtype == torch.bfloat16,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, D=d, NUM_SPLITS=splits,
+                      SPLITS_P2=next_pow2(splits), num_warps=cfg["merge_warps"])
+    return {"grid": (splits, b * hkv), "merge_grid": (b * hkv * gq * sq,), "meta": meta,
+            "merge_meta": merge_meta, "scale_log2": scale * LOG2E, "block_m": block_m,
+            "splits": splits, "kernels": {}, "merge_kernels": {}}
+
+
+def decode_attention_cuda(q: torch.Tensor, cache, attn_mask: Optional[torch.Tensor] = None,
+                          scale: Optional[float] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """decode_attention on CUDA (inputs already checked by flash_quant.decode). `config`
+    overrides :data:`DEFAULTS` (benchmark sweeps)."""
+    cfg = DEFAULTS if not config else {**DEFAULTS, **config}
+    if cfg["num_splits"] is None:
+        cfg = {**cfg, "num_splits": choose_splits(cache.length, q.shape[0] * cache.kv_heads, _sm_count(q.device))}
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], cache.length)
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+    key = (tensor_signature(q), cache.precision, cache.k_codes.shape, cache.k_scale.shape,
+           cache.v_scale.shape, cache.dtype, tensor_signature(mask),
+           None if attn_mask is None else attn_mask.dtype, scale, tuple(sorted(cfg.items())))
+    plan = _PLANS.get_or_put(key, lambda: _make_plan(q, cache, attn_mask, scale, cfg))
+    b, hq, sq, d = q.shape
+    rows = b * cache.kv_heads * plan["splits"] * plan["block_m"]
+    o_part = torch.empty(rows, d, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(rows, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(rows, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    int4 = cache.precision == "int4"
+    kz = cache.k_zero if int4 else cache.k_scale
+    kw = cache.k_window if int4 else cache.k_scale
+    vz = cache.v_zero if int4 else cache.v_scale
+    m_args = (mask, *mask.stride()) if mask is not None else (q, 0, 0, 0, 0)
+    args = (q, q.stride(0), q.stride(1), q.stride(2),
+            cache.k_codes, cache.k_scale, kz, kw, cache.v_codes, cache.v_scale, vz,
+            cache.k_codes.stride(1), cache.k_scale.stride(1), kw.stride(1),
+            cache.v_codes.stride(1), cache.v_scale.stride(1),
+            cache.length_tensor, *m_args, o_part, m_part, l_part, plan["scale_log2"])
+    launch(_decode_split_kernel, plan["grid"], args, plan["meta"], plan["kernels"], key)
+    launch(_decode_merge_kernel, plan["merge_grid"],
+           (o_part, m_part, l_part, out, out.stride(0), out.stride(1), out.stride(2)),
+           plan["merge_meta"], plan["merge_kernels"], key)
+    return out
