@@ -29,7 +29,7 @@ def tiny_llama_config():
 
     return LlamaConfig(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256,  # head dim 32, GQA 8 query / 2 kv heads
+        num_key_value_heads=2, max_position_embeddings=4096,  # head dim 32, GQA 8 query / 2 kv heads
     )
 
 
