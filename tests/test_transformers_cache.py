@@ -234,6 +234,30 @@ def test_query_blocks_after_the_prompt(name, weights, precision, monkeypatch):
     torch.testing.assert_close(ours[:, :100], ref[:, :100].float(), atol=1e-4, rtol=1e-4)  # prefill: exact K/V
 
 
+@pytest.mark.parametrize("q_len", [5, 20])
+def test_query_blocks_without_a_mask_are_bottom_right_causal(q_len):
+    """Without a mask (a caller other than transformers' masking), queries after cached
+    tokens are the newest ones: against fp64 attention over the dequantized cache."""
+    import flash_quant
+    from flash_quant.decode import reference_attention
+    from flash_quant.integrations.transformers_cache import FlashQuantLayer
+
+    layer = FlashQuantLayer(64, "int4")
+    layer.update(torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64))
+    layer.mark_read()
+    k, v = torch.randn(2, 2, q_len, 64), torch.randn(2, 2, q_len, 64)
+    key, value = layer.update(k, v)
+    q = torch.randn(2, 4, q_len, 64)
+
+    def dense(q, k, v, mask, causal):
+        return flash_quant.attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True, config="fp32")
+
+    out = hf_cache_attention.attention_over_cache(layer, q, key, value, None, True, None, dense)
+    k_all, v_all = layer.quantized.dequantize()
+    expect = reference_attention(q, k_all, v_all, None, None, compute_dtype=torch.float64)
+    torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
+
+
 def test_another_attention_is_refused_after_the_exact_prefill(weights):
     """SDPA would see only the new tokens of a FlashQuantCache: its prefill (all keys new)
     is right, the next step is refused with the fix."""

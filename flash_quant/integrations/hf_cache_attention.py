@@ -27,13 +27,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ..decode import MAX_QUERIES, decode_attention
+from ..decode import MAX_QUERIES, causal_decode_mask, decode_attention
 
 __all__ = ["DECODE_MAX_QUERIES", "link", "linked_layer", "attention_over_cache"]
 
 #: the attribute of the returned key tensor that names its cache layer
 _LINK_ATTRIBUTE = "_flash_quant_cache_layer"
-
 
 #: the most queries one decode step may have (decode_attention's query block)
 DECODE_MAX_QUERIES = MAX_QUERIES
@@ -85,11 +84,6 @@ def attention_over_cache(
         return decode_attention(query, cache, attn_mask=attention_mask, scale=scaling)
     k, v = cache.dequantize()
     if attention_mask is None:
-        attention_mask = _bottom_right_causal(q_len, cache.length, query.device)
+        attention_mask = causal_decode_mask(q_len, cache.length, query.device)  # decode_attention's default
     return dense_attention(query, k.to(query.dtype), v.to(query.dtype), attention_mask, False)
 
-
-def _bottom_right_causal(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Query i (of the last q_len positions) sees keys [0, kv_len - q_len + i]."""
-    rows = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
-    return (torch.arange(kv_len, device=device).unsqueeze(0) <= rows).view(1, 1, q_len, kv_len)
