@@ -8,6 +8,8 @@
 #   attention  benchmarks/bench_attention.py (forward + backward tables)   -> $OUT/attention_*
 #   training   benchmarks/bench_training.py --mode all (check, kernel timings, loss curves)
 #   flux       benchmarks/bench_flux.py (needs diffusers; skipped with a note without it)
+#   decode     pytest -m gpu tests/test_decode_gpu.py, then benchmarks/bench_decode.py -> $OUT/decode.md
+#              (FQ_DECODE_SWEEP=1: also the kernel-configuration sweep -> $OUT/decode_sweep.md)
 # --quick: the short variant of each benchmark (two attention shapes, 1024² Flux, 100 steps).
 #
 # Results go to $OUT (default benchmarks/results/gpu_run_<UTC date-time>): env.txt (device,
@@ -22,11 +24,11 @@ STAGES=()
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
-    tests|attention|training|flux) STAGES+=("$a") ;;
-    *) echo "unknown argument $a (stages: tests attention training flux; option: --quick)"; exit 2 ;;
+    tests|attention|training|flux|decode) STAGES+=("$a") ;;
+    *) echo "unknown argument $a (stages: tests attention training flux decode; option: --quick)"; exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests attention training flux)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests attention training flux decode)
 OUT="${OUT:-benchmarks/results/gpu_run_$(date -u +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -79,6 +81,15 @@ for stage in "${STAGES[@]}"; do
           --presets fast accurate --warmup 2 --iters 5 --out "$OUT/flux"
       else
         echo "== flux: skipped (diffusers is not installed; put its wheel in .whl/)" | tee "$OUT/flux_log.txt"
+      fi ;;
+    decode)
+      run_stage decode_tests "${FQ_DECODE_TESTS_LIMIT:-240}" \
+        python3 -m pytest -q -m gpu tests/test_decode_gpu.py -p no:cacheprovider
+      run_stage decode "${FQ_DECODE_LIMIT:-300}" \
+        python3 benchmarks/bench_decode.py $([ $QUICK = 1 ] && echo --quick) --out "$OUT/decode.md"
+      if [ "${FQ_DECODE_SWEEP:-0}" = 1 ]; then
+        run_stage decode_sweep "${FQ_DECODE_SWEEP_LIMIT:-420}" \
+          python3 benchmarks/bench_decode.py --sweep --quick --out "$OUT/decode_sweep.md"
       fi ;;
   esac
 done

@@ -89,4 +89,21 @@ TORCH_LIBRARY(flash_quant, m) {
       "Tensor? v_data, Tensor? v_scale, Tensor? v_zero_point, "
       "Tensor? attn_mask, bool is_causal, float? scale, str pv_precision) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // Decode attention over a quantized KV cache (issue 18). The buffers are those of
+  // flash_quant.QuantizedKVCache (layout and schemes: flash_quant/kv_cache.py's
+  // docstring); semantics: flash_quant/decode.py. q (B, Hq, Sq, D), 1 <= Sq <= 16,
+  // Hq % Hkv == 0, attends to the cache's first `length` tokens (int32 (1,) tensor on
+  // the cache's device: kernels read it there, so a captured graph follows the cache).
+  //   precision "int8": k_smooth required; k_zero, k_window, v_zero None
+  //   precision "int4": k_zero, k_window, v_zero required; k_smooth None; k_group
+  //                     tokens per K group, v_group channels per V group
+  //   attn_mask: bool (True = attend) or additive, broadcastable to (B, Hq, Sq, length);
+  //              None: query i sees keys [0, length - Sq + i]
+  // Returns (B, Hq, Sq, D) in q.dtype; a row with no visible key is 0.
+  m.def(
+      "decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor? k_zero, "
+      "Tensor? k_smooth, Tensor? k_window, Tensor v_codes, Tensor v_scale, Tensor? v_zero, "
+      "Tensor length, Tensor? attn_mask, float? scale, str precision, int k_group, "
+      "int v_group) -> Tensor");
 }

@@ -90,3 +90,44 @@ def checked_center(x: torch.Tensor, center: torch.Tensor, smooth: bool) -> torch
     shape x.shape[:-2] + (1, D) (an op output must not alias an input)."""
     shape = check_center(x, center, smooth)
     return center.expand(shape).clone(memory_format=torch.contiguous_format)
+
+
+#: decode_attention's query block (decode, speculative verification of <= 16 tokens)
+DECODE_MAX_QUERIES = 16
+
+
+def check_decode_op(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero,
+                    length, attn_mask, precision, k_group, v_group) -> None:
+    """The decode_attention op's arguments (csrc/schema.cpp), checked by every kernel
+    before it runs (what does not need the token count: that is on the device)."""
+    def fail(msg, exc=ValueError):
+        raise exc(f"decode_attention: {msg}")
+    if q.dtype not in FLOAT_DTYPES:
+        fail(f"q must be float32, float16 or bfloat16, got {q.dtype}", TypeError)
+    if q.dim() != 4 or k_codes.dim() != 4:
+        fail(f"q must be (B, Hq, Sq, D) and the codes (B, Hkv, L, ...), got {tuple(q.shape)}, {tuple(k_codes.shape)}")
+    b, hq, sq, d = q.shape
+    if not 1 <= sq <= DECODE_MAX_QUERIES:
+        fail(f"1 <= Sq <= {DECODE_MAX_QUERIES} queries, got {sq} (use flash_quant.attention for prefill)")
+    if k_codes.shape[0] != b or hq % k_codes.shape[1]:
+        fail(f"q {tuple(q.shape)} must have the cache's batch and a multiple of its "
+             f"{k_codes.shape[1]} kv heads")
+    need = {"int8": (k_smooth,), "int4": (k_zero, k_window, v_zero)}
+    if precision not in need:
+        fail(f"precision must be 'int8' or 'int4', got {precision!r}")
+    if any(t is None for t in need[precision]):
+        fail(f"precision {precision!r} needs " + ("k_smooth" if precision == "int8" else "k_zero, k_window and v_zero"))
+    packed = 2 if precision == "int4" else 1
+    if k_codes.shape[-1] * packed != d or v_codes.shape[-1] * packed != d:
+        fail(f"q's head dim {d} does not match the codes' {k_codes.shape[-1] * packed}")
+    if precision == "int4" and (k_group < 1 or v_group < 1 or d % v_group):
+        fail(f"int4 needs k_group >= 1 and v_group dividing {d}, got {k_group}, {v_group}")
+    tensors = (k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero, length, attn_mask)
+    if any(t is not None and t.device != q.device for t in tensors):
+        fail(f"every tensor must be on q's device {q.device}")
+    if length.dtype != torch.int32 or length.numel() != 1:
+        fail(f"length must be an int32 tensor of one element, got {length.dtype} {tuple(length.shape)}", TypeError)
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        fail(f"attn_mask must be bool or floating, got {attn_mask.dtype}", TypeError)
+    if attn_mask is not None and attn_mask.dim() > 4:
+        fail(f"attn_mask has more than 4 dims: {tuple(attn_mask.shape)}")

@@ -1,9 +1,11 @@
 """Decode attention over a :class:`~flash_quant.kv_cache.QuantizedKVCache` (issue 18).
 
 ``decode_attention(q, cache)`` attends 1..16 query tokens per head (decode, speculative
-verification) to the cache's ``length`` keys. Backends by q's device: CPU, the reference
-below (dequantize, then attention in float32); CUDA, the Triton split-KV kernel
-(flash_quant/cuda/decode.py); MPS, the Metal kernel (issue 18 item 5, not in this module).
+verification) to the cache's ``length`` keys, through the op
+``torch.ops.flash_quant.decode_attention`` (schema in csrc/schema.cpp, fake kernel in
+ops.py, so torch.compile traces it). Its kernels: CPU, the torch reference
+(flash_quant/decode_cpu.py: dequantize, then attention in float32); CUDA, the Triton
+split-KV kernel (flash_quant/cuda/decode.py); MPS, the Metal kernel (issue 18 item 5).
 
 Semantics (every backend):
 - q (B, Hq, Sq, D), Hq a multiple of the cache's kv_heads (GQA: query head i reads kv head
@@ -21,11 +23,12 @@ from typing import Optional
 
 import torch
 
+from . import ops
+from ._checks import DECODE_MAX_QUERIES as MAX_QUERIES
+from .decode_cpu import reference_attention  # noqa: F401  (re-exported: the tests' reference)
 from .kv_cache import QuantizedKVCache
 
 __all__ = ["decode_attention", "MAX_QUERIES"]
-
-MAX_QUERIES = 16  # the decode path's query block (speculative decoding verifies <= 16)
 
 
 def _check(q, cache, attn_mask, scale) -> None:
@@ -70,51 +73,12 @@ def _check(q, cache, attn_mask, scale) -> None:
         raise ValueError(f"decode_attention: scale must be a finite number, got {scale!r}")
 
 
-def causal_decode_mask(sq: int, length: int, device=None) -> torch.Tensor:
-    """(Sq, length) bool: query i sees keys [0, length - Sq + i]."""
-    keys = torch.arange(length, device=device)
-    last = length - sq + torch.arange(sq, device=device)
-    return keys[None, :] <= last[:, None]
-
-
-def additive_mask(attn_mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask (True = attend) as 0 / -inf in float32; a float mask as float32."""
-    if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(~attn_mask, -math.inf)
-    return attn_mask.float()
-
-
-def reference_attention(q, k, v, attn_mask=None, scale=None, compute_dtype=torch.float32):
-    """Decode attention of q (B, Hq, Sq, D) over k, v (B, Hkv, N, D) with the module's
-    semantics, in compute_dtype (float32 for the CPU path, float64 in tests)."""
-    b, hq, sq, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.to(compute_dtype).reshape(b, hkv, hq // hkv * sq, d)
-    s = (qg @ k.to(compute_dtype).transpose(-1, -2) * scale).reshape(b, hq, sq, n)
-    if attn_mask is None:
-        s = s.masked_fill(~causal_decode_mask(sq, n, q.device), -math.inf)
-    else:
-        s = s + additive_mask(attn_mask).to(compute_dtype)
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(m == -math.inf, torch.zeros_like(m), m)  # a row with no visible key: P = 0
-    p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = p.reshape(b, hkv, hq // hkv * sq, n) @ v.to(compute_dtype)
-    return out.reshape(b, hq, sq, d)
-
-
 def decode_attention(q: torch.Tensor, cache: QuantizedKVCache,
                      attn_mask: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
     """Attention of q (B, Hq, Sq <= 16, D) over the cache's quantized keys and values
     (semantics: the module docstring). Returns (B, Hq, Sq, D) in q.dtype."""
     _check(q, cache, attn_mask, scale)
-    if q.is_cuda:
-        from .cuda.decode import decode_attention_cuda
-        return decode_attention_cuda(q, cache, attn_mask, scale)
-    if q.device.type != "cpu":
-        raise NotImplementedError(f"decode_attention: no decode kernel for {q.device.type} yet")
-    k, v = cache.dequantize()
-    return reference_attention(q, k, v, attn_mask, scale).to(q.dtype)
+    return ops.decode_attention(q, *cache.kernel_buffers(), cache.length_tensor, attn_mask,
+                                None if scale is None else float(scale), cache.precision,
+                                cache.k_group or 0, cache.v_group or 0)

@@ -9,17 +9,27 @@ directly. Why these schemes: docs/decode.md (measured table).
 Storage layout (B = batch, H = kv_heads, L = max_len, D = head_dim; every buffer is
 contiguous, token-major within a head; kernels index them as ``[b, h, token, ...]``)
 
-precision="int8"  (K centred then per-token symmetric int8, V per-token symmetric int8)
+precision="int8"  (K centred and smoothed per channel, then per-token symmetric int8;
+                   V per-token symmetric int8)
     k_center  float32 (B, H, D)      per-channel centre, the mean of the first append's
                                      keys; fixed afterwards. Softmax is invariant to a
                                      per-channel shift of every key (q.(k - c) = q.k - q.c,
                                      the same for all keys of a row), so kernels ignore it;
                                      only dequantize() adds it back.
-    k_codes   int8    (B, H, L, D)   round((k - k_center) / k_scale), in [-127, 127]
-    k_scale   float32 (B, H, L)      max |k - k_center| over the token's D channels / 127
+    k_smooth  float32 (B, H, D)      per-channel divisor in (0, 1], fixed at the first
+                                     append (its max |k - k_center| per channel, floored,
+                                     over its largest): keys are divided by it before the
+                                     per-token scale, so a channel of large keys does not
+                                     set every token's scale (docs/decode.md: per-token
+                                     int8 K goes from 0.9 % to ~2-3.5 % rel-L2 when channel
+                                     magnitudes spread like a model's). Kernels multiply q
+                                     by it: q.k = (q * k_smooth) . (k / k_smooth).
+    k_codes   int8    (B, H, L, D)   round((k - k_center) / k_smooth / k_scale), in [-127, 127]
+    k_scale   float32 (B, H, L)      max |(k - k_center) / k_smooth| over the token's D channels / 127
     v_codes   int8    (B, H, L, D)   round(v / v_scale)
     v_scale   float32 (B, H, L)
-    key j = k_codes[b, h, j] * k_scale[b, h, j] (+ k_center[b, h]); likewise v.
+    key j = k_codes[b, h, j] * k_scale[b, h, j] * k_smooth[b, h] (+ k_center[b, h]);
+    value j = v_codes[b, h, j] * v_scale[b, h, j].
 
 precision="int4"  (K per channel over groups of k_group tokens, asymmetric (KIVI);
                    V per token over groups of v_group channels, asymmetric)
@@ -56,7 +66,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["QuantizedKVCache", "PRECISIONS", "INT8_MAX", "INT4_MAX", "DEFAULT_K_GROUP",
+__all__ = ["QuantizedKVCache", "dequantize_buffers", "PRECISIONS", "INT8_MAX", "INT4_MAX", "DEFAULT_K_GROUP",
            "DEFAULT_V_GROUP", "pack_int4", "unpack_int4"]
 
 PRECISIONS = ("int8", "int4")
@@ -64,6 +74,9 @@ INT8_MAX = 127          # symmetric int8 codes in [-127, 127]
 INT4_MAX = 15           # asymmetric unsigned int4 codes in [0, 15]
 DEFAULT_K_GROUP = 32    # int4 K: tokens per per-channel scale group (docs/decode.md)
 DEFAULT_V_GROUP = 32    # int4 V: channels per per-token scale group (docs/decode.md)
+#: int8 K smoothing: a channel's divisor is at least the mean one over this (a channel that
+#: was near-constant in the first append must not blow up later keys divided by it)
+SMOOTH_FLOOR_RATIO = 16.0
 INT8_SCALE_DTYPE = torch.float32   # 4 bytes per 128-channel token: 3 % of the codes
 INT4_SCALE_DTYPE = torch.float16   # fp32 would add 25 % to int4's bytes at group 32
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,6 +114,26 @@ def _asymmetric_int4(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Ten
     return codes, scale.squeeze(dim), zero.squeeze(dim)
 
 
+def dequantize_buffers(precision: str, n: int, k_codes, k_scale, k_zero, k_smooth, k_window,
+                       v_codes, v_scale, v_zero, k_group: int, v_group: int):
+    """The first n keys and values of a cache's buffers (the module docstring's formulas)
+    in float32, (B, Hkv, n, D) each. int8 keys come without the centre: attention does
+    not depend on it."""
+    if precision == "int8":
+        k = k_codes[:, :, :n].float() * k_scale[:, :, :n, None] * k_smooth[:, :, None]
+        v = v_codes[:, :, :n].float() * v_scale[:, :, :n, None]
+        return k, v
+    b, h, d = k_codes.shape[0], k_codes.shape[1], 2 * k_codes.shape[3]
+    g, gv = k_group, v_group
+    nfull = (n // g) * g
+    kc = unpack_int4(k_codes[:, :, :nfull]).float().reshape(b, h, nfull // g, g, d)
+    kq = kc * k_scale[:, :, :nfull // g, None].float() + k_zero[:, :, :nfull // g, None].float()
+    k = torch.cat([kq.reshape(b, h, nfull, d), k_window[:, :, :n - nfull].float()], 2)
+    vc = unpack_int4(v_codes[:, :, :n]).float().reshape(b, h, n, d // gv, gv)
+    v = vc * v_scale[:, :, :n, :, None].float() + v_zero[:, :, :n, :, None].float()
+    return k, v.reshape(b, h, n, d)
+
+
 class QuantizedKVCache:
     """One layer's quantized K/V (see the module docstring for the layout and schemes).
 
@@ -135,6 +168,7 @@ class QuantizedKVCache:
         dev = self.device
         if precision == "int8":
             self.k_center = torch.zeros(*shape, head_dim, dtype=torch.float32, device=dev)
+            self.k_smooth = torch.ones(*shape, head_dim, dtype=torch.float32, device=dev)
             self.k_codes = torch.zeros(*shape, max_len, head_dim, dtype=torch.int8, device=dev)
             self.k_scale = torch.zeros(*shape, max_len, dtype=INT8_SCALE_DTYPE, device=dev)
             self.v_codes = torch.zeros(*shape, max_len, head_dim, dtype=torch.int8, device=dev)
@@ -154,7 +188,7 @@ class QuantizedKVCache:
 
     # ------------------------------------------------------------------ bookkeeping
     def _buffers(self):
-        names = (("k_center", "k_codes", "k_scale", "v_codes", "v_scale") if self.precision == "int8"
+        names = (("k_center", "k_smooth", "k_codes", "k_scale", "v_codes", "v_scale") if self.precision == "int8"
                  else ("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero"))
         return [(n, getattr(self, n)) for n in names] + [("length_tensor", self.length_tensor)]
 
@@ -164,7 +198,8 @@ class QuantizedKVCache:
         return sum(t.numel() * t.element_size() for _, t in self._buffers())
 
     def reset(self) -> None:
-        """Forget every token (buffers are kept; the int8 centre is set again by the next append)."""
+        """Forget every token (buffers are kept; int8's centre and smoothing are set again
+        by the next append)."""
         self.length = 0
         self.length_tensor.zero_()
 
@@ -207,12 +242,24 @@ class QuantizedKVCache:
         """Quantize k, v (B, Hkv, T, D) into the buffers at the current length, in place."""
         t = self._check_append(k, v)
         if self.precision == "int8" and self.length == 0:
-            self.k_center.copy_(k.float().mean(2))
+            self._set_key_statistics(k.float())
         # torch ops at device-side offsets on every device: no host sync, CUDA-graph safe.
         # (A fused append kernel would cut an eager CUDA append's ~10-25 launches to one.)
         self._append_torch(k, v, t)
         self.length += t
         self.length_tensor.add_(t)
+
+    def _set_key_statistics(self, k: torch.Tensor) -> None:
+        """int8: the centre and smoothing divisors, from the first append's keys."""
+        center = k.mean(2)
+        spread = (k - center.unsqueeze(2)).abs().amax(2)
+        spread = torch.maximum(spread, spread.mean(-1, keepdim=True) / SMOOTH_FLOOR_RATIO)
+        top = spread.amax(-1, keepdim=True)
+        # (one token, or constant keys: no spread, no smoothing)
+        smooth = torch.where(top > 0, spread / torch.where(top > 0, top, torch.ones_like(top)),
+                             torch.ones_like(spread))
+        self.k_center.copy_(center)
+        self.k_smooth.copy_(smooth)
 
     def _positions(self, t: int) -> torch.Tensor:
         """Token indices length .. length + t - 1, computed on the device (no host sync)."""
@@ -222,7 +269,7 @@ class QuantizedKVCache:
         """The reference append (torch ops, device-side offsets)."""
         pos = self._positions(t)
         if self.precision == "int8":
-            kc, ks = _symmetric_int8(k.float() - self.k_center.unsqueeze(2))
+            kc, ks = _symmetric_int8((k.float() - self.k_center.unsqueeze(2)) / self.k_smooth.unsqueeze(2))
             vc, vs = _symmetric_int8(v.float())
             self.k_codes.index_copy_(2, pos, kc)
             self.k_scale.index_copy_(2, pos, ks)
@@ -270,20 +317,21 @@ class QuantizedKVCache:
     # ------------------------------------------------------------------ reading
     def dequantize(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(k, v), each (B, Hkv, length, D) in the cache's dtype (tests, reference path)."""
-        n = self.length
+        k, v = dequantize_buffers(self.precision, self.length, *self.kernel_buffers(),
+                                  self.k_group or 0, self.v_group or 0)
         if self.precision == "int8":
-            k = self.k_codes[:, :, :n].float() * self.k_scale[:, :, :n, None] + self.k_center[:, :, None]
-            v = self.v_codes[:, :, :n].float() * self.v_scale[:, :, :n, None]
-            return k.to(self.dtype), v.to(self.dtype)
-        b, h, d = self.batch, self.kv_heads, self.head_dim
-        g, gv = self.k_group, self.v_group
-        nfull = (n // g) * g
-        kc = unpack_int4(self.k_codes[:, :, :nfull]).float().reshape(b, h, nfull // g, g, d)
-        kq = kc * self.k_scale[:, :, :nfull // g, None].float() + self.k_zero[:, :, :nfull // g, None].float()
-        k = torch.cat([kq.reshape(b, h, nfull, d), self.k_window[:, :, :n - nfull].float()], 2)
-        vc = unpack_int4(self.v_codes[:, :, :n]).float().reshape(b, h, n, d // gv, gv)
-        v = vc * self.v_scale[:, :, :n, :, None].float() + self.v_zero[:, :, :n, :, None].float()
-        return k.to(self.dtype), v.reshape(b, h, n, d).to(self.dtype)
+            k = k + self.k_center[:, :, None]
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def kernel_buffers(self):
+        """The buffers a decode kernel reads, in the order of the decode_attention op's
+        schema (csrc/schema.cpp): k_codes, k_scale, k_zero, k_smooth, k_window, v_codes,
+        v_scale, v_zero (None where the precision has no such buffer)."""
+        if self.precision == "int8":
+            return (self.k_codes, self.k_scale, None, self.k_smooth, None,
+                    self.v_codes, self.v_scale, None)
+        return (self.k_codes, self.k_scale, self.k_zero, None, self.k_window,
+                self.v_codes, self.v_scale, self.v_zero)
 
     def __repr__(self) -> str:
         return (f"QuantizedKVCache({self.precision}, batch={self.batch}, kv_heads={self.kv_heads}, "

@@ -27,6 +27,7 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "attention_prologue",
+    "decode_attention",
     "scale_shape",
     "expand_groups",
     "reduce_groups",
@@ -413,6 +414,20 @@ torch.library.register_autograd(
 )
 
 
+# --------------------------------------------------------------------------- decode
+def decode_attention(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero,
+                     length, attn_mask=None, scale=None, precision="int8", k_group=0, v_group=0):
+    """Decode attention over a quantized KV cache's buffers (csrc/schema.cpp;
+    flash_quant.decode_attention takes the QuantizedKVCache itself)."""
+    return _ops.decode_attention(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale,
+                                 v_zero, length, attn_mask, scale, precision, k_group, v_group)
+
+
+@torch.library.register_fake("flash_quant::decode_attention")
+def _decode_attention_fake(q, *args):
+    return q.new_empty(q.shape)
+
+
 def _register_device_backends():
     """CUDA kernels are Triton: import (and so register) them where CUDA exists."""
     if not torch.cuda.is_available():
@@ -424,5 +439,7 @@ def _register_device_backends():
                           "checkout (or pip install 'triton>=3.2')") from exc
     from . import cuda  # noqa: F401
 
+
+from . import decode_cpu  # noqa: E402,F401  (the CPU kernel of decode_attention: a torch reference)
 
 _register_device_backends()

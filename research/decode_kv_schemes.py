@@ -5,7 +5,7 @@ smaller head count, N(0,1) Q/K/V with a per-channel bias on K, D=128, N keys. Ev
 scheme is a quantize->dequantize of K and V; the error is rel-L2 of the attention output
 against the unquantized fp64 attention. Bytes/element count codes plus scales/zeros.
 
-    python research/decode_kv_schemes.py [--keys 4096] [--trials 4]
+    PYTHONPATH=. python research/decode_kv_schemes.py [--keys 4096] [--trials 4] [--cache]
 """
 import argparse
 import math
@@ -61,13 +61,20 @@ def schemes():
     out["int8 K centred per-token sym, V per-token sym (fp32 scales)"] = (
         lambda k: qdq_groups(c(k), 8, D, -1, False, 4),
         lambda v: qdq_groups(v, 8, D, -1, False, 4))
+
+    def smoothed(k):  # divided by a per-channel max |k - c| of the first append (exact undo)
+        kc = c(k)
+        s = kc[:, :, :64].abs().amax(-2, keepdim=True)
+        kh, b = qdq_groups(kc / s, 8, D, -1, False, 4)
+        return kh * s, b
+    out["int8 K centred+smoothed per-token sym"] = (smoothed, None)
     for gk in (32, 64, 128):
         out[f"int4 K centred per-token asym g{gk}"] = (
             lambda k, gk=gk: qdq_groups(c(k), 4, gk, -1, True, 2), None)
         out[f"int4 K centred+rotated per-token asym g{gk}"] = (
             lambda k, gk=gk: (lambda r: (r[0] @ H.T, r[1]))(qdq_groups(c(k) @ H, 4, gk, -1, True, 2)),
             None)
-    for gt in (32, 64):
+    for gt in (16, 32, 64):
         out[f"int4 K per-channel asym {gt} tokens (KIVI)"] = (
             lambda k, gt=gt: qdq_groups(k, 4, gt, -2, True, 2), None)
     for gv in (16, 32, 64, 128):
@@ -78,11 +85,35 @@ def schemes():
     return out
 
 
+def cache_rows(q, k, v, ref):
+    """The implemented schemes end to end: flash_quant's QuantizedKVCache (a prefill of all
+    but the last 40 keys, then single-token appends) and decode_attention."""
+    import flash_quant
+    b, hk, n, d = k.shape
+    configs = [("int8", {})] + [("int4", {"k_group": kg, "v_group": vg})
+                                for kg, vg in ((32, 32), (32, 16), (64, 32), (64, 64), (16, 16))]
+    rows = {}
+    for precision, kw in configs:
+        cache = flash_quant.QuantizedKVCache(b, hk, d, n, precision=precision, dtype=torch.float32, **kw)
+        cache.append(k[:, :, :n - 40].float(), v[:, :, :n - 40].float())
+        for i in range(n - 40, n):
+            cache.append(k[:, :, i:i + 1].float(), v[:, :, i:i + 1].float())
+        o = flash_quant.decode_attention(q.float(), cache)
+        name = f"QuantizedKVCache {precision} " + " ".join(f"{a}={c}" for a, c in kw.items())
+        rows[name] = (((o.double() - ref).norm() / ref.norm()).item(),
+                      cache.nbytes / (2 * b * hk * n * d), None)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", type=int, default=4096)
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--sq", type=int, default=1)
+    ap.add_argument("--outlier-channels", action="store_true",
+                    help="K channels scaled by exp(N(0,1)) (q rescaled so the logits keep unit std)")
+    ap.add_argument("--cache", action="store_true", help="also the implemented cache, end to end "
+                    "(its bytes column: K and V together, per element)")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = {}
@@ -90,6 +121,9 @@ def main():
         B, HQ, HK, N = 1, 8, 2, args.keys
         q = torch.randn(B, HQ, args.sq, D, dtype=torch.float64)
         k = torch.randn(B, HK, N, D, dtype=torch.float64) + 3 * torch.randn(B, HK, 1, D, dtype=torch.float64)
+        if args.outlier_channels:  # channel magnitudes spread like a real model's keys
+            k = k * torch.exp(torch.randn(B, HK, 1, D, dtype=torch.float64))
+            q = q / (k - k.mean(-2, keepdim=True)).std().item()  # logits back to unit scale
         v = torch.randn(B, HK, N, D, dtype=torch.float64)
         ref = attention(q, k, v)
         for name, (fk, fv) in schemes().items():
@@ -99,6 +133,9 @@ def main():
             o = attention(q, kk, vv)
             e = ((o - ref).norm() / ref.norm()).item()
             rows.setdefault(name, []).append((e, bk, bv))
+        if args.cache:
+            for name, r in cache_rows(q, k, v, ref).items():
+                rows.setdefault(name, []).append(r)
     print(f"| scheme | rel-L2 % (mean of {args.trials}) | K bytes/elem | V bytes/elem |")
     print("|---|---|---|---|")
     for name, rs in rows.items():

@@ -15,7 +15,7 @@ from flash_quant.cuda.common import enable_interpreter_numpy_compat  # noqa: E40
 
 enable_interpreter_numpy_compat()
 
-from flash_quant.cuda.decode import decode_attention_cuda  # noqa: E402
+from flash_quant.cuda.decode import decode_launch  # noqa: E402
 from flash_quant.decode import reference_attention  # noqa: E402
 from flash_quant.kv_cache import QuantizedKVCache  # noqa: E402
 
@@ -34,6 +34,12 @@ def make_cache(precision, b, hkv, n, dtype, chunks=(), max_len=None, **kw):
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         cache.append(k[:, :, lo:hi].to(dtype), v[:, :, lo:hi].to(dtype))
     return cache
+
+
+def decode_attention_cuda(q, cache, mask, scale, config):
+    """The CUDA kernel of the decode_attention op, with a kernel configuration."""
+    return decode_launch(q, *cache.kernel_buffers(), cache.length_tensor, mask, scale, cache.precision,
+                         cache.k_group or 0, cache.v_group or 0, config=config)
 
 
 def baseline_error(q, kd, vd, mask, ref):
@@ -55,14 +61,14 @@ def tolerance(base, dtype):
     return 4 * base + torch.finfo(dtype).eps
 
 
-CASES = [  # precision, B, Hq, Hkv, Sq, n keys, splits, block_n, q dtype, mask
+CASES = [  # precision, B, Hq, Hkv, Sq, n keys, splits, block_n (int4: k_group, its tile), q dtype, mask
     ("int8", 1, 4, 2, 1, 1, 1, 16, torch.float16, None),
     ("int8", 2, 4, 2, 3, 37, 3, 16, torch.float16, None),
     ("int8", 1, 8, 1, 2, 70, 2, 32, torch.bfloat16, "bool"),
     ("int8", 1, 2, 2, 1, 20, 4, 16, torch.float32, "additive"),
     ("int4", 1, 4, 2, 1, 17, 1, 16, torch.float16, None),   # 16 coded keys + 1 in the window
-    ("int4", 2, 4, 1, 4, 45, 3, 16, torch.float16, None),   # tiles straddle the window start
-    ("int4", 1, 6, 2, 2, 64, 2, 32, torch.bfloat16, "bool"),  # no window (45 % 16 ...)
+    ("int4", 2, 4, 1, 4, 45, 3, 16, torch.float16, None),   # 2 groups + 13 keys in the window
+    ("int4", 1, 6, 2, 2, 64, 2, 32, torch.bfloat16, "bool"),  # 2 groups of 32, empty window
     ("int4", 1, 2, 1, 1, 9, 2, 16, torch.float32, "additive"),  # all keys in the window
 ]
 
@@ -70,7 +76,7 @@ CASES = [  # precision, B, Hq, Hkv, Sq, n keys, splits, block_n, q dtype, mask
 @pytest.mark.parametrize("precision,b,hq,hkv,sq,n,splits,block_n,dtype,mask_kind", CASES)
 def test_decode_kernel_matches_fp64(precision, b, hq, hkv, sq, n, splits, block_n, dtype, mask_kind):
     cache = make_cache(precision, b, hkv, n, dtype, chunks=(n // 3,) if n > 3 else (),
-                       **({"k_group": 16, "v_group": 16} if precision == "int4" else {}))
+                       **({"k_group": block_n, "v_group": 16} if precision == "int4" else {}))
     q = torch.randn(b, hq, sq, D).to(dtype)
     mask = None
     if mask_kind == "bool":

@@ -2,6 +2,6 @@
 
 Importing this package registers them (flash_quant does so when CUDA is available).
 quantize: quantize / dequantize; forward: attention_forward; backward: attention_backward;
-prologue: attention_prologue.
+prologue: attention_prologue; decode: decode_attention.
 """
-from . import backward, forward, prologue, quantize  # noqa: F401
+from . import backward, decode, forward, prologue, quantize  # noqa: F401

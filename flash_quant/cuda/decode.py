@@ -9,8 +9,10 @@ kernel is shaped around bandwidth:
   kernel merges the partials by their log-sum-exp;
 * one program serves every query of a GQA group: its tile's rows are the G = Hq/Hkv
   query heads times the Sq queries, so each K/V tile is loaded once for all of them;
-* codes are dequantized in registers (int8: the per-token scale is applied to the scores
-  and folded into P; int4: nibbles unpacked into the two channel halves of the
+* codes are dequantized in registers (int8: q is multiplied by the keys' per-channel
+  smoothing once, the per-token scales are applied to the scores and folded into P;
+  int4 K: a tile is one K group, whose per-channel scale folds into q and zero into a
+  per-row bias, so the codes enter the dot unconverted but for the cast; int4 V: nibbles unpacked into the two channel halves of the
   half-split layout, then scale and zero applied);
 * the token count is read from the cache's device ``length_tensor`` and each split's
   range is derived from it in the kernel, so a CUDA graph captured at one length replays
@@ -18,7 +20,8 @@ kernel is shaped around bandwidth:
 * launch plans (grid, constexprs, strides) are cached per call signature and kernels
   launched through their compiled launchers (host.py), for a low eager host cost.
 
-Tile sizes and split counts: :data:`DEFAULTS`, overridable per call (``config=``) so the
+Registered as the CUDA kernel of ``torch.ops.flash_quant.decode_attention``. Tile sizes and
+split counts: :data:`DEFAULTS`, overridable per call of :func:`decode_launch` so the
 benchmark can sweep them (benchmarks/bench_decode.py --sweep).
 """
 from __future__ import annotations
@@ -31,9 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _C  # noqa: F401  (defines the op schemas)
+from .._checks import check_decode_op
 from .host import PlanCache, cdiv, launch, next_pow2, tensor_signature
 
-__all__ = ["decode_attention_cuda", "DEFAULTS", "choose_splits"]
+__all__ = ["decode_attention_cuda", "decode_launch", "DEFAULTS", "choose_splits"]
 
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16              # tl.dot needs >= 16 rows: the G*Sq query rows are padded to it
@@ -65,7 +70,7 @@ def _dot(a, b, DT: tl.constexpr, INPUT_PREC: tl.constexpr, DOT_F32: tl.constexpr
 @triton.jit
 def _decode_split_kernel(
         q_ptr, sq_b, sq_h, sq_s,
-        kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr,
+        kc_ptr, ks_ptr, kz_ptr, kw_ptr, ksm_ptr, vc_ptr, vs_ptr, vz_ptr,
         skc, sks, skw, svc, svs,
         len_ptr,
         mask_ptr, sm_b, sm_h, sm_s, sm_n,
@@ -94,6 +99,9 @@ def _decode_split_kernel(
     q_lo = tl.load(q_rows[:, None] + dh[None, :], mask=row_ok[:, None], other=0.0)
     q_hi = tl.load(q_rows[:, None] + HALF + dh[None, :], mask=row_ok[:, None], other=0.0)
     DT = q_lo.dtype
+    if BITS == 8:  # int8 keys are stored divided by the per-channel k_smooth: q takes it
+        q_lo = (q_lo.to(tl.float32) * tl.load(ksm_ptr + bh * D + dh)[None, :]).to(DT)
+        q_hi = (q_hi.to(tl.float32) * tl.load(ksm_ptr + bh * D + HALF + dh)[None, :]).to(DT)
     last_visible = length - SQ + qi      # bottom-right causal default
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -116,23 +124,30 @@ def _decode_split_kernel(
             k_scale = tl.load(ks_ptr + bh * sks + offs, mask=nok, other=0.0)
             s = s * (k_scale * scale_log2)[None, :]
         else:
-            coded = nok & (offs < nfull)
-            packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :], mask=coded[:, None], other=0)
-            grp = (offs // KG)[:, None] * D
-            s_lo = tl.load(ks_ptr + bh * sks + grp + dh[None, :], mask=coded[:, None], other=0.0)
-            z_lo = tl.load(kz_ptr + bh * sks + grp + dh[None, :], mask=coded[:, None], other=0.0)
-            s_hi = tl.load(ks_ptr + bh * sks + grp + HALF + dh[None, :], mask=coded[:, None], other=0.0)
-            z_hi = tl.load(kz_ptr + bh * sks + grp + HALF + dh[None, :], mask=coded[:, None], other=0.0)
-            k_lo = (packed & 0xF).to(tl.float32) * s_lo.to(tl.float32) + z_lo.to(tl.float32)
-            k_hi = (packed >> 4).to(tl.float32) * s_hi.to(tl.float32) + z_hi.to(tl.float32)
-            windowed = nok & (offs >= nfull)
-            w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
-            w_lo = tl.load(w_rows + dh[None, :], mask=windowed[:, None], other=0.0)
-            w_hi = tl.load(w_rows + HALF + dh[None, :], mask=windowed[:, None], other=0.0)
-            k_lo = tl.where(windowed[:, None], w_lo.to(tl.float32), k_lo)
-            k_hi = tl.where(windowed[:, None], w_hi.to(tl.float32), k_hi)
-            s = _dot(q_lo, tl.trans(k_lo), DT, INPUT_PREC, DOT_F32)
-            s += _dot(q_hi, tl.trans(k_hi), DT, INPUT_PREC, DOT_F32)
+            # int4 tiles are whole K groups (BLOCK_N == KG, and nfull is a multiple of
+            # KG): a tile is all codes or all window
+            if n0 < nfull:
+                # The group's per-channel scale and zero fold into q: q.(c*sc + z) =
+                # (q*sc).c + q.z, so codes enter the dot as they are (0..15, exact in DT).
+                grp = ks_ptr + bh * sks + (n0 // KG) * D
+                zgrp = kz_ptr + bh * sks + (n0 // KG) * D
+                sc_lo = tl.load(grp + dh).to(tl.float32)
+                sc_hi = tl.load(grp + HALF + dh).to(tl.float32)
+                z_lo = tl.load(zgrp + dh).to(tl.float32)
+                z_hi = tl.load(zgrp + HALF + dh).to(tl.float32)
+                qf_lo = q_lo.to(tl.float32)
+                qf_hi = q_hi.to(tl.float32)
+                bias = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)
+                packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :])
+                s = _dot(qf_lo * sc_lo[None, :], tl.trans(packed & 0xF), DT, INPUT_PREC, DOT_F32)
+                s += _dot(qf_hi * sc_hi[None, :], tl.trans(packed >> 4), DT, INPUT_PREC, DOT_F32)
+                s += bias[:, None]
+            else:
+                w_rows = kw_ptr + bh * skw + (offs - nfull)[:, None] * D
+                w_lo = tl.load(w_rows + dh[None, :], mask=nok[:, None], other=0.0)
+                w_hi = tl.load(w_rows + HALF + dh[None, :], mask=nok[:, None], other=0.0)
+                s = _dot(q_lo, tl.trans(w_lo), DT, INPUT_PREC, DOT_F32)
+                s += _dot(q_hi, tl.trans(w_hi), DT, INPUT_PREC, DOT_F32)
             s = s * scale_log2
         # ---- masks
         if MASK_KIND == 0:
@@ -175,11 +190,12 @@ def _decode_split_kernel(
             acc_hi += _dot(p, v_hi, DT, INPUT_PREC, DOT_F32)
         m_i = m_new
 
+    # partials of the real rows only (the padding rows are never merged)
     part = (bh * NUM_SPLITS + split) * BLOCK_M + rows
-    tl.store(o_ptr + part[:, None] * D + dh[None, :], acc_lo)
-    tl.store(o_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi)
-    tl.store(m_ptr + part, m_i)
-    tl.store(l_ptr + part, l_i)
+    tl.store(o_ptr + part[:, None] * D + dh[None, :], acc_lo, mask=row_ok[:, None])
+    tl.store(o_ptr + part[:, None] * D + HALF + dh[None, :], acc_hi, mask=row_ok[:, None])
+    tl.store(m_ptr + part, m_i, mask=row_ok)
+    tl.store(l_ptr + part, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -214,34 +230,45 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def choose_splits(length: int, heads: int, sm_count: int) -> int:
+def choose_splits(max_len: int, heads: int, sm_count: int) -> int:
     """Splits of the key range: enough programs for WAVES waves of the SMs, but no split
-    shorter than MIN_KEYS_PER_SPLIT keys."""
-    return max(1, min(cdiv(WAVES * sm_count, heads), cdiv(length, MIN_KEYS_PER_SPLIT)))
+    shorter than MIN_KEYS_PER_SPLIT keys of the cache's capacity. (The capacity, not the
+    current length: that is on the device, and a fixed grid is what a captured graph
+    replays; the kernel spreads the actual keys evenly over the splits.)"""
+    return max(1, min(cdiv(WAVES * sm_count, heads), cdiv(max_len, MIN_KEYS_PER_SPLIT)))
 
 
-def _check_cuda(q, cache) -> None:
-    d = cache.head_dim
+def _mask_view(attn_mask):
+    """The mask as 4 dims with stride 0 where it broadcasts; bool as uint8 (same bytes)."""
+    if attn_mask is None:
+        return None
+    m = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m.as_strided(m.shape, [st if n > 1 else 0 for n, st in zip(m.shape, m.stride())])
+
+
+def _make_plan(q, k_codes, v_codes, mask, scale, precision, k_group, v_group, cfg):
+    b, hq, sq, d = q.shape
     if d < 32 or d & (d - 1):
         raise ValueError(f"decode_attention (CUDA): head_dim must be a power of two >= 32, got {d}")
-    if q.stride(-1) != 1:
-        raise ValueError("decode_attention (CUDA): q's last dimension must be contiguous")
-
-
-def _make_plan(q, cache, mask, scale, cfg):
-    _check_cuda(q, cache)
-    b, hq, sq, d = q.shape
-    hkv = cache.kv_heads
+    hkv = k_codes.shape[1]
     gq = hq // hkv
     block_m = max(MIN_ROWS, next_pow2(gq * sq))
+    int4 = precision == "int4"
+    if int4 and (k_group < MIN_ROWS or k_group & (k_group - 1)):
+        raise ValueError(f"decode_attention (CUDA): int4 tiles are K groups: k_group must be a power of "
+                         f"two >= {MIN_ROWS}, got {k_group}")
+    block_n = k_group if int4 else cfg["block_n"]  # int4: one K group a tile
     splits = cfg["num_splits"]
+    if splits is None:
+        splits = choose_splits(v_codes.shape[2], b * hkv, _sm_count(q.device))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    int4 = cache.precision == "int4"
-    kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
-    meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], D=d,
-                BITS=4 if int4 else 8, KG=cache.k_group if int4 else 1,
-                VG=cache.v_group if int4 else 1, NUM_SPLITS=splits, MASK_KIND=kind,
-                INPUT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.uint8 else MASK_ADD)
+    meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
+                BITS=4 if int4 else 8, KG=k_group if int4 else 1, VG=v_group if int4 else 1,
+                NUM_SPLITS=splits, MASK_KIND=kind,
+                INPUT_PREC="ieee" if q.dtype == torch.float32 else None,  # fp32 q: no tf32
                 DOT_F32=os.environ.get("TRITON_INTERPRET", "0") == "1" and q.dtype == torch.bfloat16,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     merge_meta = dict(HKV=hkv, GQ=gq, SQ=sq, BLOCK_M=block_m, D=d, NUM_SPLITS=splits,
@@ -251,40 +278,44 @@ def _make_plan(q, cache, mask, scale, cfg):
             "splits": splits, "kernels": {}, "merge_kernels": {}}
 
 
-def decode_attention_cuda(q: torch.Tensor, cache, attn_mask: Optional[torch.Tensor] = None,
-                          scale: Optional[float] = None, config: Optional[dict] = None) -> torch.Tensor:
-    """decode_attention on CUDA (inputs already checked by flash_quant.decode). `config`
-    overrides :data:`DEFAULTS` (benchmark sweeps)."""
+def decode_launch(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero,
+                  length, attn_mask, scale, precision, k_group, v_group, config=None):
+    """The decode_attention op on CUDA (arguments as its schema, checked already);
+    `config` overrides :data:`DEFAULTS` (benchmark sweeps)."""
     cfg = DEFAULTS if not config else {**DEFAULTS, **config}
-    if cfg["num_splits"] is None:
-        cfg = {**cfg, "num_splits": choose_splits(cache.length, q.shape[0] * cache.kv_heads, _sm_count(q.device))}
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], cache.length)
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)
-    key = (tensor_signature(q), cache.precision, cache.k_codes.shape, cache.k_scale.shape,
-           cache.v_scale.shape, cache.dtype, tensor_signature(mask),
-           None if attn_mask is None else attn_mask.dtype, scale, tuple(sorted(cfg.items())))
-    plan = _PLANS.get_or_put(key, lambda: _make_plan(q, cache, attn_mask, scale, cfg))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    mask = _mask_view(attn_mask)
+    bufs = (k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero)
+    key = (tensor_signature(q), *(tensor_signature(t) for t in bufs), tensor_signature(mask),
+           scale, precision, k_group, v_group, tuple(sorted(cfg.items())))
+    plan = _PLANS.get_or_put(key, lambda: _make_plan(q, k_codes, v_codes, mask, scale, precision,
+                                                      k_group, v_group, cfg))
     b, hq, sq, d = q.shape
-    rows = b * cache.kv_heads * plan["splits"] * plan["block_m"]
+    rows = b * k_codes.shape[1] * plan["splits"] * plan["block_m"]
     o_part = torch.empty(rows, d, dtype=torch.float32, device=q.device)
     m_part = torch.empty(rows, dtype=torch.float32, device=q.device)
     l_part = torch.empty(rows, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    int4 = cache.precision == "int4"
-    kz = cache.k_zero if int4 else cache.k_scale
-    kw = cache.k_window if int4 else cache.k_scale
-    vz = cache.v_zero if int4 else cache.v_scale
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    unused = k_scale  # a valid pointer for the buffers this precision has not
+    kz, ksm, kw, vz = (t if t is not None else unused for t in (k_zero, k_smooth, k_window, v_zero))
     m_args = (mask, *mask.stride()) if mask is not None else (q, 0, 0, 0, 0)
     args = (q, q.stride(0), q.stride(1), q.stride(2),
-            cache.k_codes, cache.k_scale, kz, kw, cache.v_codes, cache.v_scale, vz,
-            cache.k_codes.stride(1), cache.k_scale.stride(1), kw.stride(1),
-            cache.v_codes.stride(1), cache.v_scale.stride(1),
-            cache.length_tensor, *m_args, o_part, m_part, l_part, plan["scale_log2"])
+            k_codes, k_scale, kz, kw, ksm, v_codes, v_scale, vz,
+            k_codes.stride(1), k_scale.stride(1), kw.stride(1), v_codes.stride(1), v_scale.stride(1),
+            length, *m_args, o_part, m_part, l_part, plan["scale_log2"])
     launch(_decode_split_kernel, plan["grid"], args, plan["meta"], plan["kernels"], key)
     launch(_decode_merge_kernel, plan["merge_grid"],
            (o_part, m_part, l_part, out, out.stride(0), out.stride(1), out.stride(2)),
            plan["merge_meta"], plan["merge_kernels"], key)
     return out
+
+
+def decode_attention_cuda(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale,
+                          v_zero, length, attn_mask, scale, precision, k_group, v_group):
+    check_decode_op(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero,
+                    length, attn_mask, precision, k_group, v_group)
+    return decode_launch(q, k_codes, k_scale, k_zero, k_smooth, k_window, v_codes, v_scale, v_zero,
+                         length, attn_mask, scale, precision, k_group, v_group)
+
+
+torch.library.register_kernel("flash_quant::decode_attention", "cuda", decode_attention_cuda)
