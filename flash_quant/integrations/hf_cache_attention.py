@@ -27,7 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..decode import MAX_QUERIES, causal_decode_mask, decode_attention
+from ..decode import MAX_QUERIES, decode_attention
+from ..decode_cpu import causal_decode_mask
 
 __all__ = ["DECODE_MAX_QUERIES", "link", "linked_layer", "attention_over_cache"]
 
