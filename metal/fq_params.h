@@ -30,6 +30,9 @@ typedef int32_t fq_i32;
 #define FQ_E4M3 5
 #define FQ_E5M2 6
 #define FQ_BOOL 7
+// Decode cache INT4 codes (flash_quant/kv_cache.py): two UNSIGNED nibbles per byte,
+// "half-split": byte i of a token's row holds channel i (low) and channel i + D/2 (high).
+#define FQ_U4_SPLIT 8
 #define FQ_NONE (-1)
 
 // P precision in P·V.
@@ -49,6 +52,7 @@ typedef int32_t fq_i32;
 #define FQ_FC_BLOCK_K 8
 #define FQ_FC_QUANT_PRECISION 9
 #define FQ_FC_QUANT_ASYMMETRIC 10
+#define FQ_FC_DEC_SCALE_DTYPE 11
 
 // Threads per threadgroup of the attention kernels: four simdgroups. Each simdgroup owns
 // 8 query rows (forward, dQ) or 8 keys (dK/dV), so a block is 32 rows.
@@ -112,4 +116,52 @@ struct FqQuantParams {
   fq_i32 block_rows;        // dequantize: rows per scale group along S (1 = per row)
   fq_i32 has_zp, has_mean;
   fq_i32 out_dtype;         // dequantize output dtype
+};
+
+// Decode over a quantized KV cache (metal/decode.metal). A threadgroup of the partial
+// kernel takes FQ_DEC_ROWS query rows (GQA heads x queries, packed) against
+// FQ_DEC_BLOCK_K keys at a time (one 8-key slice per simdgroup); the merge kernel is one
+// simdgroup per query row.
+#define FQ_DEC_ROWS 8
+#define FQ_DEC_BLOCK_K (8 * FQ_ATTN_SIMDGROUPS)
+#define FQ_DEC_MERGE_THREADS 32
+// Query rows (Hq / Hkv heads x Sq queries) of one decode call at most: Sq <= 16.
+#define FQ_DEC_MAX_SQ 16
+// Split-count choice (csrc/mps/host_logic.cpp, decode_num_splits). Not tuned on a Mac (none
+// was available): a few threadgroups per GPU core of the larger Apple GPUs (38-40 cores),
+// and splits long enough that a split's fixed cost (Q staging, the merge) stays small.
+#define FQ_DEC_TARGET_THREADGROUPS 128
+#define FQ_DEC_MIN_SPLIT_KEYS 256
+// Threadgroup memory of fq_decode_partial, in floats: the staging chunk, the score / P
+// tile, running max, sum and rescale factor per row, and the O accumulator (rows x D).
+#define FQ_DEC_TG_FLOATS(d) (FQ_DEC_BLOCK_K * FQ_CHUNK + FQ_DEC_ROWS * FQ_DEC_BLOCK_K + 3 * FQ_DEC_ROWS + FQ_DEC_ROWS * (d))
+
+// Where one cache operand's buffers are, in elements of each buffer, (B, Hkv, token,
+// channel) order, 0 on a broadcast dim: the codes (INT4: bytes over the packed last dim),
+// the scale and offset of a group (indexed by (token / group_rows, channel / group_cols)),
+// the 16-bit window (its token 0 is the first token past the coded ones) and, K only, the
+// smoothing divisors (B, Hkv, 1, D; the kernel multiplies q by them: q . k =
+// (q * smooth) . (k / smooth)).
+struct FqDecCacheStrides {
+  fq_i64 code[4], scale[4], offset[4], window[4], smooth[4];
+};
+
+struct FqDecodeParams {
+  FqDecCacheStrides k, v;
+  fq_i64 q_str[4];     // q (B, Hq, Sq, D)
+  fq_i64 o_str[4];     // out (B, Hq, Sq, D)
+  fq_i64 mask_str[4];  // attn_mask broadcast to (B, Hq, Sq, keys)
+  fq_i32 B, Hq, Hkv, Sq, D;
+  fq_i32 capacity;     // tokens the cache can hold: the device-side length is clamped to it
+  // Tokens [0, (length / m) * m) are codes, the rest the window (m = 1: every token coded;
+  // int4 K: m = k_group, a group is quantized once complete).
+  fq_i32 k_coded_multiple, v_coded_multiple;
+  fq_i32 rows;         // (Hq / Hkv) * Sq query rows per KV head
+  fq_i32 row_blocks;   // ceil(rows / FQ_DEC_ROWS)
+  fq_i32 split_len, n_splits;  // split s holds keys [s * split_len, (s + 1) * split_len)
+  fq_i32 k_group_rows, k_group_cols, v_group_rows, v_group_cols;
+  fq_i32 has_k_offset, has_v_offset, has_k_smooth;
+  fq_i32 window_dtype;  // FQ_F32 / FQ_F16 / FQ_BF16
+  float scale;
+  fq_i32 pad;  // keeps the size a multiple of 8 under every compiler
 };

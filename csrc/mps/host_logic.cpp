@@ -1,6 +1,7 @@
 // See host_logic.h. Everything here is plain C++17 so that it builds on every platform.
 #include "host_logic.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -607,6 +608,227 @@ Plan plan_quantize_with_scale(const QuantWithScaleArgs& a) {
   l.params_slot = 5;
   l.params = bytes_of(p);
   plan.launches.push_back(std::move(l));
+  return plan;
+}
+
+}  // namespace fq_mps
+
+// ------------------------------------------------------------------ decode
+namespace fq_mps {
+namespace {
+
+// A 3-dim per-token / per-channel tensor as the 4-dim (B, H, S, D) view the kernel
+// indexes, with a size-1 dim inserted at `at` (2: per channel, 3: per token).
+TensorDesc with_unit_dim(const TensorDesc& t, size_t at) {
+  TensorDesc r = t;
+  if (!t.defined || t.sizes.size() != 3) return r;  // the caller's rank check names it
+  r.sizes.insert(r.sizes.begin() + ptrdiff_t(at), 1);
+  r.strides.insert(r.strides.begin() + ptrdiff_t(at), 0);
+  return r;
+}
+
+// One cache operand (K or V) as the kernel reads it.
+struct CacheOperand {
+  const char* name;
+  TensorDesc codes, scale, offset, window, smooth;
+  int64_t group_rows, group_cols;  // tokens x channels of one scale group
+  int64_t coded_multiple;          // tokens [0, (length / m) * m) are codes, the rest the window
+};
+
+void require(const TensorDesc& t, const std::string& name, const std::string& why) {
+  if (!t.defined) fail(name + " is required " + why);
+}
+
+// Checks one operand's buffers against the capacity and fills its strides. Every length
+// up to `capacity` is then in bounds. Returns the code precision (FQ_I8 / FQ_U4_SPLIT).
+int setup_cache_operand(const CacheOperand& o, int64_t B, int64_t Hkv, int64_t D, int64_t capacity,
+                        FqDecCacheStrides& st, fq_i32* has_offset, fq_i32* has_smooth, Dtype* window_dtype) {
+  const std::string n(o.name);
+  const TensorDesc &c = o.codes, &s = o.scale;
+  if (o.group_rows < 1 || o.group_cols < 1 || D % o.group_cols)
+    fail(n + " groups must be >= 1 token and a divisor of the head dim " + std::to_string(D) + " in channels, got " +
+         std::to_string(o.group_rows) + " x " + std::to_string(o.group_cols));
+  check_4d(c, (n + "_codes").c_str());
+  int code;
+  if (c.dtype == Dtype::I8) code = FQ_I8;
+  else if (c.dtype == Dtype::U8) code = FQ_U4_SPLIT;
+  else fail(n + "_codes must be int8 or uint8 (packed int4), got " + dtype_name(c.dtype));
+  const int64_t width = code == FQ_U4_SPLIT ? D / FQ_INT4_PER_BYTE : D;
+  const int64_t max_coded = (capacity / o.coded_multiple) * o.coded_multiple;
+  if (c.sizes[0] != B || c.sizes[1] != Hkv || c.sizes[2] < max_coded || c.sizes[3] != width)
+    fail(n + "_codes must have shape (" + std::to_string(B) + ", " + std::to_string(Hkv) + ", >= " +
+         std::to_string(max_coded) + ", " + std::to_string(width) + "), got " + shape_str(c.sizes));
+  for (int i = 0; i < 4; ++i) st.code[i] = c.strides[i];
+  check_4d(s, (n + "_scale").c_str());
+  if (!is_floating_io(s.dtype)) fail(n + "_scale must be float32, float16 or bfloat16, got " + dtype_name(s.dtype));
+  const std::vector<int64_t> groups{B, Hkv, ceil_div(max_coded, o.group_rows), D / o.group_cols};
+  for (int i = 0; i < 4; ++i) {
+    const bool ok = s.sizes[i] == 1 || (i == 2 ? s.sizes[i] >= groups[i] : s.sizes[i] == groups[i]);
+    if (!ok)
+      fail(n + "_scale of shape " + shape_str(s.sizes) + " does not cover the groups " + shape_str(groups) + " of " +
+           std::to_string(max_coded) + " coded tokens");
+    st.scale[i] = s.sizes[i] == 1 ? 0 : s.strides[i];
+  }
+  *has_offset = o.offset.defined ? 1 : 0;
+  if (o.offset.defined) {
+    if (o.offset.sizes != s.sizes || o.offset.dtype != s.dtype) fail(n + "_zero must have the scale's shape and dtype");
+    for (int i = 0; i < 4; ++i) st.offset[i] = o.offset.sizes[i] == 1 ? 0 : o.offset.strides[i];
+  }
+  if (o.coded_multiple > 1) {  // up to coded_multiple - 1 tokens wait in the window
+    const TensorDesc& w = o.window;
+    check_4d(w, (n + "_window").c_str());
+    if (!is_floating_io(w.dtype)) fail(n + "_window must be float32, float16 or bfloat16, got " + dtype_name(w.dtype));
+    if (w.sizes[0] != B || w.sizes[1] != Hkv || w.sizes[2] < o.coded_multiple - 1 || w.sizes[3] != D)
+      fail(n + "_window must have shape (" + std::to_string(B) + ", " + std::to_string(Hkv) + ", >= " +
+           std::to_string(o.coded_multiple - 1) + ", " + std::to_string(D) + "), got " + shape_str(w.sizes));
+    for (int i = 0; i < 4; ++i) st.window[i] = w.strides[i];
+    *window_dtype = w.dtype;
+  }
+  if (o.smooth.defined) {
+    if (o.smooth.dtype != Dtype::F32) fail(n + "_smooth must be float32, got " + dtype_name(o.smooth.dtype));
+    broadcast_strides(o.smooth, {B, Hkv, 1, D}, (n + "_smooth").c_str(), st.smooth);
+    *has_smooth = 1;
+  }
+  return code;
+}
+
+}  // namespace
+
+int64_t decode_num_splits(int64_t batch, int64_t kv_heads, int64_t row_blocks, int64_t capacity) {
+  const int64_t groups = std::max<int64_t>(1, batch * kv_heads * row_blocks);
+  const int64_t want = ceil_div(FQ_DEC_TARGET_THREADGROUPS, groups);
+  return std::max<int64_t>(1, std::min(want, capacity / FQ_DEC_MIN_SPLIT_KEYS));
+}
+
+static_assert(sizeof(FqDecodeParams) == 2 * 20 * 8 + 12 * 8 + 22 * 4, "FqDecodeParams layout changed: keep it in sync with Metal");
+
+Plan plan_decode(const DecodeArgs& a) {
+  const TensorDesc& q = a.t[kDecQ];
+  check_4d(q, "q");
+  if (!is_floating_io(q.dtype)) fail(std::string("q must be float32, float16 or bfloat16, got ") + dtype_name(q.dtype));
+  const int64_t B = q.sizes[0], Hq = q.sizes[1], Sq = q.sizes[2], D = q.sizes[3];
+  if (Sq < 1 || Sq > FQ_DEC_MAX_SQ)
+    fail("decode takes 1 to " + std::to_string(FQ_DEC_MAX_SQ) + " queries, got " + std::to_string(Sq));
+  if (!fq_head_dim_supported(D))
+    fail("head dim must be a multiple of " + std::to_string(FQ_HEAD_DIM_MULTIPLE) + " in " +
+         std::to_string(FQ_MIN_HEAD_DIM) + ".." + std::to_string(FQ_MAX_HEAD_DIM) + ", got " + std::to_string(D));
+  if (B < 1 || Hq < 1) fail("q needs at least one batch and one head");
+  if (B > 65535) fail("batch sizes above 65535 are not supported");
+  check_4d(a.t[kDecKCodes], "k_codes");
+  check_4d(a.t[kDecVCodes], "v_codes");
+  const int64_t Hkv = a.t[kDecKCodes].sizes[1], capacity = a.t[kDecVCodes].sizes[2];
+  if (Hkv < 1 || Hq % Hkv) fail("Hq (" + std::to_string(Hq) + ") must be a multiple of Hkv (" + std::to_string(Hkv) + ")");
+  if (capacity < 1 || capacity > INT32_MAX / 2) fail("cache capacity out of range: " + std::to_string(capacity));
+  const TensorDesc& len = a.t[kDecLength];
+  if (!len.defined || len.dtype != Dtype::I32 || len.numel() != 1)
+    fail("length must be an int32 tensor of one element (the cache's length_tensor)");
+
+  // The cache's layout (flash_quant/kv_cache.py) as generic operands.
+  CacheOperand K{"k", a.t[kDecKCodes], a.t[kDecKScale], a.t[kDecKZero], a.t[kDecKWindow], a.t[kDecKSmooth], 1, D, 1};
+  CacheOperand V{"v", a.t[kDecVCodes], a.t[kDecVScale], a.t[kDecVZero], TensorDesc(), TensorDesc(), 1, D, 1};
+  const std::string why = "for precision '" + a.precision + "'";
+  if (a.precision == "int8") {
+    for (int i : {kDecKZero, kDecKWindow, kDecVZero})
+      if (a.t[i].defined) fail("k_zero, k_window and v_zero must be None " + why);
+    require(a.t[kDecKSmooth], "k_smooth", why);
+    K.scale = with_unit_dim(K.scale, 3), V.scale = with_unit_dim(V.scale, 3);  // one scale per token
+    K.smooth = with_unit_dim(K.smooth, 2);
+    for (const TensorDesc* t : {&K.scale, &V.scale, &K.smooth})
+      if (t->sizes.size() != 4) fail("int8 k_scale / v_scale must be (B, Hkv, L) and k_smooth (B, Hkv, D)");
+  } else if (a.precision == "int4") {
+    require(a.t[kDecKZero], "k_zero", why);
+    require(a.t[kDecKWindow], "k_window", why);
+    require(a.t[kDecVZero], "v_zero", why);
+    if (a.t[kDecKSmooth].defined) fail("k_smooth must be None " + why);
+    if (a.k_group < 1 || a.v_group < 1)
+      fail("int4 needs k_group >= 1 and v_group >= 1, got " + std::to_string(a.k_group) + ", " + std::to_string(a.v_group));
+    K.group_rows = a.k_group, K.group_cols = 1, K.coded_multiple = a.k_group;  // per channel over k_group tokens
+    V.group_rows = 1, V.group_cols = a.v_group;                                // per token over v_group channels
+    if (a.t[kDecKCodes].dtype != Dtype::U8 || a.t[kDecVCodes].dtype != Dtype::U8)
+      fail("int4 codes must be uint8 (two codes a byte)");
+  } else {
+    fail("precision must be 'int8' or 'int4', got '" + a.precision + "'");
+  }
+  if (a.precision == "int8" && (a.t[kDecKCodes].dtype != Dtype::I8 || a.t[kDecVCodes].dtype != Dtype::I8))
+    fail("int8 codes must be int8");
+
+  FqDecodeParams p{};
+  Dtype window = q.dtype, unused_window = q.dtype;
+  fq_i32 unused = 0;
+  const int k_mode = setup_cache_operand(K, B, Hkv, D, capacity, p.k, &p.has_k_offset, &p.has_k_smooth, &window);
+  const int v_mode = setup_cache_operand(V, B, Hkv, D, capacity, p.v, &p.has_v_offset, &unused, &unused_window);
+  if (a.t[kDecKScale].dtype != a.t[kDecVScale].dtype) fail("k_scale and v_scale must have the same dtype");
+
+  const TensorDesc& m = a.t[kDecMask];
+  int mask_mode = FQ_NONE;
+  if (m.defined) {
+    switch (m.dtype) {
+      case Dtype::Bool: mask_mode = FQ_BOOL; break;
+      case Dtype::F32: mask_mode = FQ_F32; break;
+      case Dtype::F16: mask_mode = FQ_F16; break;
+      case Dtype::BF16: mask_mode = FQ_BF16; break;
+      default: fail(std::string("attn_mask must be bool, float32, float16 or bfloat16, got ") + dtype_name(m.dtype));
+    }
+    // Its key dim is the length's (the caller checked it on the host) or 1.
+    const int64_t keys = m.sizes.empty() ? 1 : m.sizes.back();
+    if (keys > capacity) fail("attn_mask has " + std::to_string(keys) + " keys, the cache holds at most " + std::to_string(capacity));
+    broadcast_strides(m, {B, Hq, Sq, keys}, "attn_mask", p.mask_str);
+  }
+  if (a.num_splits < 0) fail("num_splits must be >= 0 (0: automatic), got " + std::to_string(a.num_splits));
+
+  const int64_t rows = (Hq / Hkv) * Sq, row_blocks = ceil_div(rows, FQ_DEC_ROWS);
+  const int64_t want = a.num_splits > 0 ? a.num_splits : decode_num_splits(B, Hkv, row_blocks, capacity);
+  const int64_t split_len = ceil_div(capacity, std::min(want, capacity));
+  const int64_t n_splits = ceil_div(capacity, split_len);  // splits past the length hold no key: lse -inf
+  const TensorDesc out = TensorDesc::contiguous(q.dtype, {B, Hq, Sq, D});
+  for (int i = 0; i < 4; ++i) p.q_str[i] = q.strides[i], p.o_str[i] = out.strides[i];
+  p.B = fq_i32(B), p.Hq = fq_i32(Hq), p.Hkv = fq_i32(Hkv), p.Sq = fq_i32(Sq), p.D = fq_i32(D);
+  p.capacity = fq_i32(capacity);
+  p.k_coded_multiple = fq_i32(K.coded_multiple), p.v_coded_multiple = fq_i32(V.coded_multiple);
+  p.rows = fq_i32(rows), p.row_blocks = fq_i32(row_blocks);
+  p.split_len = fq_i32(split_len), p.n_splits = fq_i32(n_splits);
+  p.k_group_rows = fq_i32(K.group_rows), p.k_group_cols = fq_i32(K.group_cols);
+  p.v_group_rows = fq_i32(V.group_rows), p.v_group_cols = fq_i32(V.group_cols);
+  p.window_dtype = io_code(window);
+  p.scale = float(a.has_scale ? a.scale : 1.0 / std::sqrt(double(D)));
+
+  Plan plan;
+  plan.outputs.push_back({q.dtype, {B, Hq, Sq, D}});
+  plan.outputs.push_back({Dtype::F32, {B, Hq, Sq}});
+  plan.outputs.push_back({Dtype::F32, {n_splits, B, Hq, Sq, D}});
+  plan.outputs.push_back({Dtype::F32, {n_splits, B, Hq, Sq}});
+  const std::vector<uint8_t> params = bytes_of(p);
+  const std::vector<std::pair<int, int32_t>> consts{
+      {FQ_FC_HEAD_DIM, int32_t(D)}, {FQ_FC_IO_DTYPE, io_code(q.dtype)}, {FQ_FC_K_MODE, k_mode},
+      {FQ_FC_V_MODE, v_mode},       {FQ_FC_MASK_MODE, mask_mode},       {FQ_FC_DEC_SCALE_DTYPE, io_code(a.t[kDecKScale].dtype)}};
+  auto opt = [&](int i) { return a.t[i].defined && a.t[i].numel() > 0 ? i : kUnbound; };
+
+  Launch part;
+  part.function = "fq_decode_partial";
+  part.constants = consts;
+  part.grid[0] = grid_dim(n_splits, "splits");
+  part.grid[1] = grid_dim(Hkv * row_blocks, "KV heads x row blocks");
+  part.grid[2] = grid_dim(B, "batch");
+  part.threads[0] = FQ_ATTN_THREADS;
+  part.tg_mem_bytes = uint32_t(FQ_DEC_TG_FLOATS(D) * sizeof(float));
+  part.bindings = {{0, kDecQ},         {1, kDecKCodes},      {2, kDecKScale},      {3, opt(kDecKZero)},
+                   {4, opt(kDecKWindow)}, {5, opt(kDecKSmooth)}, {6, kDecVCodes},  {7, kDecVScale},
+                   {8, opt(kDecVZero)},   {9, kDecLength},    {10, opt(kDecMask)}, {11, kOutput + 2},
+                   {12, kOutput + 3}};
+  part.params_slot = 13;
+  part.params = params;
+
+  Launch merge;
+  merge.function = "fq_decode_merge";
+  merge.constants = {{FQ_FC_HEAD_DIM, int32_t(D)}, {FQ_FC_IO_DTYPE, io_code(q.dtype)}};
+  merge.grid[0] = grid_dim(Sq, "queries");
+  merge.grid[1] = grid_dim(Hq, "heads");
+  merge.grid[2] = grid_dim(B, "batch");
+  merge.threads[0] = FQ_DEC_MERGE_THREADS;
+  merge.bindings = {{11, kOutput + 2}, {12, kOutput + 3}, {14, kOutput + 0}, {15, kOutput + 1}};
+  merge.params_slot = 13;
+  merge.params = params;
+  plan.launches = {part, merge};
   return plan;
 }
 

@@ -119,4 +119,40 @@ struct DequantArgs {
 };
 Plan plan_dequantize(const DequantArgs& a);
 
+// ---- decode_attention (csrc/schema.cpp) over a flash_quant.QuantizedKVCache's buffers
+// (layout: flash_quant/kv_cache.py's docstring); inputs in the schema's order.
+// * "int8": k_codes / v_codes (B, Hkv, L, D) int8, k_scale / v_scale (B, Hkv, L) float32
+//   (one per token), k_smooth (B, Hkv, D) float32 (the stored keys are k / smooth: the
+//   kernel multiplies q by it); every token is coded.
+// * "int4": codes (B, Hkv, T, D / 2) uint8, two unsigned nibbles, channel i low and
+//   i + D/2 high (FQ_U4_SPLIT); K per channel over groups of k_group tokens (k_scale /
+//   k_zero (B, Hkv, groups, D) float16; value = code * scale + zero), its newest
+//   length % k_group tokens in k_window (B, Hkv, k_group, D); V per token over groups of
+//   v_group channels (v_scale / v_zero (B, Hkv, L, D / v_group)).
+// length: int32 (1,), read by the kernel on the device (no host sync), so the plan
+// depends only on the capacity L = v_codes.size(2) and the checks hold for any length
+// <= L; the Python caller checks the mask against the host-side length.
+enum DecodeInput {
+  kDecQ,
+  kDecKCodes, kDecKScale, kDecKZero, kDecKSmooth, kDecKWindow,
+  kDecVCodes, kDecVScale, kDecVZero,
+  kDecLength, kDecMask,
+  kNumDecodeInputs
+};
+struct DecodeArgs {
+  TensorDesc t[kNumDecodeInputs];
+  bool has_scale = false;
+  double scale = 0.0;
+  std::string precision = "int8";
+  int64_t k_group = 0, v_group = 0;
+  int64_t num_splits = 0;  // 0: decode_num_splits (what ops.mm passes); tests force others
+};
+// The split count used when num_splits is 0: enough threadgroups to fill the GPU, but no
+// split shorter than FQ_DEC_MIN_SPLIT_KEYS keys of the cache's capacity.
+int64_t decode_num_splits(int64_t batch, int64_t kv_heads, int64_t row_blocks, int64_t capacity);
+// Outputs: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32 (of the stored keys:
+// int8's centre omitted), then the temporaries part_out (n_splits, B, Hq, Sq, D) and
+// part_lse (n_splits, B, Hq, Sq), float32. Launches: fq_decode_partial, fq_decode_merge.
+Plan plan_decode(const DecodeArgs& a);
+
 }  // namespace fq_mps

@@ -1,6 +1,6 @@
 // flash_quant's MPS backend: TORCH_LIBRARY_IMPL(flash_quant, MPS) for quantize,
-// quantize_with_scale, dequantize, attention_forward and attention_backward, running the Metal kernels of
-// metal/*.metal.
+// quantize_with_scale, dequantize, attention_forward, attention_backward and
+// decode_attention, running the Metal kernels of metal/*.metal.
 //
 // * All decisions (checks, output shapes, grids, function constants, argument bytes,
 //   buffer bindings) come from host_logic.cpp, which is plain C++ and tested on Linux
@@ -367,6 +367,33 @@ at::Tensor dequantize_mps(const at::Tensor& data, const at::Tensor& scale, const
   return run_plan(plan, ins, data.device())[0];
 }
 
+// decode_attention over a QuantizedKVCache's buffers (schema: csrc/schema.cpp; kernels:
+// metal/decode.metal). The plan checks every buffer before any launch; the token count
+// stays on the device (the kernel reads `length`), so no host sync.
+at::Tensor decode_attention_mps(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                const OptTensor& k_zero, const OptTensor& k_smooth, const OptTensor& k_window,
+                                const at::Tensor& v_codes, const at::Tensor& v_scale, const OptTensor& v_zero,
+                                const at::Tensor& length, const OptTensor& attn_mask, std::optional<double> scale,
+                                c10::string_view precision, int64_t k_group, int64_t v_group) {
+  std::vector<at::Tensor> t(fq_mps::kNumDecodeInputs);
+  t[fq_mps::kDecQ] = q;
+  t[fq_mps::kDecKCodes] = k_codes, t[fq_mps::kDecKScale] = k_scale, t[fq_mps::kDecKZero] = opt(k_zero);
+  t[fq_mps::kDecKSmooth] = opt(k_smooth), t[fq_mps::kDecKWindow] = opt(k_window);
+  t[fq_mps::kDecVCodes] = v_codes, t[fq_mps::kDecVScale] = v_scale, t[fq_mps::kDecVZero] = opt(v_zero);
+  t[fq_mps::kDecLength] = length, t[fq_mps::kDecMask] = opt(attn_mask);
+  static const char* names[] = {"q",       "k_codes", "k_scale", "k_zero", "k_smooth", "k_window",
+                                "v_codes", "v_scale", "v_zero",  "length", "attn_mask"};
+  for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) check_device(t[i], names[i]);
+  fq_mps::DecodeArgs a;
+  for (int i = 0; i < fq_mps::kNumDecodeInputs; ++i) a.t[i] = desc(t[i]);
+  a.has_scale = scale.has_value();
+  a.scale = scale.value_or(0.0);
+  a.precision = std::string(precision);
+  a.k_group = k_group, a.v_group = v_group;
+  const Plan plan = make_plan([&] { return fq_mps::plan_decode(a); });
+  return run_plan(plan, t, q.device())[0];
+}
+
 }  // namespace
 }  // namespace mps
 }  // namespace flash_quant
@@ -377,4 +404,5 @@ TORCH_LIBRARY_IMPL(flash_quant, MPS, m) {
   m.impl("dequantize", &flash_quant::mps::dequantize_mps);
   m.impl("attention_forward", &flash_quant::mps::attention_forward_mps);
   m.impl("attention_backward", &flash_quant::mps::attention_backward_mps);
+  m.impl("decode_attention", &flash_quant::mps::decode_attention_mps);
 }

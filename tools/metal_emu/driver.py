@@ -414,6 +414,18 @@ class Emulator:
                                                DTYPES.index(dtype), ctypes.byref(plan), err, 1024)
         return self._finish(rc, plan, err)
 
+    def plan_decode(self, tensors: Sequence[Optional[torch.Tensor]], scale: Optional[float], precision: str,
+                    k_group: int, v_group: int, num_splits: int = 0) -> CPlan:
+        """The decode_attention op's arguments (csrc/schema.cpp order: q, the cache's eight
+        buffers, length, attn_mask; then scale, precision, k_group, v_group); num_splits
+        0 is the automatic choice ops.mm uses."""
+        arr = (CTensor * len(tensors))(*[_desc(t) for t in tensors])
+        plan, err = CPlan(), ctypes.create_string_buffer(1024)
+        rc = self._plan.fq_emu_plan_decode(arr, int(scale is not None), ctypes.c_double(scale or 0.0),
+                                           precision.encode(), ctypes.c_longlong(k_group), ctypes.c_longlong(v_group),
+                                           ctypes.c_longlong(num_splits), ctypes.byref(plan), err, 1024)
+        return self._finish(rc, plan, err)
+
     # -- execution
     def run_plan(self, plan: CPlan, inputs: Sequence[Optional[torch.Tensor]], order: int = 0) -> List[torch.Tensor]:
         """Allocate the plan's outputs and run its launches in order, as ops.mm does."""
@@ -472,6 +484,12 @@ class Emulator:
                                    every_key=is_causal and _any_non_finite(ins))
         dq, dk, dv = self.run_plan(plan, ins, order)[:3]
         return dq, dk, dv
+
+    def decode(self, tensors, scale, precision, k_group, v_group, num_splits=0, order=0):
+        """decode_attention as the MPS backend computes it: (out, lse, splits launched)."""
+        plan = self.plan_decode(tensors, scale, precision, k_group, v_group, num_splits)
+        out, lse, part_o, _ = self.run_plan(plan, list(tensors), order)
+        return out, lse, part_o.shape[0]
 
     def quantize(self, x, precision, granularity, block_size, strategy, smooth, order=0, center=None):
         """As ops.mm: a given centre goes to the plan as a contiguous float32 copy of shape

@@ -149,3 +149,17 @@ extern "C" int fq_emu_plan_quantize_with_scale(const CTensor* t, const char* pre
     return plan_quantize_with_scale(a);
   }, out, err, errlen);
 }
+
+extern "C" int fq_emu_plan_decode(const CTensor* t, int has_scale, double scale, const char* precision,
+                                  long long k_group, long long v_group, long long num_splits, CPlan* out, char* err,
+                                  int errlen) {
+  return guarded([&] {
+    DecodeArgs a;
+    for (int i = 0; i < kNumDecodeInputs; ++i) a.t[i] = to_desc(t[i]);
+    a.has_scale = has_scale != 0;
+    a.scale = scale;
+    a.precision = precision;
+    a.k_group = k_group, a.v_group = v_group, a.num_splits = num_splits;
+    return plan_decode(a);
+  }, out, err, errlen);
+}
