@@ -9,6 +9,7 @@ cannot serve), and that a routed call reaches the sm90 op with its operands re-v
 the op wants them (a CPU stand-in of the op computes the fp64 attention of what it got,
 which must match the Triton kernel on the same call).
 """
+import logging
 import os
 
 import torch
@@ -19,8 +20,6 @@ import torch
 INTERPRET = not torch.cuda.is_available()
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import logging  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -43,9 +42,12 @@ from flash_quant.testing import kernel_operands, make_qkv, reference_attention  
 @pytest.fixture
 def hopper(monkeypatch):
     """A mocked sm_90 device with the sm90 op registered; fresh dispatch state. Returns a
-    dict whose 'capability' / 'registered' entries the test may change."""
+    dict whose 'capability' / 'registered' entries the test may change. The coverage
+    tests see every covered call routed to sm90: the measured policy that keeps INT8 P·V
+    on Triton in auto mode is switched off here and tested on its own below."""
     state = {"capability": (9, 0), "registered": True}
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
     dispatch._reset_for_tests()
     monkeypatch.setattr(dispatch, "_device_capability", lambda device: state["capability"])
     monkeypatch.setattr(dispatch, "_sm90_op_registered", lambda: state["registered"])
@@ -88,6 +90,23 @@ def code_of(args):
 def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal):
     """Both presets' operands, GQA, Sq != Skv, causal or not, bf16 / fp16: sm90."""
     assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2)) == ("sm90", None)
+
+
+def test_auto_keeps_int8_pv_on_triton_by_measurement(hopper, monkeypatch, caplog):
+    """The fast preset's INT8 P·V measured slower on sm90 than on Triton (docs/hopper.md):
+    auto mode routes it to Triton with a counted, INFO-logged reason; forcing sm90 still
+    runs it; the accurate preset (16-bit P·V) stays on sm90."""
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
+    dispatch._reset_for_tests()
+    kernel, reason = dispatch.forward_kernel(*call("fast"))
+    assert kernel == "triton" and reason.startswith(dispatch.R_SLOWER + ":"), reason
+    assert dispatch.forward_kernel(*call("accurate")) == ("sm90", None)
+    with caplog.at_level(logging.INFO, logger="flash_quant.cuda.dispatch"):
+        dispatch.record(dispatch.decide(*call("fast")))
+    assert dispatch.fallback_counts() == {dispatch.R_SLOWER: 1}
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    with dispatch.force_kernel("sm90"):
+        assert dispatch.forward_kernel(*call("fast")) == ("sm90", None)
 
 
 def _with(recipe="accurate", **over):

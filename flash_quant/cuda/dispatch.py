@@ -73,8 +73,16 @@ R_PV = "pv_precision"
 R_V = "v_layout"
 R_SCALE = "softmax_scale"
 R_LAYOUT = "tma_layout"
-#: Reasons that are expected on a machine without the sm90 kernel: logged at INFO, not WARNING.
-_QUIET = (R_DEVICE,)
+R_SLOWER = "sm90_slower"
+#: Reasons that are expected (a machine without the sm90 kernel; a call Triton serves
+#: faster by measurement): logged at INFO, not WARNING.
+_QUIET = (R_DEVICE, R_SLOWER)
+#: pv_precision values the sm90 kernel covers but Triton serves faster, so "auto" keeps
+#: them on Triton (forcing sm90 still runs them). H100, 2026-12-06, bench_attention.py:
+#: INT8 P·V kernel-only sm90 / Triton = 0.545 / 0.460 ms (Flux 1x24x4608x128), 2.146 /
+#: 1.815 (4x32x4096x128), 1.341 / 1.048 (causal), 7.623 / 6.975 (1x32x16384x128), 1.104 /
+#: 0.942 (GQA 2x32/8x4096x128) — docs/hopper.md, Measurements.
+SM90_AUTO_SKIPS_PV = ("int8",)
 
 _ARGS = ("q", "k", "v", "q_data", "q_scale", "q_zero_point", "k_data", "k_scale", "k_zero_point", "k_mean",
          "v_data", "v_scale", "v_zero_point", "attn_mask", "is_causal", "scale", "pv_precision")
@@ -264,6 +272,9 @@ def _decide(a: dict, m: str) -> Decision:
         gap = _sm90_gap(a, p)
         if gap is None and not all(_aligned(a)):
             gap = R_LAYOUT, f"an operand's data is not {TMA_ALIGN}-byte aligned (a sliced tensor?)"
+    if gap is None and m != SM90 and a["pv_precision"] in SM90_AUTO_SKIPS_PV:
+        gap = R_SLOWER, (f"pv_precision={a['pv_precision']!r}: the Triton kernel measured faster on H100 "
+                         "(docs/hopper.md); force sm90 to run it anyway")
     if gap is None:
         B, Hq, Hkv, Sq, Skv, D = (p[n] for n in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
         full = tuple(t is None or tuple(t.shape) == shape for t, shape in (
