@@ -66,12 +66,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from .config import Precision
+
 __all__ = ["QuantizedKVCache", "dequantize_buffers", "PRECISIONS", "INT8_MAX", "INT4_MAX", "DEFAULT_K_GROUP",
            "DEFAULT_V_GROUP", "pack_int4", "unpack_int4"]
 
 PRECISIONS = ("int8", "int4")
-INT8_MAX = 127          # symmetric int8 codes in [-127, 127]
-INT4_MAX = 15           # asymmetric unsigned int4 codes in [0, 15]
+INT8_MAX = Precision.INT8.qmax                          # symmetric int8 codes in [-127, 127]
+INT4_MAX = Precision.INT4.qmax - Precision.INT4.qmin    # asymmetric unsigned int4 codes in [0, 15]
 DEFAULT_K_GROUP = 32    # int4 K: tokens per per-channel scale group (docs/decode.md)
 DEFAULT_V_GROUP = 32    # int4 V: channels per per-token scale group (docs/decode.md)
 #: int8 K smoothing: a channel's divisor is at least the mean one over this (a channel that
