@@ -164,7 +164,8 @@ class QuantizedKVCache:
                 raise ValueError(f"QuantizedKVCache: v_group must divide head_dim {head_dim}, got {v_group!r}")
         self.batch, self.kv_heads, self.head_dim, self.max_len = batch, kv_heads, head_dim, max_len
         self.precision, self.dtype = precision, dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # the device as tensors report it ("cuda" -> "cuda:<current>"), for the device checks
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.k_group, self.v_group = (k_group, v_group) if precision == "int4" else (None, None)
         shape = (batch, kv_heads)
         dev = self.device
