@@ -187,9 +187,6 @@ class QuantizedKVCache:
             self.v_scale = torch.zeros(*shape, max_len, nv, dtype=INT4_SCALE_DTYPE, device=dev)
             self.v_zero = torch.zeros(*shape, max_len, nv, dtype=INT4_SCALE_DTYPE, device=dev)
         self.length_tensor = torch.zeros(1, dtype=torch.int32, device=dev)
-        # the device the buffers landed on: device="cuda" means the current CUDA device,
-        # and tensors report it with its index ("cuda:0"), which the append check compares
-        self.device = self.length_tensor.device
         self.length = 0
 
     # ------------------------------------------------------------------ bookkeeping
