@@ -62,7 +62,7 @@ back, a host sync).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

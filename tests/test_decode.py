@@ -6,7 +6,6 @@ Correctness is judged against float64: decode_attention over the cache's dequant
 against an fp64 attention of the same K/V, relative to what float32 SDPA makes of them;
 accuracy against an fp64 attention of the unquantized K/V (the issue's workload).
 """
-import math
 
 import pytest
 import torch
