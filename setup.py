@@ -1,8 +1,15 @@
 """Builds flash_quant's one extension, flash_quant._C, with torch's cpp_extension.
 
 CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. MPS sources (csrc/mps/*.mm)
-are added on macOS when torch has MPS, or when FORCE_MPS=1. CUDA kernels are Triton
-(flash_quant/cuda/) and need no compilation here.
+are added on macOS when torch has MPS, or when FORCE_MPS=1. Most CUDA kernels are Triton
+(flash_quant/cuda/) and need no compilation here; the Hopper forward (issue 17) is CUDA
+C++: csrc/cuda/sm90/*.cu and register_sm90.cpp are compiled for sm_90a only (the wgmma
+and TMA instructions exist on no other architecture) when the torch we build against has
+CUDA (torch.version.cuda) and nvcc is found (torch's CUDA_HOME). Otherwise the extension
+is built without them, setup.py says so in one line, and flash_quant.cuda.dispatch serves
+every CUDA call with Triton. FLASH_QUANT_SM90=0 leaves them out on purpose. Whether they
+were compiled is recorded as SM90_KERNELS in flash_quant/_build_info.py. Compile jobs run
+in parallel through ninja: MAX_JOBS=N caps them (torch's cpp_extension reads it).
 
 The C++ standard is the one the torch we build against asks for (BuildExtension adds it:
 C++17 for older torch, C++20 for the torch whose headers need it), so no -std here.
@@ -70,10 +77,13 @@ def _check_target_torch():
     )
 
 
-def _write_build_info():
+def _write_build_info(sm90: bool, why_not):
     text = (
-        '"""Written by setup.py: the torch this build of flash_quant._C was compiled against."""\n'
+        '"""Written by setup.py: the torch this build of flash_quant._C was compiled against,\n'
+        'and whether the Hopper (sm_90a) CUDA C++ kernels were compiled into it (else why not)."""\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"SM90_KERNELS = {sm90!r}\n"
+        f"SM90_NOT_BUILT_BECAUSE = {why_not!r}\n"
     )
     old = open(BUILD_INFO).read() if os.path.exists(BUILD_INFO) else None
     if old != text:  # unchanged files keep their time stamp
@@ -93,8 +103,41 @@ def _want_mps():
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_built()
 
 
-def _extension():
-    from torch.utils.cpp_extension import CppExtension
+SM90_DIR = os.path.join(ROOT, "csrc", "cuda", "sm90")
+# nvcc flags of the sm90 sources. One architecture: sm_90a's wgmma / setmaxnreg / TMA
+# multicast exist only there (the "a" target is not forward compatible), and an explicit
+# -gencode keeps torch from adding TORCH_CUDA_ARCH_LIST's. -std=c++17: fwd_sm90.cu includes
+# no torch header and must compile the same way standalone (tests/test_sm90_sass.py). No
+# --use_fast_math: exp2 and the divisions stay IEEE unless a measurement says otherwise.
+# torch adds -D__CUDA_NO_HALF*_OPERATORS__ / _CONVERSIONS__ to every nvcc line; the
+# -U undoes them so the extension compiles the kernel exactly as the standalone command.
+SM90_NVCC_FLAGS = [
+    "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-lineinfo",
+    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+]
+
+
+def _sm90_sources():
+    """(sources, why not): the sm90 sources when they are to be compiled, else ([], reason)."""
+    if os.environ.get("FLASH_QUANT_SM90", "1") == "0":
+        return [], "FLASH_QUANT_SM90=0"
+    if not torch.version.cuda:
+        return [], f"torch {torch.__version__} has no CUDA"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if nvcc is None or not os.path.exists(nvcc):
+        return [], "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    cu = glob.glob(os.path.join(SM90_DIR, "*.cu"))
+    register = os.path.join(SM90_DIR, "register_sm90.cpp")
+    if not cu or not os.path.exists(register):
+        return [], f"no kernel sources in {os.path.relpath(SM90_DIR, ROOT)}"
+    return _rel(cu + [register]), None
+
+
+def _extension(sm90_sources):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
@@ -114,11 +157,18 @@ def _extension():
         link_flags += ["-framework", "Metal", "-framework", "Foundation"]
         define_macros.append(("FLASH_QUANT_WITH_MPS", "1"))
         cxx_flags += ["-fobjc-arc"]
-    return CppExtension(
+    compile_args = {"cxx": cxx_flags}
+    make = CppExtension
+    if sm90_sources:
+        sources += sm90_sources
+        compile_args["nvcc"] = SM90_NVCC_FLAGS
+        define_macros.append(("FLASH_QUANT_WITH_SM90", "1"))
+        make = CUDAExtension
+    return make(
         name="flash_quant._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args=compile_args,
         extra_link_args=link_flags,
         define_macros=define_macros,
         py_limited_api=False,
@@ -133,8 +183,11 @@ else:
     from torch.utils.cpp_extension import BuildExtension
 
     _check_target_torch()
-    _write_build_info()
+    _sm90, _why_not = _sm90_sources()
+    print("flash_quant: Hopper sm_90a CUDA kernels: " + (
+        f"compiled ({len(_sm90)} sources)" if _sm90 else f"not built ({_why_not}); CUDA calls use Triton"))
+    _write_build_info(bool(_sm90), _why_not)
     setup(
-        ext_modules=[_extension()],
+        ext_modules=[_extension(_sm90)],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )

@@ -10,6 +10,13 @@ Methods (inputs bf16 unless --dtype fp16):
   sage                                        sageattention.sageattn, when importable
   fq-<preset>-kernel   flash_quant attention_forward on pre-quantized operands
   fq-<preset>-e2e      flash_quant.attention(config=preset): quantization included
+  ...-sm90 / ...-triton  the same, accurate and fast presets, with the CUDA forward kernel
+                       forced through flash_quant.cuda.dispatch (the Hopper CUDA C++
+                       kernel, or Triton); the unsuffixed rows are what users get (the
+                       "kernel" column says which kernel served them)
+The sage row is whatever `import sageattention` finds (a wheel in .whl/ installed by
+gpu_run.sh, or a build of SageAttention from source on PYTHONPATH); the run's meta names
+its version and location.
 Rows whose path raises print "n/a (reason)". Results go to benchmarks/results/:
 attention_<stamp>.json, .md, .png (matplotlib), stamped with device, date and versions.
 
@@ -54,13 +61,38 @@ KERNEL_RECIPES = {
     "16bit": (None, None, "none"),
 }
 E2E_PRESETS = ["accurate", "fast", "int4", "16bit"]
+# presets timed with each CUDA forward kernel forced (flash_quant.cuda.dispatch)
+FORCED_PRESETS = ["accurate", "fast"]
+FORCED_KERNELS = ["sm90", "triton"]
+
+
+def sage_origin() -> str:
+    try:
+        import sageattention
+    except ImportError as exc:
+        return f"not importable: {exc}"
+    version = getattr(sageattention, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("sageattention")
+        except Exception:
+            version = "?"
+    return f"{version} from {os.path.dirname(sageattention.__file__)}"
 
 
 def stamp():
     import triton
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        from flash_quant._build_info import SM90_KERNELS
+    except ImportError:
+        SM90_KERNELS = None
     return {
+        "sm90_kernels_built": SM90_KERNELS,
+        "sageattention": sage_origin(),
         "device": dev,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
@@ -154,23 +186,61 @@ def kernel_fn(recipe, q, k, v, causal):
     ka = torch.empty((), dtype=k.dtype, device=k.device).expand(k.shape) if qk_prec else k
     va = torch.empty((), dtype=v.dtype, device=v.device).expand(v.shape) if v_prec else v
 
-    def run():
-        return ops.attention_forward(qa, ka, va, kw["q_data"], kw["q_scale"], None, kw["k_data"], kw["k_scale"],
-                                     None, kw["k_mean"], kw["v_data"], kw["v_scale"], None, None, causal,
-                                     None, pv)[0]
+    op_args = (qa, ka, va, kw["q_data"], kw["q_scale"], None, kw["k_data"], kw["k_scale"], None, kw["k_mean"],
+               kw["v_data"], kw["v_scale"], None, None, causal, None, pv)
 
+    def run():
+        return ops.attention_forward(*op_args)[0]
+
+    run.op_args = op_args  # (for served_by)
     return run
+
+
+def forced(kernel, fn):
+    """fn with the CUDA forward kernel forced (a kernel that cannot serve the call raises:
+    the row prints n/a with the reason)."""
+    from flash_quant.cuda import dispatch
+
+    def run():
+        with dispatch.force_kernel(kernel):
+            return fn()
+
+    if hasattr(fn, "op_args"):
+        run.op_args = fn.op_args
+    return run
+
+
+def served_by(fn=None, e2e=None) -> str:
+    """Which CUDA forward kernel serves a row's calls in auto mode: "sm90", or "triton
+    (reason)"; e2e: (q, k, v, causal, gqa, preset name) of a flash_quant.attention row."""
+    try:
+        if e2e is not None:
+            import flash_quant
+
+            q, k, v, causal, gqa, name = e2e
+            kernel, reason = flash_quant.which_kernel(q, k, v, is_causal=causal, enable_gqa=gqa, config=name)
+        else:
+            from flash_quant.cuda import dispatch
+
+            kernel, reason = dispatch.forward_kernel(*fn.op_args)
+    except Exception as exc:
+        return f"? ({type(exc).__name__}: {str(exc)[:80]})"
+    return kernel if reason is None else f"{kernel} ({reason})"
 
 
 def e2e_fn(preset, q, k, v, causal, gqa):
     import flash_quant
 
-    name = {"16bit": "bf16" if q.dtype == torch.bfloat16 else "fp16"}.get(preset, preset)
+    name = e2e_config(preset, q)
 
     def run():
         return flash_quant.attention(q, k, v, is_causal=causal, enable_gqa=gqa, config=name)
 
     return run
+
+
+def e2e_config(preset, q):
+    return {"16bit": "bf16" if q.dtype == torch.bfloat16 else "fp16"}.get(preset, preset)
 
 
 def sage_fn(q, k, v, causal):
@@ -188,6 +258,9 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--ref-rows", type=int, default=256)
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated shape names to run (default: all, or the two of --quick); "
+                         "--quick then only shortens the repetitions")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -201,13 +274,22 @@ def main():
     meta = stamp()
     meta["dtype"] = args.dtype
     print(json.dumps(meta))
-    shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {s[0] for s in SHAPES})
+        if unknown:
+            ap.error(f"unknown shape(s) {unknown}; known: {[s[0] for s in SHAPES]}")
+        shapes = [s for s in SHAPES if s[0] in wanted]
+    else:
+        shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
     rows = []
     tag = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-    def record(shape, method, phase, fn, fl, ref=None, r0=0, graph=False):
+    def record(shape, method, phase, fn, fl, ref=None, r0=0, graph=False, kernel=None):
         name, b, hq, hkv, s, d, causal = shape
         row = dict(shape=name, method=method, phase=phase)
+        if kernel is not None:
+            row["kernel"] = kernel
         try:
             out = fn()
             if isinstance(out, tuple):
@@ -233,8 +315,9 @@ def main():
             acc = f"rel-L2 {row['rel_l2']:.2e} cos {row['cosine']:.6f}" if "rel_l2" in row else ""
             gr = f" graph {row['graph_ms']:.3f} ms" if "graph_ms" in row else (
                 f" graph n/a ({row['graph_na']})" if "graph_na" in row else "")
+            kn = f" [{row['kernel']}]" if "kernel" in row else ""
             print(f"{name:24s} {phase:8s} {method:24s} {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOPS "
-                  f"peak+{row['peak_mib']:8.1f} MiB {acc}{gr}", flush=True)
+                  f"peak+{row['peak_mib']:8.1f} MiB {acc}{gr}{kn}", flush=True)
         return row
 
     for shape in shapes:
@@ -272,9 +355,18 @@ def main():
             except Exception as exc:
                 rows.append(dict(shape=name, method=f"fq-{recipe}-kernel", phase="fwd", na=str(exc)[:160]))
                 continue
-            record(shape, f"fq-{recipe}-kernel", "fwd", fn, fl, ref, r0)
+            record(shape, f"fq-{recipe}-kernel", "fwd", fn, fl, ref, r0, kernel=served_by(fn))
+            if recipe in FORCED_PRESETS:
+                for kern in FORCED_KERNELS:
+                    record(shape, f"fq-{recipe}-kernel-{kern}", "fwd", forced(kern, fn), fl, ref, r0, kernel=kern)
         for preset in E2E_PRESETS:
-            record(shape, f"fq-{preset}-e2e", "fwd", e2e_fn(preset, q, k, v, causal, gqa), fl, ref, r0, graph=True)
+            fn = e2e_fn(preset, q, k, v, causal, gqa)
+            record(shape, f"fq-{preset}-e2e", "fwd", fn, fl, ref, r0, graph=True,
+                   kernel=served_by(e2e=(q, k, v, causal, gqa, e2e_config(preset, q))))
+            if preset in FORCED_PRESETS:
+                for kern in FORCED_KERNELS:
+                    record(shape, f"fq-{preset}-e2e-{kern}", "fwd", forced(kern, fn), fl, ref, r0, graph=True,
+                           kernel=kern)
         if not args.no_backward and name in BWD_SHAPES and (not args.quick or name == "flux-1024"):
             qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             g = torch.randn_like(q)
@@ -325,6 +417,15 @@ def main():
             summary[f"flux: (e2e - kernel) / e2e, {preset} (flash_quant.attention incl. rotation), eager"] = (er[0]["ms"] - kr[0]["ms"]) / er[0]["ms"]
             if "graph_ms" in er[0]:
                 summary[f"flux: (e2e - kernel) / e2e, {preset}, GPU time (CUDA graph)"] = (er[0]["graph_ms"] - kr[0]["ms"]) / er[0]["graph_ms"]
+    # the issue's bars are speed ratios within the run: SDPA cuDNN's time over each method's
+    for sh in [x[0] for x in shapes]:
+        cu = [r for r in rows if r["shape"] == sh and r["method"] == "sdpa-cudnn" and "ms" in r]
+        if not cu:
+            continue
+        for r in rows:
+            if r["shape"] == sh and r["phase"] == "fwd" and "ms" in r and (
+                    r["method"] == "sage" or r["method"].startswith("fq-")):
+                summary[f"{sh}: speed vs sdpa-cudnn (cudnn ms / ms), {r['method']}"] = cu[0]["ms"] / r["ms"]
     try:
         from flash_quant.cuda import autotune
 
@@ -345,17 +446,21 @@ def write_results(meta, rows, summary, out_dir, tag, quiet=False):
              "median time. Accuracy vs float64 on the last query rows of heads 0-1 of batch 0. "
              "*graph ms*: the same call captured in a CUDA graph and replayed (GPU time without the "
              "host's Python and launch overhead, which bounds the eager rows of many small launches).", "",
-             "| shape | phase | method | ms | TFLOPS | graph ms | peak extra MiB | rel-L2 | cosine |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Hopper sm90 kernels built: {meta.get('sm90_kernels_built')}; sageattention: "
+             f"{meta.get('sageattention')}. *kernel*: the CUDA forward kernel that served the row "
+             "(forced for the -sm90 / -triton rows; for the others the dispatcher's pick and why).", "",
+             "| shape | phase | method | ms | TFLOPS | graph ms | peak extra MiB | rel-L2 | cosine | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        kn = r.get("kernel", "")
         if "na" in r:
-            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | n/a ({r['na']}) | | | | | |")
+            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | n/a ({r['na']}) | | | | | | {kn} |")
         else:
             rel = f"{r['rel_l2']:.2e}" if "rel_l2" in r else ""
             cos = f"{r['cosine']:.6f}" if "cosine" in r else ""
             pk = f"{r['peak_mib']:.1f}" if "peak_mib" in r else ""
             gr = f"{r['graph_ms']:.3f}" if "graph_ms" in r else ("n/a" if "graph_na" in r else "")
-            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | {r['ms']:.3f} | {r['tflops']:.1f} | {gr} | {pk} | {rel} | {cos} |")
+            lines.append(f"| {r['shape']} | {r['phase']} | {r['method']} | {r['ms']:.3f} | {r['tflops']:.1f} | {gr} | {pk} | {rel} | {cos} | {kn} |")
     if summary:
         lines += ["", "| summary | value |", "|---|---|"] + [f"| {k} | {v:.1%} |" for k, v in summary.items()]
     lines += ["", "```", str(meta.get("autotune", "")), "```"]

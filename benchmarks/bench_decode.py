@@ -119,7 +119,7 @@ def decode_fn(q, cache, config):
 
 
 def run_table(args, contexts):
-    lines = [f"| context | method | eager µs | graph µs | vs SDPA eager | vs SDPA graph | bar | rel-L2 | KV MB |",
+    lines = ["| context | method | eager µs | graph µs | vs SDPA eager | vs SDPA graph | bar | rel-L2 | KV MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for b, n in contexts:
         q, k, v = make_inputs(b, n, args.hq, args.hkv, args.hd)

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_run.sh [--quick] [STAGE ...]
 #
 # STAGEs, in this order (default: all of them):
-#   tests      pytest -m gpu tests/test_cuda_gpu.py tests/test_training.py tests/test_contract.py -> $OUT/gpu_tests.txt
+#   tests      pytest -m gpu tests/test_cuda_gpu.py tests/test_sm90_gpu.py tests/test_training.py tests/test_contract.py
+#              -> $OUT/gpu_tests.txt
 #   attention  benchmarks/bench_attention.py (forward + backward tables)   -> $OUT/attention_*
 #   training   benchmarks/bench_training.py --mode all (check, kernel timings, loss curves)
 #   flux       benchmarks/bench_flux.py (needs diffusers; skipped with a note without it)
@@ -47,7 +48,7 @@ echo "== build"
 t0=$(date +%s)
 MAX_JOBS="${MAX_JOBS:-16}" python3 -m pip install --no-build-isolation --no-deps -e . -q > "$OUT/build.txt" 2>&1 \
   || { tail -20 "$OUT/build.txt"; exit 1; }
-python3 -c 'import flash_quant, torch; print("flash_quant from", flash_quant.__file__, "| cuda:", torch.cuda.is_available())' \
+python3 -c 'import flash_quant, torch; from flash_quant import _build_info as b; print("flash_quant from", flash_quant.__file__, "| cuda:", torch.cuda.is_available(), "| sm90 kernels:", b.SM90_KERNELS, b.SM90_NOT_BUILT_BECAUSE or "")' \
   2>&1 | tee -a "$OUT/build.txt"
 echo "built in $(( $(date +%s) - t0 )) s"
 
@@ -66,7 +67,8 @@ for stage in "${STAGES[@]}"; do
     tests)
       # Fixed tiles: autotuning every test's kernels would take the whole limit.
       FLASH_QUANT_AUTOTUNE=0 run_stage tests "${FQ_TESTS_LIMIT:-300}" \
-        python3 -m pytest -q -m gpu tests/test_cuda_gpu.py tests/test_training.py tests/test_contract.py -p no:cacheprovider
+        python3 -m pytest -q -m gpu tests/test_cuda_gpu.py tests/test_sm90_gpu.py tests/test_training.py tests/test_contract.py \
+        -p no:cacheprovider
       cp "$OUT/tests_log.txt" "$OUT/gpu_tests.txt" ;;
     attention)
       FLASH_QUANT_PRINT_AUTOTUNE=1 run_stage attention "${FQ_ATTENTION_LIMIT:-420}" \

@@ -90,6 +90,26 @@ TORCH_LIBRARY(flash_quant, m) {
       "Tensor? attn_mask, bool is_causal, float? scale, str pv_precision) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
 
+  // Internal: the Hopper (sm_90a) CUDA C++ forward of the INT8 presets (issue 17),
+  // registered for CUDA only by csrc/cuda/sm90/register_sm90.cpp when the extension is
+  // built with it. Users call attention_forward; flash_quant/cuda/dispatch.py decides
+  // when this op serves a call and passes its operands re-viewed as it wants them:
+  //   q_data int8 (B, Hq, Sq, D), q_scale float32 (B, Hq, Sq) per token;
+  //   k_data int8 (B, Hkv, Skv, D), k_scale float32 (B, Hkv, Skv);
+  //   k_mean float32 (B, Hkv, D) or None (the smoothing mean: only enters lse);
+  //   v 16-bit (B, Hkv, Skv, D), read when v_data is None (16-bit P·V);
+  //   v_data int8 (B, Hkv, Skv, D) K-major (stride(-2) == 1) with v_scale float32
+  //   (B, Hkv, D) per channel (INT8 P·V);
+  //   nonfinite int32 (B, Hq) or None: 1 where a head's V may hold an inf / NaN, which
+  //   turns causal tile skipping off for it (see "Non-finite values" in op_contract.md).
+  // Returns out (B, Hq, Sq, D) in v.dtype and lse (B, Hq, Sq) float32 (natural log);
+  // causal is top-left aligned (key j visible to query i iff j <= i), as in attention_forward.
+  m.def(
+      "_sm90_attention_forward(Tensor q_data, Tensor q_scale, Tensor k_data, Tensor k_scale, "
+      "Tensor? k_mean, Tensor v, Tensor? v_data, Tensor? v_scale, Tensor? nonfinite, bool is_causal, "
+      "float scale) "
+      "-> (Tensor out, Tensor lse)");
+
   // Decode attention over a quantized KV cache (issue 18). The buffers are those of
   // flash_quant.QuantizedKVCache (layout and schemes: flash_quant/kv_cache.py's
   // docstring); semantics: flash_quant/decode.py. q (B, Hq, Sq, D), 1 <= Sq <= 16,

@@ -29,6 +29,7 @@ register_safe_globals()
 _EXPORTS = {
     "attention": "functional",
     "attention_with_lse": "functional",
+    "which_kernel": "functional",
     "attention_prologue": "prologue",
     "quantize": "quantization",
     "QuantizedTensor": "quantized_tensor",

@@ -14,7 +14,7 @@ from .quantized_tensor import QuantizedTensor
 from .rotation import rotate, rotated_stand_in
 from .support import why_unsupported
 
-__all__ = ["attention", "attention_with_lse"]
+__all__ = ["attention", "attention_with_lse", "which_kernel"]
 
 Operand = Union[torch.Tensor, QuantizedTensor]
 
@@ -79,6 +79,40 @@ def attention_with_lse(
     """As `attention`, also returning the log-sum-exp of the scores, (B, Hq, Sq) float32
     (natural log; -inf for fully masked rows), so partial results over key shards can be
     merged: out = sum_i exp(lse_i - lse) * out_i with lse = logsumexp_i(lse_i)."""
+    kwargs, out_dtype = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           config)
+    out, lse = ops.attention_forward(**kwargs)
+    return out.to(out_dtype), lse
+
+
+def which_kernel(
+    query: Operand,
+    key: Operand,
+    value: Operand,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    config: Union[str, AttentionConfig, None] = "accurate",
+) -> Tuple[str, Optional[str]]:
+    """Which forward kernel `attention(...)` with these arguments would run, and why not the
+    fastest: ("sm90", None) (the Hopper CUDA C++ kernel), ("triton", reason) for other CUDA
+    calls, ("cpu", None) or ("mps", None) on those devices. Quantizes the operands as the
+    call would (the decision depends on what quantization produces) but runs no attention
+    and counts no fallback."""
+    kwargs, _ = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    device = kwargs["q"].device
+    if device.type != "cuda":
+        return device.type, None
+    from .cuda import dispatch
+
+    return dispatch.forward_kernel(**kwargs)
+
+
+def _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
+    """(attention_forward's keyword arguments, the output dtype) of one attention call."""
     cfg = _resolve(config, query, key, value, is_causal)
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     out_dtype = query.dtype
@@ -101,11 +135,9 @@ def attention_with_lse(
         v_args = _operand_args(v, value, v, cfg.v, "v", visible=visible)
 
     mask = _prepare_mask(attn_mask)
-    out, lse = ops.attention_forward(
-        **operand_kwargs(q_args, k_args, v_args),
-        attn_mask=mask, is_causal=bool(is_causal), scale=scale, pv_precision=cfg.pv.value,
-    )
-    return out.to(out_dtype), lse
+    kwargs = dict(operand_kwargs(q_args, k_args, v_args), attn_mask=mask, is_causal=bool(is_causal), scale=scale,
+                  pv_precision=cfg.pv.value)
+    return kwargs, out_dtype
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -62,16 +62,18 @@ back, a host sync).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
+
+from .config import Precision
 
 __all__ = ["QuantizedKVCache", "dequantize_buffers", "PRECISIONS", "INT8_MAX", "INT4_MAX", "DEFAULT_K_GROUP",
            "DEFAULT_V_GROUP", "pack_int4", "unpack_int4"]
 
 PRECISIONS = ("int8", "int4")
-INT8_MAX = 127          # symmetric int8 codes in [-127, 127]
-INT4_MAX = 15           # asymmetric unsigned int4 codes in [0, 15]
+INT8_MAX = Precision.INT8.qmax                          # symmetric int8 codes in [-127, 127]
+INT4_MAX = Precision.INT4.qmax - Precision.INT4.qmin    # asymmetric unsigned int4 codes in [0, 15]
 DEFAULT_K_GROUP = 32    # int4 K: tokens per per-channel scale group (docs/decode.md)
 DEFAULT_V_GROUP = 32    # int4 V: channels per per-token scale group (docs/decode.md)
 #: int8 K smoothing: a channel's divisor is at least the mean one over this (a channel that
@@ -162,7 +164,8 @@ class QuantizedKVCache:
                 raise ValueError(f"QuantizedKVCache: v_group must divide head_dim {head_dim}, got {v_group!r}")
         self.batch, self.kv_heads, self.head_dim, self.max_len = batch, kv_heads, head_dim, max_len
         self.precision, self.dtype = precision, dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # the device as tensors report it ("cuda" -> "cuda:<current>"), for the device checks
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.k_group, self.v_group = (k_group, v_group) if precision == "int4" else (None, None)
         shape = (batch, kv_heads)
         dev = self.device

@@ -329,6 +329,22 @@ def _attention_forward_fake(q, k, v, *args):
     return out, lse
 
 
+if not hasattr(_ops, "_sm90_attention_forward"):  # a flash_quant._C compiled before csrc/schema.cpp had it
+    raise ImportError("flash_quant's C++ extension (flash_quant._C) predates the op _sm90_attention_forward "
+                      f"of csrc/schema.cpp: it is stale; {_extension._REBUILD}")
+
+
+@torch.library.register_fake("flash_quant::_sm90_attention_forward")
+def _sm90_attention_forward_fake(q_data, q_scale, k_data, k_scale, k_mean, v, v_data, v_scale,
+                                 nonfinite, is_causal, scale):
+    # Internal op of the Hopper CUDA kernel (flash_quant/cuda/dispatch.py): out in v's
+    # 16-bit dtype, lse float32; shapes as attention_forward's.
+    b, hq, sq, _ = q_data.shape
+    out = q_data.new_empty((b, hq, sq, v.shape[-1]), dtype=v.dtype)
+    lse = q_data.new_empty((b, hq, sq), dtype=torch.float32)
+    return out, lse
+
+
 #: attention_forward's argument names in schema order: its inputs are read by these names.
 _FORWARD_ARGS = schema_names(_ops.attention_forward.default)
 

@@ -6,7 +6,6 @@ Correctness is judged against float64: decode_attention over the cache's dequant
 against an fp64 attention of the same K/V, relative to what float32 SDPA makes of them;
 accuracy against an fp64 attention of the unquantized K/V (the issue's workload).
 """
-import math
 
 import pytest
 import torch
@@ -328,3 +327,13 @@ def test_deepcopy_is_an_independent_cache(precision):
     twin.append(k[:, :, :3], v[:, :, :3])
     assert cache.length == 20 and int(cache.length_tensor) == 20 and twin.length == 23
     assert cache.dequantize()[0].shape[2] == 20
+
+
+def test_cache_device_is_the_tensors_device():
+    """device="cuda" must compare equal to the tensors' "cuda:0": the cache keeps the
+    device as its buffers report it."""
+    cache = QuantizedKVCache(1, 1, D, 4, device="cpu")
+    assert cache.device == cache.k_codes.device == torch.empty(0).device
+    if torch.cuda.is_available():
+        gpu = QuantizedKVCache(1, 1, D, 4, device="cuda")
+        assert gpu.device == torch.empty(0, device="cuda").device == gpu.k_codes.device

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import triton

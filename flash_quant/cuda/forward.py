@@ -39,10 +39,13 @@ masks. GQA maps query head h to kv head h // (Hq / Hkv); for short queries (Sq <
 non-causal, no mask) the group's query heads are packed into one program's rows
 (``PACK_GQA``), so each K/V tile is read once per kv head rather than once per query head. Fully masked rows give out 0 and
 lse -inf. ``attention_forward_launch`` works on tensors of any device (CPU under
-``TRITON_INTERPRET=1``); ``attention_forward_cuda`` is the op kernel registered at import.
+``TRITON_INTERPRET=1``); ``attention_forward_cuda`` is the op kernel registered at import:
+it serves a call with this kernel or, on Hopper, the sm90 CUDA C++ kernel, as
+flash_quant/cuda/dispatch.py decides (docs/hopper.md).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -71,11 +74,11 @@ from .common import (
     round_to_int,
     score_mask,
 )
-from . import host
+from . import dispatch, host
 from .host import PlanCache, cdiv, next_pow2, tensor_signature
 from ..config import Precision
 
-__all__ = ["attention_forward_launch", "attention_forward_cuda", "plan", "split_count"]
+__all__ = ["attention_forward_launch", "attention_forward_cuda", "dispatched_forward", "plan", "split_count"]
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _PV_PRECISIONS = ("none", "int8", "fp8_e4m3")
@@ -742,16 +745,19 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
                              v_zero_point=None, attn_mask=None, is_causal=False, scale=None,
                              pv_precision="none", config: Optional[autotune.Config] = None,
                              num_splits: Optional[int] = None,
-                             pack_gqa: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                             pack_gqa: Optional[bool] = None,
+                             signature: Optional[tuple] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (out, lse). `config` forces a launch config,
     `num_splits` the number of key ranges (split-KV; default: :func:`split_count`),
     `pack_gqa=False` turns off the packing of a GQA group's short queries (default: on
-    where it applies; True where it does not apply is refused)."""
+    where it applies; True where it does not apply is refused). `signature`: the 14
+    tensors' host.tensor_signature when the caller has it (dispatch.signature)."""
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"flash_quant.attention_forward: num_splits must be an int >= 1, got {num_splits!r}")
     tensors = (q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
                v_data, v_scale, v_zero_point, attn_mask)
-    key = (tuple(tensor_signature(t) for t in tensors), is_causal, scale, pv_precision, pack_gqa)
+    key = (signature if signature is not None else tuple(tensor_signature(t) for t in tensors), is_causal, scale,
+           pv_precision, pack_gqa)
     p = _PLANS.get_or_put(key, lambda: _plan_forward(tensors, is_causal, scale, pv_precision, pack_gqa))
     out = torch.empty((p.B, p.Hq, p.Sq, p.D), dtype=p.out_dtype, device=p.device)
     lse = torch.empty((p.B, p.Hq, p.Sq), dtype=torch.float32, device=p.device)
@@ -781,6 +787,14 @@ def attention_forward_launch(q, k, v, q_data=None, q_scale=None, q_zero_point=No
         config = autotune.select(p.tune_key, list(p.candidates), p.default, launch)
     launch(config)
     return out, lse
+
+
+class _Heads(NamedTuple):
+    """What _nonfinite_heads reads of a plan (the sm90 path has no Triton plan)."""
+    B: int
+    Hq: int
+    Hkv: int
+    device: torch.device
 
 
 def _head_sum(x: torch.Tensor) -> torch.Tensor:
@@ -831,12 +845,30 @@ def split_count(programs: int, Sq: int, Skv: int, block_n: int, device: torch.de
 def attention_forward_cuda(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point,
                            k_mean, v_data, v_scale, v_zero_point, attn_mask, is_causal, scale,
                            pv_precision):
+    """The op's CUDA kernel: the sm90 CUDA C++ kernel or this file's Triton kernel, as
+    flash_quant.cuda.dispatch decides."""
     if q.device.type != "cuda":
         raise RuntimeError(f"flash_quant.attention_forward (CUDA kernel): q is on {q.device}")
-    with torch.cuda.device(q.device):
-        return attention_forward_launch(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale,
-                                        k_zero_point, k_mean, v_data, v_scale, v_zero_point,
-                                        attn_mask, is_causal, scale, pv_precision)
+    return dispatched_forward(q, k, v, q_data, q_scale, q_zero_point, k_data, k_scale, k_zero_point, k_mean,
+                              v_data, v_scale, v_zero_point, attn_mask, is_causal, scale, pv_precision)
 
 
+def dispatched_forward(*args):
+    """One attention_forward call (the op's 17 arguments in schema order) on the kernel
+    that dispatch picks (validation first, the same for both kernels). Device-agnostic,
+    so CPU tests route calls under TRITON_INTERPRET=1 with the device mocked."""
+    decision, sig = dispatch.decide_signed(args)
+    if decision.kernel == dispatch.SM90:  # (the C++ op guards the device itself)
+        nonfinite = None  # quantized Q / K / V are finite: only a causal call's 16-bit V needs the flag
+        if args[14] and args[10] is None:
+            B, Hq, Hkv = decision.dims[:3]
+            nonfinite = _nonfinite_heads(args[:14], _Heads(B, Hq, Hkv, args[0].device))
+        return torch.ops.flash_quant._sm90_attention_forward(*dispatch.sm90_arguments(decision, args, nonfinite))
+    dispatch.record(decision)
+    q = args[0]
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        return attention_forward_launch(*args, signature=sig)
+
+
+dispatch.use_validator(plan)
 torch.library.register_kernel("flash_quant::attention_forward", "cuda", attention_forward_cuda)

@@ -20,14 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import Precision
 from .common import round_half_even
 from .host import PlanCache, cdiv, launch, tensor_signature
 
 __all__ = ["append_cuda", "supported"]
 
-# (constexpr: a Triton kernel may read no other kind of global)
-INT8_MAX = tl.constexpr(127.0)
-INT4_MAX = tl.constexpr(15.0)
+# the cache's code ranges (kv_cache.INT8_MAX / INT4_MAX; that module imports this one), as
+# constexprs: a Triton kernel may read no other kind of global
+INT8_MAX = tl.constexpr(float(Precision.INT8.qmax))
+INT4_MAX = tl.constexpr(float(Precision.INT4.qmax - Precision.INT4.qmin))
 _PLANS = PlanCache()
 
 

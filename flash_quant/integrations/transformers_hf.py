@@ -13,6 +13,11 @@ Names: transformers treats every implementation whose name contains "flash" as a
 FlashAttention variant (is_flash_attention_requested: it then builds 2-D padding masks,
 tries to load flash kernels, ...), so a name containing "flash" is refused here.
 
+KV cache (issue 18): FlashQuantCache(model.config, precision="int8" | "int4",
+max_cache_len=...) is a transformers Cache holding quantized K/V; with a model running a
+name registered here, decode steps read its codes through flash_quant.decode_attention
+(transformers_cache.py, hf_cache_attention.py). Reaching the name imports transformers.
+
 Needs the [transformers] extra; transformers is imported only when this is used.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from ..functional import attention as _fq_attention
 from ..config import AttentionConfig, resolve_config
 from ._extras import require
+from .hf_cache_attention import attention_over_cache, linked_layer
 
 __all__ = ["register", "unregister", "make_attention_forward", "DEFAULT_NAME"]
 
@@ -73,28 +79,43 @@ def make_attention_forward(config: ConfigLike = "accurate"):
             logger.warning("flash_quant attention does not return attention weights (output_attentions=True): None")
 
         groups = getattr(module, "num_key_value_groups", 1)
-        q_len = query.shape[2]
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        # As transformers' SDPA path: causality through the flag only when there is no
-        # mask and more than one query (a single decoding query sees the whole cache).
-        causal = bool(q_len > 1 and attention_mask is None and causal)
-        if causal and key.shape[2] > q_len:
-            # prefill into an empty static cache: the flag is top-left aligned, so drop
-            # the unused cache slots (as transformers' SDPA path does)
-            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+
+        def dense(query, key, value, mask, causal):
+            return _dense_attention(query, key, value, mask, causal, scaling, groups, position_bias, config)
+
+        layer = linked_layer(key)
+        if layer is not None:  # keys of a FlashQuantCache: decode steps read its codes
             if position_bias is not None:
-                position_bias = position_bias[..., :q_len]
-        mask = attention_mask
-        if position_bias is not None:
-            mask = _with_position_bias(position_bias, mask, causal, q_len, key.shape[2])
-            causal = False
-        out = _fq_attention(
-            query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=groups > 1, config=config
-        )
+                raise ValueError("FlashQuantCache does not support position_bias (T5-style relative attention)")
+            out = attention_over_cache(layer, query, key, value, attention_mask, module_causal, scaling, dense)
+        else:
+            out = dense(query, key, value, attention_mask, module_causal)
         return out.transpose(1, 2).contiguous(), None
 
     flash_quant_attention_forward.flash_quant_config = config
     return flash_quant_attention_forward
+
+
+def _dense_attention(query, key, value, attention_mask, causal, scaling, groups, position_bias, config):
+    """flash_quant.attention over the given K/V, with transformers' mask conventions."""
+    q_len = query.shape[2]
+    # As transformers' SDPA path: causality through the flag only when there is no
+    # mask and more than one query (a single decoding query sees the whole cache).
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if causal and key.shape[2] > q_len:
+        # prefill into an empty static cache: the flag is top-left aligned, so drop
+        # the unused cache slots (as transformers' SDPA path does)
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
+    mask = attention_mask
+    if position_bias is not None:
+        mask = _with_position_bias(position_bias, mask, causal, q_len, key.shape[2])
+        causal = False
+    return _fq_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=groups > 1, config=config
+    )
 
 
 def _with_position_bias(position_bias, mask, causal: bool, q_len: int, kv_len: int):
@@ -127,6 +148,16 @@ def register(name: str = DEFAULT_NAME, config: ConfigLike = "accurate") -> str:
     masking_utils.AttentionMaskInterface.register(name, masking_utils.sdpa_mask)
     _registered[name] = config
     return name
+
+
+def __getattr__(name):
+    # FlashQuantCache subclasses transformers.Cache: defined (and transformers imported)
+    # on first access only, so importing this module stays light.
+    if name == "FlashQuantCache":
+        from .transformers_cache import FlashQuantCache
+
+        return FlashQuantCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def unregister(name: str = DEFAULT_NAME) -> None:

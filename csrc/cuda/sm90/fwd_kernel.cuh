@@ -1,0 +1,544 @@
+// The Hopper (sm_90a) forward kernel: INT8 Q·Kᵀ on wgmma, online softmax in fp32 with
+// exp2, P·V on INT8 wgmma (fast preset: int8 P per row and key tile, int8 V per channel)
+// or 16-bit wgmma (accurate preset: P rounded to V's 16-bit type).
+//
+// Structure (docs/hopper.md): one CTA = one producer warpgroup + two consumer
+// warpgroups. One producer thread issues TMA loads of the CTA's Q tile (128 rows) and of
+// the K / V tiles into a ring of kStages stages, each guarded by a "full" mbarrier (the
+// TMA bytes arrived; for K also the tile's K scales, which the producer warp's lanes copy
+// into shared memory) and an "empty" one (both consumers are done with the stage). Each
+// consumer warpgroup owns 64 query rows and walks all key tiles: S = Q·Kᵀ (int32), the
+// online softmax in registers, O += P·V with P fed from registers as the A operand.
+// setmaxnreg moves registers from the producer to the consumers.
+//
+// Register layouts used below (per warp of a warpgroup, lane = 4 g + t): the m64nN
+// accumulator register 4 j + e holds row g (e < 2) or g + 8 (e >= 2), column 8 j + 2 t +
+// (e & 1). The 16-bit A operand of a k16 step takes the accumulator's pairs unchanged;
+// the 8-bit A operand of a k32 step wants row g / g + 8, columns 4 t .. 4 t + 3 and
+// 16 + 4 t .. 16 + 4 t + 3, which two quad shuffles per register assemble.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "fwd_params.h"
+#include "ptx.cuh"
+
+namespace flash_quant_sm90 {
+
+constexpr int kStages = 3;
+constexpr int kThreadsPerWarpgroup = 128;
+constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumerWarpgroups);
+constexpr int kLaunchRegisters = 168;  // 64K registers / 384 threads, rounded down to 8
+// The CTA owns what the launch gave it: 168 registers x 384 threads; setmaxnreg.inc
+// blocks until the pool can serve it, so 2 x consumer + producer must stay <= 3 x 168.
+constexpr int kProducerRegisters = 24;
+constexpr int kConsumerRegisters = 240;
+static_assert(kConsumerWarpgroups * kConsumerRegisters + kProducerRegisters <= (1 + kConsumerWarpgroups) * kLaunchRegisters,
+              "setmaxnreg would deadlock: the register pool cannot serve the consumers");
+constexpr int kSwizzleRowBytes = 128;                 // one 128-byte swizzle row
+constexpr int kSwizzleGroupBytes = 8 * kSwizzleRowBytes;  // 8 rows: one swizzle atom
+constexpr int kQTileBytes = kRowsPerCta * kHeadDim;          // int8
+constexpr int kKTileBytes = kKeysPerTile * kHeadDim;         // int8
+constexpr int kV8TileBytes = kHeadDim * kKeysPerTile;        // int8, K-major (V^T)
+constexpr int kV16HalfBytes = kKeysPerTile * 64 * 2;         // 64 channels of 16-bit V
+constexpr int kV16TileBytes = 2 * kV16HalfBytes;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+//: INT8 P's largest code (flash_quant Precision.INT8.qmax; docs/op_contract.md).
+constexpr float kPCodeMax = 127.f;
+//: Integer <-> float without the quarter-rate conversion unit: for |i| < 2^22 the bits of
+//: i + kFloatOffsetBits, read as fp32, are exactly i + kFloatOffset (1.5 * 2^23), and the
+//: low byte of the bits of x + kFloatOffset is round-to-nearest-even(x) for 0 <= x < 256.
+constexpr float kFloatOffset = 12582912.f;
+constexpr int32_t kFloatOffsetBits = 0x4B400000;
+//: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
+//: lane after it stored its share of the tile's K scales.
+constexpr int kKBarrierArrivals = 1 + 32;
+
+template <bool kPvInt8>
+struct SharedStorage {
+  static constexpr int kVTileBytes = kPvInt8 ? kV8TileBytes : kV16TileBytes;
+  alignas(1024) int8_t q[kQTileBytes];
+  alignas(1024) int8_t k[kStages][kKTileBytes];
+  alignas(1024) uint8_t v[kStages][kVTileBytes];
+  // the K scale of each key of a tile, written by the producer warp
+  float k_scale[kStages][kKeysPerTile];
+  uint64_t q_full;
+  uint64_t k_full[kStages];
+  uint64_t v_full[kStages];
+  uint64_t kv_empty[kStages];
+};
+
+template <class T>
+struct Pack16;
+template <>
+struct Pack16<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) {
+    wgmma_bf16_rs_tb(d, a, b, acc);
+  }
+};
+template <>
+struct Pack16<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) {
+    wgmma_f16_rs_tb(d, a, b, acc);
+  }
+};
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The 8-bit A operand of one k32 step from int8 P codes in accumulator layout.
+// own[h] holds this thread's codes of key half h (keys 16 h .. 16 h + 15 of the step) for
+// one row: bytes 0-1 = columns 2t, 2t+1 of the half's first 8-column block, bytes 2-3 =
+// those of its second. Lane t needs keys 4t .. 4t+3 of the half: block t / 2, columns
+// from lanes 2 (t & 1) and 2 (t & 1) + 1 of its quad.
+__device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
+  const int t = lane & 3;
+  const int src = (lane & ~3) | ((t & 1) << 1);
+  const uint32_t x = __shfl_sync(0xffffffffu, own, src);
+  const uint32_t y = __shfl_sync(0xffffffffu, own, src + 1);
+  return __byte_perm(x, y, t < 2 ? 0x5410 : 0x7632);
+}
+
+// Scores of one tile in base-2 units without the per-row factor: x' = qk * K scale,
+// from the int32 accumulator (bit trick, see kFloatOffset), masked keys -inf. Returns
+// this thread's row maxima of x' through tile_max (not yet reduced over the quad).
+template <bool kCausal, bool kMask>
+__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float* ks, int t, int n0,
+                                       int kv_len, int row0, float (&tile_max)[2]) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 kscale = *reinterpret_cast<const float2*>(ks + 8 * j + 2 * t);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float k = e ? kscale.y : kscale.x;
+      const float shift = -kFloatOffset * k;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = 4 * j + 2 * r + e;
+        float v = fmaf(__int_as_float(acc[i] + kFloatOffsetBits), k, shift);
+        if constexpr (kMask) {
+          const int col = n0 + 8 * j + 2 * t + e;
+          if (col >= kv_len || (kCausal && col > row0 + 8 * r)) v = -INFINITY;
+        }
+        x[i] = v;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m = x[2 * r];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) m = fmaxf(m, fmaxf(x[4 * j + 2 * r], x[4 * j + 2 * r + 1]));
+    tile_max[r] = m;
+  }
+}
+
+// The online-softmax step of one tile (rows g, g+8 of this thread): P in place of x,
+// alpha = the factor on the output so far, beta = the factor on this tile's P·V (int8 P is
+// relative to the tile's own row max; 16-bit P to the running max, beta = 1).
+template <bool kPvInt8>
+__device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2], const float (&row_factor)[2],
+                                             float (&m_run)[2], float (&l_part)[2], float (&alpha)[2],
+                                             float (&beta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float tm = quad_max(tile_max[r]) * row_factor[r];  // row_factor > 0 (dispatcher)
+    const float m_new = fmaxf(m_run[r], tm);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    alpha[r] = fast_exp2(m_run[r] - m_use);
+    const float ref = kPvInt8 ? (tm == -INFINITY ? 0.f : tm) : m_use;
+    beta[r] = kPvInt8 ? fast_exp2(tm - m_use) : 1.f;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = 4 * j + 2 * r + e;
+        const float pe = fast_exp2(fmaf(x[i], row_factor[r], -ref));
+        sum += pe;
+        x[i] = pe;
+      }
+    }
+    l_part[r] = l_part[r] * alpha[r] + beta[r] * sum;
+    m_run[r] = m_new;
+  }
+}
+
+// int8 P codes round(127 p) (p in [0, 1]) in the A-operand layout of four k32 steps.
+__device__ __forceinline__ void pack_p8(uint32_t (&a)[4][4], const float (&x)[64], int lane) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j0 = 4 * c + 2 * h;  // the half's first 8-column block
+        // the low byte of each float's bits is its code (kFloatOffset)
+        const uint32_t c0 = __float_as_uint(fmaf(x[4 * j0 + 2 * r], kPCodeMax, kFloatOffset));
+        const uint32_t c1 = __float_as_uint(fmaf(x[4 * j0 + 2 * r + 1], kPCodeMax, kFloatOffset));
+        const uint32_t c2 = __float_as_uint(fmaf(x[4 * (j0 + 1) + 2 * r], kPCodeMax, kFloatOffset));
+        const uint32_t c3 = __float_as_uint(fmaf(x[4 * (j0 + 1) + 2 * r + 1], kPCodeMax, kFloatOffset));
+        const uint32_t own = __byte_perm(__byte_perm(c0, c1, 0x0040), __byte_perm(c2, c3, 0x0040), 0x5410);
+        a[c][2 * h + r] = gather_a8(own, lane);
+      }
+    }
+  }
+}
+
+// 16-bit P in the A-operand layout of eight k16 steps (the accumulator's own pairs).
+template <class T>
+__device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], const float (&x)[64]) {
+#pragma unroll
+  for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
+#pragma unroll
+    for (int q4 = 0; q4 < 4; ++q4) {
+      // q4: (block 2kk, row g), (2kk, g+8), (2kk+1, g), (2kk+1, g+8)
+      const int base = 4 * (2 * kk + (q4 >> 1)) + 2 * (q4 & 1);
+      a[kk][q4] = Pack16<T>::pack(x[base], x[base + 1]);
+    }
+  }
+}
+
+template <class T, bool kPvInt8, bool kCausal>
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
+  using Smem = SharedStorage<kPvInt8>;
+  extern __shared__ uint8_t smem_raw[];
+  // 1024-byte alignment for the swizzled tiles (the launcher allocates 1 KB extra)
+  const uint32_t raw = smem_addr(smem_raw);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+
+  // causal calls visit the heavy (late) query blocks first
+  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int hq = blockIdx.y;
+  const int b = blockIdx.z;
+  const int hkv = hq / (p.q_heads / p.kv_heads);
+  const int m0 = m_block * kRowsPerCta;
+
+  // Key tiles this CTA visits: causal rows m0 .. m0+127 see keys <= row, unless the head
+  // may hold a non-finite V, where every key is visited (0 · NaN must stay NaN).
+  const bool may_skip = kCausal && !(p.nonfinite != nullptr && p.nonfinite[b * p.q_heads + hq] != 0);
+  const int kv_end = may_skip ? min(p.kv_len, m0 + kRowsPerCta) : p.kv_len;
+  const int n_tiles = kv_end > 0 ? (kv_end + kKeysPerTile - 1) / kKeysPerTile : 0;
+
+  const int warpgroup = threadIdx.x / kThreadsPerWarpgroup;
+  if (threadIdx.x == 0) {
+    barrier_init(&sm.q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      barrier_init(&sm.k_full[s], kKBarrierArrivals);
+      barrier_init(&sm.v_full[s], 1);
+      barrier_init(&sm.kv_empty[s], kConsumerWarpgroups * kThreadsPerWarpgroup);
+    }
+    barrier_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ------------------------------------------------------------ producer (warp 0)
+    registers_release<kProducerRegisters>();
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * p.kv_len;
+    if (lane == 0) {
+      tma_prefetch_map(&tm_q);
+      tma_prefetch_map(&tm_k);
+      tma_prefetch_map(&tm_v);
+      barrier_expect_bytes(&sm.q_full, kQTileBytes);
+      tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+      const int s = it % kStages;
+      const uint32_t phase = (it / kStages) & 1;
+      barrier_wait(&sm.kv_empty[s], phase ^ 1);
+      const int n0 = it * kKeysPerTile;
+      if (lane == 0) {
+        barrier_expect_bytes(&sm.k_full[s], kKTileBytes);
+        tma_load_4d(sm.k[s], &tm_k, &sm.k_full[s], 0, n0, hkv, b);
+        if constexpr (kPvInt8) {
+          barrier_expect_bytes(&sm.v_full[s], kV8TileBytes);
+          tma_load_4d(sm.v[s], &tm_v, &sm.v_full[s], n0, 0, hkv, b);  // V^T: tokens innermost
+        } else {
+          barrier_expect_bytes(&sm.v_full[s], kV16TileBytes);
+          tma_load_4d(sm.v[s], &tm_v, &sm.v_full[s], 0, n0, hkv, b);
+          tma_load_4d(sm.v[s] + kV16HalfBytes, &tm_v, &sm.v_full[s], 64, n0, hkv, b);
+        }
+      }
+      // the tile's K scales (keys past the end: 0, masked by the consumers)
+#pragma unroll
+      for (int i = 0; i < kKeysPerTile / 32; ++i) {
+        const int key = n0 + i * 32 + lane;
+        sm.k_scale[s][i * 32 + lane] = key < p.kv_len ? k_scale[key] : 0.f;
+      }
+      barrier_arrive(&sm.k_full[s]);
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------- consumers
+  registers_claim<kConsumerRegisters>();
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x % kThreadsPerWarpgroup;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int wg_row0 = m0 + wg * kRowsPerWarpgroup;
+  const int row[2] = {wg_row0 + warp * 16 + g, wg_row0 + warp * 16 + g + 8};
+  // this warpgroup's own causal limit: its rows see keys < wg_key_end; tiles from
+  // n_active on are waited for and released without computing
+  const int wg_key_end = may_skip ? min(p.kv_len, wg_row0 + kRowsPerWarpgroup) : p.kv_len;
+  const int n_active = min(n_tiles, wg_key_end > 0 ? (wg_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
+
+  const float* q_scale = p.q_scale + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len;
+  // per-row factor: Q scale * softmax scale * log2(e) (scores in base-2 units)
+  float row_factor[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) row_factor[r] = row[r] < p.q_len ? q_scale[row[r]] * p.softmax_scale * kLog2e : 0.f;
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (quad-summed at the end)
+  // softmax factors of the newest tile: int8 P·V folds them in when that tile's P·V is
+  // done (before the next softmax overwrites them); 16-bit P·V rescales O at once
+  float alpha[2], beta[2];
+
+  const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kHeadDim);
+  barrier_wait(&sm.q_full, 0);
+
+  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
+  //   16-bit P·V: issue QK(i), wait; issue PV(i-1) into O; softmax(i) while PV(i-1) runs;
+  //     wait; rescale O (when a row max moved); pack P(i).
+  //   int8 P·V (its int32 accumulator needs 64 more registers, so it is never live next
+  //     to S): issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
+  //     P(i). The other consumer warpgroup keeps the tensor cores busy meanwhile.
+  int32_t acc_s[64];
+  float x[64];
+  uint32_t pa8[4][4];
+  uint32_t pa16[kKeysPerTile / 16][4];
+  int32_t acc_pv[64];
+  float tile_max[2];
+
+  // Descriptors: built once, then moved by byte offsets (the start address field counts
+  // 16-byte units; every tile lies in the 256 KB the field covers, so adds never carry out).
+  const uint64_t q_desc = sw128_descriptor(q_tile, 0, kSwizzleGroupBytes);
+  const uint64_t k_desc0 = sw128_descriptor(sm.k[0], 0, kSwizzleGroupBytes);
+  const uint64_t v_desc0 = kPvInt8 ? sw128_descriptor(sm.v[0], 0, kSwizzleGroupBytes)
+                                   : sw128_descriptor(sm.v[0], kV16HalfBytes, kSwizzleGroupBytes);
+  auto moved = [](uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); };
+  auto issue_qk = [&](int s) {
+    const uint64_t k_desc = moved(k_desc0, s * kKTileBytes);
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 32; ++kk) {
+      wgmma_s8_ss(acc_s, moved(q_desc, kk * 32), moved(k_desc, kk * 32), kk > 0);
+    }
+  };
+  auto issue_pv = [&](int s, const uint32_t (&pa)[kKeysPerTile / 16][4]) {
+    const uint64_t v_desc = moved(v_desc0, s * Smem::kVTileBytes);
+    if constexpr (kPvInt8) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) wgmma_s8_rs(acc_pv, pa8[c], moved(v_desc, c * 32), c > 0);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
+        Pack16<T>::mma(o, pa[kk], moved(v_desc, kk * 16 * kSwizzleRowBytes), 1);  // 16 keys = 2 row groups
+      }
+    }
+  };
+  // O <- O * alpha + (int32 P·V) * beta / 127 (the int8 path; bit trick of kFloatOffset)
+  auto fold_pv8 = [&]() {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i >> 1) & 1;
+      const float w = beta[r] * (1.f / kPCodeMax);
+      o[i] = fmaf(__int_as_float(acc_pv[i] + kFloatOffsetBits), w, fmaf(o[i], alpha[r], -kFloatOffset * w));
+    }
+  };
+  // kMask: the tile holds keys past the end or past a row's causal limit. Masked and
+  // unmasked tiles run in separate loops (below): a branch between the two inside one
+  // iteration makes ptxas retire the in-flight P·V before it, losing the overlap.
+  auto softmax_tile = [&](int s, int n0, auto mask) {
+    if constexpr (std::is_same_v<decltype(mask), bool>) {  // decided per tile (int8 P·V): mask = "tile is full"
+      if (mask) {
+        scores<kCausal, false>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+      } else {
+        scores<kCausal, true>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+      }
+    } else {
+      scores<kCausal, decltype(mask)::value>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+    }
+    softmax_step<kPvInt8>(x, tile_max, row_factor, m_run, l_part, alpha, beta);
+  };
+  using Masked = std::true_type;
+  using Unmasked = std::false_type;
+  // leading tiles with no masked key: below the sequence end and, causal, wholly at or
+  // below this warpgroup's first row
+  int n_full = p.kv_len / kKeysPerTile;
+  if (kCausal && may_skip) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
+  n_full = min(n_full, n_active);
+
+  if (n_active > 0) {
+    // tile 0
+    barrier_wait(&sm.k_full[0], 0);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc_s);
+    if (n_full > 0) {
+      softmax_tile(0, 0, Unmasked{});
+    } else {
+      softmax_tile(0, 0, Masked{});
+    }
+    if constexpr (kPvInt8) {
+      pack_p8(pa8, x, lane);
+    } else {
+      pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
+    }
+  }
+  auto mixed_step = [&](int it, auto mask) {
+    const int s = it % kStages;
+    const int sp = (it - 1) % kStages;
+    const int n0 = it * kKeysPerTile;
+    barrier_wait(&sm.k_full[s], (it / kStages) & 1);
+    barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
+    if constexpr (kPvInt8) {
+      // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
+      // are never live together; the other warpgroup fills the tensor cores meanwhile
+        wgmma_fence();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_pv);
+      barrier_arrive(&sm.kv_empty[sp]);
+      fold_pv8();
+      wgmma_fence_operands(o);
+      wgmma_fence();
+      issue_qk(s);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, n0, mask);
+      pack_p8(pa8, x, lane);
+    } else {
+      wgmma_fence_operands(o);
+      wgmma_fence();
+      // QK(i), then PV(i-1) in flight during softmax(i) (measured against issuing both
+      // back to back before the softmax: 0.79-0.99x vs 0.70-0.96x cuDNN, docs/hopper.md)
+      issue_qk(s);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      softmax_tile(s, n0, mask);
+      wgmma_fence_operands(x);
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      barrier_arrive(&sm.kv_empty[sp]);
+      // after the first tiles a row's max rarely moves: skip the rescale when no row of
+      // the warp needs it (alpha == 1 exactly)
+      if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
+      }
+      pack_p16<T>(pa16, x);
+    }
+  };
+  if constexpr (kPvInt8) {
+    // (no product is in flight across the mask branch here, and one loop keeps the
+    // register pressure of this path below the spill point)
+    for (int it = 1; it < n_active; ++it) mixed_step(it, it < n_full);
+  } else {
+    for (int it = 1; it < n_full; ++it) mixed_step(it, Unmasked{});
+    for (int it = max(1, n_full); it < n_active; ++it) mixed_step(it, Masked{});
+  }
+  if (n_active > 0) {  // P·V of the last tile
+    const int sp = (n_active - 1) % kStages;
+    barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    issue_pv(sp, pa16);
+    wgmma_commit();
+    wgmma_wait<0>();
+    barrier_arrive(&sm.kv_empty[sp]);
+    if constexpr (kPvInt8) {
+      wgmma_fence_operands(acc_pv);
+      fold_pv8();
+    } else {
+      wgmma_fence_operands(o);
+    }
+  }
+  // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and
+  // arrives twice on one phase) and release
+  for (int it = n_active; it < n_tiles; ++it) {
+    const int s = it % kStages;
+    const uint32_t phase = (it / kStages) & 1;
+    barrier_wait(&sm.k_full[s], phase);
+    barrier_wait(&sm.v_full[s], phase);
+    barrier_arrive(&sm.kv_empty[s]);
+  }
+
+  // -------------------------------------------------------------- epilogue
+  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim : nullptr;
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * kHeadDim;
+  const int8_t* q_codes = static_cast<const int8_t*>(p.q);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_part[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // lse (natural log) of the smoothed scores, plus scale · q · k_mean when K was smoothed
+    float mean_term = 0.f;
+    if (p.k_mean != nullptr) {
+      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim;
+      float part = 0.f;
+      if (row[r] < p.q_len) {
+        const int8_t* qrow = q_codes + b * p.q_stride[0] + hq * p.q_stride[1] + row[r] * p.q_stride[2];
+#pragma unroll 4
+        for (int d = t * 32; d < t * 32 + 32; ++d) part += static_cast<float>(qrow[d]) * km[d];
+      }
+      mean_term = quad_sum(part) * (row[r] < p.q_len ? q_scale[row[r]] : 0.f) * p.softmax_scale;
+    }
+    if (row[r] >= p.q_len) continue;
+    if (t == 0) {
+      const float m_use = m_run[r] == -INFINITY ? 0.f : m_run[r];
+      p.lse[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] =
+          l > 0.f ? (m_use + log2f(l)) * kLn2 + mean_term : -INFINITY;
+    }
+    T* orow = out + static_cast<int64_t>(row[r]) * kHeadDim;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int col = 8 * j + 2 * t;
+      float v0 = o[4 * j + 2 * r] * inv;
+      float v1 = o[4 * j + 2 * r + 1] * inv;
+      if constexpr (kPvInt8) {
+        v0 *= v_scale[col];
+        v1 *= v_scale[col + 1];
+      }
+      *reinterpret_cast<uint32_t*>(orow + col) = Pack16<T>::pack(v0, v1);
+    }
+  }
+}
+
+}  // namespace flash_quant_sm90

@@ -1,0 +1,49 @@
+// Arguments of the sm90 (Hopper) forward kernel: plain C++, no torch and no CUDA types,
+// so the kernel file compiles on its own (the CI SASS check builds exactly that file).
+#pragma once
+#include <cstdint>
+
+namespace flash_quant_sm90 {
+
+//: The kernel's fixed tile shape (docs/hopper.md): each consumer warpgroup owns
+//: kRowsPerWarpgroup query rows, a CTA two of them; keys go in tiles of kKeysPerTile.
+constexpr int kHeadDim = 128;
+constexpr int kRowsPerWarpgroup = 64;
+constexpr int kConsumerWarpgroups = 2;
+constexpr int kRowsPerCta = kRowsPerWarpgroup * kConsumerWarpgroups;
+constexpr int kKeysPerTile = 128;
+
+enum class OutType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+struct Sm90FwdParams {
+  // Operands. q, k: int8 codes, rows of kHeadDim contiguous bytes. v: int8 codes stored
+  // K-major (tokens contiguous; v_row_stride = distance between channels) when pv_int8,
+  // else 16-bit values (rows of kHeadDim contiguous elements) of out_type.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  // Element strides (batch, head, row) of q, k and v; for a K-major v, "row" is the
+  // channel stride and tokens are contiguous.
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  // Scales, contiguous float32: q_scale (B, Hq, Sq), k_scale (B, Hkv, Skv), v_scale
+  // (B, Hkv, D) per channel (pv_int8 only). k_mean (B, Hkv, D) or null: the smoothing
+  // mean, added back into the lse only. nonfinite (B, Hq) int32 or null: 1 where a head
+  // may hold an inf / NaN in v, which turns causal tile skipping off (docs/op_contract.md).
+  const float* q_scale = nullptr;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  const float* k_mean = nullptr;
+  const int32_t* nonfinite = nullptr;
+  // Outputs, contiguous: out (B, Hq, Sq, D) of out_type, lse (B, Hq, Sq) float32.
+  void* out = nullptr;
+  float* lse = nullptr;
+  int batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0;
+  float softmax_scale = 0.f;
+  OutType out_type = OutType::kBFloat16;
+  bool pv_int8 = false;
+  bool causal = false;
+};
+
+}  // namespace flash_quant_sm90

@@ -1,0 +1,121 @@
+// Host side of the Hopper forward kernel: TMA descriptors, the instantiations the presets
+// use (16-bit or int8 P·V, causal or not, bf16 / fp16) and the launch. No torch here: this
+// file compiles on its own (tests/test_sm90_sass.py builds it for sm_90a and reads the
+// SASS); csrc/cuda/sm90/register_sm90.cpp checks torch tensors and calls launch_forward.
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fwd_kernel.cuh"
+#include "fwd_launch.h"
+
+namespace flash_quant_sm90 {
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  // The driver entry point through the runtime: no link against libcuda.
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      throw std::runtime_error("flash_quant sm90: the CUDA driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// A 4-D map (innermost first: inner, rows, heads, batch) of a tensor with 128-byte
+// swizzled boxes of box_inner x box_rows elements.
+CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes, uint64_t inner, uint64_t rows,
+                     uint64_t heads, uint64_t batch, const int64_t (&stride)[3], uint32_t box_inner,
+                     uint32_t box_rows, const char* what) {
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {inner, rows, heads, batch};
+  // byte strides of dims 1..3 (batch, head, row given in elements, as in the params)
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(stride[2]) * elem_bytes,
+                                 static_cast<cuuint64_t>(stride[1]) * elem_bytes,
+                                 static_cast<cuuint64_t>(stride[0]) * elem_bytes};
+  const cuuint32_t box[4] = {box_inner, box_rows, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult res = encode_tiled()(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+                                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    throw std::runtime_error(std::string("flash_quant sm90: cuTensorMapEncodeTiled failed for ") + what +
+                             " (error " + std::to_string(static_cast<int>(res)) +
+                             "; strides must be multiples of 16 bytes and the base 16-byte aligned)");
+  }
+  return map;
+}
+
+template <class T, bool kPvInt8, bool kCausal>
+void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
+            cudaStream_t stream) {
+  auto kernel = forward_kernel<T, kPvInt8, kCausal>;
+  const int smem = static_cast<int>(sizeof(SharedStorage<kPvInt8>)) + 1024;
+  // (set on every launch: the attribute is per device, and setting it costs ~1 us)
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_quant sm90: cannot reserve shared memory: ") + cudaGetErrorString(err));
+  }
+  const dim3 grid((p.q_len + kRowsPerCta - 1) / kRowsPerCta, p.q_heads, p.batch);
+  kernel<<<grid, kThreads, smem, stream>>>(tm_q, tm_k, tm_v, p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_quant sm90: launch failed: ") + cudaGetErrorString(err));
+  }
+}
+
+template <class T>
+void dispatch_modes(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
+                    cudaStream_t stream) {
+  if (p.pv_int8) {
+    if (p.causal) {
+      launch<T, true, true>(p, q, k, v, stream);
+    } else {
+      launch<T, true, false>(p, q, k, v, stream);
+    }
+  } else {
+    if (p.causal) {
+      launch<T, false, true>(p, q, k, v, stream);
+    } else {
+      launch<T, false, false>(p, q, k, v, stream);
+    }
+  }
+}
+
+}  // namespace
+
+void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
+  if (p.q_len < 1 || p.kv_len < 1 || p.batch < 1 || p.q_heads < 1 || p.kv_heads < 1 || p.q_heads % p.kv_heads) {
+    throw std::invalid_argument("flash_quant sm90: empty or inconsistent shapes");
+  }
+  const CUtensorMap tm_q = make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kHeadDim, p.q_len, p.q_heads, p.batch,
+                                    p.q_stride, kHeadDim, kRowsPerCta, "q");
+  const CUtensorMap tm_k = make_map(p.k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kHeadDim, p.kv_len, p.kv_heads,
+                                    p.batch, p.k_stride, kHeadDim, kKeysPerTile, "k");
+  CUtensorMap tm_v;
+  if (p.pv_int8) {
+    // V^T: tokens innermost (stride 1), channels at v_stride[2]
+    tm_v = make_map(p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.kv_len, kHeadDim, p.kv_heads, p.batch, p.v_stride,
+                    kKeysPerTile, kHeadDim, "v (K-major int8)");
+  } else {
+    const CUtensorMapDataType type =
+        p.out_type == OutType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    // two boxes of 64 channels (128 bytes) per key tile
+    tm_v = make_map(p.v, type, 2, kHeadDim, p.kv_len, p.kv_heads, p.batch, p.v_stride, 64, kKeysPerTile, "v");
+  }
+  if (p.out_type == OutType::kBFloat16) {
+    dispatch_modes<__nv_bfloat16>(p, tm_q, tm_k, tm_v, stream);
+  } else {
+    dispatch_modes<__half>(p, tm_q, tm_k, tm_v, stream);
+  }
+}
+
+}  // namespace flash_quant_sm90

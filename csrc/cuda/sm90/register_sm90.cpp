@@ -1,0 +1,131 @@
+// CUDA kernel of flash_quant::_sm90_attention_forward: checks the tensors (before any
+// kernel runs), allocates out / lse and launches the Hopper forward kernel on the current
+// stream of the operands' device. flash_quant/cuda/dispatch.py decides when it serves a
+// flash_quant::attention_forward call; the schema is in csrc/schema.cpp.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "fwd_launch.h"
+
+namespace flash_quant_sm90 {
+namespace {
+
+constexpr const char* kOp = "flash_quant._sm90_attention_forward: ";
+
+void check_rows(const at::Tensor& t, const char* name, int64_t elem_bytes) {
+  TORCH_CHECK(t.dim() == 4, kOp, name, " must be 4-D (B, H, S, D), got ", t.dim(), " dims");
+  TORCH_CHECK(t.stride(3) == 1, kOp, name, " must have a contiguous last dim");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kOp, name, " must be 16-byte aligned");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK((t.stride(d) * elem_bytes) % 16 == 0, kOp, name, " stride ", d,
+                " must be a multiple of 16 bytes (TMA), got ", t.stride(d) * elem_bytes);
+  }
+}
+
+at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(s.scalar_type() == at::kFloat, kOp, name, " must be float32, got ", s.scalar_type());
+  TORCH_CHECK(s.sizes() == shape, kOp, name, " must have shape ", shape, ", got ", s.sizes());
+  return s.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> sm90_attention_forward(
+    const at::Tensor& q_data, const at::Tensor& q_scale, const at::Tensor& k_data, const at::Tensor& k_scale,
+    const std::optional<at::Tensor>& k_mean, const at::Tensor& v, const std::optional<at::Tensor>& v_data,
+    const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& nonfinite, bool is_causal,
+    double scale) {
+  TORCH_CHECK(q_data.is_cuda() && k_data.is_cuda() && v.is_cuda(), kOp, "operands must be CUDA tensors");
+  TORCH_CHECK(q_data.device() == k_data.device() && q_data.device() == v.device(), kOp,
+              "operands are on different devices");
+  TORCH_CHECK(q_data.scalar_type() == at::kChar && k_data.scalar_type() == at::kChar, kOp,
+              "q_data and k_data must be int8");
+  TORCH_CHECK(v.scalar_type() == at::kBFloat16 || v.scalar_type() == at::kHalf, kOp,
+              "v must be bfloat16 or float16 (it sets the output type), got ", v.scalar_type());
+  check_rows(q_data, "q_data", 1);
+  check_rows(k_data, "k_data", 1);
+  const int64_t B = q_data.size(0), Hq = q_data.size(1), Sq = q_data.size(2), D = q_data.size(3);
+  const int64_t Hkv = k_data.size(1), Skv = k_data.size(2);
+  TORCH_CHECK(D == kHeadDim, kOp, "head dim must be ", kHeadDim, ", got ", D);
+  TORCH_CHECK(k_data.size(0) == B && k_data.size(3) == D, kOp, "k_data shape ", k_data.sizes(),
+              " does not match q_data ", q_data.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
+  TORCH_CHECK(v.sizes() == k_data.sizes(), kOp, "v shape ", v.sizes(), " != k_data shape ", k_data.sizes());
+  TORCH_CHECK(Sq >= 1 && Skv >= 1 && B >= 1, kOp, "empty batch or sequence");
+  TORCH_CHECK(Sq < (1 << 30) && Skv < (1 << 30) && Hq < 65536 && B < 65536, kOp, "shape too large");
+
+  const at::Tensor qs = scales(q_scale, {B, Hq, Sq}, "q_scale");
+  const at::Tensor ks = scales(k_scale, {B, Hkv, Skv}, "k_scale");
+  at::Tensor km, vs, nf;
+  if (k_mean.has_value()) km = scales(*k_mean, {B, Hkv, D}, "k_mean");
+  const bool pv_int8 = v_data.has_value();
+  if (pv_int8) {
+    const at::Tensor& vd = *v_data;
+    TORCH_CHECK(vd.scalar_type() == at::kChar, kOp, "v_data must be int8");
+    TORCH_CHECK(vd.sizes() == k_data.sizes(), kOp, "v_data shape ", vd.sizes(), " != k_data shape ", k_data.sizes());
+    TORCH_CHECK(vd.stride(2) == 1, kOp, "v_data must be stored K-major (tokens contiguous: stride(-2) == 1)");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(vd.data_ptr()) % 16 == 0, kOp, "v_data must be 16-byte aligned");
+    for (int d : {0, 1, 3}) {
+      TORCH_CHECK(vd.stride(d) % 16 == 0, kOp, "v_data stride ", d, " must be a multiple of 16 bytes, got ",
+                  vd.stride(d));
+    }
+    TORCH_CHECK(v_scale.has_value(), kOp, "v_data given without v_scale");
+    vs = scales(*v_scale, {B, Hkv, D}, "v_scale");
+  } else {
+    TORCH_CHECK(!v_scale.has_value(), kOp, "v_scale given without v_data");
+    check_rows(v, "v", v.element_size());
+  }
+  if (nonfinite.has_value()) {
+    TORCH_CHECK(nonfinite->scalar_type() == at::kInt && nonfinite->sizes() == at::IntArrayRef({B, Hq}), kOp,
+                "nonfinite must be int32 of shape (B, Hq)");
+    nf = nonfinite->contiguous();
+  }
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qs, &ks, &km, &vs, &nf}) {
+    TORCH_CHECK(!t->defined() || t->device() == q_data.device(), kOp, "scales / flags on another device");
+  }
+
+  const c10::cuda::CUDAGuard guard(q_data.device());
+  at::Tensor out = at::empty({B, Hq, Sq, D}, v.options());
+  at::Tensor lse = at::empty({B, Hq, Sq}, v.options().dtype(at::kFloat));
+
+  Sm90FwdParams p;
+  p.q = q_data.data_ptr();
+  p.k = k_data.data_ptr();
+  const at::Tensor& vt = pv_int8 ? *v_data : v;
+  p.v = vt.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = q_data.stride(d);
+    p.k_stride[d] = k_data.stride(d);
+  }
+  p.v_stride[0] = vt.stride(0);
+  p.v_stride[1] = vt.stride(1);
+  p.v_stride[2] = pv_int8 ? vt.stride(3) : vt.stride(2);  // K-major: the channel stride
+  p.q_scale = qs.data_ptr<float>();
+  p.k_scale = ks.data_ptr<float>();
+  p.v_scale = vs.defined() ? vs.data_ptr<float>() : nullptr;
+  p.k_mean = km.defined() ? km.data_ptr<float>() : nullptr;
+  p.nonfinite = nf.defined() ? nf.data_ptr<int32_t>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.batch = static_cast<int>(B);
+  p.q_heads = static_cast<int>(Hq);
+  p.kv_heads = static_cast<int>(Hkv);
+  p.q_len = static_cast<int>(Sq);
+  p.kv_len = static_cast<int>(Skv);
+  p.softmax_scale = static_cast<float>(scale);
+  p.out_type = v.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
+  p.pv_int8 = pv_int8;
+  p.causal = is_causal;
+  launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_quant, CUDA, m) {
+  m.impl("_sm90_attention_forward", &sm90_attention_forward);
+}
+
+}  // namespace flash_quant_sm90
