@@ -130,6 +130,9 @@ def _generate(model, ids, mask, new_tokens, cache=None):
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
             return_dict_in_generate=True, output_logits=True,
+            # every run generates all its tokens: a random model may pick EOS early in one
+            # run and not in the other (a CI run of 2026-12-06 stopped one after 1 token)
+            min_new_tokens=new_tokens,
         )
     return out.sequences, torch.stack(out.logits, 1).double()
 
