@@ -26,22 +26,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 def _compile_instead_of_launch(fn, grid, args, meta, kernels, key):
     """flash_quant.cuda.host.launch's stand-in: compile fn's launch to Triton IR."""
-    import torch
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
+    from triton_launch import launch_signature  # (tests/, the script's directory)
 
-    dtypes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
-              torch.uint8: "u8", torch.int32: "i32", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name], constexprs[(i,)] = "constexpr", meta[p.name]
-        elif isinstance(args[i], torch.Tensor):
-            signature[p.name] = "*" + dtypes[args[i].dtype]
-        else:
-            signature[p.name] = {bool: "i1", int: "i32", float: "fp32"}[type(args[i])]
+    signature, constexprs = launch_signature(fn, args, meta)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     options = backend.parse_options({"num_warps": meta.get("num_warps", 4)})

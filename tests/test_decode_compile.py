@@ -22,21 +22,13 @@ def _main():
 
     from flash_quant.cuda import decode, kv_append
     from flash_quant.kv_cache import QuantizedKVCache
+    from triton_launch import launch_signature  # (tests/, the script's directory)
 
-    dtypes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
-              torch.uint8: "u8", torch.int32: "i32"}
     compiled = []
 
     def compile_instead_of_launch(fn, grid, args, meta, kernels, key):
         """flash_quant.cuda.host.launch's stand-in: compile the launch for sm_90."""
-        signature, constexprs = {}, {}
-        for i, p in enumerate(fn.params):
-            if p.is_constexpr:
-                signature[p.name], constexprs[(i,)] = "constexpr", meta[p.name]
-            elif isinstance(args[i], torch.Tensor):
-                signature[p.name] = "*" + dtypes[args[i].dtype]
-            else:
-                signature[p.name] = {int: "i32", float: "fp32"}[type(args[i])]
+        signature, constexprs = launch_signature(fn, args, meta)
         options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
         triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
         compiled.append(fn.__name__)
