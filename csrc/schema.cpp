@@ -110,6 +110,19 @@ TORCH_LIBRARY(flash_quant, m) {
       "float scale) "
       "-> (Tensor out, Tensor lse)");
 
+  // Internal: the whole accurate-preset forward on the Hopper kernel from 16-bit q, k, v
+  // (issue 17: one op call, no Python between the steps): the quantize pre-pass of
+  // csrc/cuda/sm90/prepass.h (Q and K rotated, K centred by its robust centre, INT8 per
+  // token), then _sm90_attention_forward with 16-bit P·V. Registered for CUDA with it.
+  // flash_quant/cuda/dispatch.py (fused_sm90) says when a flash_quant.attention call
+  // takes it: no mask, no autograd, every key visible, operands the kernels can read.
+  //   q (B, Hq, Sq, 128), k / v (B, Hkv, Skv, 128), bfloat16 or float16 alike; unit
+  //   channel stride, other strides multiples of 8 elements, 16-byte aligned data.
+  // Returns out (B, Hq, Sq, 128) in q.dtype and lse (B, Hq, Sq) float32, as attention_forward
+  // with the accurate preset's operands gives them (non-finite q / k rows: NaN scales, so
+  // NaN where SDPA gives NaN, instead of the CPU quantizer's error).
+  m.def("_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale) -> (Tensor out, Tensor lse)");
+
   // Decode attention over a quantized KV cache (issue 18). The buffers are those of
   // flash_quant.QuantizedKVCache (layout and schemes: flash_quant/kv_cache.py's
   // docstring); semantics: flash_quant/decode.py. q (B, Hq, Sq, D), 1 <= Sq <= 16,

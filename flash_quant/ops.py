@@ -329,8 +329,8 @@ def _attention_forward_fake(q, k, v, *args):
     return out, lse
 
 
-if not hasattr(_ops, "_sm90_attention_forward"):  # a flash_quant._C compiled before csrc/schema.cpp had it
-    raise ImportError("flash_quant's C++ extension (flash_quant._C) predates the op _sm90_attention_forward "
+if not hasattr(_ops, "_sm90_attention_forward") or not hasattr(_ops, "_sm90_attention"):  # a flash_quant._C compiled before csrc/schema.cpp had it
+    raise ImportError("flash_quant's C++ extension (flash_quant._C) predates the ops _sm90_attention_forward / _sm90_attention "
                       f"of csrc/schema.cpp: it is stale; {_extension._REBUILD}")
 
 
@@ -343,6 +343,22 @@ def _sm90_attention_forward_fake(q_data, q_scale, k_data, k_scale, k_mean, v, v_
     out = q_data.new_empty((b, hq, sq, v.shape[-1]), dtype=v.dtype)
     lse = q_data.new_empty((b, hq, sq), dtype=torch.float32)
     return out, lse
+
+
+def sm90_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the accurate preset on the Hopper kernel from 16-bit q, k, v in one op
+    call (internal: flash_quant.cuda.dispatch.fused_sm90 says when; no autograd)."""
+    return _SM90_ATTENTION(q, k, v, is_causal, scale)
+
+
+_SM90_ATTENTION = _ops._sm90_attention.default
+
+
+@torch.library.register_fake("flash_quant::_sm90_attention")
+def _sm90_attention_fake(q, k, v, is_causal, scale):
+    b, hq, sq, d = q.shape
+    return q.new_empty((b, hq, sq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 #: attention_forward's argument names in schema order: its inputs are read by these names.

@@ -415,3 +415,85 @@ def test_which_kernel_names_the_device_off_cuda():
         assert flash_quant.which_kernel(q, k, v, config=preset, is_causal=True) == ("cpu", None)
     out = flash_quant.attention(q, k, v, config="fast", is_causal=True)  # (the refactored call path)
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+# ------------------------------------------------------- the fused accurate preset (one op)
+@pytest.fixture
+def fused_hopper(hopper, monkeypatch):
+    """`hopper`, with the fused op's CUDA kernel registered too."""
+    hopper["fused"] = True
+    monkeypatch.setattr(dispatch, "_fused_op_registered", lambda: hopper["fused"])
+    return hopper
+
+
+def fused_args(b=1, hq=2, hkv=1, sq=17, skv=17, d=128, dtype=torch.bfloat16, **over):
+    q, k, v = make_qkv(b, hq, sq, d, hkv=hkv, skv=skv, dtype=dtype)
+    a = dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=hkv != hq)
+    a.update(over)
+    return a
+
+
+def test_fused_covers_the_plain_accurate_call(fused_hopper):
+    a = fused_args()
+    assert dispatch.fused_sm90(**a) == pytest.approx(128 ** -0.5)
+    assert dispatch.fused_sm90(**dict(a, scale=0.25, is_causal=True)) == 0.25  # causal, Sq == Skv
+    assert dispatch.fused_sm90(**fused_args(hq=8, hkv=2, sq=5, skv=3, dtype=torch.float16, is_causal=True)) \
+        is not None  # GQA; causal with Sq > Skv: every key is seen by some row
+    hits = dispatch._FUSED.hits
+    dispatch.fused_sm90(**a)
+    assert dispatch._FUSED.hits == hits + 1  # the per-signature part is cached
+
+
+def _strided(x, extra):
+    """x with `extra` unused channels after each row (a view of a wider buffer)."""
+    buf = torch.zeros(x.shape[:-1] + (x.shape[-1] + extra,), dtype=x.dtype)
+    buf[..., : x.shape[-1]] = x
+    return buf[..., : x.shape[-1]]
+
+
+@pytest.mark.parametrize("case", ["mask", "dropout", "grad", "causal_fewer_queries", "head_dim_64", "float32",
+                                  "row_stride", "misaligned", "forced_triton", "not_sm90", "not_built",
+                                  "gqa_without_flag", "key_value_shapes"])
+def test_fused_declines(fused_hopper, case):
+    """Each call the fused op does not cover goes the general path (None here)."""
+    a = fused_args()
+    q = a["query"]
+    if case == "mask":
+        a["attn_mask"] = torch.ones(17, 17, dtype=torch.bool)
+    elif case == "dropout":
+        a["dropout_p"] = 0.1
+    elif case == "grad":
+        a["query"] = q.requires_grad_()
+    elif case == "causal_fewer_queries":
+        a = fused_args(sq=5, skv=17, is_causal=True)
+    elif case == "head_dim_64":
+        a = fused_args(d=64)
+    elif case == "float32":
+        a = fused_args(dtype=torch.float32)
+    elif case == "row_stride":
+        a["key"] = _strided(a["key"], 4)  # 132-element rows: not 16-byte vectors
+    elif case == "misaligned":
+        a["value"] = torch.zeros(a["value"].numel() + 1, dtype=a["value"].dtype)[1:].view_as(a["value"])
+    elif case == "forced_triton":
+        with dispatch.force_kernel("triton"):
+            assert dispatch.fused_sm90(**a) is None
+        return
+    elif case == "not_sm90":
+        fused_hopper["capability"] = (8, 0)
+    elif case == "not_built":
+        fused_hopper["fused"] = False
+    elif case == "gqa_without_flag":
+        a = fused_args(hq=4, hkv=2, enable_gqa=False)
+    elif case == "key_value_shapes":
+        a["value"] = a["value"][..., :5, :]
+    assert dispatch.fused_sm90(**a) is None, case
+
+
+def test_fused_grad_needs_grad_mode(fused_hopper):
+    """A call on tensors that require grad is fused only where no graph is recorded."""
+    a = fused_args()
+    a["key"].requires_grad_()
+    assert dispatch.fused_sm90(**a) is None
+    with torch.no_grad():
+        assert dispatch.fused_sm90(**a) is not None

@@ -57,6 +57,13 @@ KERNELS_AGREE = {"accurate": 1e-2, "fast": 3e-2}
 LSE_ABS = CUDA_BARS["fwd16"].lse_abs
 #: lse of a preset call against fp64 of the float inputs (tests/test_cuda_gpu.py LSE_TOL).
 PRESET_LSE_ABS = 0.05
+#: lse of a preset call, sm90 against Triton, per input family. The lse adds back scale ·
+#: q · k_mean with Q dequantized: with the outlier family's large K centre (bias sigma 4,
+#: |k_mean| ~ 45) one Q code a step apart moves a row's lse by ~0.02, and the two paths'
+#: quantizers (the accurate preset's csrc/cuda/sm90/prepass.cu, Triton's quantize op)
+#: round a few values to neighbouring codes (float32 order of the rotation's sums).
+#: H100, 2026-12-06: up to 0.063 there; a wrong centre would be off by tens.
+PRESET_LSE_APART = {"normal": LSE_ABS, "realistic": 0.1}
 
 
 def _bar16(dtype):
@@ -69,7 +76,13 @@ def _op_call(q, k, v, recipe, causal):
 
 
 def _assert_sm90_serves(call):
+    """sm90 covers the call: auto mode picks it, except INT8 P·V, which the measured policy
+    keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV) and which sm90 then serves when forced."""
     kernel, reason = dispatch.forward_kernel(**call)
+    if call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV:
+        assert kernel == "triton" and reason.startswith(dispatch.R_SLOWER), (kernel, reason)
+        with dispatch.force_kernel("sm90"):  # (raises when sm90 cannot serve the call)
+            kernel, reason = dispatch.forward_kernel(**call)
     assert kernel == "sm90", f"the dispatcher picked {kernel}: {reason}"
 
 
@@ -141,10 +154,13 @@ def test_op_query_and_key_lengths_differ(recipe, causal, sq, skv):
 def test_presets_through_flash_quant_attention(preset, family, causal, dtype):
     q, k, v = make_qkv(2, 8, 1000, D, hkv=2, skv=1000, family=family, dtype=dtype, device=DEV)
     args = dict(is_causal=causal, enable_gqa=True, config=preset)
-    assert flash_quant.which_kernel(q, k, v, **args) == ("sm90", None)
-    before = dispatch.fallback_counts()
-    out, lse = flash_quant.attention_with_lse(q, k, v, **args)
-    torch.cuda.synchronize()
+    # (the fast preset's INT8 P·V runs on Triton in auto mode by measurement: force sm90)
+    mode = "sm90" if preset == "fast" else "auto"
+    with dispatch.force_kernel(mode):
+        assert flash_quant.which_kernel(q, k, v, **args) == ("sm90", None)
+        before = dispatch.fallback_counts()
+        out, lse = flash_quant.attention_with_lse(q, k, v, **args)
+        torch.cuda.synchronize()
     assert dispatch.fallback_counts() == before
     with dispatch.force_kernel("triton"):
         t_out, t_lse = flash_quant.attention_with_lse(q, k, v, **args)
@@ -155,7 +171,7 @@ def test_presets_through_flash_quant_attention(preset, family, causal, dtype):
     # lse: from the same quantized scores as Triton's; against fp64, test_cuda_gpu.py's
     # preset bound (N(0, 1); the outlier family's quantized scores move it further)
     apart = (lse - t_lse).abs().max().item()
-    assert apart <= LSE_ABS, f"lse differs from Triton's by {apart:.3g}"
+    assert apart <= PRESET_LSE_APART[family], f"lse differs from Triton's by {apart:.3g}"
     lse_err = (lse.double() - ref_lse).abs().max().item()
     if family == "normal":
         assert lse_err <= PRESET_LSE_ABS, f"lse off by {lse_err:.3g}"

@@ -49,8 +49,12 @@ MIN_KEYS_PER_SPLIT = 256   # below this a split's fixed cost (q load, partial st
 WAVES = 2                  # programs to aim for, in multiples of the SM count
 
 #: Kernel parameters; any may be overridden by ``config=`` (num_splits None: choose_splits).
+#: Chosen by `bench_decode.py --sweep --quick` (H100, 2026-12-06 11:20 UTC, 32/8 heads,
+#: hd 128, CUDA-graph µs; docs/decode.md): INT8 block 64 / 4 warps / choose_splits is
+#: within 5 % of the best of 18 settings at 1x32k (48.6 vs 46.3) and 8x8k (87.6 vs 86.2);
+#: INT4 wants v_expand=1 (84.8 vs 96.2 µs at 1x32k, 160.2 vs 274.9 at 8x8k).
 DEFAULTS = {"block_n": 64, "num_warps": 4, "num_stages": 3, "num_splits": None,
-            "merge_warps": 4, "v_expand": 0}
+            "merge_warps": 4, "v_expand": 1}
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 CACHE_PLANS = 64           # launch plans kept per cache (decode_cache)

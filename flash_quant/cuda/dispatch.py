@@ -16,6 +16,11 @@ count per reason code (:func:`fallback_counts`), logged once per code: a warning
 sm90 kernel exists for the device but this call is not covered or the build lacks it, an
 info line for a device that is not sm_90 (the normal case on other GPUs).
 
+One step above the op: :func:`fused_sm90` says when a whole ``flash_quant.attention`` call
+with the accurate preset runs as the single op ``flash_quant::_sm90_attention`` (the
+quantize pre-pass in CUDA C++, then the same sm90 kernel), skipping the Python quantize
+steps and their host time (issue 17.3: <= 60 µs a call at the Flux shape).
+
 Forcing a kernel (benchmarks, tests): ``FLASH_QUANT_CUDA_FORWARD=auto|triton|sm90`` (read
 once, at the first decision) or the :func:`force_kernel` context manager, which wins over
 the variable. Forcing ``sm90`` for a call it cannot serve raises a ValueError naming the
@@ -41,6 +46,7 @@ from .host import PlanCache, tensor_signature
 __all__ = [
     "SM90", "TRITON", "MODES", "ENV_VAR", "SM90_OP", "forward_kernel", "force_kernel", "mode",
     "fallback_counts", "reset_fallback_counts", "sm90_arguments", "decide", "decide_signed", "signature",
+    "fused_sm90", "FUSED_OP",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ AUTO = "auto"
 MODES = (AUTO, TRITON, SM90)
 ENV_VAR = "FLASH_QUANT_CUDA_FORWARD"
 SM90_OP = "flash_quant::_sm90_attention_forward"
+FUSED_OP = "flash_quant::_sm90_attention"
 
 # What the sm90 kernel covers (docs/hopper.md; the lead's SM90_API coverage, step 1).
 SM90_CAPABILITY = (9, 0)
@@ -162,6 +169,18 @@ def _sm90_op_registered() -> bool:
         except RuntimeError:  # (no such op: a stale extension; flash_quant.ops refuses to load first)
             r = False
         _REGISTERED["cuda"] = r
+    return r
+
+
+def _fused_op_registered() -> bool:
+    """Whether the extension registered the fused accurate op's CUDA kernel (tests replace this)."""
+    r = _REGISTERED.get(FUSED_OP)
+    if r is None:
+        try:
+            r = bool(torch._C._dispatch_has_kernel_for_dispatch_key(FUSED_OP, "CUDA"))
+        except RuntimeError:
+            r = False
+        _REGISTERED[FUSED_OP] = r
     return r
 
 
@@ -374,7 +393,66 @@ def _reset_for_tests() -> None:
     _CAPABILITY.clear()
     _REGISTERED.clear()
     _DECISIONS.clear()
+    _FUSED.clear()
     reset_fallback_counts()
+
+
+# ---------------------------------------------------- the fused accurate preset (one op)
+#: The fused op's pre-pass reads 16-byte vectors: strides in elements must be multiples of this.
+FUSED_STRIDE_ELEMS = 8
+_FUSED = PlanCache()
+
+
+def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[float]:
+    """The softmax scale when `flash_quant.attention(...)` with these arguments and the
+    accurate preset (the caller checks the preset) runs as one
+    ``_sm90_attention`` call (the accurate preset's quantize pre-pass in CUDA C++, then the
+    sm90 kernel: the host cost of one op instead of the Python quantize steps), else None
+    (the call takes the general path, which gives the same result from the same kernel,
+    or raises the error a bad call gets).
+
+    Taken when: plain CUDA tensors of an sm_90 device and
+    a build with the sm90 kernels, no mask, no dropout, no autograd needed, not while
+    torch.compile traces (the general path is the compiled one), every key visible to some
+    query (not causal with Sq < Skv: key_stats.visible_keys), head dim 128, bf16 / fp16,
+    unit channel stride and 16-byte vectors, and a mode other than "triton"."""
+    if attn_mask is not None or dropout_p:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    if type(key) is not torch.Tensor or type(value) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    m = _FORCED[-1] if _FORCED else _ENV_MODE.get("mode") or mode()
+    if m == TRITON or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % TMA_ALIGN:
+        return None
+    key_ = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
+            key.dtype, value.dtype, query.device, key.device, value.device, bool(is_causal), scale,
+            bool(enable_gqa), m)
+    found = _FUSED.get(key_)
+    if found is None:
+        found = _fused_scale(query, key, value, bool(is_causal), scale, bool(enable_gqa))
+        _FUSED.put(key_, found)
+    return found or None
+
+
+def _fused_scale(q, k, v, is_causal, scale, enable_gqa) -> float:
+    """fused_sm90's per-signature part: the softmax scale, or 0.0 when not covered."""
+    from ..support import why_unsupported
+
+    if why_unsupported(q, k, v, None, 0.0, scale=scale, enable_gqa=enable_gqa) is not None:
+        return 0.0  # (the general path raises the error)
+    if q.dim() != 4 or q.dtype not in SM90_DTYPES or q.shape[-1] not in SM90_HEAD_DIMS or k.shape != v.shape:
+        return 0.0
+    if k.device != q.device or v.device != q.device or _device_capability(q.device) != SM90_CAPABILITY:
+        return 0.0
+    if is_causal and q.shape[2] < k.shape[2]:
+        return 0.0  # keys past the last row are excluded from K's statistics: the general path
+    if not all(t.stride(3) == 1 and all(t.stride(d) % FUSED_STRIDE_ELEMS == 0 for d in range(3)) for t in (q, k, v)):
+        return 0.0
+    if not _fused_op_registered():
+        return 0.0
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return s if s > 0 else 0.0
 
 
 # ------------------------------------------------------------------------ the sm90 op

@@ -137,7 +137,9 @@ __device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64],
         float v = fmaf(__int_as_float(acc[i] + kFloatOffsetBits), k, shift);
         if constexpr (kMask) {
           const int col = n0 + 8 * j + 2 * t + e;
-          if (col >= kv_len || (kCausal && col > row0 + 8 * r)) v = -INFINITY;
+          // (a NaN score stays NaN under the causal mask, as in SDPA: a K row with a NaN
+          // scale makes every row NaN; the tail past kv_len holds no key at all)
+          if (col >= kv_len || (kCausal && col > row0 + 8 * r && !isnan(v))) v = -INFINITY;
         }
         x[i] = v;
       }
@@ -393,9 +395,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Masked = std::true_type;
   using Unmasked = std::false_type;
   // leading tiles with no masked key: below the sequence end and, causal, wholly at or
-  // below this warpgroup's first row
+  // below this warpgroup's first row (also where a non-finite head visits the tiles past
+  // its diagonal: those are masked, P = 0, and only 0 · inf / NaN may reach O from them)
   int n_full = p.kv_len / kKeysPerTile;
-  if (kCausal && may_skip) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
+  if (kCausal) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
   n_full = min(n_full, n_active);
 
   if (n_active > 0) {

@@ -1,7 +1,8 @@
-// CUDA kernel of flash_quant::_sm90_attention_forward: checks the tensors (before any
-// kernel runs), allocates out / lse and launches the Hopper forward kernel on the current
-// stream of the operands' device. flash_quant/cuda/dispatch.py decides when it serves a
-// flash_quant::attention_forward call; the schema is in csrc/schema.cpp.
+// CUDA kernels of flash_quant::_sm90_attention_forward (quantized operands) and
+// flash_quant::_sm90_attention (16-bit operands: the accurate preset's pre-pass, then the
+// same forward): check the tensors (before any kernel runs), allocate the outputs and
+// launch on the current stream of the operands' device. flash_quant/cuda/dispatch.py
+// decides when they serve a call; the schemas are in csrc/schema.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,7 @@
 #include <optional>
 
 #include "fwd_launch.h"
+#include "prepass.h"
 
 namespace flash_quant_sm90 {
 namespace {
@@ -122,10 +124,86 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention_forward(
   return {out, lse};
 }
 
+constexpr const char* kFusedOp = "flash_quant._sm90_attention: ";
+
+// A 16-bit operand the pre-pass reads with vector loads.
+void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), kFusedOp, name, " must be on ", q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), kFusedOp, name, " dtype ", t.scalar_type(), " != q's ",
+              q.scalar_type());
+  TORCH_CHECK(t.dim() == 4 && t.size(3) == kHeadDim, kFusedOp, name, " must be (B, H, S, ", kHeadDim, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.stride(3) == 1, kFusedOp, name, " must have a contiguous last dim");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kFusedOp, name, " must be 16-byte aligned");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(t.stride(d) % 8 == 0, kFusedOp, name, " stride ", d, " must be a multiple of 8 elements, got ",
+                t.stride(d));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  bool is_causal, double scale) {
+  TORCH_CHECK(q.is_cuda(), kFusedOp, "q must be a CUDA tensor");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, kFusedOp,
+              "q must be bfloat16 or float16, got ", q.scalar_type());
+  check_input(q, q, "q");
+  check_input(k, q, "k");
+  check_input(v, q, "v");
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Hkv = k.size(1), Skv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes(), kFusedOp, "shapes q ", q.sizes(), " k ", k.sizes(), " v ",
+              v.sizes(), " do not match");
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kFusedOp, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
+  TORCH_CHECK(B >= 1 && Sq >= 1 && Skv >= 1, kFusedOp, "empty batch or sequence");
+  TORCH_CHECK(Sq < (1 << 30) && Skv < (1 << 30) && B * Hkv < 65536, kFusedOp, "shape too large");
+  TORCH_CHECK(scale > 0, kFusedOp, "scale must be > 0, got ", scale);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto i8 = q.options().dtype(at::kChar);
+  const auto f32 = q.options().dtype(at::kFloat);
+  int rows_per_block = 0, blocks = 0;
+  center_blocks(static_cast<int>(Skv), &rows_per_block, &blocks);
+  at::Tensor q_data = at::empty({B, Hq, Sq, kHeadDim}, i8), q_scale = at::empty({B, Hq, Sq}, f32);
+  at::Tensor k_data = at::empty({B, Hkv, Skv, kHeadDim}, i8), k_scale = at::empty({B, Hkv, Skv}, f32);
+  at::Tensor k_mean = at::empty({B, Hkv, kHeadDim}, f32);
+  // workspace: the block means, then the unrotated centre
+  at::Tensor work = at::empty({B * Hkv * (blocks + 1) * kHeadDim}, f32);
+  // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
+  std::optional<at::Tensor> nonfinite;
+  if (is_causal) nonfinite = at::zeros({B, Hq}, q.options().dtype(at::kInt));
+
+  PrepassParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k.stride(d);
+    p.v_stride[d] = v.stride(d);
+  }
+  p.batch = static_cast<int>(B);
+  p.q_heads = static_cast<int>(Hq);
+  p.kv_heads = static_cast<int>(Hkv);
+  p.q_len = static_cast<int>(Sq);
+  p.kv_len = static_cast<int>(Skv);
+  p.in_type = q.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
+  p.q_data = q_data.data_ptr<int8_t>();
+  p.q_scale = q_scale.data_ptr<float>();
+  p.k_data = k_data.data_ptr<int8_t>();
+  p.k_scale = k_scale.data_ptr<float>();
+  p.k_mean = k_mean.data_ptr<float>();
+  p.block_means = work.data_ptr<float>();
+  p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
+  p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
+  launch_prepass(p, c10::cuda::getCurrentCUDAStream().stream());
+  return sm90_attention_forward(q_data, q_scale, k_data, k_scale, k_mean, v, std::nullopt, std::nullopt, nonfinite,
+                                is_causal, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_quant, CUDA, m) {
   m.impl("_sm90_attention_forward", &sm90_attention_forward);
+  m.impl("_sm90_attention", &sm90_attention);
 }
 
 }  // namespace flash_quant_sm90

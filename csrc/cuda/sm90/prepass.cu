@@ -1,0 +1,323 @@
+// The accurate preset's quantization pre-pass (prepass.h): K block means, the rotated
+// centre, and the INT8 codes of Q and K, in three launches with no host work between
+// them. Memory-bound: K is read twice (means, codes), Q once; nothing rotated or centred
+// goes to memory. Plain CUDA (any sm_80+ would run it; it is built with the sm90 sources).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "prepass.h"
+
+namespace flash_quant_sm90 {
+namespace {
+
+constexpr int kWarp = 32;
+//: The codes kernel: kLanesPerRow lanes a row, kPerLane consecutive channels each (in
+//: registers: two butterfly stages cross lanes, five stay in the lane), kRowsPerWarp rows a warp.
+constexpr int kLanesPerRow = 4;
+constexpr int kPerLane = kHeadDim / kLanesPerRow;
+constexpr int kRowsPerWarp = kWarp / kLanesPerRow;
+static_assert(kPerLane == 32, "the codes kernel's lane layout assumes a head dim of 128");
+//: INT8 codes (Precision.INT8): symmetric range [-127, 127].
+constexpr float kQMax = 127.f;
+//: 1 / sqrt(kHeadDim): the orthonormal Hadamard matrix is the ±1 one times this.
+constexpr float kRotationScale = 0.08838834764831845f;
+
+//: The means kernel: 16 threads a row (8 channels, one 16-byte load each), 16 rows at once.
+constexpr int kMeansThreads = 256;
+constexpr int kChannelsPerThread = 8;
+constexpr int kThreadsPerRow = kHeadDim / kChannelsPerThread;
+constexpr int kRowsInFlight = kMeansThreads / kThreadsPerRow;
+//: Warps per CTA of the codes kernel.
+constexpr int kRowWarps = 8;
+//: Threads per channel of the centre kernel (they share the rank selection).
+constexpr int kCenterSlices = 4;
+//: 1.5 * 2^23: for |x| < 2^22, x + kRoundOffset rounds x to the nearest integer, ties to
+//: even, and holds it in the low mantissa bits (the byte of an INT8 code).
+constexpr float kRoundOffset = 12582912.f;
+
+template <class T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
+// Sum of 8 16-bit values into acc (one 16-byte load).
+template <class T>
+__device__ __forceinline__ void add8(const T* src, float (&acc)[kChannelsPerThread]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kChannelsPerThread; ++i) acc[i] += to_float<T>(v[i]);
+}
+
+// Grid (blocks, B * Hkv): the float32 mean of each block of keys per channel, and, when
+// p.nonfinite is set, whether the block's K or V sums are finite.
+template <class T>
+__global__ void __launch_bounds__(kMeansThreads) key_block_means(PrepassParams p, int rows_per_block, int blocks) {
+  __shared__ float partial[kRowsInFlight][kHeadDim];
+  const int blk = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / p.kv_heads, h = bh % p.kv_heads;
+  const int col = (threadIdx.x % kThreadsPerRow) * kChannelsPerThread;
+  const int first = blk * rows_per_block;
+  const int last = min(first + rows_per_block, p.kv_len);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1] + col;
+  float acc[kChannelsPerThread] = {};
+  float vacc[kChannelsPerThread] = {};
+#pragma unroll 4
+  for (int r = first + threadIdx.x / kThreadsPerRow; r < last; r += kRowsInFlight) {
+    add8<T>(k + r * p.k_stride[2], acc);
+  }
+  bool finite = true;
+  if (p.nonfinite != nullptr) {
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1] + col;
+#pragma unroll 4
+    for (int r = first + threadIdx.x / kThreadsPerRow; r < last; r += kRowsInFlight) {
+      add8<T>(v + r * p.v_stride[2], vacc);
+    }
+#pragma unroll
+    for (int i = 0; i < kChannelsPerThread; ++i) finite = finite && isfinite(acc[i]) && isfinite(vacc[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < kChannelsPerThread; ++i) partial[threadIdx.x / kThreadsPerRow][col + i] = acc[i];
+  const bool all_finite = __syncthreads_and(finite);
+  if (threadIdx.x < kHeadDim) {
+    float sum = 0.f;
+#pragma unroll
+    for (int g = 0; g < kRowsInFlight; ++g) sum += partial[g][threadIdx.x];
+    p.block_means[(static_cast<int64_t>(bh) * blocks + blk) * kHeadDim + threadIdx.x] =
+        sum / static_cast<float>(last - first);
+  }
+  if (!all_finite && threadIdx.x == 0) {
+    // (every query head of the group reads this K / V head; plain stores of 1 race benignly)
+    const int group = p.q_heads / p.kv_heads;
+    for (int g = 0; g < group; ++g) p.nonfinite[b * p.q_heads + h * group + g] = 1;
+  }
+}
+
+// Grid (B * Hkv), kCenterSlices x kHeadDim threads: per channel the lower median of the
+// block means (as torch.median; NaN if any is NaN) into k_center, and its orthonormal
+// Hadamard rotation (Sylvester order, as flash_quant.rotation.hadamard_matrix) into
+// k_mean. Each of a channel's kCenterSlices threads ranks every kCenterSlices-th block
+// mean against all of them (the loads are issued together: this kernel is latency-bound).
+__global__ void __launch_bounds__(kCenterSlices * kHeadDim) key_center(PrepassParams p, int blocks) {
+  __shared__ float means[kMaxCenterBlocks][kHeadDim];
+  __shared__ float x[kHeadDim];
+  __shared__ int has_nan[kHeadDim];
+  const int bh = blockIdx.x;
+  const int c = threadIdx.x % kHeadDim;
+  const int slice = threadIdx.x / kHeadDim;
+  const float* src = p.block_means + static_cast<int64_t>(bh) * blocks * kHeadDim;
+  if (slice == 0) has_nan[c] = 0;
+  __syncthreads();
+  bool nan = false;
+#pragma unroll
+  for (int i = slice; i < kMaxCenterBlocks; i += kCenterSlices) {
+    if (i < blocks) {
+      means[i][c] = src[i * kHeadDim + c];
+      nan = nan || isnan(means[i][c]);
+    }
+  }
+  if (nan) has_nan[c] = 1;
+  __syncthreads();
+  // rank selection: the value with (n - 1) / 2 values below it and ties reaching past it
+  const int rank = (blocks - 1) / 2;
+  for (int i = slice; i < blocks; i += kCenterSlices) {
+    const float m = means[i][c];
+    int below = 0, at_or_below = 0;
+#pragma unroll 8
+    for (int j = 0; j < blocks; ++j) {  // (unrolled: the shared loads overlap)
+      below += means[j][c] < m;
+      at_or_below += means[j][c] <= m;
+    }
+    if (below <= rank && rank < at_or_below) x[c] = m;  // (equal values race: same bits)
+  }
+  __syncthreads();
+  if (slice == 0) {
+    if (has_nan[c]) x[c] = NAN;
+    p.k_center[static_cast<int64_t>(bh) * kHeadDim + c] = x[c];
+  }
+  // In-place fast Walsh-Hadamard transform: y_i = sum_j (-1)^popcount(i & j) x_j.
+#pragma unroll
+  for (int half = 1; half < kHeadDim; half *= 2) {
+    __syncthreads();
+    const float mine = x[c], other = x[c ^ half];
+    __syncthreads();
+    if (slice == 0) x[c] = (c & half) ? other - mine : mine + other;
+  }
+  if (slice == 0) p.k_mean[static_cast<int64_t>(bh) * kHeadDim + c] = x[c] * kRotationScale;
+}
+
+// y / s correctly rounded, as the other backends' quantizers divide (flash_quant/cuda/quantize.py
+// _divide): with r = 1/s rounded, q = y r and one exact-residual step q + fma(-q, s, y) r
+// (Markstein). (_divide lifts scales below 2^-100 by 2^100 so that 1/s cannot overflow;
+// here such rows take __fdiv_rn instead, a row-uniform branch.)
+constexpr float kTinyScale = 7.888609052210118e-31f;  // 2^-100
+
+// kLanesPerRow lanes per row of Q (rows [0, B Hq Sq)) or K (the rows after), kPerLane
+// consecutive channels each: subtract K's centre, rotate (the first log2(kPerLane)
+// butterfly stages in registers, the last two across the row's lanes), scale = absmax /
+// 127 (1 for an all-zero row; NaN for a row with an inf / NaN, so the scores that use it
+// are NaN, as SDPA's), codes = round-half-even(y / scale). Rotating x - centre equals the
+// general path's rotate(x) - rotate(centre) up to float32 rounding (the rotation is linear).
+template <class T>
+__global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int part = lane % kLanesPerRow;  // which kPerLane channels of the row
+  // (32-bit row arithmetic: the host checks that the rows number below 2^31)
+  const int q_rows = p.batch * p.q_heads * p.q_len;
+  const int all_rows = q_rows + p.batch * p.kv_heads * p.kv_len;
+  int row = (blockIdx.x * kRowWarps + threadIdx.x / kWarp) * kRowsPerWarp + lane / kLanesPerRow;
+  // Lanes past the last row redo the last row without storing: every lane of the warp
+  // must reach the shuffles below.
+  const bool live = row < all_rows;
+  if (!live) row = all_rows - 1;
+  const bool is_q = row < q_rows;
+  const int r = is_q ? row : row - q_rows;
+  const int len = is_q ? p.q_len : p.kv_len;
+  const int heads = is_q ? p.q_heads : p.kv_heads;
+  const int s = r % len;
+  const int h = (r / len) % heads;
+  const int b = r / (len * heads);
+  const int64_t* stride = is_q ? p.q_stride : p.k_stride;
+  const T* src = static_cast<const T*>(is_q ? p.q : p.k) + b * stride[0] + h * stride[1] + s * stride[2] +
+                 part * kPerLane;
+  float y[kPerLane];
+#pragma unroll
+  for (int c = 0; c < kPerLane / kChannelsPerThread; ++c) {
+    const uint4 raw = reinterpret_cast<const uint4*>(src)[c];
+    const T* in = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kChannelsPerThread; ++j) y[c * kChannelsPerThread + j] = to_float<T>(in[j]);
+  }
+  if (!is_q) {
+    const float4* center =
+        reinterpret_cast<const float4*>(p.k_center + (static_cast<int64_t>(b) * p.kv_heads + h) * kHeadDim + part * kPerLane);
+#pragma unroll
+    for (int c = 0; c < kPerLane / 4; ++c) {
+      const float4 m4 = center[c];
+      y[4 * c] -= m4.x;
+      y[4 * c + 1] -= m4.y;
+      y[4 * c + 2] -= m4.z;
+      y[4 * c + 3] -= m4.w;
+    }
+  }
+  // Fast Walsh-Hadamard transform, y_i = sum_j (-1)^popcount(i & j) x_j (Sylvester order,
+  // as flash_quant.rotation.hadamard_matrix): channel bits below log2(kPerLane) in registers ...
+#pragma unroll
+  for (int half = 1; half < kPerLane; half *= 2) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (!(i & half)) {
+        const float a = y[i], c = y[i + half];
+        y[i] = a + c;
+        y[i + half] = a - c;
+      }
+    }
+  }
+  // ... the others are the lane's `part` bits: y_lo' = y_lo + y_hi, y_hi' = y_lo - y_hi
+#pragma unroll
+  for (int m = 1; m < kLanesPerRow; m *= 2) {
+    const float sign = (part & m) ? -1.f : 1.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) y[i] = fmaf(sign, y[i], __shfl_xor_sync(0xffffffffu, y[i], m));
+  }
+  // Every output of the transform sums every input: one inf / NaN (or an overflow) in the
+  // row makes y[0] of each of its lanes non-finite.
+  const bool bad = !isfinite(y[0]);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    y[i] *= kRotationScale;
+    amax = fmaxf(amax, fabsf(y[i]));
+  }
+#pragma unroll
+  for (int m = 1; m < kLanesPerRow; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  float scale = __fdiv_rn(amax, kQMax);
+  if (scale == 0.f) scale = 1.f;
+  uint32_t packed[kPerLane / 4];
+  if (bad) {
+    scale = NAN;
+#pragma unroll
+    for (int c = 0; c < kPerLane / 4; ++c) packed[c] = 0;
+  } else {
+    if (scale < kTinyScale) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) y[i] = __fdiv_rn(y[i], scale);
+    } else {
+      const float inv = __fdiv_rn(1.f, scale);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const float q = y[i] * inv;
+        y[i] = fmaf(fmaf(-q, scale, y[i]), inv, q);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kPerLane / 4; ++c) {
+      uint32_t bits[4];
+      // clamp, then round half to even by the float adder: the code sits in the low byte
+      // of the sum's bits (two's complement for negative codes)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(fminf(fmaxf(y[4 * c + j], -kQMax), kQMax) + kRoundOffset);
+      packed[c] = __byte_perm(__byte_perm(bits[0], bits[1], 0x0040), __byte_perm(bits[2], bits[3], 0x0040), 0x5410);
+    }
+  }
+  if (!live) return;
+  int8_t* data = (is_q ? p.q_data : p.k_data) + static_cast<int64_t>(r) * kHeadDim + part * kPerLane;
+#pragma unroll
+  for (int c = 0; c < kPerLane / 16; ++c) {
+    reinterpret_cast<uint4*>(data)[c] = make_uint4(packed[4 * c], packed[4 * c + 1], packed[4 * c + 2],
+                                                   packed[4 * c + 3]);
+  }
+  if (part == 0) (is_q ? p.q_scale : p.k_scale)[r] = scale;
+}
+
+void check(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_quant sm90 pre-pass: ") + what + " launch failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+template <class T>
+void launch_all(const PrepassParams& p, cudaStream_t stream) {
+  int rows_per_block = 0, blocks = 0;
+  center_blocks(p.kv_len, &rows_per_block, &blocks);
+  key_block_means<T><<<dim3(blocks, p.batch * p.kv_heads), kMeansThreads, 0, stream>>>(p, rows_per_block, blocks);
+  check("key_block_means");
+  key_center<<<p.batch * p.kv_heads, kCenterSlices * kHeadDim, 0, stream>>>(p, blocks);
+  check("key_center");
+  const int64_t rows = static_cast<int64_t>(p.batch) * (static_cast<int64_t>(p.q_heads) * p.q_len +
+                                                        static_cast<int64_t>(p.kv_heads) * p.kv_len);
+  if (rows >= (int64_t{1} << 31)) throw std::invalid_argument("flash_quant sm90 pre-pass: 2^31 rows or more");
+  const int64_t rows_per_cta = static_cast<int64_t>(kRowWarps) * kRowsPerWarp;
+  quantize_rows<T><<<static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), kRowWarps * kWarp, 0, stream>>>(p);
+  check("quantize_rows");
+}
+
+}  // namespace
+
+void launch_prepass(const PrepassParams& p, cudaStream_t stream) {
+  if (p.batch < 1 || p.q_heads < 1 || p.kv_heads < 1 || p.q_len < 1 || p.kv_len < 1 || p.q_heads % p.kv_heads) {
+    throw std::invalid_argument("flash_quant sm90 pre-pass: empty or inconsistent shapes");
+  }
+  if (p.in_type == OutType::kBFloat16) {
+    launch_all<__nv_bfloat16>(p, stream);
+  } else {
+    launch_all<__half>(p, stream);
+  }
+}
+
+}  // namespace flash_quant_sm90

@@ -1,0 +1,59 @@
+// The accurate preset's quantization pre-pass for the Hopper forward, launched from C++
+// (defined in prepass.cu; no torch here, like fwd_sm90.cu). It produces exactly the
+// operands flash_quant.attention's quantize steps make for config="accurate" (docs/op_contract.md):
+// Q and K Hadamard-rotated along the head dim, K centred by the rotated median of its block
+// means (flash_quant.key_stats.robust_center), both INT8 per token, symmetric, scale =
+// absmax / 127, codes round-half-even. Three kernels: K block means, the centre, the codes.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fwd_params.h"
+
+namespace flash_quant_sm90 {
+
+//: key_stats.CENTER_BLOCKS: the centre is the median of about this many block means.
+constexpr int kCenterBlocks = 32;
+//: The most blocks robust_center's rule makes (S < 64: one key a block, S blocks).
+constexpr int kMaxCenterBlocks = 2 * kCenterBlocks - 1;
+
+struct PrepassParams {
+  // Inputs: (B, H, S, kHeadDim) 16-bit (in_type), unit channel stride; element strides
+  // (batch, head, row), each a multiple of 8 (16-byte rows: vector loads).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;  // read only when nonfinite is set (causal calls)
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0;
+  OutType in_type = OutType::kBFloat16;
+  // Outputs, contiguous: q_data (B, Hq, Sq, D) int8, q_scale (B, Hq, Sq); k_data, k_scale
+  // likewise over (B, Hkv, Skv); k_mean (B, Hkv, D) float32, the rotated centre.
+  int8_t* q_data = nullptr;
+  float* q_scale = nullptr;
+  int8_t* k_data = nullptr;
+  float* k_scale = nullptr;
+  float* k_mean = nullptr;
+  // (B, Hkv, D) float32: the centre before rotation (what the codes kernel subtracts).
+  float* k_center = nullptr;
+  // Workspace (B * Hkv, center_blocks, D) float32: the block means.
+  float* block_means = nullptr;
+  // (B, Hq) int32, zeroed by the caller, or null: set to 1 for each head whose K or V holds
+  // an inf / NaN (or sums past float32's range), which turns the forward's causal tile skip off.
+  int32_t* nonfinite = nullptr;
+};
+
+// robust_center's blocks of S keys: (keys per block, number of blocks).
+inline void center_blocks(int kv_len, int* rows_per_block, int* blocks) {
+  const int bs = kv_len / kCenterBlocks > 1 ? kv_len / kCenterBlocks : 1;
+  const int full = kv_len / bs;
+  *rows_per_block = bs;
+  *blocks = full + (full * bs < kv_len ? 1 : 0);
+}
+
+// Launches the three pre-pass kernels on `stream`. Throws std::runtime_error when a launch fails.
+void launch_prepass(const PrepassParams& p, cudaStream_t stream);
+
+}  // namespace flash_quant_sm90
