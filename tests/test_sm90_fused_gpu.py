@@ -42,12 +42,18 @@ ACCURATE_BAR = 1e-2
 #: rel-L2 between the fused and the general path's outputs (same kernel; a few codes one
 #: step apart at rounding boundaries, and bf16 / fp16 output rounding).
 PATHS_AGREE = 3e-3
-#: max |lse difference| between the two paths, per input family: the lse adds back
-#: scale * q·k_mean with Q dequantized, and with the outlier family's large K centre
-#: (bias sigma 4) one Q code a step apart (the two quantizers' float32 rounding of the
-#: rotation) moves a row's lse by ~0.02 (H100, 2026-12-06: <= 3e-4 normal, <= 0.05
-#: outliers; a wrong centre would be off by tens).
-LSE_AGREE = {"normal": 2e-3, "realistic": 0.1}
+#: lse bars. The lse adds back scale · q · k_mean; the fused pre-pass computes that term
+#: from the float q, the general path from Q's codes, whose rounding a large K centre
+#: magnifies. Measured (H100, 2026-12-06, this test, 56 cases; max |lse - fp64| per case):
+#: N(0,1) fused 1e-7-0.025, general 0.0015-0.025, the two apart <= 0.014 (0.009-0.014
+#: at S = 1, where the fused term is exact and the general one is not); outlier family
+#: fused 0.076-0.231, general 0.207-0.561 (the rest is Q / K code error in peaked scores).
+#: N(0,1): the preset bound of tests/test_sm90_gpu.py, and the two paths within LSE_APART_NORMAL.
+LSE_FP64_NORMAL = 0.05
+LSE_APART_NORMAL = 0.02
+#: Outlier family: the fused path's lse no worse than the general path's (the same-precision
+#: baseline) by more than this.
+LSE_OVER_GENERAL = 0.02
 
 
 @pytest.fixture
@@ -83,17 +89,23 @@ def test_fused_matches_general_path_and_fp64(dtype, causal, sq, skv, hq, hkv, fa
     assert fused_calls["n"] == int(fused_expected)
     g_out, g_lse = _general(q, k, v, **kw)
     assert fused_calls["n"] == int(fused_expected)
-    ref = reference_attention(q, k, v, is_causal=causal)
+    ref, ref_lse = reference_attention(q, k, v, is_causal=causal, return_lse=True)
     err = error_stats(out, ref)["rel_l2"]
     apart = error_stats(out, g_out.double())["rel_l2"]
     finite = torch.isfinite(g_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
+    assert torch.equal(finite, torch.isfinite(lse)) and torch.equal(finite, torch.isfinite(ref_lse))
     lse_apart = (lse[finite] - g_lse[finite]).abs().max().item()
+    lse_err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
+    g_lse_err = (g_lse[finite].double() - ref_lse[finite]).abs().max().item()
     print(f"{dtype} causal={causal} {sq}x{skv} {hq}/{hkv} {family}: fp64 {err:.3g}, vs general {apart:.3g}, "
-          f"lse {lse_apart:.3g}")
+          f"lse vs fp64 {lse_err:.3g} (general path {g_lse_err:.3g}), lse apart {lse_apart:.3g}")
     assert err <= ACCURATE_BAR, f"rel-L2 {err:.3g} > {ACCURATE_BAR}"
     assert apart <= PATHS_AGREE, f"fused vs general path rel-L2 {apart:.3g}"
-    assert lse_apart <= LSE_AGREE[family], f"lse apart {lse_apart:.3g}"
+    if family == "normal":
+        assert lse_err <= LSE_FP64_NORMAL, f"lse off fp64 by {lse_err:.3g}"
+        assert lse_apart <= LSE_APART_NORMAL, f"lse apart {lse_apart:.3g}"
+    else:
+        assert lse_err <= g_lse_err + LSE_OVER_GENERAL, f"lse off fp64 by {lse_err:.3g} (general {g_lse_err:.3g})"
 
 
 def test_fused_strided_operands(fused_calls):

@@ -57,12 +57,11 @@ KERNELS_AGREE = {"accurate": 1e-2, "fast": 3e-2}
 LSE_ABS = CUDA_BARS["fwd16"].lse_abs
 #: lse of a preset call against fp64 of the float inputs (tests/test_cuda_gpu.py LSE_TOL).
 PRESET_LSE_ABS = 0.05
-#: lse of a preset call, sm90 against Triton, per input family. The lse adds back scale ·
-#: q · k_mean with Q dequantized: with the outlier family's large K centre (bias sigma 4,
-#: |k_mean| ~ 45) one Q code a step apart moves a row's lse by ~0.02, and the two paths'
-#: quantizers (the accurate preset's csrc/cuda/sm90/prepass.cu, Triton's quantize op)
-#: round a few values to neighbouring codes (float32 order of the rotation's sums).
-#: H100, 2026-12-06: up to 0.063 there; a wrong centre would be off by tens.
+#: lse of a preset call, sm90 against Triton, per input family (both from Q's codes). The
+#: lse adds back scale · q · k_mean with Q dequantized: with the outlier family's large K
+#: centre (bias sigma 4, |k_mean| ~ 45) one Q code a step apart moves a row's lse by
+#: ~0.02, and two kernels' arithmetic can round a value to neighbouring codes. A wrong
+#: centre would be off by tens.
 PRESET_LSE_APART = {"normal": LSE_ABS, "realistic": 0.1}
 
 
@@ -169,9 +168,13 @@ def test_presets_through_flash_quant_attention(preset, family, causal, dtype):
     assert err <= ISSUE_BARS[preset], f"{preset} rel-L2 {err:.3g} > {ISSUE_BARS[preset]}"
     assert err <= SAME_PRECISION_SLACK * t_err + SAME_PRECISION_ABS, f"sm90 {err:.3g} vs Triton {t_err:.3g}"
     # lse: from the same quantized scores as Triton's; against fp64, test_cuda_gpu.py's
-    # preset bound (N(0, 1); the outlier family's quantized scores move it further)
+    # preset bound (N(0, 1); the outlier family's quantized scores move it further). The
+    # accurate preset's fused path takes the lse's centre term from the float q, Triton's
+    # call from Q's codes: on the outlier family they differ by design (tests/test_sm90_fused_gpu.py
+    # checks that path against fp64).
     apart = (lse - t_lse).abs().max().item()
-    assert apart <= PRESET_LSE_APART[family], f"lse differs from Triton's by {apart:.3g}"
+    if family == "normal" or preset != "accurate":
+        assert apart <= PRESET_LSE_APART[family], f"lse differs from Triton's by {apart:.3g}"
     lse_err = (lse.double() - ref_lse).abs().max().item()
     if family == "normal":
         assert lse_err <= PRESET_LSE_ABS, f"lse off by {lse_err:.3g}"

@@ -513,7 +513,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float inv = l > 0.f ? 1.f / l : 0.f;
     // lse (natural log) of the smoothed scores, plus scale · q · k_mean when K was smoothed
     float mean_term = 0.f;
-    if (p.k_mean != nullptr) {
+    if (p.lse_shift != nullptr) {
+      if (row[r] < p.q_len) {
+        mean_term = p.lse_shift[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] * p.softmax_scale;
+      }
+    } else if (p.k_mean != nullptr) {
       const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim;
       float part = 0.f;
       if (row[r] < p.q_len) {

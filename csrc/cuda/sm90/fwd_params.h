@@ -35,6 +35,10 @@ struct Sm90FwdParams {
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;
   const float* k_mean = nullptr;
+  // (B, Hq, Sq) float32 or null: q_i · k_mean of the unquantized q (the fused pre-pass
+  // computes it); when set, the lse adds softmax_scale times it instead of the product
+  // from q's codes, whose rounding a large K centre magnifies.
+  const float* lse_shift = nullptr;
   const int32_t* nonfinite = nullptr;
   // Outputs, contiguous: out (B, Hq, Sq, D) of out_type, lse (B, Hq, Sq) float32.
   void* out = nullptr;

@@ -242,8 +242,25 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
     y[i] *= kRotationScale;
     amax = fmaxf(amax, fabsf(y[i]));
   }
+  // Q rows: q · k_mean (both rotated; the rotation is orthonormal) for the lse, from the
+  // float values (K rows compute it too, on zeros, and store nothing: no divergence
+  // around the shuffles)
+  float dot = 0.f;
+  if (is_q) {
+    const int hkv = h / (p.q_heads / p.kv_heads);
+    const float4* mean =
+        reinterpret_cast<const float4*>(p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane);
 #pragma unroll
-  for (int m = 1; m < kLanesPerRow; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    for (int c = 0; c < kPerLane / 4; ++c) {
+      const float4 m4 = mean[c];
+      dot = fmaf(y[4 * c], m4.x, fmaf(y[4 * c + 1], m4.y, fmaf(y[4 * c + 2], m4.z, fmaf(y[4 * c + 3], m4.w, dot))));
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < kLanesPerRow; m *= 2) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    dot += __shfl_xor_sync(0xffffffffu, dot, m);
+  }
   float scale = __fdiv_rn(amax, kQMax);
   if (scale == 0.f) scale = 1.f;
   uint32_t packed[kPerLane / 4];
@@ -280,7 +297,10 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
     reinterpret_cast<uint4*>(data)[c] = make_uint4(packed[4 * c], packed[4 * c + 1], packed[4 * c + 2],
                                                    packed[4 * c + 3]);
   }
-  if (part == 0) (is_q ? p.q_scale : p.k_scale)[r] = scale;
+  if (part == 0) {
+    (is_q ? p.q_scale : p.k_scale)[r] = scale;
+    if (is_q) p.q_center_dot[r] = dot;
+  }
 }
 
 void check(const char* what) {

@@ -38,6 +38,9 @@ struct PrepassParams {
   float* k_mean = nullptr;
   // (B, Hkv, D) float32: the centre before rotation (what the codes kernel subtracts).
   float* k_center = nullptr;
+  // (B, Hq, Sq) float32: q_i · k_mean from the unquantized (rotated) q, for the forward's
+  // lse (Sm90FwdParams::lse_shift).
+  float* q_center_dot = nullptr;
   // Workspace (B * Hkv, center_blocks, D) float32: the block means.
   float* block_means = nullptr;
   // (B, Hq) int32, zeroed by the caller, or null: set to 1 for each head whose K or V holds

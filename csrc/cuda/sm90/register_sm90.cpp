@@ -34,11 +34,13 @@ at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) 
   return s.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> sm90_attention_forward(
+// The forward on quantized operands; lse_shift (B, Hq, Sq) float32 or null: the fused
+// path's q · k_mean from the float q (the lse term the kernel otherwise takes from q's codes).
+std::tuple<at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q_data, const at::Tensor& q_scale, const at::Tensor& k_data, const at::Tensor& k_scale,
     const std::optional<at::Tensor>& k_mean, const at::Tensor& v, const std::optional<at::Tensor>& v_data,
     const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& nonfinite, bool is_causal,
-    double scale) {
+    double scale, const float* lse_shift) {
   TORCH_CHECK(q_data.is_cuda() && k_data.is_cuda() && v.is_cuda(), kOp, "operands must be CUDA tensors");
   TORCH_CHECK(q_data.device() == k_data.device() && q_data.device() == v.device(), kOp,
               "operands are on different devices");
@@ -108,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention_forward(
   p.k_scale = ks.data_ptr<float>();
   p.v_scale = vs.defined() ? vs.data_ptr<float>() : nullptr;
   p.k_mean = km.defined() ? km.data_ptr<float>() : nullptr;
+  p.lse_shift = lse_shift;
   p.nonfinite = nf.defined() ? nf.data_ptr<int32_t>() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -122,6 +125,15 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention_forward(
   p.causal = is_causal;
   launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> sm90_attention_forward(
+    const at::Tensor& q_data, const at::Tensor& q_scale, const at::Tensor& k_data, const at::Tensor& k_scale,
+    const std::optional<at::Tensor>& k_mean, const at::Tensor& v, const std::optional<at::Tensor>& v_data,
+    const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& nonfinite, bool is_causal,
+    double scale) {
+  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, v_data, v_scale, nonfinite, is_causal, scale,
+                     nullptr);
 }
 
 constexpr const char* kFusedOp = "flash_quant._sm90_attention: ";
@@ -165,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   at::Tensor q_data = at::empty({B, Hq, Sq, kHeadDim}, i8), q_scale = at::empty({B, Hq, Sq}, f32);
   at::Tensor k_data = at::empty({B, Hkv, Skv, kHeadDim}, i8), k_scale = at::empty({B, Hkv, Skv}, f32);
   at::Tensor k_mean = at::empty({B, Hkv, kHeadDim}, f32);
+  at::Tensor q_center_dot = at::empty({B, Hq, Sq}, f32);
   // workspace: the block means, then the unrotated centre
   at::Tensor work = at::empty({B * Hkv * (blocks + 1) * kHeadDim}, f32);
   // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
@@ -193,10 +206,11 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.k_mean = k_mean.data_ptr<float>();
   p.block_means = work.data_ptr<float>();
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
+  p.q_center_dot = q_center_dot.data_ptr<float>();
   p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
   launch_prepass(p, c10::cuda::getCurrentCUDAStream().stream());
-  return sm90_attention_forward(q_data, q_scale, k_data, k_scale, k_mean, v, std::nullopt, std::nullopt, nonfinite,
-                                is_causal, scale);
+  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, std::nullopt, std::nullopt, nonfinite, is_causal,
+                     scale, p.q_center_dot);
 }
 
 }  // namespace
