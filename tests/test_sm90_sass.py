@@ -1,7 +1,8 @@
 """The Hopper forward's machine code, checked without a GPU (issue 17.5, CI).
 
-csrc/cuda/sm90/fwd_sm90.cu is compiled for sm_90a exactly as docs/hopper.md says it
-compiles standalone (no torch headers), once per session, with ptxas's report (-Xptxas
+csrc/cuda/sm90/fwd_sm90.cu (and the fused pre-pass, prepass.cu) is compiled for sm_90a
+exactly as docs/hopper.md says it compiles standalone (no torch headers), once per
+session, with ptxas's report (-Xptxas
 -v); the cubin is disassembled with cuobjdump (from the Triton wheel,
 triton/backends/nvidia/bin, or on PATH). Asserted:
 
@@ -28,6 +29,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "fwd_sm90.cu"
+PREPASS_SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "prepass.cu"
+#: The pre-pass's kernels (entry names contain these).
+PREPASS_KERNELS = ("key_block_means", "key_center", "quantize_rows")
 # The standalone compile of docs/hopper.md (setup.py adds only -lineinfo and torch's flags).
 NVCC_FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
 #: Entry functions that are attention forward kernels (mangled names contain the identifier).
@@ -107,25 +111,36 @@ def parse_sass(listing: str) -> dict:
     return functions
 
 
-@pytest.fixture(scope="session")
-def compiled(tmp_path_factory):
-    """(ptxas report by entry, SASS by function) of fwd_sm90.cu: one nvcc run a session."""
+def _compile(source: Path, tmp_dir: Path):
+    """(ptxas report by entry, SASS by function) of one .cu file compiled for sm_90a."""
     nvcc = _nvcc()
     if nvcc is None:
         _missing("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
     dump = _cuobjdump()
     if dump is None:
         _missing("cuobjdump not found (triton/backends/nvidia/bin of the Triton wheel, or PATH)")
-    assert SOURCE.exists(), f"{SOURCE.relative_to(ROOT)} is missing: the sm90 forward kernel must exist"
-    cubin = tmp_path_factory.mktemp("sm90") / "fwd_sm90.cubin"
-    run = subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(cubin), str(SOURCE)], cwd=ROOT, capture_output=True,
+    assert source.exists(), f"{source.relative_to(ROOT)} is missing"
+    cubin = tmp_dir / (source.stem + ".cubin")
+    run = subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(cubin), str(source)], cwd=ROOT, capture_output=True,
                          text=True)
-    assert run.returncode == 0, f"nvcc failed on {SOURCE.name}:\n{run.stdout}\n{run.stderr}"
+    assert run.returncode == 0, f"nvcc failed on {source.name}:\n{run.stdout}\n{run.stderr}"
     listing = subprocess.run([dump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     ptxas = parse_ptxas(run.stdout + run.stderr)
     sass = parse_sass(listing)
     print("ptxas:", {name[:80]: info for name, info in ptxas.items()})
     return ptxas, sass
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """(ptxas report by entry, SASS by function) of fwd_sm90.cu: one nvcc run a session."""
+    return _compile(SOURCE, tmp_path_factory.mktemp("sm90"))
+
+
+@pytest.fixture(scope="session")
+def prepass(tmp_path_factory):
+    """The same for prepass.cu, the accurate preset's fused quantize pre-pass."""
+    return _compile(PREPASS_SOURCE, tmp_path_factory.mktemp("sm90_prepass"))
 
 
 def _forward_kernels(sass: dict) -> dict:
@@ -172,3 +187,16 @@ def test_ptxas_reports_no_spills(compiled):
     for name, info in ptxas.items():
         assert "registers" in info and "spill_stores" in info, f"{name}: unparsed ptxas report {info}"
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
+
+
+def test_prepass_kernels_exist_and_keep_to_registers(prepass):
+    """The fused pre-pass (csrc/cuda/sm90/prepass.cu): its three kernels are there, with no
+    local memory (the codes kernel keeps a row's 32 values a lane in registers) and no spills."""
+    ptxas, sass = prepass
+    for kernel in PREPASS_KERNELS:
+        assert any(kernel in name for name in sass), f"no {kernel} kernel in {list(sass)}"
+    for name, code in sass.items():
+        local = [i for i in code if LOCAL_MEMORY.search(i)]
+        assert not local, f"{name}: local-memory traffic: {local[:4]}"
+    for name, info in ptxas.items():
+        assert info.get("spill_stores") == 0 and info.get("spill_loads") == 0, f"{name} spills: {info}"
