@@ -329,9 +329,10 @@ def _attention_forward_fake(q, k, v, *args):
     return out, lse
 
 
-if not hasattr(_ops, "_sm90_attention_forward") or not hasattr(_ops, "_sm90_attention"):  # a flash_quant._C compiled before csrc/schema.cpp had it
-    raise ImportError("flash_quant's C++ extension (flash_quant._C) predates the ops _sm90_attention_forward / _sm90_attention "
-                      f"of csrc/schema.cpp: it is stale; {_extension._REBUILD}")
+# (a flash_quant._C compiled before csrc/schema.cpp had them)
+if not hasattr(_ops, "_sm90_attention_forward") or not hasattr(_ops, "_sm90_attention"):
+    raise ImportError("flash_quant's C++ extension (flash_quant._C) predates the ops _sm90_attention_forward / "
+                      f"_sm90_attention of csrc/schema.cpp: it is stale; {_extension._REBUILD}")
 
 
 @torch.library.register_fake("flash_quant::_sm90_attention_forward")

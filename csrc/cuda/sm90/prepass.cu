@@ -202,8 +202,8 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
     for (int j = 0; j < kChannelsPerThread; ++j) y[c * kChannelsPerThread + j] = to_float<T>(in[j]);
   }
   if (!is_q) {
-    const float4* center =
-        reinterpret_cast<const float4*>(p.k_center + (static_cast<int64_t>(b) * p.kv_heads + h) * kHeadDim + part * kPerLane);
+    const float* row_center = p.k_center + (static_cast<int64_t>(b) * p.kv_heads + h) * kHeadDim + part * kPerLane;
+    const float4* center = reinterpret_cast<const float4*>(row_center);
 #pragma unroll
     for (int c = 0; c < kPerLane / 4; ++c) {
       const float4 m4 = center[c];
@@ -248,8 +248,8 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
   float dot = 0.f;
   if (is_q) {
     const int hkv = h / (p.q_heads / p.kv_heads);
-    const float4* mean =
-        reinterpret_cast<const float4*>(p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane);
+    const float* row_mean = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
+    const float4* mean = reinterpret_cast<const float4*>(row_mean);
 #pragma unroll
     for (int c = 0; c < kPerLane / 4; ++c) {
       const float4 m4 = mean[c];
@@ -323,7 +323,8 @@ void launch_all(const PrepassParams& p, cudaStream_t stream) {
                                                         static_cast<int64_t>(p.kv_heads) * p.kv_len);
   if (rows >= (int64_t{1} << 31)) throw std::invalid_argument("flash_quant sm90 pre-pass: 2^31 rows or more");
   const int64_t rows_per_cta = static_cast<int64_t>(kRowWarps) * kRowsPerWarp;
-  quantize_rows<T><<<static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), kRowWarps * kWarp, 0, stream>>>(p);
+  const unsigned ctas = static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta);
+  quantize_rows<T><<<ctas, kRowWarps * kWarp, 0, stream>>>(p);
   check("quantize_rows");
 }
 
