@@ -160,28 +160,26 @@ def _device_capability(device: torch.device) -> Tuple[int, int]:
 _REGISTERED: Dict[str, bool] = {}
 
 
-def _sm90_op_registered() -> bool:
-    """Whether the extension registered the sm90 op's CUDA kernel (tests replace this)."""
-    r = _REGISTERED.get("cuda")
+def _cuda_kernel_registered(op: str) -> bool:
+    """Whether the extension registered a CUDA kernel for `op`, cached per op."""
+    r = _REGISTERED.get(op)
     if r is None:
         try:
-            r = bool(torch._C._dispatch_has_kernel_for_dispatch_key(SM90_OP, "CUDA"))
+            r = bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"))
         except RuntimeError:  # (no such op: a stale extension; flash_quant.ops refuses to load first)
             r = False
-        _REGISTERED["cuda"] = r
+        _REGISTERED[op] = r
     return r
+
+
+def _sm90_op_registered() -> bool:
+    """Whether the sm90 forward op has its CUDA kernel (tests replace this)."""
+    return _cuda_kernel_registered(SM90_OP)
 
 
 def _fused_op_registered() -> bool:
-    """Whether the extension registered the fused accurate op's CUDA kernel (tests replace this)."""
-    r = _REGISTERED.get(FUSED_OP)
-    if r is None:
-        try:
-            r = bool(torch._C._dispatch_has_kernel_for_dispatch_key(FUSED_OP, "CUDA"))
-        except RuntimeError:
-            r = False
-        _REGISTERED[FUSED_OP] = r
-    return r
+    """Whether the fused accurate op has its CUDA kernel (tests replace this)."""
+    return _cuda_kernel_registered(FUSED_OP)
 
 
 def _why_not_built() -> Optional[str]:

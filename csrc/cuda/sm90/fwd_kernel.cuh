@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../../precision.h"
+#include "float_bits.h"
 #include "fwd_params.h"
 #include "ptx.cuh"
 
@@ -48,13 +50,8 @@ constexpr int kV16HalfBytes = kKeysPerTile * 64 * 2;         // 64 channels of 1
 constexpr int kV16TileBytes = 2 * kV16HalfBytes;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-//: INT8 P's largest code (flash_quant Precision.INT8.qmax; docs/op_contract.md).
-constexpr float kPCodeMax = 127.f;
-//: Integer <-> float without the quarter-rate conversion unit: for |i| < 2^22 the bits of
-//: i + kFloatOffsetBits, read as fp32, are exactly i + kFloatOffset (1.5 * 2^23), and the
-//: low byte of the bits of x + kFloatOffset is round-to-nearest-even(x) for 0 <= x < 256.
-constexpr float kFloatOffset = 12582912.f;
-constexpr int32_t kFloatOffsetBits = 0x4B400000;
+//: INT8 P's largest code (csrc/precision.h; docs/op_contract.md).
+constexpr float kPCodeMax = FQ_INT8_QMAX;
 //: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
 //: lane after it stored its share of the tile's K scales.
 constexpr int kKBarrierArrivals = 1 + 32;

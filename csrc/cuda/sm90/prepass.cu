@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "../../precision.h"
+#include "float_bits.h"
 #include "prepass.h"
 
 namespace flash_quant_sm90 {
@@ -23,8 +25,8 @@ constexpr int kLanesPerRow = 4;
 constexpr int kPerLane = kHeadDim / kLanesPerRow;
 constexpr int kRowsPerWarp = kWarp / kLanesPerRow;
 static_assert(kPerLane == 32, "the codes kernel's lane layout assumes a head dim of 128");
-//: INT8 codes (Precision.INT8): symmetric range [-127, 127].
-constexpr float kQMax = 127.f;
+//: INT8 codes, symmetric: [-kQMax, kQMax] (csrc/precision.h).
+constexpr float kQMax = FQ_INT8_QMAX;
 //: 1 / sqrt(kHeadDim): the orthonormal Hadamard matrix is the ±1 one times this.
 constexpr float kRotationScale = 0.08838834764831845f;
 
@@ -37,9 +39,6 @@ constexpr int kRowsInFlight = kMeansThreads / kThreadsPerRow;
 constexpr int kRowWarps = 8;
 //: Threads per channel of the centre kernel (they share the rank selection).
 constexpr int kCenterSlices = 4;
-//: 1.5 * 2^23: for |x| < 2^22, x + kRoundOffset rounds x to the nearest integer, ties to
-//: even, and holds it in the low mantissa bits (the byte of an INT8 code).
-constexpr float kRoundOffset = 12582912.f;
 
 template <class T>
 __device__ __forceinline__ float to_float(T x);
@@ -286,7 +285,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
       // clamp, then round half to even by the float adder: the code sits in the low byte
       // of the sum's bits (two's complement for negative codes)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(fminf(fmaxf(y[4 * c + j], -kQMax), kQMax) + kRoundOffset);
+      for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(fminf(fmaxf(y[4 * c + j], -kQMax), kQMax) + kFloatOffset);
       packed[c] = __byte_perm(__byte_perm(bits[0], bits[1], 0x0040), __byte_perm(bits[2], bits[3], 0x0040), 0x5410);
     }
   }
