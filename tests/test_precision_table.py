@@ -109,7 +109,7 @@ def _c_numbers(text: str):
 def limit_literals(root: pathlib.Path):
     """'path:line: text' of each precision limit written outside the allowed places."""
     files = list(root.glob("flash_quant/**/*.py")) + [p for d in ("csrc", "metal") for p in (root / d).rglob("*")
-                                                      if p.suffix in (".h", ".cpp", ".mm", ".metal")]
+                                                      if p.suffix in (".h", ".cpp", ".cu", ".cuh", ".mm", ".metal")]
     found = []
     for path in sorted(files):
         rel = path.relative_to(root).as_posix()
