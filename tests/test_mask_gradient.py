@@ -23,6 +23,13 @@ from flash_quant.testing import error_stats, make_qkv
 FP32_BAR = 1e-5
 #: ... or at most this multiple of fp32 SDPA's own error, where that is larger.
 BASELINE_FACTOR = 10.0
+#: Pre-quantized operands of the "realistic" family (outlier channels): our kernel forms
+#: the scores from codes x scales, SDPA from the dequantized floats, so the two fp32
+#: roundings differ by ~eps * |q| |k| per score, and SDPA's own fp32 error (one sample) is
+#: a noisy yardstick: over 60 seeds x 4 recipes ours reached 3.1e-5 rel-L2 while fp32 SDPA
+#: ranged 8e-7..1.8e-5 (one CI run failed at 1.4e-5 against a 1.1e-5 bar). A wrong
+#: quantized gradient (a misapplied scale, zero point or rotation) is >= 1e-3.
+QUANT_FP32_BAR = 1e-4
 
 B, HQ, HKV, SQ, SKV, D = 2, 4, 2, 19, 23, 32
 
@@ -47,11 +54,11 @@ def _ours_mask_grad(q, k, v, mask, do, **kw):
     return out, g
 
 
-def _assert_matches_fp64(got, q, k, v, mask, do, what, **sdpa_kw):
+def _assert_matches_fp64(got, q, k, v, mask, do, what, floor=FP32_BAR, **sdpa_kw):
     _, ref = _sdpa_mask_grad(q, k, v, mask, do, torch.float64, **sdpa_kw)
     _, base = _sdpa_mask_grad(q, k, v, mask, do, torch.float32, **sdpa_kw)
     assert got.shape == mask.shape and got.dtype == mask.dtype, f"{what}: {got.shape} {got.dtype}"
-    bar = max(FP32_BAR, BASELINE_FACTOR * error_stats(base, ref)["rel_l2"])
+    bar = max(floor, BASELINE_FACTOR * error_stats(base, ref)["rel_l2"])
     st = error_stats(got, ref)
     assert st["rel_l2"] < bar, f"{what}: {st} (bar {bar:.2e})"
 
@@ -108,7 +115,8 @@ def test_quantized_operands_straight_through(precision, rotate, smooth, asym, qu
     do = torch.randn(1, HQ, SQ, D)
     _, got = _ours_mask_grad(qq, kq, vq, mask, do, enable_gqa=True, is_causal=True)
     deq = [t.dequantize(torch.float32) if isinstance(t, flash_quant.QuantizedTensor) else t for t in (qq, kq, vq)]
-    _assert_matches_fp64(got, *deq, mask, do, precision, enable_gqa=True, is_causal=True)
+    _assert_matches_fp64(got, *deq, mask, do, precision, floor=QUANT_FP32_BAR, enable_gqa=True,
+                         is_causal=True)
 
 
 @pytest.mark.parametrize("config", ["accurate", "fast", "int4"])
