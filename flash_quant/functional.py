@@ -1,7 +1,7 @@
 """flash_quant.attention: a drop-in for F.scaled_dot_product_attention that quantizes."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -11,7 +11,7 @@ from .key_stats import visible_keys
 from .operand import OperandArgs, operand_kwargs, stand_in
 from .quantization import quantize_codes
 from .quantized_tensor import QuantizedTensor
-from .rotation import rotate, rotated_stand_in
+from .rotation import rotate, rotated_stand_in, unrotate
 from .support import why_unsupported
 
 __all__ = ["attention", "attention_with_lse", "which_kernel"]
@@ -59,9 +59,12 @@ def attention(
       operand gets no gradient: one whose scale/mean require grad is refused in grad mode
       (pass the float tensor instead). A V quantized with rotate=True is refused.
     """
-    return attention_with_lse(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config
-    )[0]
+    if type(query) is torch.Tensor and query.is_cuda:
+        fused = _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+        if fused is not None:
+            return fused[0]
+    call = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    return ops.attention_forward(**call.kwargs)[0].to(call.out_dtype)
 
 
 def attention_with_lse(
@@ -83,10 +86,9 @@ def attention_with_lse(
         fused = _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
         if fused is not None:
             return fused
-    kwargs, out_dtype = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           config)
-    out, lse = ops.attention_forward(**kwargs)
-    return out.to(out_dtype), lse
+    call = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    out, lse = ops.attention_forward(**call.kwargs)
+    return out.to(call.out_dtype), _lse_centre_term_from_float(lse, query, call)
 
 
 def which_kernel(
@@ -106,7 +108,7 @@ def which_kernel(
     calls, ("cpu", None) or ("mps", None) on those devices. Quantizes the operands as the
     call would (the decision depends on what quantization produces) but runs no attention
     and counts no fallback."""
-    kwargs, _ = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    kwargs = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config).kwargs
     device = kwargs["q"].device
     if device.type != "cuda":
         return device.type, None
@@ -133,8 +135,17 @@ def _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     return None if s is None else ops.sm90_attention(query, key, value, bool(is_causal), s)
 
 
-def _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
-    """(attention_forward's keyword arguments, the output dtype) of one attention call."""
+class _Call(NamedTuple):
+    """One attention call as the op takes it."""
+
+    kwargs: dict  # attention_forward's keyword arguments
+    out_dtype: torch.dtype
+    q_precision: str  # Q's precision ("none" when unquantized)
+    rotated: bool  # Q and K quantized in the Hadamard-rotated space (k_mean is rotated too)
+
+
+def _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config) -> _Call:
+    """attention_forward's keyword arguments, and what else the call needs, of one call."""
     cfg = _resolve(config, query, key, value, is_causal)
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     out_dtype = query.dtype
@@ -159,7 +170,47 @@ def _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale
     mask = _prepare_mask(attn_mask)
     kwargs = dict(operand_kwargs(q_args, k_args, v_args), attn_mask=mask, is_causal=bool(is_causal), scale=scale,
                   pv_precision=cfg.pv.value)
-    return kwargs, out_dtype
+    if isinstance(query, QuantizedTensor):
+        q_precision = query.precision.value
+    else:
+        q_precision = cfg.q.precision.value if cfg.q.quantized else "none"
+    return _Call(kwargs, out_dtype, q_precision, rotated)
+
+
+def _lse_centre_term_from_float(lse: torch.Tensor, query: Operand, call: _Call) -> torch.Tensor:
+    """The lse with its smoothing term scale * q . k_mean taken from the float query.
+
+    K smoothed by its centre (k_mean) leaves the scores' softmax unchanged, and the op
+    adds scale * q . k_mean back to its lse from the Q it computes with: the dequantized
+    codes. With a large centre (outlier channels: |k_mean| ~ 45) Q's rounding moves that
+    term by tenths (max |lse - fp64| 0.13-0.35 on the realistic family, S 1-1000). The
+    float query is at hand here (not in the op, which never reads a quantized operand's
+    float), so swap the term: + scale * (q - q_deq) . k_mean, in float32, under no_grad
+    (the lse is not differentiable). The fused sm90 path does the same in its pre-pass.
+    Only attention_with_lse pays it (an O(B*H*S*D) pass); the backward keeps the op's
+    own lse, against which it recomputes the scores."""
+    kw = call.kwargs
+    k_mean, q_data = kw["k_mean"], kw["q_data"]
+    if k_mean is None or q_data is None or not isinstance(query, torch.Tensor):
+        return lse
+    with torch.no_grad():
+        q_scale = kw["q_scale"]
+        zero_point = kw["q_zero_point"]
+        if zero_point is None:
+            zero_point = q_scale.new_empty((0,), dtype=torch.int32)
+        q_deq = ops.dequantize(q_data, q_scale, zero_point, q_scale.new_empty((0,)), call.q_precision, 0,
+                               torch.float32)
+        k_mean = k_mean.float()
+        k_mean_x = unrotate(k_mean) if call.rotated else k_mean  # (q . Hm = Hq . m: H orthonormal)
+        b, hq, sq, d = query.shape
+        hkv = k_mean.shape[1]
+
+        def dot(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # (B, Hq, Sq): x . m per query head
+            grouped = x.float().view(b, hkv, hq // hkv, sq, d)
+            return torch.einsum("bkgsd,bkd->bkgs", grouped, m.expand(b, hkv, 1, d)[:, :, 0]).reshape(b, hq, sq)
+
+        scale = kw["scale"] if kw["scale"] is not None else d ** -0.5
+        return lse + scale * (dot(query, k_mean_x) - dot(q_deq, k_mean))
 
 
 # ---------------------------------------------------------------------------- helpers
