@@ -12,7 +12,11 @@ triton/backends/nvidia/bin, or on PATH). Asserted:
   an 8-bit P·V instantiation (the fast preset) has only 8-bit wgmma (IGMMA / QGMMA);
 * no legacy tensor-core path: no ``HMMA`` / ``IMMA`` / ``QMMA`` (mma.sync) anywhere;
 * no local memory: no ``LDL`` / ``STL`` in any kernel, and ptxas reports 0 bytes of
-  spill stores and loads for every entry function.
+  spill stores and loads for every entry function;
+* ptxas did not serialize the wgmma (its C7518 report: a product in flight across a
+  branch it deems divergent makes it wait after every wgmma), and in each 16-bit P·V
+  kernel a P·V product is in flight across a whole tile's exponentials (the softmax
+  overlaps the matrix products instead of waiting for them).
 
 Without nvcc the test skips, except in CI (CI=true): there nvcc 13.0 is installed, so its
 absence is a broken CI and fails. A missing kernel file fails everywhere.
@@ -86,6 +90,10 @@ def parse_ptxas(report: str) -> dict:
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
             current = entries.setdefault(m.group(1), {})
+            continue
+        m = re.search(r"wgmma.mma_async instructions are serialized.*function '([^']+)'", line)
+        if m:  # (ptxas reports this before or after the function's own lines)
+            entries.setdefault(m.group(1), {})["wgmma_serialized"] = line.strip()
             continue
         if current is None:
             continue
@@ -187,6 +195,39 @@ def test_ptxas_reports_no_spills(compiled):
     for name, info in ptxas.items():
         assert "registers" in info and "spill_stores" in info, f"{name}: unparsed ptxas report {info}"
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
+
+
+def test_wgmma_not_serialized(compiled):
+    ptxas, _ = compiled
+    for name, info in ptxas.items():
+        assert "wgmma_serialized" not in info, f"{name}: {info['wgmma_serialized']}"
+
+
+#: One tile's exponentials per thread: 64 rows x 128 keys over a warpgroup's 128 threads.
+EXP_PER_TILE = 64
+
+
+def _exponentials_under_pv(code: list) -> int:
+    """The most MUFU.EX2 a kernel issues while a 16-bit P·V wgmma is in flight: from an
+    HGMMA to the next wait for every product (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
+    best = count = 0
+    pending = False
+    for ins in code:
+        if WGMMA_16BIT.search(ins):
+            pending = True
+        elif pending and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", ins):
+            best, count, pending = max(best, count), 0, False
+        elif pending and "MUFU.EX2" in ins:
+            count += 1
+    return max(best, count)
+
+
+def test_softmax_overlaps_the_pv_product(compiled):
+    _, sass = compiled
+    for name, code in _forward_kernels(sass).items():
+        if any(WGMMA_16BIT.search(i) for i in code):
+            n = _exponentials_under_pv(code)
+            assert n >= EXP_PER_TILE, f"{name}: only {n} exponentials run while a P·V product is in flight"
 
 
 def test_prepass_kernels_exist_and_keep_to_registers(prepass):

@@ -31,7 +31,17 @@
 
 namespace flash_quant_sm90 {
 
-constexpr int kStages = 3;
+// Schedules of the 16-bit P·V path (a development switch while they are measured against
+// each other, docs/hopper.md; the launcher picks one, the INT8 P·V path runs schedule 0):
+//   0: per tile issue QK(i), wait, issue PV(i-1), softmax(i) while PV(i-1) runs;
+//   1: issue QK(i) and PV(i-1) back to back, wait for QK(i) only, softmax(i), and wait
+//      for PV(i-1) at the next step's start;
+//   2: as 1, and the consumer warpgroups take turns issuing (ping-pong: one's softmax
+//      runs while the other's products occupy the tensor cores).
+constexpr int kSchedules = 3;
+// Ring depth: schedules 1 / 2 hold tile i's stage until step i+2 (PV(i) completes a step
+// later than in schedule 0), so they take one stage more for the same prefetch distance.
+__host__ __device__ constexpr int stages_of(int schedule) { return schedule == 0 ? 3 : 4; }
 constexpr int kThreadsPerWarpgroup = 128;
 constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumerWarpgroups);
 constexpr int kLaunchRegisters = 168;  // 64K registers / 384 threads, rounded down to 8
@@ -55,15 +65,20 @@ constexpr float kPCodeMax = FQ_INT8_QMAX;
 //: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
 //: lane after it stored its share of the tile's K scales.
 constexpr int kKBarrierArrivals = 1 + 32;
+// Named barriers of the ping-pong turns (0 is __syncthreads'): warpgroup w waits on
+// kTurnBarrier + w, the other warpgroup signals it.
+constexpr uint32_t kTurnBarrier = 1;
+constexpr uint32_t kTurnThreads = 2 * kThreadsPerWarpgroup;
 
-template <bool kPvInt8>
+template <bool kPvInt8, int kStages>
 struct SharedStorage {
   static constexpr int kVTileBytes = kPvInt8 ? kV8TileBytes : kV16TileBytes;
   alignas(1024) int8_t q[kQTileBytes];
   alignas(1024) int8_t k[kStages][kKTileBytes];
   alignas(1024) uint8_t v[kStages][kVTileBytes];
-  // the K scale of each key of a tile, written by the producer warp
-  float k_scale[kStages][kKeysPerTile];
+  // per key of a tile: {K scale, -kFloatOffset * K scale} (the score's FFMA operands),
+  // written by the producer warp
+  float2 k_scale[kStages][kKeysPerTile];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -119,15 +134,15 @@ __device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
 // from the int32 accumulator (bit trick, see kFloatOffset), masked keys -inf. Returns
 // this thread's row maxima of x' through tile_max (not yet reduced over the quad).
 template <bool kCausal, bool kMask>
-__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float* ks, int t, int n0,
+__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float2* ks, int t, int n0,
                                        int kv_len, int row0, float (&tile_max)[2]) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float2 kscale = *reinterpret_cast<const float2*>(ks + 8 * j + 2 * t);
+    const float4 kscale = *reinterpret_cast<const float4*>(ks + 8 * j + 2 * t);  // keys 8j+2t, 8j+2t+1
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float k = e ? kscale.y : kscale.x;
-      const float shift = -kFloatOffset * k;
+      const float k = e ? kscale.z : kscale.x;
+      const float shift = e ? kscale.w : kscale.y;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = 4 * j + 2 * r + e;
@@ -217,11 +232,14 @@ __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], co
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal>
+template <class T, bool kPvInt8, bool kCausal, int kSchedule>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
-  using Smem = SharedStorage<kPvInt8>;
+  static_assert(kSchedule >= 0 && kSchedule < kSchedules && !(kPvInt8 && kSchedule != 0),
+                "schedules 1 / 2 are for the 16-bit P·V path");
+  constexpr int kStages = stages_of(kSchedule);
+  using Smem = SharedStorage<kPvInt8, kStages>;
   extern __shared__ uint8_t smem_raw[];
   // 1024-byte alignment for the swizzled tiles (the launcher allocates 1 KB extra)
   const uint32_t raw = smem_addr(smem_raw);
@@ -240,7 +258,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kv_end = may_skip ? min(p.kv_len, m0 + kRowsPerCta) : p.kv_len;
   const int n_tiles = kv_end > 0 ? (kv_end + kKeysPerTile - 1) / kKeysPerTile : 0;
 
-  const int warpgroup = threadIdx.x / kThreadsPerWarpgroup;
+  // broadcast from lane 0: ptxas then knows the value (and every loop bound derived from
+  // it) is warp-uniform; a product in flight across a branch it deems divergent makes it
+  // serialize every wgmma (C7518)
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kThreadsPerWarpgroup, 0);
   if (threadIdx.x == 0) {
     barrier_init(&sm.q_full, 1);
     for (int s = 0; s < kStages; ++s) {
@@ -286,7 +307,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kKeysPerTile / 32; ++i) {
         const int key = n0 + i * 32 + lane;
-        sm.k_scale[s][i * 32 + lane] = key < p.kv_len ? k_scale[key] : 0.f;
+        const float ks = key < p.kv_len ? k_scale[key] : 0.f;
+        sm.k_scale[s][i * 32 + lane] = make_float2(ks, -kFloatOffset * ks);
       }
       barrier_arrive(&sm.k_full[s]);
     }
@@ -398,12 +420,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (kCausal) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
   n_full = min(n_full, n_active);
 
+  // Ping-pong needs the same number of turns in both warpgroups (n_active + 1 each: the
+  // first QK, the QK(i) + PV(i-1) pairs, the last PV); causal calls may differ by a tile.
+  const int other_row0 = m0 + (1 - wg) * kRowsPerWarpgroup;
+  const int other_key_end = may_skip ? min(p.kv_len, other_row0 + kRowsPerWarpgroup) : p.kv_len;
+  const int other_active =
+      min(n_tiles, other_key_end > 0 ? (other_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
+  const bool ping_pong = kSchedule == 2 && !kPvInt8 && other_active == n_active && n_active > 0;
+  const uint32_t my_turn = kTurnBarrier + wg;
+  const uint32_t other_turn = kTurnBarrier + (1 - wg);
+  auto take_turn = [&]() {
+    if (ping_pong) named_barrier_sync(my_turn, kTurnThreads);
+  };
+  auto pass_turn = [&]() {
+    if (ping_pong) named_barrier_arrive(other_turn, kTurnThreads);
+  };
+  if (ping_pong && wg == 1) named_barrier_arrive(other_turn, kTurnThreads);  // warpgroup 0 goes first
+
+  // kSchedule 0 (16-bit) and the int8 path: each step waits for its products before the
+  // next. Schedules 1 / 2 (16-bit): step i waits for PV(i-2) first (a loop iteration
+  // boundary, which ptxas does not schedule across: within one basic block it hoisted
+  // that wait above the softmax's exponentials), packs P(i-1), rescales O for tile i-1's
+  // max, issues QK(i) and PV(i-1), waits for QK(i) only and runs softmax(i) while PV(i-1)
+  // is in flight.
+  constexpr bool kOverlapped = !kPvInt8 && kSchedule != 0;
+  auto rescale_o = [&]() {
+    // after the first tiles a row's max rarely moves: skip the rescale when no row of the
+    // warp needs it (alpha == 1 exactly)
+    if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
+    }
+  };
   if (n_active > 0) {
     // tile 0
     barrier_wait(&sm.k_full[0], 0);
+    take_turn();
     wgmma_fence();
     issue_qk(0);
     wgmma_commit();
+    pass_turn();
     wgmma_wait<0>();
     wgmma_fence_operands(acc_s);
     if (n_full > 0) {
@@ -413,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if constexpr (kPvInt8) {
       pack_p8(pa8, x, lane);
-    } else {
+    } else if constexpr (!kOverlapped) {
       pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
     }
   }
@@ -421,12 +477,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int s = it % kStages;
     const int sp = (it - 1) % kStages;
     const int n0 = it * kKeysPerTile;
+    if constexpr (kOverlapped) {
+      wgmma_wait<0>();  // PV(i-2): its P registers and its stage are free
+      wgmma_fence_operands(o);
+      if (it >= 2) barrier_arrive(&sm.kv_empty[(it - 2) % kStages]);
+      pack_p16<T>(pa16, x);
+      rescale_o();
+    }
     barrier_wait(&sm.k_full[s], (it / kStages) & 1);
     barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
     if constexpr (kPvInt8) {
       // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
       // are never live together; the other warpgroup fills the tensor cores meanwhile
-        wgmma_fence();
+      wgmma_fence();
       issue_pv(sp, pa16);
       wgmma_commit();
       wgmma_wait<0>();
@@ -441,6 +504,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence_operands(acc_s);
       softmax_tile(s, n0, mask);
       pack_p8(pa8, x, lane);
+    } else if constexpr (kOverlapped) {
+      wgmma_fence_operands(o);
+      take_turn();
+      wgmma_fence();
+      issue_qk(s);
+      wgmma_commit();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<1>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, n0, mask);
     } else {
       wgmma_fence_operands(o);
       wgmma_fence();
@@ -457,12 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       wgmma_fence_operands(o);
       barrier_arrive(&sm.kv_empty[sp]);
-      // after the first tiles a row's max rarely moves: skip the rescale when no row of
-      // the warp needs it (alpha == 1 exactly)
-      if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
-      }
+      rescale_o();
       pack_p16<T>(pa16, x);
     }
   };
@@ -476,11 +546,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (n_active > 0) {  // P·V of the last tile
     const int sp = (n_active - 1) % kStages;
+    if constexpr (kOverlapped) {
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      if (n_active >= 2) barrier_arrive(&sm.kv_empty[(n_active - 2) % kStages]);
+      pack_p16<T>(pa16, x);
+      rescale_o();
+    }
     barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
     wgmma_fence_operands(o);
+    take_turn();
     wgmma_fence();
     issue_pv(sp, pa16);
     wgmma_commit();
+    pass_turn();
     wgmma_wait<0>();
     barrier_arrive(&sm.kv_empty[sp]);
     if constexpr (kPvInt8) {
@@ -490,6 +569,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence_operands(o);
     }
   }
+  // warpgroup 1 passed one turn more than warpgroup 0 takes (its first arrival): take it,
+  // so every named-barrier phase completes before the CTA exits
+  if (ping_pong && wg == 0) named_barrier_sync(my_turn, kTurnThreads);
   // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and
   // arrives twice on one phase) and release
   for (int it = n_active; it < n_tiles; ++it) {

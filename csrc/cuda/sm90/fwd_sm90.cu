@@ -54,11 +54,16 @@ CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes,
   return map;
 }
 
-template <class T, bool kPvInt8, bool kCausal>
+//: The most dynamic shared memory a CTA may take on sm_90 (227 KB).
+constexpr int kMaxSharedBytes = 227 * 1024;
+
+template <class T, bool kPvInt8, bool kCausal, int kSchedule>
 void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
             cudaStream_t stream) {
-  auto kernel = forward_kernel<T, kPvInt8, kCausal>;
-  const int smem = static_cast<int>(sizeof(SharedStorage<kPvInt8>)) + 1024;
+  auto kernel = forward_kernel<T, kPvInt8, kCausal, kSchedule>;
+  using Smem = SharedStorage<kPvInt8, stages_of(kSchedule)>;
+  static_assert(sizeof(Smem) + 1024 <= kMaxSharedBytes, "the ring does not fit in shared memory");
+  const int smem = static_cast<int>(sizeof(Smem)) + 1024;
   // (set on every launch: the attribute is per device, and setting it costs ~1 us)
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) {
@@ -72,20 +77,30 @@ void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& 
   }
 }
 
+template <class T, bool kCausal>
+void dispatch_schedule(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
+                       cudaStream_t stream) {
+  switch (p.schedule) {
+    case 0: launch<T, false, kCausal, 0>(p, q, k, v, stream); break;
+    case 1: launch<T, false, kCausal, 1>(p, q, k, v, stream); break;
+    default: launch<T, false, kCausal, 2>(p, q, k, v, stream); break;
+  }
+}
+
 template <class T>
 void dispatch_modes(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                     cudaStream_t stream) {
   if (p.pv_int8) {
     if (p.causal) {
-      launch<T, true, true>(p, q, k, v, stream);
+      launch<T, true, true, 0>(p, q, k, v, stream);
     } else {
-      launch<T, true, false>(p, q, k, v, stream);
+      launch<T, true, false, 0>(p, q, k, v, stream);
     }
   } else {
     if (p.causal) {
-      launch<T, false, true>(p, q, k, v, stream);
+      dispatch_schedule<T, true>(p, q, k, v, stream);
     } else {
-      launch<T, false, false>(p, q, k, v, stream);
+      dispatch_schedule<T, false>(p, q, k, v, stream);
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 
 #include "fwd_launch.h"
@@ -26,6 +27,17 @@ void check_rows(const at::Tensor& t, const char* name, int64_t elem_bytes) {
     TORCH_CHECK((t.stride(d) * elem_bytes) % 16 == 0, kOp, name, " stride ", d,
                 " must be a multiple of 16 bytes (TMA), got ", t.stride(d) * elem_bytes);
   }
+}
+
+// The 16-bit P·V schedule (Sm90FwdParams::schedule): FLASH_QUANT_SM90_SCHEDULE=0|1|2 while
+// the schedules are measured against each other (read per call: benchmarks switch it in
+// one process); anything else is refused.
+int schedule_from_env() {
+  const char* env = std::getenv("FLASH_QUANT_SM90_SCHEDULE");
+  if (env == nullptr || env[0] == '\0') return 2;
+  TORCH_CHECK((env[0] == '0' || env[0] == '1' || env[0] == '2') && env[1] == '\0', kOp,
+              "FLASH_QUANT_SM90_SCHEDULE must be 0, 1 or 2, got '", env, "'");
+  return env[0] - '0';
 }
 
 at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) {
@@ -123,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.out_type = v.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.pv_int8 = pv_int8;
   p.causal = is_causal;
+  p.schedule = schedule_from_env();
   launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
 }
