@@ -236,8 +236,7 @@ template <class T, bool kPvInt8, bool kCausal, int kSchedule>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
-  static_assert(kSchedule >= 0 && kSchedule < kSchedules && !(kPvInt8 && kSchedule != 0),
-                "schedules 1 / 2 are for the 16-bit P·V path");
+  static_assert(kSchedule >= 0 && kSchedule < kSchedules, "no such schedule");
   constexpr int kStages = stages_of(kSchedule);
   using Smem = SharedStorage<kPvInt8, kStages>;
   extern __shared__ uint8_t smem_raw[];
@@ -426,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int other_key_end = may_skip ? min(p.kv_len, other_row0 + kRowsPerWarpgroup) : p.kv_len;
   const int other_active =
       min(n_tiles, other_key_end > 0 ? (other_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
-  const bool ping_pong = kSchedule == 2 && !kPvInt8 && other_active == n_active && n_active > 0;
+  const bool ping_pong = kSchedule == 2 && other_active == n_active && n_active > 0;
   const uint32_t my_turn = kTurnBarrier + wg;
   const uint32_t other_turn = kTurnBarrier + (1 - wg);
   auto take_turn = [&]() {
@@ -486,7 +485,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     barrier_wait(&sm.k_full[s], (it / kStages) & 1);
     barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
-    if constexpr (kPvInt8) {
+    if constexpr (kPvInt8 && kSchedule != 0) {
+      // PV(i-1) and QK(i) back to back into their own accumulators; PV(i-1) is folded
+      // into O (with tile i-1's factors) while QK(i) runs, then softmax(i)
+      wgmma_fence_operands(o);
+      take_turn();
+      wgmma_fence();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      issue_qk(s);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<1>();
+      wgmma_fence_operands(acc_pv);
+      barrier_arrive(&sm.kv_empty[sp]);
+      fold_pv8();
+      wgmma_fence_operands(o);
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, n0, mask);
+      pack_p8(pa8, x, lane);
+    } else if constexpr (kPvInt8) {
       // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
       // are never live together; the other warpgroup fills the tensor cores meanwhile
       wgmma_fence();

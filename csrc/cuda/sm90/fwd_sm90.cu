@@ -77,13 +77,13 @@ void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& 
   }
 }
 
-template <class T, bool kCausal>
+template <class T, bool kPvInt8, bool kCausal>
 void dispatch_schedule(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                        cudaStream_t stream) {
   switch (p.schedule) {
-    case 0: launch<T, false, kCausal, 0>(p, q, k, v, stream); break;
-    case 1: launch<T, false, kCausal, 1>(p, q, k, v, stream); break;
-    default: launch<T, false, kCausal, 2>(p, q, k, v, stream); break;
+    case 0: launch<T, kPvInt8, kCausal, 0>(p, q, k, v, stream); break;
+    case 1: launch<T, kPvInt8, kCausal, 1>(p, q, k, v, stream); break;
+    default: launch<T, kPvInt8, kCausal, 2>(p, q, k, v, stream); break;
   }
 }
 
@@ -92,15 +92,15 @@ void dispatch_modes(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensor
                     cudaStream_t stream) {
   if (p.pv_int8) {
     if (p.causal) {
-      launch<T, true, true, 0>(p, q, k, v, stream);
+      dispatch_schedule<T, true, true>(p, q, k, v, stream);
     } else {
-      launch<T, true, false, 0>(p, q, k, v, stream);
+      dispatch_schedule<T, true, false>(p, q, k, v, stream);
     }
   } else {
     if (p.causal) {
-      dispatch_schedule<T, true>(p, q, k, v, stream);
+      dispatch_schedule<T, false, true>(p, q, k, v, stream);
     } else {
-      dispatch_schedule<T, false>(p, q, k, v, stream);
+      dispatch_schedule<T, false, false>(p, q, k, v, stream);
     }
   }
 }
