@@ -87,9 +87,11 @@ def code_of(args):
 @pytest.mark.parametrize("recipe", ["accurate", "fast"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal):
-    """Both presets' operands, GQA, Sq != Skv, causal or not, bf16 / fp16: sm90."""
-    assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2)) == ("sm90", None)
+@pytest.mark.parametrize("d", [64, 128])
+def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal, d):
+    """Both presets' operands, GQA, Sq != Skv, causal or not, bf16 / fp16, head dims 64 and
+    128: sm90."""
+    assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2, d=d)) == ("sm90", None)
 
 
 def test_auto_keeps_int8_pv_on_triton_by_measurement(hopper, monkeypatch, caplog):
@@ -155,7 +157,7 @@ def _padded_v():
 
 
 @pytest.mark.parametrize("make, code", [
-    (_with(d=64), dispatch.R_HEAD_DIM),
+    (_with(d=96), dispatch.R_HEAD_DIM),
     (_with(d=256), dispatch.R_HEAD_DIM),
     (_with(dtype=torch.float32), dispatch.R_DTYPE),
     (_with(attn_mask=torch.ones(5, 7, dtype=torch.bool)), dispatch.R_MASK),
@@ -168,7 +170,7 @@ def _padded_v():
     (_with(scale=-0.1), dispatch.R_SCALE),
     (_misaligned_q, dispatch.R_LAYOUT),
     (_padded_v, dispatch.R_LAYOUT),
-], ids=["d64", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
+], ids=["d96", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
         "float_q", "negative_scale", "misaligned_q", "padded_v"])
 def test_uncovered_calls_name_their_reason(hopper, make, code):
     kernel, reason = dispatch.forward_kernel(*make())
@@ -268,7 +270,7 @@ def test_forced_sm90_refuses_what_it_cannot_serve(hopper):
     with dispatch.force_kernel("sm90"):
         assert dispatch.forward_kernel(*call()) == ("sm90", None)
         with pytest.raises(ValueError, match="sm90 kernel was forced.*head_dim"):
-            dispatch.forward_kernel(*call(d=64))
+            dispatch.forward_kernel(*call(d=96))
         hopper["capability"] = (8, 0)
         dispatch._DECISIONS.clear()
         with pytest.raises(ValueError, match="sm90 kernel was forced.*device_not_sm90"):
@@ -288,9 +290,9 @@ def test_decisions_are_cached_per_signature(hopper):
 # ------------------------------------------------------------------- counters, log
 def test_fallbacks_are_counted_and_logged_once_per_reason(hopper, caplog):
     caplog.set_level(logging.INFO, logger=dispatch.logger.name)
-    d64 = dispatch.decide(*call(d=64))
+    d96 = dispatch.decide(*call(d=96))
     for _ in range(3):
-        dispatch.record(d64)
+        dispatch.record(d96)
     dispatch.record(dispatch.decide(*call(attn_mask=torch.ones(5, 7, dtype=torch.bool))))
     dispatch.record(dispatch.decide(*call()))  # sm90: no fallback
     with dispatch.force_kernel("triton"):
@@ -389,8 +391,8 @@ def test_causal_call_flags_heads_whose_v_is_not_finite(sm90_on_cpu):
 
 @needs_interpreter
 def test_uncovered_call_runs_triton_and_counts(sm90_on_cpu):
-    out, lse = dispatched_forward(*call(d=64))
-    assert sm90_on_cpu == [] and out.shape == (1, 2, 5, 64)
+    out, lse = dispatched_forward(*call(d=96))
+    assert sm90_on_cpu == [] and out.shape == (1, 2, 5, 96)
     assert dispatch.fallback_counts() == {dispatch.R_HEAD_DIM: 1}
 
 

@@ -175,6 +175,16 @@ def test_both_pv_precisions_are_on_wgmma(compiled):
     assert eight, f"no forward kernel with an 8-bit P·V (only IGMMA / QGMMA) among {list(kernels)}"
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_each_head_dim_is_instantiated(compiled, d):
+    """Head dims 64 and 128 (fwd_params.h kForwardHeadDims): P·V's wgmma has N = D output
+    channels, 16-bit (HGMMA.64xDx16) and 8-bit (IGMMA.64xDx32)."""
+    _, sass = compiled
+    code = [i for c in _forward_kernels(sass).values() for i in c]
+    assert any(re.search(rf"\bHGMMA\.64x{d}x16\.", i) for i in code), f"no 16-bit P·V wgmma for head dim {d}"
+    assert any(re.search(rf"\bIGMMA\.64x{d}x32\.", i) for i in code), f"no 8-bit wgmma of N = {d}"
+
+
 def test_no_legacy_mma(compiled):
     _, sass = compiled
     for name, code in sass.items():
@@ -222,9 +232,17 @@ def _exponentials_under_pv(code: list) -> int:
     return max(best, count)
 
 
+#: forward_kernel<T, kPvInt8, kCausal, kSchedule, kD>'s mangled schedule argument: the
+#: overlapped schedules 1 and 2 (schedule 0, kept for comparison, issues P·V piecemeal
+#: inside the softmax and waits for it before the tile ends).
+OVERLAPPED_SCHEDULE = re.compile(r"Lb[01]ELb[01]ELi[12]E")
+
+
 def test_softmax_overlaps_the_pv_product(compiled):
     _, sass = compiled
-    for name, code in _forward_kernels(sass).items():
+    kernels = {n: c for n, c in _forward_kernels(sass).items() if OVERLAPPED_SCHEDULE.search(n)}
+    assert kernels, "no forward kernel of an overlapped schedule (1 or 2)"
+    for name, code in kernels.items():
         if any(WGMMA_16BIT.search(i) for i in code):
             n = _exponentials_under_pv(code)
             assert n >= EXP_PER_TILE, f"{name}: only {n} exponentials run while a P·V product is in flight"

@@ -64,7 +64,10 @@ SM90_CAPABILITY = (9, 0)
 #: TMA reads each operand through a descriptor: 16-byte aligned base, strides multiples
 #: of 16 bytes (csrc/cuda/sm90/register_sm90.cpp checks the same and raises).
 TMA_ALIGN = 16
-SM90_HEAD_DIMS = (128,)
+#: Head dims of the sm90 forward kernel (csrc/cuda/sm90/fwd_params.h kForwardHeadDims) ...
+SM90_HEAD_DIMS = (64, 128)
+#: ... and of the fused accurate path's pre-pass (prepass.cu: 4 lanes x 32 channels a row).
+FUSED_HEAD_DIMS = (128,)
 SM90_DTYPES = (torch.bfloat16, torch.float16)
 
 # Reason codes (the counters' keys). The message after the code says what this call has.
@@ -439,7 +442,7 @@ def _fused_scale(q, k, v, is_causal, scale, enable_gqa) -> float:
 
     if why_unsupported(q, k, v, None, 0.0, scale=scale, enable_gqa=enable_gqa) is not None:
         return 0.0  # (the general path raises the error)
-    if q.dim() != 4 or q.dtype not in SM90_DTYPES or q.shape[-1] not in SM90_HEAD_DIMS or k.shape != v.shape:
+    if q.dim() != 4 or q.dtype not in SM90_DTYPES or q.shape[-1] not in FUSED_HEAD_DIMS or k.shape != v.shape:
         return 0.0
     if k.device != q.device or v.device != q.device or _device_capability(q.device) != SM90_CAPABILITY:
         return 0.0

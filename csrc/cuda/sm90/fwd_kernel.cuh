@@ -53,11 +53,25 @@ static_assert(kConsumerWarpgroups * kConsumerRegisters + kProducerRegisters <= (
               "setmaxnreg would deadlock: the register pool cannot serve the consumers");
 constexpr int kSwizzleRowBytes = 128;                 // one 128-byte swizzle row
 constexpr int kSwizzleGroupBytes = 8 * kSwizzleRowBytes;  // 8 rows: one swizzle atom
-constexpr int kQTileBytes = kRowsPerCta * kHeadDim;          // int8
-constexpr int kKTileBytes = kKeysPerTile * kHeadDim;         // int8
-constexpr int kV8TileBytes = kHeadDim * kKeysPerTile;        // int8, K-major (V^T)
-constexpr int kV16HalfBytes = kKeysPerTile * 64 * 2;         // 64 channels of 16-bit V
-constexpr int kV16TileBytes = 2 * kV16HalfBytes;
+//: 16-bit V arrives in boxes of 64 channels (one 128-byte swizzle row per key).
+constexpr int kV16BoxChannels = 64;
+constexpr int kV16BoxBytes = kKeysPerTile * kV16BoxChannels * 2;
+
+// What the head dim D sets (kHeadDims: 64 or 128). Q / K codes are rows of D bytes,
+// 128- or 64-byte swizzled (one swizzle row each); V^T (int8) is D rows of 128 keys; 16-bit
+// V is D / 64 boxes; O takes D / 2 accumulator registers a thread (m64nD).
+template <int kD>
+struct HeadDim {
+  static_assert(kD == 64 || kD == 128, "the sm90 kernel covers head dims 64 and 128");
+  static constexpr int kQKSwizzle = kD;  // bytes: one int8 row is one swizzle row
+  static constexpr int kQKGroupBytes = 8 * kD;
+  static constexpr int kQTileBytes = kRowsPerCta * kD;
+  static constexpr int kKTileBytes = kKeysPerTile * kD;
+  static constexpr int kV8TileBytes = kD * kKeysPerTile;
+  static constexpr int kV16Boxes = kD / kV16BoxChannels;
+  static constexpr int kV16TileBytes = kV16Boxes * kV16BoxBytes;
+  static constexpr int kAcc = kD / 2;
+};
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 //: INT8 P's largest code (csrc/precision.h; docs/op_contract.md).
@@ -70,11 +84,12 @@ constexpr int kKBarrierArrivals = 1 + 32;
 constexpr uint32_t kTurnBarrier = 1;
 constexpr uint32_t kTurnThreads = 2 * kThreadsPerWarpgroup;
 
-template <bool kPvInt8, int kStages>
+template <bool kPvInt8, int kStages, int kD>
 struct SharedStorage {
-  static constexpr int kVTileBytes = kPvInt8 ? kV8TileBytes : kV16TileBytes;
-  alignas(1024) int8_t q[kQTileBytes];
-  alignas(1024) int8_t k[kStages][kKTileBytes];
+  using Dims = HeadDim<kD>;
+  static constexpr int kVTileBytes = kPvInt8 ? Dims::kV8TileBytes : Dims::kV16TileBytes;
+  alignas(1024) int8_t q[Dims::kQTileBytes];
+  alignas(1024) int8_t k[kStages][Dims::kKTileBytes];
   alignas(1024) uint8_t v[kStages][kVTileBytes];
   // per key of a tile: {K scale, -kFloatOffset * K scale} (the score's FFMA operands),
   // written by the producer warp
@@ -93,7 +108,8 @@ struct Pack16<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) {
+  template <int N>
+  static __device__ __forceinline__ void mma(float (&d)[N], const uint32_t (&a)[4], uint64_t b, int acc) {
     wgmma_bf16_rs_tb(d, a, b, acc);
   }
 };
@@ -103,7 +119,8 @@ struct Pack16<__half> {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) {
+  template <int N>
+  static __device__ __forceinline__ void mma(float (&d)[N], const uint32_t (&a)[4], uint64_t b, int acc) {
     wgmma_f16_rs_tb(d, a, b, acc);
   }
 };
@@ -232,13 +249,15 @@ __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], co
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal, int kSchedule>
+template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
   static_assert(kSchedule >= 0 && kSchedule < kSchedules, "no such schedule");
   constexpr int kStages = stages_of(kSchedule);
-  using Smem = SharedStorage<kPvInt8, kStages>;
+  using Dims = HeadDim<kD>;
+  constexpr int kAcc = Dims::kAcc;
+  using Smem = SharedStorage<kPvInt8, kStages, kD>;
   extern __shared__ uint8_t smem_raw[];
   // 1024-byte alignment for the swizzled tiles (the launcher allocates 1 KB extra)
   const uint32_t raw = smem_addr(smem_raw);
@@ -282,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_prefetch_map(&tm_q);
       tma_prefetch_map(&tm_k);
       tma_prefetch_map(&tm_v);
-      barrier_expect_bytes(&sm.q_full, kQTileBytes);
+      barrier_expect_bytes(&sm.q_full, Dims::kQTileBytes);
       tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
     }
     for (int it = 0; it < n_tiles; ++it) {
@@ -291,15 +310,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       barrier_wait(&sm.kv_empty[s], phase ^ 1);
       const int n0 = it * kKeysPerTile;
       if (lane == 0) {
-        barrier_expect_bytes(&sm.k_full[s], kKTileBytes);
+        barrier_expect_bytes(&sm.k_full[s], Dims::kKTileBytes);
         tma_load_4d(sm.k[s], &tm_k, &sm.k_full[s], 0, n0, hkv, b);
         if constexpr (kPvInt8) {
-          barrier_expect_bytes(&sm.v_full[s], kV8TileBytes);
+          barrier_expect_bytes(&sm.v_full[s], Dims::kV8TileBytes);
           tma_load_4d(sm.v[s], &tm_v, &sm.v_full[s], n0, 0, hkv, b);  // V^T: tokens innermost
         } else {
-          barrier_expect_bytes(&sm.v_full[s], kV16TileBytes);
-          tma_load_4d(sm.v[s], &tm_v, &sm.v_full[s], 0, n0, hkv, b);
-          tma_load_4d(sm.v[s] + kV16HalfBytes, &tm_v, &sm.v_full[s], 64, n0, hkv, b);
+          barrier_expect_bytes(&sm.v_full[s], Dims::kV16TileBytes);
+#pragma unroll
+          for (int box = 0; box < Dims::kV16Boxes; ++box) {
+            tma_load_4d(sm.v[s] + box * kV16BoxBytes, &tm_v, &sm.v_full[s], box * kV16BoxChannels, n0, hkv, b);
+          }
         }
       }
       // the tile's K scales (keys past the end: 0, masked by the consumers)
@@ -335,16 +356,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) row_factor[r] = row[r] < p.q_len ? q_scale[row[r]] * p.softmax_scale * kLog2e : 0.f;
 
-  float o[64];
+  float o[kAcc];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int i = 0; i < kAcc; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (quad-summed at the end)
   // softmax factors of the newest tile: int8 P·V folds them in when that tile's P·V is
   // done (before the next softmax overwrites them); 16-bit P·V rescales O at once
   float alpha[2], beta[2];
 
-  const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kHeadDim);
+  const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kD);
   barrier_wait(&sm.q_full, 0);
 
   // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
@@ -357,20 +378,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   float x[64];
   uint32_t pa8[4][4];
   uint32_t pa16[kKeysPerTile / 16][4];
-  int32_t acc_pv[64];
+  int32_t acc_pv[kAcc];
   float tile_max[2];
 
   // Descriptors: built once, then moved by byte offsets (the start address field counts
   // 16-byte units; every tile lies in the 256 KB the field covers, so adds never carry out).
-  const uint64_t q_desc = sw128_descriptor(q_tile, 0, kSwizzleGroupBytes);
-  const uint64_t k_desc0 = sw128_descriptor(sm.k[0], 0, kSwizzleGroupBytes);
+  const uint64_t q_desc = swizzled_descriptor<Dims::kQKSwizzle>(q_tile, 0, Dims::kQKGroupBytes);
+  const uint64_t k_desc0 = swizzled_descriptor<Dims::kQKSwizzle>(sm.k[0], 0, Dims::kQKGroupBytes);
   const uint64_t v_desc0 = kPvInt8 ? sw128_descriptor(sm.v[0], 0, kSwizzleGroupBytes)
-                                   : sw128_descriptor(sm.v[0], kV16HalfBytes, kSwizzleGroupBytes);
+                                   : sw128_descriptor(sm.v[0], kV16BoxBytes, kSwizzleGroupBytes);
   auto moved = [](uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); };
   auto issue_qk = [&](int s) {
-    const uint64_t k_desc = moved(k_desc0, s * kKTileBytes);
+    const uint64_t k_desc = moved(k_desc0, s * Dims::kKTileBytes);
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 32; ++kk) {
+    for (int kk = 0; kk < kD / 32; ++kk) {
       wgmma_s8_ss(acc_s, moved(q_desc, kk * 32), moved(k_desc, kk * 32), kk > 0);
     }
   };
@@ -389,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // O <- O * alpha + (int32 P·V) * beta / 127 (the int8 path; bit trick of kFloatOffset)
   auto fold_pv8 = [&]() {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < kAcc; ++i) {
       const int r = (i >> 1) & 1;
       const float w = beta[r] * (1.f / kPCodeMax);
       o[i] = fmaf(__int_as_float(acc_pv[i] + kFloatOffsetBits), w, fmaf(o[i], alpha[r], -kFloatOffset * w));
@@ -448,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // warp needs it (alpha == 1 exactly)
     if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
+      for (int i = 0; i < kAcc; ++i) o[i] *= alpha[(i >> 1) & 1];
     }
   };
   if (n_active > 0) {
@@ -602,8 +623,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // -------------------------------------------------------------- epilogue
-  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim : nullptr;
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * kHeadDim;
+  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kD : nullptr;
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * kD;
   const int8_t* q_codes = static_cast<const int8_t*>(p.q);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -616,12 +637,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         mean_term = p.lse_shift[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] * p.softmax_scale;
       }
     } else if (p.k_mean != nullptr) {
-      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim;
+      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kD;
       float part = 0.f;
       if (row[r] < p.q_len) {
         const int8_t* qrow = q_codes + b * p.q_stride[0] + hq * p.q_stride[1] + row[r] * p.q_stride[2];
 #pragma unroll 4
-        for (int d = t * 32; d < t * 32 + 32; ++d) part += static_cast<float>(qrow[d]) * km[d];
+        for (int d = t * (kD / 4); d < (t + 1) * (kD / 4); ++d) part += static_cast<float>(qrow[d]) * km[d];
       }
       mean_term = quad_sum(part) * (row[r] < p.q_len ? q_scale[row[r]] : 0.f) * p.softmax_scale;
     }
@@ -631,9 +652,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       p.lse[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] =
           l > 0.f ? (m_use + log2f(l)) * kLn2 + mean_term : -INFINITY;
     }
-    T* orow = out + static_cast<int64_t>(row[r]) * kHeadDim;
+    T* orow = out + static_cast<int64_t>(row[r]) * kD;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kD / 8; ++j) {
       const int col = 8 * j + 2 * t;
       float v0 = o[4 * j + 2 * r] * inv;
       float v1 = o[4 * j + 2 * r + 1] * inv;

@@ -8,7 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <iterator>
 #include <optional>
 
 #include "fwd_launch.h"
@@ -64,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   check_rows(k_data, "k_data", 1);
   const int64_t B = q_data.size(0), Hq = q_data.size(1), Sq = q_data.size(2), D = q_data.size(3);
   const int64_t Hkv = k_data.size(1), Skv = k_data.size(2);
-  TORCH_CHECK(D == kHeadDim, kOp, "head dim must be ", kHeadDim, ", got ", D);
+  TORCH_CHECK(std::find(std::begin(kForwardHeadDims), std::end(kForwardHeadDims), D) != std::end(kForwardHeadDims),
+              kOp, "head dim must be 64 or 128, got ", D);
   TORCH_CHECK(k_data.size(0) == B && k_data.size(3) == D, kOp, "k_data shape ", k_data.sizes(),
               " does not match q_data ", q_data.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
@@ -131,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.kv_heads = static_cast<int>(Hkv);
   p.q_len = static_cast<int>(Sq);
   p.kv_len = static_cast<int>(Skv);
+  p.head_dim = static_cast<int>(D);
   p.softmax_scale = static_cast<float>(scale);
   p.out_type = v.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.pv_int8 = pv_int8;
