@@ -492,6 +492,39 @@ def test_fused_declines(fused_hopper, case):
     assert dispatch.fused_sm90(**a) is None, case
 
 
+def test_fused_fast_preset_follows_the_int8_pv_policy(fused_hopper, monkeypatch):
+    """The fast preset (pv_int8) takes the fused op only where its INT8 P·V would run on
+    sm90: not while the measured policy keeps INT8 P·V on Triton (SM90_AUTO_SKIPS_PV),
+    yes with sm90 forced or the policy lifted; the accurate preset is unaffected."""
+    a = fused_args()
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
+    assert dispatch.fused_sm90(**a, pv_int8=True) is None
+    assert dispatch.fused_sm90(**a) is not None
+    with dispatch.force_kernel("sm90"):
+        assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
+    with dispatch.force_kernel("triton"):
+        assert dispatch.fused_sm90(**a, pv_int8=True) is None
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
+    assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
+
+
+def test_functional_sends_each_preset_to_its_fused_op(fused_hopper, monkeypatch):
+    """flash_quant.attention's early exit: "accurate" (default, name or object) asks for the
+    16-bit P·V op, "fast" (name or object) for pv_int8, other configs never."""
+    from flash_quant import functional
+
+    asked = []
+    monkeypatch.setattr(dispatch, "fused_sm90", lambda *args: asked.append(args[-1]) or None)
+    monkeypatch.setattr(functional, "_CUDA_DISPATCH", [dispatch])
+    a = fused_args()
+    args = (a["query"], a["key"], a["value"], None, 0.0, False, None, False)
+    for config, want in (("accurate", False), (None, False), (functional._ACCURATE, False), ("fast", True),
+                         (functional._FAST, True), ("int4", None), ("fp16", None)):
+        asked.clear()
+        assert functional._fused_sm90(*args, config) is None
+        assert asked == ([] if want is None else [want]), config
+
+
 def test_fused_grad_needs_grad_mode(fused_hopper):
     """A call on tensors that require grad is fused only where no graph is recorded."""
     a = fused_args()

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "fwd_sm90.cu"
 PREPASS_SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "prepass.cu"
 #: The pre-pass's kernels (entry names contain these).
-PREPASS_KERNELS = ("key_block_means", "key_center", "quantize_rows")
+PREPASS_KERNELS = ("key_block_means", "key_center", "quantize_rows", "quantize_v_kmajor")
 # The standalone compile of docs/hopper.md (setup.py adds only -lineinfo and torch's flags).
 NVCC_FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
 #: Entry functions that are attention forward kernels (mangled names contain the identifier).
@@ -249,8 +249,9 @@ def test_softmax_overlaps_the_pv_product(compiled):
 
 
 def test_prepass_kernels_exist_and_keep_to_registers(prepass):
-    """The fused pre-pass (csrc/cuda/sm90/prepass.cu): its three kernels are there, with no
-    local memory (the codes kernel keeps a row's 32 values a lane in registers) and no spills."""
+    """The fused pre-pass (csrc/cuda/sm90/prepass.cu): its kernels (the fast preset's V codes
+    too) are there, with no local memory (the codes kernel keeps a row's 32 values a lane
+    in registers) and no spills."""
     ptxas, sass = prepass
     for kernel in PREPASS_KERNELS:
         assert any(kernel in name for name in sass), f"no {kernel} kernel in {list(sass)}"

@@ -6,7 +6,7 @@ Two forward kernels exist for CUDA tensors:
   ``flash_quant::_sm90_attention_forward``. It needs an sm_90 device, an extension built
   with it (setup.py: torch with CUDA and nvcc found) and a call it covers (SM90 below:
   INT8 Q·Kᵀ with per-row scales and no zero points, 16-bit P·V with 16-bit V or INT8 P·V
-  with INT8 K-major per-channel V, head dim 128, bf16 / fp16, no mask, a positive
+  with INT8 K-major per-channel V, head dim 64 or 128, bf16 / fp16, no mask, a positive
   softmax scale, operands TMA can read: 16-byte aligned, strides multiples of 16 bytes).
 * ``"triton"``: flash_quant/cuda/forward.py, every other call and every other GPU.
 
@@ -17,9 +17,11 @@ sm90 kernel exists for the device but this call is not covered or the build lack
 info line for a device that is not sm_90 (the normal case on other GPUs).
 
 One step above the op: :func:`fused_sm90` says when a whole ``flash_quant.attention`` call
-with the accurate preset runs as the single op ``flash_quant::_sm90_attention`` (the
-quantize pre-pass in CUDA C++, then the same sm90 kernel), skipping the Python quantize
-steps and their host time (issue 17.3: <= 60 µs a call at the Flux shape).
+with the accurate or the fast preset runs as the single op ``flash_quant::_sm90_attention``
+(the quantize pre-pass in CUDA C++, then the same sm90 kernel), skipping the Python
+quantize steps and their host time (issue 17.3: <= 60 µs a call at the Flux shape). The
+fast preset takes it only where its INT8 P·V would take sm90 (the measured policy,
+SM90_AUTO_SKIPS_PV, or sm90 forced).
 
 Forcing a kernel (benchmarks, tests): ``FLASH_QUANT_CUDA_FORWARD=auto|triton|sm90`` (read
 once, at the first decision) or the :func:`force_kernel` context manager, which wins over
@@ -404,11 +406,12 @@ FUSED_STRIDE_ELEMS = 8
 _FUSED = PlanCache()
 
 
-def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[float]:
+def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+               pv_int8: bool = False) -> Optional[float]:
     """The softmax scale when `flash_quant.attention(...)` with these arguments and the
-    accurate preset (the caller checks the preset) runs as one
-    ``_sm90_attention`` call (the accurate preset's quantize pre-pass in CUDA C++, then the
-    sm90 kernel: the host cost of one op instead of the Python quantize steps), else None
+    accurate preset (pv_int8: the fast preset; the caller checks the preset) runs as one
+    ``_sm90_attention`` call (the preset's quantize pre-pass in CUDA C++, then the sm90
+    kernel: the host cost of one op instead of the Python quantize steps), else None
     (the call takes the general path, which gives the same result from the same kernel,
     or raises the error a bad call gets).
 
@@ -416,7 +419,8 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     a build with the sm90 kernels, no mask, no dropout, no autograd needed, not while
     torch.compile traces (the general path is the compiled one), every key visible to some
     query (not causal with Sq < Skv: key_stats.visible_keys), head dim 128, bf16 / fp16,
-    unit channel stride and 16-byte vectors, and a mode other than "triton"."""
+    unit channel stride and 16-byte vectors, and a mode other than "triton"; for the fast
+    preset also sm90 forced or INT8 P·V off SM90_AUTO_SKIPS_PV (its measured policy)."""
     if attn_mask is not None or dropout_p:
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
@@ -425,6 +429,8 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None
     m = _FORCED[-1] if _FORCED else _ENV_MODE.get("mode") or mode()
     if m == TRITON or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % TMA_ALIGN:
+        return None
+    if pv_int8 and m != SM90 and "int8" in SM90_AUTO_SKIPS_PV:
         return None
     key_ = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
             key.dtype, value.dtype, query.device, key.device, value.device, bool(is_causal), scale,

@@ -171,7 +171,7 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
 }
 
 std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  bool is_causal, double scale) {
+                                                  bool is_causal, double scale, bool pv_int8) {
   TORCH_CHECK(q.is_cuda(), kFusedOp, "q must be a CUDA tensor");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, kFusedOp,
               "q must be bfloat16 or float16, got ", q.scalar_type());
@@ -200,6 +200,17 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
   std::optional<at::Tensor> nonfinite;
   if (is_causal) nonfinite = at::zeros({B, Hq}, q.options().dtype(at::kInt));
+  // The fast preset's V: INT8 per channel, K-major (tokens contiguous, the key dim padded
+  // to 16), and its scale; workspace for the per-block absmax.
+  std::optional<at::Tensor> v_codes, v_scale;
+  at::Tensor v_work;
+  const int64_t v_keys_padded = (Skv + kVKeysAlign - 1) / kVKeysAlign * kVKeysAlign;
+  if (pv_int8) {
+    at::Tensor buf = at::empty({B, Hkv, kHeadDim, v_keys_padded}, i8);
+    v_codes = buf.narrow(3, 0, Skv).transpose(2, 3);  // (B, Hkv, Skv, D), stride(2) == 1
+    v_scale = at::empty({B, Hkv, kHeadDim}, f32);
+    v_work = at::empty({B * Hkv * blocks * kHeadDim}, f32);
+  }
 
   PrepassParams p;
   p.q = q.data_ptr();
@@ -225,9 +236,15 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
   p.q_center_dot = q_center_dot.data_ptr<float>();
   p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
+  if (pv_int8) {
+    p.v_data = v_codes->data_ptr<int8_t>();
+    p.v_keys_padded = v_keys_padded;
+    p.v_scale = v_scale->data_ptr<float>();
+    p.v_block_amax = v_work.data_ptr<float>();
+  }
   launch_prepass(p, c10::cuda::getCurrentCUDAStream().stream());
-  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, std::nullopt, std::nullopt, nonfinite, is_causal,
-                     scale, p.q_center_dot);
+  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, v_codes, v_scale, nonfinite, is_causal, scale,
+                     p.q_center_dot);
 }
 
 }  // namespace
