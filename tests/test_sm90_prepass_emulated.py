@@ -21,10 +21,8 @@ or the GPU's arithmetic (tests/test_sm90_fused_gpu.py runs the real thing on an 
 """
 from __future__ import annotations
 
-import ctypes
-import re
 import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,59 +32,23 @@ from flash_quant import functional
 from flash_quant.rotation import rotate
 from flash_quant.testing import make_qkv
 
-ROOT = Path(__file__).resolve().parents[1]
-PREPASS = ROOT / "csrc" / "cuda" / "sm90" / "prepass.cu"
-EMU = ROOT / "tests" / "cuda_emu"
-D = 128
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import emulated  # noqa: E402
+
 #: Share of K codes one step from the quantize op's (rounding boundaries, see above).
 K_CODES_APART = 1e-3
-#: A kernel launch `name<<<grid, block, 0, stream>>>(args);` of prepass.cu.
-LAUNCH = re.compile(r"(\w+(?:<T>)?)<<<(.+?), ([^,]+), 0, stream>>>\((.*?)\);")
+D = 128
 
 
 @pytest.fixture(scope="module")
 def prepass_lib(tmp_path_factory):
-    compiler = shutil.which("g++")
-    if compiler is None:
+    if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    tmp = tmp_path_factory.mktemp("prepass_emu")
-    source, launches = LAUNCH.subn(r"emu_launch(\1, dim3(\2), dim3(\3), \4);", PREPASS.read_text())
-    assert launches >= 4 and "<<<" not in source, f"unexpected launches in {PREPASS.name} ({launches} rewritten)"
-    (tmp / "prepass_emulated.cpp").write_text(source)
-    lib = tmp / "libprepass_emu.so"
-    cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-include", "math.h",
-           f"-I{EMU}", f"-I{PREPASS.parent}", f'-DPREPASS_SOURCE="{tmp / "prepass_emulated.cpp"}"',
-           "-o", str(lib), str(EMU / "harness.cpp"), "-lpthread"]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, f"the emulated pre-pass does not compile:\n{run.stderr[-4000:]}"
-    return ctypes.CDLL(str(lib))
-
-
-def _ptr(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return emulated.build_prepass(tmp_path_factory.mktemp("prepass_emu"))
 
 
 def _run(lib, q, k, v, fast):
-    assert q.dtype in (torch.bfloat16, torch.float16), "the pre-pass reads 16-bit inputs"
-    b, hq, sq, d = q.shape
-    hkv, skv = k.shape[1], k.shape[2]
-    i8, f32 = dict(dtype=torch.int8), dict(dtype=torch.float32)
-    out = dict(q_data=torch.zeros(b, hq, sq, d, **i8), q_scale=torch.zeros(b, hq, sq, **f32),
-               k_data=torch.zeros(b, hkv, skv, d, **i8), k_scale=torch.zeros(b, hkv, skv, **f32),
-               k_mean=torch.zeros(b, hkv, d, **f32), work=torch.zeros(b * hkv * 80 * d, **f32),
-               q_center_dot=torch.zeros(b, hq, sq, **f32))
-    padded = -(-skv // 16) * 16
-    if fast:
-        out.update(v_data=torch.full((b, hkv, d, padded), 99, **i8), v_scale=torch.zeros(b, hkv, d, **f32),
-                   v_work=torch.zeros(b * hkv * 80 * d, **f32))
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
-    blocks = lib.run_prepass(
-        _ptr(q), _ptr(k), _ptr(v), *strides, b, hq, hkv, sq, skv, int(q.dtype == torch.bfloat16),
-        _ptr(out["q_data"]), _ptr(out["q_scale"]), _ptr(out["k_data"]), _ptr(out["k_scale"]), _ptr(out["k_mean"]),
-        _ptr(out["work"]), _ptr(out["q_center_dot"]), None, _ptr(out.get("v_data")), ctypes.c_longlong(padded),
-        _ptr(out.get("v_scale")), _ptr(out.get("v_work")))
-    assert blocks > 0, "the emulated pre-pass raised (see stderr)"
-    return out
+    return emulated.run_prepass(lib, q, k, v, fast)
 
 
 CASES = [(1, 2, 2, 17, torch.bfloat16, "normal"), (2, 4, 2, 70, torch.bfloat16, "realistic"),

@@ -4,7 +4,8 @@
 // shuffles are barriers (a shuffle: every lane writes its value, barrier, reads its
 // source lane's, barrier). __shared__ arrays are function statics, shared by the block's
 // threads. Float arithmetic is IEEE single precision without contraction (-ffp-contract=off),
-// as the kernels' explicit fmaf / __fdiv_rn ask; nothing here models timing or memory
+// as the kernels' explicit fmaf / __fdiv_rn ask (built with -fno-strict-aliasing: the
+// kernels read 16-bit values through 16-byte vectors); nothing here models timing or memory
 // ordering beyond the barriers.
 #pragma once
 #include <barrier>
@@ -16,6 +17,9 @@
 #include <thread>
 #include <vector>
 #include <atomic>
+#include <condition_variable>
+#include <map>
+#include <mutex>
 
 #define __global__
 #define __device__
@@ -49,6 +53,35 @@ inline float __half2float(__half x) {
   else u = sign | ((exp + 127 - 15) << 23) | (man << 13);
   float f; std::memcpy(&f, &u, 4); return f;
 }
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct __half2 { __half x, y; };
+// float -> bfloat16 / half, round to nearest even (NaN stays NaN)
+inline uint16_t emu_f2bf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline uint16_t emu_f2h(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half, in units of 2^-24
+    float v;
+    std::memcpy(&v, &a, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(v * 16777216.0f)));
+  }
+  const uint32_t m = a & 0x7fffffu;
+  uint32_t h = (((a >> 23) - 112u) << 10) | (m >> 13);
+  const uint32_t rem = m & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {{emu_f2bf(a)}, {emu_f2bf(b)}}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {{emu_f2h(a)}, {emu_f2h(b)}}; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -68,11 +101,30 @@ inline thread_local EmuThread emu_t;
 #define blockDim (emu_t.bdim)
 #define gridDim (emu_t.gdim)
 
+// Shared state of the block being run: barriers, shuffle slots, and what the sm90 forward's
+// emulation (ptx_emu.h) keeps per block (dynamic shared memory, mbarriers, named barriers,
+// warpgroup staging for wgmma).
+struct EmuMbarrier {
+  int expected = 0, pending = 0;
+  long long tx = 0;
+  unsigned phase = 0;  // parity of the phase in progress
+};
+struct EmuNamedBarrier {
+  unsigned arrived = 0, generation = 0;
+};
 struct EmuBlock {
   std::unique_ptr<std::barrier<>> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warpgroups;
   std::vector<float> fslot;
   std::atomic<int> and_acc{1};
+  std::vector<uint8_t> dynamic_smem;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<uint32_t, EmuMbarrier> mbarriers;
+  std::map<uint32_t, EmuNamedBarrier> named;
+  std::vector<std::vector<float>> wg_f;    // per warpgroup: accumulator staging (64 x 256)
+  std::vector<std::vector<uint32_t>> wg_a; // per warpgroup: A-fragment staging
 };
 inline EmuBlock* emu_block = nullptr;
 
@@ -99,10 +151,20 @@ inline V emu_shfl(V v, int src_lane) {
   V out; std::memcpy(&out, &r, 4); return out;
 }
 template <class V> inline V __shfl_xor_sync(unsigned, V v, int m) { return emu_shfl(v, (threadIdx.x % 32) ^ m); }
+inline bool __all_sync(unsigned, bool p) {
+  const int w = threadIdx.x / 32;
+  float* slot = emu_block->fslot.data() + w * 32;
+  slot[threadIdx.x % 32] = p ? 1.f : 0.f;
+  emu_block->warps[w]->arrive_and_wait();
+  bool all = true;
+  for (int i = 0; i < 32; ++i) all = all && slot[i] != 0.f;
+  emu_block->warps[w]->arrive_and_wait();
+  return all;
+}
 template <class V> inline V __shfl_sync(unsigned, V v, int src) { return emu_shfl(v, src); }
 
 template <class F, class... A>
-void emu_launch(F kernel, dim3 grid, dim3 block, A... args) {
+void emu_launch_smem(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
   const unsigned n = block.x * block.y * block.z;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
@@ -111,10 +173,21 @@ void emu_launch(F kernel, dim3 grid, dim3 block, A... args) {
         eb.block = std::make_unique<std::barrier<>>(n);
         for (unsigned w = 0; w < (n + 31) / 32; ++w) eb.warps.push_back(std::make_unique<std::barrier<>>(32));
         eb.fslot.resize(((n + 31) / 32) * 32);
+        for (unsigned g = 0; g < (n + 127) / 128; ++g) {
+          eb.warpgroups.push_back(std::make_unique<std::barrier<>>(128));
+          eb.wg_f.emplace_back(64 * 256);
+          eb.wg_a.emplace_back(64 * 64);
+        }
+        eb.dynamic_smem.assign(smem, 0);
         emu_block = &eb;
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < n; ++t)
           ts.emplace_back([=] { emu_t = {dim3(t), dim3(bx, by, bz), block, grid}; kernel(args...); });
         for (auto& t : ts) t.join();
       }
+}
+
+template <class F, class... A>
+void emu_launch(F kernel, dim3 grid, dim3 block, A... args) {
+  emu_launch_smem(kernel, grid, block, 0, args...);
 }
