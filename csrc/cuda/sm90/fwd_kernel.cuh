@@ -31,11 +31,13 @@
 
 namespace flash_quant_sm90 {
 
-// Schedules of the 16-bit P·V path (a development switch while they are measured against
-// each other, docs/hopper.md; the launcher picks one, the INT8 P·V path runs schedule 0):
-//   0: per tile issue QK(i), wait, issue PV(i-1), softmax(i) while PV(i-1) runs;
-//   1: issue QK(i) and PV(i-1) back to back, wait for QK(i) only, softmax(i), and wait
-//      for PV(i-1) at the next step's start;
+// Schedules (a development switch while they are measured against each other,
+// docs/hopper.md; Sm90FwdParams::schedule picks one):
+//   0: 16-bit P·V: per tile issue QK(i), wait, issue PV(i-1), softmax(i) while PV(i-1)
+//      runs; INT8 P·V: PV(i-1), wait, fold into O, QK(i), wait, softmax(i);
+//   1: 16-bit: issue QK(i) and PV(i-1) back to back, wait for QK(i) only, softmax(i), and
+//      wait for PV(i-1) at the next step's start; INT8: PV(i-1) and QK(i) back to back,
+//      fold PV(i-1) while QK(i) runs;
 //   2: as 1, and the consumer warpgroups take turns issuing (ping-pong: one's softmax
 //      runs while the other's products occupy the tensor cores).
 constexpr int kSchedules = 3;
@@ -368,11 +370,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kD);
   barrier_wait(&sm.q_full, 0);
 
-  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
+  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i),
+  // schedule 0 (schedules 1 / 2: kSchedules above and mixed_step below):
   //   16-bit P·V: issue QK(i), wait; issue PV(i-1) into O; softmax(i) while PV(i-1) runs;
   //     wait; rescale O (when a row max moved); pack P(i).
-  //   int8 P·V (its int32 accumulator needs 64 more registers, so it is never live next
-  //     to S): issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
+  //   int8 P·V: issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
   //     P(i). The other consumer warpgroup keeps the tensor cores busy meanwhile.
   int32_t acc_s[64];
   float x[64];
@@ -457,8 +459,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   if (ping_pong && wg == 1) named_barrier_arrive(other_turn, kTurnThreads);  // warpgroup 0 goes first
 
-  // kSchedule 0 (16-bit) and the int8 path: each step waits for its products before the
-  // next. Schedules 1 / 2 (16-bit): step i waits for PV(i-2) first (a loop iteration
+  // Schedule 0, and INT8 P·V: each step waits for its products before the next.
+  // Schedules 1 / 2 with 16-bit P·V: step i waits for PV(i-2) first (a loop iteration
   // boundary, which ptxas does not schedule across: within one basic block it hoisted
   // that wait above the softmax's exponentials), packs P(i-1), rescales O for tile i-1's
   // max, issues QK(i) and PV(i-1), waits for QK(i) only and runs softmax(i) while PV(i-1)
