@@ -76,9 +76,14 @@ def _op_call(q, k, v, recipe, causal):
 
 def _assert_sm90_serves(call):
     """sm90 covers the call: auto mode picks it, except INT8 P·V, which the measured policy
-    keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV) and which sm90 then serves when forced."""
+    keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV), and a head dim not yet measured
+    (dispatch.SM90_AUTO_SKIPS_HEAD_DIMS), which sm90 then serves when forced."""
     kernel, reason = dispatch.forward_kernel(**call)
-    if call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV:
+    if call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS:
+        assert kernel == "triton" and reason.startswith(dispatch.R_UNMEASURED), (kernel, reason)
+        with dispatch.force_kernel("sm90"):
+            kernel, reason = dispatch.forward_kernel(**call)
+    elif call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV:
         assert kernel == "triton" and reason.startswith(dispatch.R_SLOWER), (kernel, reason)
         with dispatch.force_kernel("sm90"):  # (raises when sm90 cannot serve the call)
             kernel, reason = dispatch.forward_kernel(**call)
@@ -155,8 +160,9 @@ def test_op_query_and_key_lengths_differ(recipe, causal, sq, skv):
 def test_presets_through_flash_quant_attention(preset, family, causal, dtype, d):
     q, k, v = make_qkv(2, 8, 1000, d, hkv=2, skv=1000, family=family, dtype=dtype, device=DEV)
     args = dict(is_causal=causal, enable_gqa=True, config=preset)
-    # (the fast preset's INT8 P·V runs on Triton in auto mode by measurement: force sm90)
-    mode = "sm90" if preset == "fast" else "auto"
+    # (the fast preset's INT8 P·V runs on Triton in auto mode by measurement, head dim 64
+    # until measured: force sm90)
+    mode = "sm90" if preset == "fast" or d in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS else "auto"
     with dispatch.force_kernel(mode):
         assert flash_quant.which_kernel(q, k, v, **args) == ("sm90", None)
         before = dispatch.fallback_counts()

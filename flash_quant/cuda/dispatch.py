@@ -86,15 +86,20 @@ R_V = "v_layout"
 R_SCALE = "softmax_scale"
 R_LAYOUT = "tma_layout"
 R_SLOWER = "sm90_slower"
+R_UNMEASURED = "sm90_unmeasured"
 #: Reasons that are expected (a machine without the sm90 kernel; a call Triton serves
-#: faster by measurement): logged at INFO, not WARNING.
-_QUIET = (R_DEVICE, R_SLOWER)
+#: faster by measurement; an sm90 path not yet run on a GPU): logged at INFO, not WARNING.
+_QUIET = (R_DEVICE, R_SLOWER, R_UNMEASURED)
 #: pv_precision values the sm90 kernel covers but Triton serves faster, so "auto" keeps
 #: them on Triton (forcing sm90 still runs them). H100, 2026-12-06, bench_attention.py:
 #: INT8 P·V kernel-only sm90 / Triton = 0.545 / 0.460 ms (Flux 1x24x4608x128), 2.146 /
 #: 1.815 (4x32x4096x128), 1.341 / 1.048 (causal), 7.623 / 6.975 (1x32x16384x128), 1.104 /
 #: 0.942 (GQA 2x32/8x4096x128) — docs/hopper.md, Measurements.
 SM90_AUTO_SKIPS_PV = ("int8",)
+#: Head dims the sm90 kernel covers but "auto" keeps on Triton until a GPU run has checked
+#: and timed them: head dim 64 was written and checked on the CPU only (session 4: its SASS,
+#: and the CPU emulation of tests/test_sm90_forward_emulated.py). Forcing sm90 runs it.
+SM90_AUTO_SKIPS_HEAD_DIMS = (64,)
 
 _ARGS = ("q", "k", "v", "q_data", "q_scale", "q_zero_point", "k_data", "k_scale", "k_zero_point", "k_mean",
          "v_data", "v_scale", "v_zero_point", "attn_mask", "is_causal", "scale", "pv_precision")
@@ -297,6 +302,9 @@ def _decide(a: dict, m: str) -> Decision:
     if gap is None and m != SM90 and a["pv_precision"] in SM90_AUTO_SKIPS_PV:
         gap = R_SLOWER, (f"pv_precision={a['pv_precision']!r}: the Triton kernel measured faster on H100 "
                          "(docs/hopper.md); force sm90 to run it anyway")
+    if gap is None and m != SM90 and p["D"] in SM90_AUTO_SKIPS_HEAD_DIMS:
+        gap = R_UNMEASURED, (f"head dim {p['D']}: the sm90 kernel has not been run on a GPU at this head dim "
+                             "yet (docs/hopper.md); force sm90 to run it")
     if gap is None:
         B, Hq, Hkv, Sq, Skv, D = (p[n] for n in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
         full = tuple(t is None or tuple(t.shape) == shape for t, shape in (
