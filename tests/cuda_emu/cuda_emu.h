@@ -8,7 +8,9 @@
 // kernels read 16-bit values through 16-byte vectors); nothing here models timing or memory
 // ordering beyond the barriers.
 #pragma once
-#include <barrier>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -94,6 +96,44 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 
+// A wait that gives up: an emulated deadlock (a barrier protocol error) must fail the
+// test run, not hang it. Every blocking wait below goes through here.
+#ifndef CUDA_EMU_DEADLINE_S
+#define CUDA_EMU_DEADLINE_S 120
+#endif
+constexpr auto kEmuDeadline = std::chrono::seconds(CUDA_EMU_DEADLINE_S);
+template <class Pred>
+inline void emu_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, Pred pred, const char* what) {
+  if (!cv.wait_for(lk, kEmuDeadline, pred)) {
+    std::fprintf(stderr, "cuda_emu: %s did not complete within %lld s: a deadlock in the emulated kernel\n", what,
+                 static_cast<long long>(kEmuDeadline.count()));
+    std::fflush(stderr);
+    std::abort();
+  }
+}
+
+// A reusable thread barrier (generation counted) with emu_wait's deadline.
+class EmuBarrier {
+ public:
+  explicit EmuBarrier(unsigned n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(mu_);
+    const unsigned gen = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      emu_wait(cv_, lk, [&] { return generation_ != gen; }, "a thread barrier");
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  unsigned n_, arrived_ = 0, generation_ = 0;
+};
+
 struct EmuThread { dim3 tid, bid, bdim, gdim; };
 inline thread_local EmuThread emu_t;
 #define threadIdx (emu_t.tid)
@@ -113,9 +153,9 @@ struct EmuNamedBarrier {
   unsigned arrived = 0, generation = 0;
 };
 struct EmuBlock {
-  std::unique_ptr<std::barrier<>> block;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<std::unique_ptr<std::barrier<>>> warpgroups;
+  std::unique_ptr<EmuBarrier> block;
+  std::vector<std::unique_ptr<EmuBarrier>> warps;
+  std::vector<std::unique_ptr<EmuBarrier>> warpgroups;
   std::vector<float> fslot;
   std::atomic<int> and_acc{1};
   std::vector<uint8_t> dynamic_smem;
@@ -170,11 +210,11 @@ void emu_launch_smem(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         EmuBlock eb;
-        eb.block = std::make_unique<std::barrier<>>(n);
-        for (unsigned w = 0; w < (n + 31) / 32; ++w) eb.warps.push_back(std::make_unique<std::barrier<>>(32));
+        eb.block = std::make_unique<EmuBarrier>(n);
+        for (unsigned w = 0; w < (n + 31) / 32; ++w) eb.warps.push_back(std::make_unique<EmuBarrier>(32));
         eb.fslot.resize(((n + 31) / 32) * 32);
         for (unsigned g = 0; g < (n + 127) / 128; ++g) {
-          eb.warpgroups.push_back(std::make_unique<std::barrier<>>(128));
+          eb.warpgroups.push_back(std::make_unique<EmuBarrier>(128));
           eb.wg_f.emplace_back(64 * 256);
           eb.wg_a.emplace_back(64 * 64);
         }

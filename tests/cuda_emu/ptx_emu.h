@@ -59,7 +59,7 @@ inline void barrier_arrive(uint64_t* bar) {
 inline void barrier_wait(uint64_t* bar, uint32_t parity) {
   std::unique_lock<std::mutex> lk(emu_block->mu);
   const uint32_t off = smem_addr(bar);
-  emu_block->cv.wait(lk, [&] { return emu_block->mbarriers.at(off).phase != parity; });
+  emu_wait(emu_block->cv, lk, [&] { return emu_block->mbarriers.at(off).phase != parity; }, "an mbarrier wait");
 }
 
 // ------------------------------------------------------------------ named barriers
@@ -72,7 +72,7 @@ inline void emu_named(uint32_t id, uint32_t threads, bool wait) {
     nb.generation++;
     emu_block->cv.notify_all();
   } else if (wait) {
-    emu_block->cv.wait(lk, [&] { return emu_block->named[id].generation != gen; });
+    emu_wait(emu_block->cv, lk, [&] { return emu_block->named[id].generation != gen; }, "a named barrier");
   }
 }
 inline void named_barrier_sync(uint32_t id, uint32_t threads) { emu_named(id, threads, true); }
