@@ -8,6 +8,7 @@
 // kernels read 16-bit values through 16-byte vectors); nothing here models timing or memory
 // ordering beyond the barriers.
 #pragma once
+#include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -97,7 +98,8 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 }
 
 // A wait that gives up: an emulated deadlock (a barrier protocol error) must fail the
-// test run, not hang it. Every blocking wait below goes through here.
+// test run, not hang it. The condition-variable waits go through here; the thread
+// barriers (std::barrier, fast) are covered by emu_launch_smem's per-block watchdog.
 #ifndef CUDA_EMU_DEADLINE_S
 #define CUDA_EMU_DEADLINE_S 120
 #endif
@@ -111,28 +113,6 @@ inline void emu_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& 
     std::abort();
   }
 }
-
-// A reusable thread barrier (generation counted) with emu_wait's deadline.
-class EmuBarrier {
- public:
-  explicit EmuBarrier(unsigned n) : n_(n) {}
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lk(mu_);
-    const unsigned gen = generation_;
-    if (++arrived_ == n_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      emu_wait(cv_, lk, [&] { return generation_ != gen; }, "a thread barrier");
-    }
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  unsigned n_, arrived_ = 0, generation_ = 0;
-};
 
 struct EmuThread { dim3 tid, bid, bdim, gdim; };
 inline thread_local EmuThread emu_t;
@@ -153,9 +133,9 @@ struct EmuNamedBarrier {
   unsigned arrived = 0, generation = 0;
 };
 struct EmuBlock {
-  std::unique_ptr<EmuBarrier> block;
-  std::vector<std::unique_ptr<EmuBarrier>> warps;
-  std::vector<std::unique_ptr<EmuBarrier>> warpgroups;
+  std::unique_ptr<std::barrier<>> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warpgroups;
   std::vector<float> fslot;
   std::atomic<int> and_acc{1};
   std::vector<uint8_t> dynamic_smem;
@@ -210,11 +190,11 @@ void emu_launch_smem(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         EmuBlock eb;
-        eb.block = std::make_unique<EmuBarrier>(n);
-        for (unsigned w = 0; w < (n + 31) / 32; ++w) eb.warps.push_back(std::make_unique<EmuBarrier>(32));
+        eb.block = std::make_unique<std::barrier<>>(n);
+        for (unsigned w = 0; w < (n + 31) / 32; ++w) eb.warps.push_back(std::make_unique<std::barrier<>>(32));
         eb.fslot.resize(((n + 31) / 32) * 32);
         for (unsigned g = 0; g < (n + 127) / 128; ++g) {
-          eb.warpgroups.push_back(std::make_unique<EmuBarrier>(128));
+          eb.warpgroups.push_back(std::make_unique<std::barrier<>>(128));
           eb.wg_f.emplace_back(64 * 256);
           eb.wg_a.emplace_back(64 * 64);
         }
@@ -223,7 +203,20 @@ void emu_launch_smem(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < n; ++t)
           ts.emplace_back([=] { emu_t = {dim3(t), dim3(bx, by, bz), block, grid}; kernel(args...); });
+        std::mutex done_mu;
+        std::condition_variable done_cv;
+        bool done = false;
+        std::thread watchdog([&] {
+          std::unique_lock<std::mutex> lk(done_mu);
+          emu_wait(done_cv, lk, [&] { return done; }, "a thread block");
+        });
         for (auto& t : ts) t.join();
+        {
+          std::lock_guard<std::mutex> lk(done_mu);
+          done = true;
+        }
+        done_cv.notify_all();
+        watchdog.join();
       }
 }
 

@@ -12,6 +12,7 @@
 
 #include "cuda.h"
 #include "cuda_emu.h"
+#include "descriptor.h"
 
 namespace flash_quant_sm90 {
 
@@ -121,12 +122,7 @@ inline void registers_claim() {}
 // ------------------------------------------------------------------ wgmma
 template <int kSwizzleBytes>
 inline uint64_t swizzled_descriptor(const void* tile, uint32_t leading, uint32_t stride) {
-  constexpr uint64_t kLayout = kSwizzleBytes == 128 ? 1 : 2;
-  uint64_t desc = (smem_addr(tile) & 0x3FFFF) >> 4;
-  desc |= static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16;
-  desc |= static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32;
-  desc |= kLayout << 62;
-  return desc;
+  return descriptor_bits(smem_addr(tile), leading, stride, kSwizzleBytes);  // the kernel's own encoding
 }
 inline uint64_t sw128_descriptor(const void* tile, uint32_t leading, uint32_t stride) {
   return swizzled_descriptor<128>(tile, leading, stride);

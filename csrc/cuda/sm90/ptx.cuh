@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda.h>
 
+#include "descriptor.h"
+
 namespace flash_quant_sm90 {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -94,13 +96,7 @@ __device__ __forceinline__ void registers_claim() {
 template <int kSwizzleBytes>
 __device__ __forceinline__ uint64_t swizzled_descriptor(const void* tile, uint32_t leading, uint32_t stride) {
   static_assert(kSwizzleBytes == 128 || kSwizzleBytes == 64, "128- or 64-byte swizzle");
-  // the descriptor's layout field: 1 = 128-byte swizzle, 2 = 64-byte
-  constexpr uint64_t kLayout = kSwizzleBytes == 128 ? 1 : 2;
-  uint64_t desc = (smem_addr(tile) & 0x3FFFF) >> 4;
-  desc |= static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16;
-  desc |= static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32;
-  desc |= kLayout << 62;
-  return desc;
+  return descriptor_bits(smem_addr(tile), leading, stride, kSwizzleBytes);
 }
 __device__ __forceinline__ uint64_t sw128_descriptor(const void* tile, uint32_t leading, uint32_t stride) {
   return swizzled_descriptor<128>(tile, leading, stride);
