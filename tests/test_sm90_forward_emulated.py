@@ -34,7 +34,9 @@ import emulated  # noqa: E402
 #: INT8 P·V (the int8-P scheme's own error; 1.4 % measured on an H100, docs/hopper.md).
 BAR_PV16, BAR_PV8 = 1e-2, 3e-2
 LSE_ABS = 2e-2
-SCHEDULES = (0, 1, 2)
+#: Every combination runs for schedules 0 and 2; schedule 1 (2 without the ping-pong turns)
+#: runs non-causal only (CI time: ~100 s for this file on 2 cores).
+SCHEDULES = (0, 2)
 #: The presets' bars against fp64 of the float inputs (issue 17).
 PRESET_BARS = {"accurate": 1e-2, "fast": 2.5e-2}
 
@@ -81,9 +83,9 @@ SHAPES = [(1, 2, 2, 1, 1, 128), (1, 2, 1, 17, 17, 128), (1, 2, 2, 300, 300, 128)
           (1, 2, 2, 300, 130, 64), (1, 4, 2, 130, 130, 64)]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule, causal", [(s, c) for s in SCHEDULES for c in (False, True)] + [(1, False)],
+                         ids=lambda x: str(x))
 @pytest.mark.parametrize("pv8", [False, True], ids=["pv16", "pv8"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_emulated_kernel_matches_fp64(libs, schedule, pv8, causal):
     for i, (b, hq, hkv, sq, skv, d) in enumerate(SHAPES):
         dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
@@ -107,8 +109,7 @@ def test_emulated_fused_path_matches_fp64(libs, preset, causal):
     codes, scales, V buffer and q · k_mean into the forward, schedule 2), against fp64
     attention of the float inputs at the preset's bar; the lse from the float q."""
     prepass, forward = libs
-    for i, (b, hq, hkv, s, family) in enumerate([(1, 2, 2, 17, "normal"), (1, 4, 2, 300, "realistic"),
-                                                 (2, 2, 1, 130, "normal")]):
+    for i, (b, hq, hkv, s, family) in enumerate([(1, 2, 2, 17, "normal"), (1, 4, 2, 130, "realistic")]):
         dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
         q, k, v = make_qkv(b, hq, s, 128, hkv=hkv, dtype=dtype, family=family)
         pre = emulated.run_prepass(prepass, q, k, v, preset == "fast")
