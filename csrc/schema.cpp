@@ -121,7 +121,10 @@ TORCH_LIBRARY(flash_quant, m) {
   // Returns out (B, Hq, Sq, 128) in q.dtype and lse (B, Hq, Sq) float32, as attention_forward
   // with the accurate preset's operands gives them (non-finite q / k rows: NaN scales, so
   // NaN where SDPA gives NaN, instead of the CPU quantizer's error).
-  m.def("_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale) -> (Tensor out, Tensor lse)");
+  // pv_int8: the fast preset instead — V also quantized (INT8 per channel, symmetric,
+  // stored K-major) and INT8 P·V, as attention_forward with the fast preset's operands.
+  m.def("_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool pv_int8=False) "
+        "-> (Tensor out, Tensor lse)");
 
   // Decode attention over a quantized KV cache (issue 18). The buffers are those of
   // flash_quant.QuantizedKVCache (layout and schemes: flash_quant/kv_cache.py's

@@ -118,21 +118,28 @@ def which_kernel(
 
 
 _ACCURATE = PRESETS["accurate"]
+_FAST = PRESETS["fast"]
 _CUDA_DISPATCH = []  # [flash_quant.cuda.dispatch], imported at the first CUDA call
 
 
 def _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
     """(out, lse) from one fused op call when the CUDA dispatcher says the call is the
-    accurate preset on the Hopper kernel with nothing the general path must do first
-    (dispatch.fused_sm90: the same quantization and kernel, ~10x less host time), else None."""
-    if not (config is _ACCURATE or config is None or (type(config) is str and config == "accurate")):
+    accurate or the fast preset on the Hopper kernel with nothing the general path must do
+    first (dispatch.fused_sm90: the same quantization and kernel, ~10x less host time),
+    else None."""
+    if config is _ACCURATE or config is None or (type(config) is str and config == "accurate"):
+        pv_int8 = False
+    elif config is _FAST or (type(config) is str and config == "fast"):
+        pv_int8 = True
+    else:
         return None
     if not _CUDA_DISPATCH:
         from .cuda import dispatch
 
         _CUDA_DISPATCH.append(dispatch)
-    s = _CUDA_DISPATCH[0].fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return None if s is None else ops.sm90_attention(query, key, value, bool(is_causal), s)
+    s = _CUDA_DISPATCH[0].fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                     pv_int8)
+    return None if s is None else ops.sm90_attention(query, key, value, bool(is_causal), s, pv_int8)
 
 
 class _Call(NamedTuple):

@@ -347,17 +347,18 @@ def _sm90_attention_forward_fake(q_data, q_scale, k_data, k_scale, k_mean, v, v_
 
 
 def sm90_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the accurate preset on the Hopper kernel from 16-bit q, k, v in one op
-    call (internal: flash_quant.cuda.dispatch.fused_sm90 says when; no autograd)."""
-    return _SM90_ATTENTION(q, k, v, is_causal, scale)
+                   scale: float, pv_int8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the accurate preset (pv_int8: the fast preset) on the Hopper kernel
+    from 16-bit q, k, v in one op call (internal: flash_quant.cuda.dispatch.fused_sm90
+    says when; no autograd)."""
+    return _SM90_ATTENTION(q, k, v, is_causal, scale, pv_int8)
 
 
 _SM90_ATTENTION = _ops._sm90_attention.default
 
 
 @torch.library.register_fake("flash_quant::_sm90_attention")
-def _sm90_attention_fake(q, k, v, is_causal, scale):
+def _sm90_attention_fake(q, k, v, is_causal, scale, pv_int8=False):
     b, hq, sq, d = q.shape
     return q.new_empty((b, hq, sq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 

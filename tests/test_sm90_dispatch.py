@@ -43,11 +43,13 @@ from flash_quant.testing import kernel_operands, make_qkv, reference_attention  
 def hopper(monkeypatch):
     """A mocked sm_90 device with the sm90 op registered; fresh dispatch state. Returns a
     dict whose 'capability' / 'registered' entries the test may change. The coverage
-    tests see every covered call routed to sm90: the measured policy that keeps INT8 P·V
-    on Triton in auto mode is switched off here and tested on its own below."""
+    tests see every covered call routed to sm90: the policies that keep INT8 P·V and the
+    unmeasured head dim 64 on Triton in auto mode are switched off here and tested on
+    their own below."""
     state = {"capability": (9, 0), "registered": True}
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_HEAD_DIMS", ())
     dispatch._reset_for_tests()
     monkeypatch.setattr(dispatch, "_device_capability", lambda device: state["capability"])
     monkeypatch.setattr(dispatch, "_sm90_op_registered", lambda: state["registered"])
@@ -87,9 +89,27 @@ def code_of(args):
 @pytest.mark.parametrize("recipe", ["accurate", "fast"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal):
-    """Both presets' operands, GQA, Sq != Skv, causal or not, bf16 / fp16: sm90."""
-    assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2)) == ("sm90", None)
+@pytest.mark.parametrize("d", [64, 128])
+def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal, d):
+    """Both presets' operands, GQA, Sq != Skv, causal or not, bf16 / fp16, head dims 64 and
+    128: sm90."""
+    assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2, d=d)) == ("sm90", None)
+
+
+def test_auto_keeps_head_dim_64_on_triton_until_measured(hopper, monkeypatch, caplog):
+    """Head dim 64 is covered but not yet run on a GPU: auto mode routes it to Triton with
+    a counted, INFO-logged reason; forcing sm90 runs it; head dim 128 is unaffected."""
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_HEAD_DIMS", (64,))
+    dispatch._reset_for_tests()
+    caplog.set_level(logging.INFO, logger=dispatch.logger.name)
+    kernel, reason = dispatch.forward_kernel(*call(d=64))
+    assert kernel == "triton" and reason.startswith(dispatch.R_UNMEASURED)
+    dispatch.record(dispatch.decide(*call(d=64)))
+    assert dispatch.fallback_counts() == {dispatch.R_UNMEASURED: 1}
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == dispatch.logger.name)
+    with dispatch.force_kernel("sm90"):
+        assert dispatch.forward_kernel(*call(d=64)) == ("sm90", None)
+    assert dispatch.forward_kernel(*call(d=128)) == ("sm90", None)
 
 
 def test_auto_keeps_int8_pv_on_triton_by_measurement(hopper, monkeypatch, caplog):
@@ -155,7 +175,7 @@ def _padded_v():
 
 
 @pytest.mark.parametrize("make, code", [
-    (_with(d=64), dispatch.R_HEAD_DIM),
+    (_with(d=96), dispatch.R_HEAD_DIM),
     (_with(d=256), dispatch.R_HEAD_DIM),
     (_with(dtype=torch.float32), dispatch.R_DTYPE),
     (_with(attn_mask=torch.ones(5, 7, dtype=torch.bool)), dispatch.R_MASK),
@@ -168,7 +188,7 @@ def _padded_v():
     (_with(scale=-0.1), dispatch.R_SCALE),
     (_misaligned_q, dispatch.R_LAYOUT),
     (_padded_v, dispatch.R_LAYOUT),
-], ids=["d64", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
+], ids=["d96", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
         "float_q", "negative_scale", "misaligned_q", "padded_v"])
 def test_uncovered_calls_name_their_reason(hopper, make, code):
     kernel, reason = dispatch.forward_kernel(*make())
@@ -268,7 +288,7 @@ def test_forced_sm90_refuses_what_it_cannot_serve(hopper):
     with dispatch.force_kernel("sm90"):
         assert dispatch.forward_kernel(*call()) == ("sm90", None)
         with pytest.raises(ValueError, match="sm90 kernel was forced.*head_dim"):
-            dispatch.forward_kernel(*call(d=64))
+            dispatch.forward_kernel(*call(d=96))
         hopper["capability"] = (8, 0)
         dispatch._DECISIONS.clear()
         with pytest.raises(ValueError, match="sm90 kernel was forced.*device_not_sm90"):
@@ -288,9 +308,9 @@ def test_decisions_are_cached_per_signature(hopper):
 # ------------------------------------------------------------------- counters, log
 def test_fallbacks_are_counted_and_logged_once_per_reason(hopper, caplog):
     caplog.set_level(logging.INFO, logger=dispatch.logger.name)
-    d64 = dispatch.decide(*call(d=64))
+    d96 = dispatch.decide(*call(d=96))
     for _ in range(3):
-        dispatch.record(d64)
+        dispatch.record(d96)
     dispatch.record(dispatch.decide(*call(attn_mask=torch.ones(5, 7, dtype=torch.bool))))
     dispatch.record(dispatch.decide(*call()))  # sm90: no fallback
     with dispatch.force_kernel("triton"):
@@ -389,8 +409,8 @@ def test_causal_call_flags_heads_whose_v_is_not_finite(sm90_on_cpu):
 
 @needs_interpreter
 def test_uncovered_call_runs_triton_and_counts(sm90_on_cpu):
-    out, lse = dispatched_forward(*call(d=64))
-    assert sm90_on_cpu == [] and out.shape == (1, 2, 5, 64)
+    out, lse = dispatched_forward(*call(d=96))
+    assert sm90_on_cpu == [] and out.shape == (1, 2, 5, 96)
     assert dispatch.fallback_counts() == {dispatch.R_HEAD_DIM: 1}
 
 
@@ -488,6 +508,39 @@ def test_fused_declines(fused_hopper, case):
     elif case == "key_value_shapes":
         a["value"] = a["value"][..., :5, :]
     assert dispatch.fused_sm90(**a) is None, case
+
+
+def test_fused_fast_preset_follows_the_int8_pv_policy(fused_hopper, monkeypatch):
+    """The fast preset (pv_int8) takes the fused op only where its INT8 P·V would run on
+    sm90: not while the measured policy keeps INT8 P·V on Triton (SM90_AUTO_SKIPS_PV),
+    yes with sm90 forced or the policy lifted; the accurate preset is unaffected."""
+    a = fused_args()
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
+    assert dispatch.fused_sm90(**a, pv_int8=True) is None
+    assert dispatch.fused_sm90(**a) is not None
+    with dispatch.force_kernel("sm90"):
+        assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
+    with dispatch.force_kernel("triton"):
+        assert dispatch.fused_sm90(**a, pv_int8=True) is None
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
+    assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
+
+
+def test_functional_sends_each_preset_to_its_fused_op(fused_hopper, monkeypatch):
+    """flash_quant.attention's early exit: "accurate" (default, name or object) asks for the
+    16-bit P·V op, "fast" (name or object) for pv_int8, other configs never."""
+    from flash_quant import functional
+
+    asked = []
+    monkeypatch.setattr(dispatch, "fused_sm90", lambda *args: asked.append(args[-1]) or None)
+    monkeypatch.setattr(functional, "_CUDA_DISPATCH", [dispatch])
+    a = fused_args()
+    args = (a["query"], a["key"], a["value"], None, 0.0, False, None, False)
+    for config, want in (("accurate", False), (None, False), (functional._ACCURATE, False), ("fast", True),
+                         (functional._FAST, True), ("int4", None), ("fp16", None)):
+        asked.clear()
+        assert functional._fused_sm90(*args, config) is None
+        assert asked == ([] if want is None else [want]), config
 
 
 def test_fused_grad_needs_grad_mode(fused_hopper):

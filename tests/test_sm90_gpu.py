@@ -76,9 +76,14 @@ def _op_call(q, k, v, recipe, causal):
 
 def _assert_sm90_serves(call):
     """sm90 covers the call: auto mode picks it, except INT8 P·V, which the measured policy
-    keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV) and which sm90 then serves when forced."""
+    keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV), and a head dim not yet measured
+    (dispatch.SM90_AUTO_SKIPS_HEAD_DIMS), which sm90 then serves when forced."""
     kernel, reason = dispatch.forward_kernel(**call)
-    if call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV:
+    if call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS:
+        assert kernel == "triton" and reason.startswith(dispatch.R_UNMEASURED), (kernel, reason)
+        with dispatch.force_kernel("sm90"):
+            kernel, reason = dispatch.forward_kernel(**call)
+    elif call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV:
         assert kernel == "triton" and reason.startswith(dispatch.R_SLOWER), (kernel, reason)
         with dispatch.force_kernel("sm90"):  # (raises when sm90 cannot serve the call)
             kernel, reason = dispatch.forward_kernel(**call)
@@ -103,7 +108,7 @@ def _dequantized_reference(call):
     ref, lse = reference_attention(qd, kd, vd, is_causal=call["is_causal"], return_lse=True)
     km = call["k_mean"].double()  # (B, Hkv, 1, D)
     km = km.repeat_interleave(qd.shape[1] // km.shape[1], dim=1)
-    lse = lse + (qd @ km.transpose(-1, -2)).squeeze(-1) / D ** 0.5
+    lse = lse + (qd @ km.transpose(-1, -2)).squeeze(-1) / qd.shape[-1] ** 0.5
     return ref, lse
 
 
@@ -131,8 +136,9 @@ def _check_against_reference_and_triton(call, recipe, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("s", [1, 17, 130, 1000, 4097])
-def test_op_matches_dequantized_reference(recipe, dtype, causal, s):
-    q, k, v = make_qkv(1, 8, s, D, hkv=2, dtype=dtype, device=DEV)
+@pytest.mark.parametrize("d", [64, 128])
+def test_op_matches_dequantized_reference(recipe, dtype, causal, s, d):
+    q, k, v = make_qkv(1, 8, s, d, hkv=2, dtype=dtype, device=DEV)
     _check_against_reference_and_triton(_op_call(q, k, v, recipe, causal), recipe, dtype)
 
 
@@ -150,11 +156,13 @@ def test_op_query_and_key_lengths_differ(recipe, causal, sq, skv):
 @pytest.mark.parametrize("family", ["normal", "realistic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_presets_through_flash_quant_attention(preset, family, causal, dtype):
-    q, k, v = make_qkv(2, 8, 1000, D, hkv=2, skv=1000, family=family, dtype=dtype, device=DEV)
+@pytest.mark.parametrize("d", [64, 128])
+def test_presets_through_flash_quant_attention(preset, family, causal, dtype, d):
+    q, k, v = make_qkv(2, 8, 1000, d, hkv=2, skv=1000, family=family, dtype=dtype, device=DEV)
     args = dict(is_causal=causal, enable_gqa=True, config=preset)
-    # (the fast preset's INT8 P·V runs on Triton in auto mode by measurement: force sm90)
-    mode = "sm90" if preset == "fast" else "auto"
+    # (the fast preset's INT8 P·V runs on Triton in auto mode by measurement, head dim 64
+    # until measured: force sm90)
+    mode = "sm90" if preset == "fast" or d in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS else "auto"
     with dispatch.force_kernel(mode):
         assert flash_quant.which_kernel(q, k, v, **args) == ("sm90", None)
         before = dispatch.fallback_counts()

@@ -12,7 +12,11 @@ triton/backends/nvidia/bin, or on PATH). Asserted:
   an 8-bit P·V instantiation (the fast preset) has only 8-bit wgmma (IGMMA / QGMMA);
 * no legacy tensor-core path: no ``HMMA`` / ``IMMA`` / ``QMMA`` (mma.sync) anywhere;
 * no local memory: no ``LDL`` / ``STL`` in any kernel, and ptxas reports 0 bytes of
-  spill stores and loads for every entry function.
+  spill stores and loads for every entry function;
+* ptxas did not serialize the wgmma (its C7518 report: a product in flight across a
+  branch it deems divergent makes it wait after every wgmma), and in each 16-bit P·V
+  kernel a P·V product is in flight across a whole tile's exponentials (the softmax
+  overlaps the matrix products instead of waiting for them).
 
 Without nvcc the test skips, except in CI (CI=true): there nvcc 13.0 is installed, so its
 absence is a broken CI and fails. A missing kernel file fails everywhere.
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "fwd_sm90.cu"
 PREPASS_SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "prepass.cu"
 #: The pre-pass's kernels (entry names contain these).
-PREPASS_KERNELS = ("key_block_means", "key_center", "quantize_rows")
+PREPASS_KERNELS = ("key_block_means", "key_center", "quantize_rows", "quantize_v_kmajor")
 # The standalone compile of docs/hopper.md (setup.py adds only -lineinfo and torch's flags).
 NVCC_FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
 #: Entry functions that are attention forward kernels (mangled names contain the identifier).
@@ -86,6 +90,10 @@ def parse_ptxas(report: str) -> dict:
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
             current = entries.setdefault(m.group(1), {})
+            continue
+        m = re.search(r"wgmma.mma_async instructions are serialized.*function '([^']+)'", line)
+        if m:  # (ptxas reports this before or after the function's own lines)
+            entries.setdefault(m.group(1), {})["wgmma_serialized"] = line.strip()
             continue
         if current is None:
             continue
@@ -167,6 +175,16 @@ def test_both_pv_precisions_are_on_wgmma(compiled):
     assert eight, f"no forward kernel with an 8-bit P·V (only IGMMA / QGMMA) among {list(kernels)}"
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_each_head_dim_is_instantiated(compiled, d):
+    """Head dims 64 and 128 (fwd_params.h kForwardHeadDims): P·V's wgmma has N = D output
+    channels, 16-bit (HGMMA.64xDx16) and 8-bit (IGMMA.64xDx32)."""
+    _, sass = compiled
+    code = [i for c in _forward_kernels(sass).values() for i in c]
+    assert any(re.search(rf"\bHGMMA\.64x{d}x16\.", i) for i in code), f"no 16-bit P·V wgmma for head dim {d}"
+    assert any(re.search(rf"\bIGMMA\.64x{d}x32\.", i) for i in code), f"no 8-bit wgmma of N = {d}"
+
+
 def test_no_legacy_mma(compiled):
     _, sass = compiled
     for name, code in sass.items():
@@ -189,9 +207,51 @@ def test_ptxas_reports_no_spills(compiled):
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
 
 
+def test_wgmma_not_serialized(compiled):
+    ptxas, _ = compiled
+    for name, info in ptxas.items():
+        assert "wgmma_serialized" not in info, f"{name}: {info['wgmma_serialized']}"
+
+
+#: One tile's exponentials per thread: 64 rows x 128 keys over a warpgroup's 128 threads.
+EXP_PER_TILE = 64
+
+
+def _exponentials_under_pv(code: list) -> int:
+    """The most MUFU.EX2 a kernel issues while a 16-bit P·V wgmma is in flight: from an
+    HGMMA to the next wait for every product (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
+    best = count = 0
+    pending = False
+    for ins in code:
+        if WGMMA_16BIT.search(ins):
+            pending = True
+        elif pending and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", ins):
+            best, count, pending = max(best, count), 0, False
+        elif pending and "MUFU.EX2" in ins:
+            count += 1
+    return max(best, count)
+
+
+#: forward_kernel<T, kPvInt8, kCausal, kSchedule, kD>'s mangled schedule argument: the
+#: overlapped schedules 1 and 2 (schedule 0, kept for comparison, issues P·V piecemeal
+#: inside the softmax and waits for it before the tile ends).
+OVERLAPPED_SCHEDULE = re.compile(r"Lb[01]ELb[01]ELi[12]E")
+
+
+def test_softmax_overlaps_the_pv_product(compiled):
+    _, sass = compiled
+    kernels = {n: c for n, c in _forward_kernels(sass).items() if OVERLAPPED_SCHEDULE.search(n)}
+    assert kernels, "no forward kernel of an overlapped schedule (1 or 2)"
+    for name, code in kernels.items():
+        if any(WGMMA_16BIT.search(i) for i in code):
+            n = _exponentials_under_pv(code)
+            assert n >= EXP_PER_TILE, f"{name}: only {n} exponentials run while a P·V product is in flight"
+
+
 def test_prepass_kernels_exist_and_keep_to_registers(prepass):
-    """The fused pre-pass (csrc/cuda/sm90/prepass.cu): its three kernels are there, with no
-    local memory (the codes kernel keeps a row's 32 values a lane in registers) and no spills."""
+    """The fused pre-pass (csrc/cuda/sm90/prepass.cu): its kernels (the fast preset's V codes
+    too) are there, with no local memory (the codes kernel keeps a row's 32 values a lane
+    in registers) and no spills."""
     ptxas, sass = prepass
     for kernel in PREPASS_KERNELS:
         assert any(kernel in name for name in sass), f"no {kernel} kernel in {list(sass)}"

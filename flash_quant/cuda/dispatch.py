@@ -6,7 +6,7 @@ Two forward kernels exist for CUDA tensors:
   ``flash_quant::_sm90_attention_forward``. It needs an sm_90 device, an extension built
   with it (setup.py: torch with CUDA and nvcc found) and a call it covers (SM90 below:
   INT8 Q·Kᵀ with per-row scales and no zero points, 16-bit P·V with 16-bit V or INT8 P·V
-  with INT8 K-major per-channel V, head dim 128, bf16 / fp16, no mask, a positive
+  with INT8 K-major per-channel V, head dim 64 or 128, bf16 / fp16, no mask, a positive
   softmax scale, operands TMA can read: 16-byte aligned, strides multiples of 16 bytes).
 * ``"triton"``: flash_quant/cuda/forward.py, every other call and every other GPU.
 
@@ -17,9 +17,11 @@ sm90 kernel exists for the device but this call is not covered or the build lack
 info line for a device that is not sm_90 (the normal case on other GPUs).
 
 One step above the op: :func:`fused_sm90` says when a whole ``flash_quant.attention`` call
-with the accurate preset runs as the single op ``flash_quant::_sm90_attention`` (the
-quantize pre-pass in CUDA C++, then the same sm90 kernel), skipping the Python quantize
-steps and their host time (issue 17.3: <= 60 µs a call at the Flux shape).
+with the accurate or the fast preset runs as the single op ``flash_quant::_sm90_attention``
+(the quantize pre-pass in CUDA C++, then the same sm90 kernel), skipping the Python
+quantize steps and their host time (issue 17.3: <= 60 µs a call at the Flux shape). The
+fast preset takes it only where its INT8 P·V would take sm90 (the measured policy,
+SM90_AUTO_SKIPS_PV, or sm90 forced).
 
 Forcing a kernel (benchmarks, tests): ``FLASH_QUANT_CUDA_FORWARD=auto|triton|sm90`` (read
 once, at the first decision) or the :func:`force_kernel` context manager, which wins over
@@ -64,7 +66,10 @@ SM90_CAPABILITY = (9, 0)
 #: TMA reads each operand through a descriptor: 16-byte aligned base, strides multiples
 #: of 16 bytes (csrc/cuda/sm90/register_sm90.cpp checks the same and raises).
 TMA_ALIGN = 16
-SM90_HEAD_DIMS = (128,)
+#: Head dims of the sm90 forward kernel (csrc/cuda/sm90/fwd_params.h kForwardHeadDims) ...
+SM90_HEAD_DIMS = (64, 128)
+#: ... and of the fused accurate path's pre-pass (prepass.cu: 4 lanes x 32 channels a row).
+FUSED_HEAD_DIMS = (128,)
 SM90_DTYPES = (torch.bfloat16, torch.float16)
 
 # Reason codes (the counters' keys). The message after the code says what this call has.
@@ -81,15 +86,20 @@ R_V = "v_layout"
 R_SCALE = "softmax_scale"
 R_LAYOUT = "tma_layout"
 R_SLOWER = "sm90_slower"
+R_UNMEASURED = "sm90_unmeasured"
 #: Reasons that are expected (a machine without the sm90 kernel; a call Triton serves
-#: faster by measurement): logged at INFO, not WARNING.
-_QUIET = (R_DEVICE, R_SLOWER)
+#: faster by measurement; an sm90 path not yet run on a GPU): logged at INFO, not WARNING.
+_QUIET = (R_DEVICE, R_SLOWER, R_UNMEASURED)
 #: pv_precision values the sm90 kernel covers but Triton serves faster, so "auto" keeps
 #: them on Triton (forcing sm90 still runs them). H100, 2026-12-06, bench_attention.py:
 #: INT8 P·V kernel-only sm90 / Triton = 0.545 / 0.460 ms (Flux 1x24x4608x128), 2.146 /
 #: 1.815 (4x32x4096x128), 1.341 / 1.048 (causal), 7.623 / 6.975 (1x32x16384x128), 1.104 /
 #: 0.942 (GQA 2x32/8x4096x128) — docs/hopper.md, Measurements.
 SM90_AUTO_SKIPS_PV = ("int8",)
+#: Head dims the sm90 kernel covers but "auto" keeps on Triton until a GPU run has checked
+#: and timed them: head dim 64 was written and checked on the CPU only (session 4: its SASS,
+#: and the CPU emulation of tests/test_sm90_forward_emulated.py). Forcing sm90 runs it.
+SM90_AUTO_SKIPS_HEAD_DIMS = (64,)
 
 _ARGS = ("q", "k", "v", "q_data", "q_scale", "q_zero_point", "k_data", "k_scale", "k_zero_point", "k_mean",
          "v_data", "v_scale", "v_zero_point", "attn_mask", "is_causal", "scale", "pv_precision")
@@ -292,6 +302,9 @@ def _decide(a: dict, m: str) -> Decision:
     if gap is None and m != SM90 and a["pv_precision"] in SM90_AUTO_SKIPS_PV:
         gap = R_SLOWER, (f"pv_precision={a['pv_precision']!r}: the Triton kernel measured faster on H100 "
                          "(docs/hopper.md); force sm90 to run it anyway")
+    if gap is None and m != SM90 and p["D"] in SM90_AUTO_SKIPS_HEAD_DIMS:
+        gap = R_UNMEASURED, (f"head dim {p['D']}: the sm90 kernel has not been run on a GPU at this head dim "
+                             "yet (docs/hopper.md); force sm90 to run it")
     if gap is None:
         B, Hq, Hkv, Sq, Skv, D = (p[n] for n in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
         full = tuple(t is None or tuple(t.shape) == shape for t, shape in (
@@ -401,11 +414,12 @@ FUSED_STRIDE_ELEMS = 8
 _FUSED = PlanCache()
 
 
-def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[float]:
+def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+               pv_int8: bool = False) -> Optional[float]:
     """The softmax scale when `flash_quant.attention(...)` with these arguments and the
-    accurate preset (the caller checks the preset) runs as one
-    ``_sm90_attention`` call (the accurate preset's quantize pre-pass in CUDA C++, then the
-    sm90 kernel: the host cost of one op instead of the Python quantize steps), else None
+    accurate preset (pv_int8: the fast preset; the caller checks the preset) runs as one
+    ``_sm90_attention`` call (the preset's quantize pre-pass in CUDA C++, then the sm90
+    kernel: the host cost of one op instead of the Python quantize steps), else None
     (the call takes the general path, which gives the same result from the same kernel,
     or raises the error a bad call gets).
 
@@ -413,7 +427,8 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     a build with the sm90 kernels, no mask, no dropout, no autograd needed, not while
     torch.compile traces (the general path is the compiled one), every key visible to some
     query (not causal with Sq < Skv: key_stats.visible_keys), head dim 128, bf16 / fp16,
-    unit channel stride and 16-byte vectors, and a mode other than "triton"."""
+    unit channel stride and 16-byte vectors, and a mode other than "triton"; for the fast
+    preset also sm90 forced or INT8 P·V off SM90_AUTO_SKIPS_PV (its measured policy)."""
     if attn_mask is not None or dropout_p:
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
@@ -422,6 +437,8 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return None
     m = _FORCED[-1] if _FORCED else _ENV_MODE.get("mode") or mode()
     if m == TRITON or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % TMA_ALIGN:
+        return None
+    if pv_int8 and m != SM90 and "int8" in SM90_AUTO_SKIPS_PV:
         return None
     key_ = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
             key.dtype, value.dtype, query.device, key.device, value.device, bool(is_causal), scale,
@@ -439,7 +456,7 @@ def _fused_scale(q, k, v, is_causal, scale, enable_gqa) -> float:
 
     if why_unsupported(q, k, v, None, 0.0, scale=scale, enable_gqa=enable_gqa) is not None:
         return 0.0  # (the general path raises the error)
-    if q.dim() != 4 or q.dtype not in SM90_DTYPES or q.shape[-1] not in SM90_HEAD_DIMS or k.shape != v.shape:
+    if q.dim() != 4 or q.dtype not in SM90_DTYPES or q.shape[-1] not in FUSED_HEAD_DIMS or k.shape != v.shape:
         return 0.0
     if k.device != q.device or v.device != q.device or _device_capability(q.device) != SM90_CAPABILITY:
         return 0.0

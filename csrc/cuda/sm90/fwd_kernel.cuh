@@ -31,7 +31,19 @@
 
 namespace flash_quant_sm90 {
 
-constexpr int kStages = 3;
+// Schedules (a development switch while they are measured against each other,
+// docs/hopper.md; Sm90FwdParams::schedule picks one):
+//   0: 16-bit P·V: per tile issue QK(i), wait, issue PV(i-1), softmax(i) while PV(i-1)
+//      runs; INT8 P·V: PV(i-1), wait, fold into O, QK(i), wait, softmax(i);
+//   1: 16-bit: issue QK(i) and PV(i-1) back to back, wait for QK(i) only, softmax(i), and
+//      wait for PV(i-1) at the next step's start; INT8: PV(i-1) and QK(i) back to back,
+//      fold PV(i-1) while QK(i) runs;
+//   2: as 1, and the consumer warpgroups take turns issuing (ping-pong: one's softmax
+//      runs while the other's products occupy the tensor cores).
+constexpr int kSchedules = 3;
+// Ring depth: schedules 1 / 2 hold tile i's stage until step i+2 (PV(i) completes a step
+// later than in schedule 0), so they take one stage more for the same prefetch distance.
+__host__ __device__ constexpr int stages_of(int schedule) { return schedule == 0 ? 3 : 4; }
 constexpr int kThreadsPerWarpgroup = 128;
 constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumerWarpgroups);
 constexpr int kLaunchRegisters = 168;  // 64K registers / 384 threads, rounded down to 8
@@ -43,11 +55,25 @@ static_assert(kConsumerWarpgroups * kConsumerRegisters + kProducerRegisters <= (
               "setmaxnreg would deadlock: the register pool cannot serve the consumers");
 constexpr int kSwizzleRowBytes = 128;                 // one 128-byte swizzle row
 constexpr int kSwizzleGroupBytes = 8 * kSwizzleRowBytes;  // 8 rows: one swizzle atom
-constexpr int kQTileBytes = kRowsPerCta * kHeadDim;          // int8
-constexpr int kKTileBytes = kKeysPerTile * kHeadDim;         // int8
-constexpr int kV8TileBytes = kHeadDim * kKeysPerTile;        // int8, K-major (V^T)
-constexpr int kV16HalfBytes = kKeysPerTile * 64 * 2;         // 64 channels of 16-bit V
-constexpr int kV16TileBytes = 2 * kV16HalfBytes;
+//: 16-bit V arrives in boxes of 64 channels (one 128-byte swizzle row per key).
+constexpr int kV16BoxChannels = 64;
+constexpr int kV16BoxBytes = kKeysPerTile * kV16BoxChannels * 2;
+
+// What the head dim D sets (kHeadDims: 64 or 128). Q / K codes are rows of D bytes,
+// 128- or 64-byte swizzled (one swizzle row each); V^T (int8) is D rows of 128 keys; 16-bit
+// V is D / 64 boxes; O takes D / 2 accumulator registers a thread (m64nD).
+template <int kD>
+struct HeadDim {
+  static_assert(kD == 64 || kD == 128, "the sm90 kernel covers head dims 64 and 128");
+  static constexpr int kQKSwizzle = kD;  // bytes: one int8 row is one swizzle row
+  static constexpr int kQKGroupBytes = 8 * kD;
+  static constexpr int kQTileBytes = kRowsPerCta * kD;
+  static constexpr int kKTileBytes = kKeysPerTile * kD;
+  static constexpr int kV8TileBytes = kD * kKeysPerTile;
+  static constexpr int kV16Boxes = kD / kV16BoxChannels;
+  static constexpr int kV16TileBytes = kV16Boxes * kV16BoxBytes;
+  static constexpr int kAcc = kD / 2;
+};
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 //: INT8 P's largest code (csrc/precision.h; docs/op_contract.md).
@@ -55,15 +81,21 @@ constexpr float kPCodeMax = FQ_INT8_QMAX;
 //: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
 //: lane after it stored its share of the tile's K scales.
 constexpr int kKBarrierArrivals = 1 + 32;
+// Named barriers of the ping-pong turns (0 is __syncthreads'): warpgroup w waits on
+// kTurnBarrier + w, the other warpgroup signals it.
+constexpr uint32_t kTurnBarrier = 1;
+constexpr uint32_t kTurnThreads = 2 * kThreadsPerWarpgroup;
 
-template <bool kPvInt8>
+template <bool kPvInt8, int kStages, int kD>
 struct SharedStorage {
-  static constexpr int kVTileBytes = kPvInt8 ? kV8TileBytes : kV16TileBytes;
-  alignas(1024) int8_t q[kQTileBytes];
-  alignas(1024) int8_t k[kStages][kKTileBytes];
+  using Dims = HeadDim<kD>;
+  static constexpr int kVTileBytes = kPvInt8 ? Dims::kV8TileBytes : Dims::kV16TileBytes;
+  alignas(1024) int8_t q[Dims::kQTileBytes];
+  alignas(1024) int8_t k[kStages][Dims::kKTileBytes];
   alignas(1024) uint8_t v[kStages][kVTileBytes];
-  // the K scale of each key of a tile, written by the producer warp
-  float k_scale[kStages][kKeysPerTile];
+  // per key of a tile: {K scale, -kFloatOffset * K scale} (the score's FFMA operands),
+  // written by the producer warp
+  float2 k_scale[kStages][kKeysPerTile];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -78,7 +110,8 @@ struct Pack16<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) {
+  template <int N>
+  static __device__ __forceinline__ void mma(float (&d)[N], const uint32_t (&a)[4], uint64_t b, int acc) {
     wgmma_bf16_rs_tb(d, a, b, acc);
   }
 };
@@ -88,7 +121,8 @@ struct Pack16<__half> {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int acc) {
+  template <int N>
+  static __device__ __forceinline__ void mma(float (&d)[N], const uint32_t (&a)[4], uint64_t b, int acc) {
     wgmma_f16_rs_tb(d, a, b, acc);
   }
 };
@@ -119,15 +153,15 @@ __device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
 // from the int32 accumulator (bit trick, see kFloatOffset), masked keys -inf. Returns
 // this thread's row maxima of x' through tile_max (not yet reduced over the quad).
 template <bool kCausal, bool kMask>
-__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float* ks, int t, int n0,
+__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float2* ks, int t, int n0,
                                        int kv_len, int row0, float (&tile_max)[2]) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float2 kscale = *reinterpret_cast<const float2*>(ks + 8 * j + 2 * t);
+    const float4 kscale = *reinterpret_cast<const float4*>(ks + 8 * j + 2 * t);  // keys 8j+2t, 8j+2t+1
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float k = e ? kscale.y : kscale.x;
-      const float shift = -kFloatOffset * k;
+      const float k = e ? kscale.z : kscale.x;
+      const float shift = e ? kscale.w : kscale.y;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = 4 * j + 2 * r + e;
@@ -217,11 +251,15 @@ __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], co
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal>
+template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
-  using Smem = SharedStorage<kPvInt8>;
+  static_assert(kSchedule >= 0 && kSchedule < kSchedules, "no such schedule");
+  constexpr int kStages = stages_of(kSchedule);
+  using Dims = HeadDim<kD>;
+  constexpr int kAcc = Dims::kAcc;
+  using Smem = SharedStorage<kPvInt8, kStages, kD>;
   extern __shared__ uint8_t smem_raw[];
   // 1024-byte alignment for the swizzled tiles (the launcher allocates 1 KB extra)
   const uint32_t raw = smem_addr(smem_raw);
@@ -240,7 +278,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kv_end = may_skip ? min(p.kv_len, m0 + kRowsPerCta) : p.kv_len;
   const int n_tiles = kv_end > 0 ? (kv_end + kKeysPerTile - 1) / kKeysPerTile : 0;
 
-  const int warpgroup = threadIdx.x / kThreadsPerWarpgroup;
+  // broadcast from lane 0: ptxas then knows the value (and every loop bound derived from
+  // it) is warp-uniform; a product in flight across a branch it deems divergent makes it
+  // serialize every wgmma (C7518)
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kThreadsPerWarpgroup, 0);
   if (threadIdx.x == 0) {
     barrier_init(&sm.q_full, 1);
     for (int s = 0; s < kStages; ++s) {
@@ -262,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_prefetch_map(&tm_q);
       tma_prefetch_map(&tm_k);
       tma_prefetch_map(&tm_v);
-      barrier_expect_bytes(&sm.q_full, kQTileBytes);
+      barrier_expect_bytes(&sm.q_full, Dims::kQTileBytes);
       tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
     }
     for (int it = 0; it < n_tiles; ++it) {
@@ -271,22 +312,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       barrier_wait(&sm.kv_empty[s], phase ^ 1);
       const int n0 = it * kKeysPerTile;
       if (lane == 0) {
-        barrier_expect_bytes(&sm.k_full[s], kKTileBytes);
+        barrier_expect_bytes(&sm.k_full[s], Dims::kKTileBytes);
         tma_load_4d(sm.k[s], &tm_k, &sm.k_full[s], 0, n0, hkv, b);
         if constexpr (kPvInt8) {
-          barrier_expect_bytes(&sm.v_full[s], kV8TileBytes);
+          barrier_expect_bytes(&sm.v_full[s], Dims::kV8TileBytes);
           tma_load_4d(sm.v[s], &tm_v, &sm.v_full[s], n0, 0, hkv, b);  // V^T: tokens innermost
         } else {
-          barrier_expect_bytes(&sm.v_full[s], kV16TileBytes);
-          tma_load_4d(sm.v[s], &tm_v, &sm.v_full[s], 0, n0, hkv, b);
-          tma_load_4d(sm.v[s] + kV16HalfBytes, &tm_v, &sm.v_full[s], 64, n0, hkv, b);
+          barrier_expect_bytes(&sm.v_full[s], Dims::kV16TileBytes);
+#pragma unroll
+          for (int box = 0; box < Dims::kV16Boxes; ++box) {
+            tma_load_4d(sm.v[s] + box * kV16BoxBytes, &tm_v, &sm.v_full[s], box * kV16BoxChannels, n0, hkv, b);
+          }
         }
       }
       // the tile's K scales (keys past the end: 0, masked by the consumers)
 #pragma unroll
       for (int i = 0; i < kKeysPerTile / 32; ++i) {
         const int key = n0 + i * 32 + lane;
-        sm.k_scale[s][i * 32 + lane] = key < p.kv_len ? k_scale[key] : 0.f;
+        const float ks = key < p.kv_len ? k_scale[key] : 0.f;
+        sm.k_scale[s][i * 32 + lane] = make_float2(ks, -kFloatOffset * ks);
       }
       barrier_arrive(&sm.k_full[s]);
     }
@@ -314,42 +358,42 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) row_factor[r] = row[r] < p.q_len ? q_scale[row[r]] * p.softmax_scale * kLog2e : 0.f;
 
-  float o[64];
+  float o[kAcc];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int i = 0; i < kAcc; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_part[2] = {0.f, 0.f};  // this thread's share of the row sums (quad-summed at the end)
   // softmax factors of the newest tile: int8 P·V folds them in when that tile's P·V is
   // done (before the next softmax overwrites them); 16-bit P·V rescales O at once
   float alpha[2], beta[2];
 
-  const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kHeadDim);
+  const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kD);
   barrier_wait(&sm.q_full, 0);
 
-  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
+  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i),
+  // schedule 0 (schedules 1 / 2: kSchedules above and mixed_step below):
   //   16-bit P·V: issue QK(i), wait; issue PV(i-1) into O; softmax(i) while PV(i-1) runs;
   //     wait; rescale O (when a row max moved); pack P(i).
-  //   int8 P·V (its int32 accumulator needs 64 more registers, so it is never live next
-  //     to S): issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
+  //   int8 P·V: issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
   //     P(i). The other consumer warpgroup keeps the tensor cores busy meanwhile.
   int32_t acc_s[64];
   float x[64];
   uint32_t pa8[4][4];
   uint32_t pa16[kKeysPerTile / 16][4];
-  int32_t acc_pv[64];
+  int32_t acc_pv[kAcc];
   float tile_max[2];
 
   // Descriptors: built once, then moved by byte offsets (the start address field counts
   // 16-byte units; every tile lies in the 256 KB the field covers, so adds never carry out).
-  const uint64_t q_desc = sw128_descriptor(q_tile, 0, kSwizzleGroupBytes);
-  const uint64_t k_desc0 = sw128_descriptor(sm.k[0], 0, kSwizzleGroupBytes);
+  const uint64_t q_desc = swizzled_descriptor<Dims::kQKSwizzle>(q_tile, 0, Dims::kQKGroupBytes);
+  const uint64_t k_desc0 = swizzled_descriptor<Dims::kQKSwizzle>(sm.k[0], 0, Dims::kQKGroupBytes);
   const uint64_t v_desc0 = kPvInt8 ? sw128_descriptor(sm.v[0], 0, kSwizzleGroupBytes)
-                                   : sw128_descriptor(sm.v[0], kV16HalfBytes, kSwizzleGroupBytes);
+                                   : sw128_descriptor(sm.v[0], kV16BoxBytes, kSwizzleGroupBytes);
   auto moved = [](uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); };
   auto issue_qk = [&](int s) {
-    const uint64_t k_desc = moved(k_desc0, s * kKTileBytes);
+    const uint64_t k_desc = moved(k_desc0, s * Dims::kKTileBytes);
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 32; ++kk) {
+    for (int kk = 0; kk < kD / 32; ++kk) {
       wgmma_s8_ss(acc_s, moved(q_desc, kk * 32), moved(k_desc, kk * 32), kk > 0);
     }
   };
@@ -368,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // O <- O * alpha + (int32 P·V) * beta / 127 (the int8 path; bit trick of kFloatOffset)
   auto fold_pv8 = [&]() {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < kAcc; ++i) {
       const int r = (i >> 1) & 1;
       const float w = beta[r] * (1.f / kPCodeMax);
       o[i] = fmaf(__int_as_float(acc_pv[i] + kFloatOffsetBits), w, fmaf(o[i], alpha[r], -kFloatOffset * w));
@@ -398,12 +442,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (kCausal) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
   n_full = min(n_full, n_active);
 
+  // Ping-pong needs the same number of turns in both warpgroups (n_active + 1 each: the
+  // first QK, the QK(i) + PV(i-1) pairs, the last PV); causal calls may differ by a tile.
+  const int other_row0 = m0 + (1 - wg) * kRowsPerWarpgroup;
+  const int other_key_end = may_skip ? min(p.kv_len, other_row0 + kRowsPerWarpgroup) : p.kv_len;
+  const int other_active =
+      min(n_tiles, other_key_end > 0 ? (other_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
+  const bool ping_pong = kSchedule == 2 && other_active == n_active && n_active > 0;
+  const uint32_t my_turn = kTurnBarrier + wg;
+  const uint32_t other_turn = kTurnBarrier + (1 - wg);
+  auto take_turn = [&]() {
+    if (ping_pong) named_barrier_sync(my_turn, kTurnThreads);
+  };
+  auto pass_turn = [&]() {
+    if (ping_pong) named_barrier_arrive(other_turn, kTurnThreads);
+  };
+  if (ping_pong && wg == 1) named_barrier_arrive(other_turn, kTurnThreads);  // warpgroup 0 goes first
+
+  // Schedule 0, and INT8 P·V: each step waits for its products before the next.
+  // Schedules 1 / 2 with 16-bit P·V: step i waits for PV(i-2) first (a loop iteration
+  // boundary, which ptxas does not schedule across: within one basic block it hoisted
+  // that wait above the softmax's exponentials), packs P(i-1), rescales O for tile i-1's
+  // max, issues QK(i) and PV(i-1), waits for QK(i) only and runs softmax(i) while PV(i-1)
+  // is in flight.
+  constexpr bool kOverlapped = !kPvInt8 && kSchedule != 0;
+  auto rescale_o = [&]() {
+    // after the first tiles a row's max rarely moves: skip the rescale when no row of the
+    // warp needs it (alpha == 1 exactly)
+    if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) o[i] *= alpha[(i >> 1) & 1];
+    }
+  };
   if (n_active > 0) {
     // tile 0
     barrier_wait(&sm.k_full[0], 0);
+    take_turn();
     wgmma_fence();
     issue_qk(0);
     wgmma_commit();
+    pass_turn();
     wgmma_wait<0>();
     wgmma_fence_operands(acc_s);
     if (n_full > 0) {
@@ -413,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if constexpr (kPvInt8) {
       pack_p8(pa8, x, lane);
-    } else {
+    } else if constexpr (!kOverlapped) {
       pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
     }
   }
@@ -421,12 +499,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int s = it % kStages;
     const int sp = (it - 1) % kStages;
     const int n0 = it * kKeysPerTile;
+    if constexpr (kOverlapped) {
+      wgmma_wait<0>();  // PV(i-2): its P registers and its stage are free
+      wgmma_fence_operands(o);
+      if (it >= 2) barrier_arrive(&sm.kv_empty[(it - 2) % kStages]);
+      pack_p16<T>(pa16, x);
+      rescale_o();
+    }
     barrier_wait(&sm.k_full[s], (it / kStages) & 1);
     barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
-    if constexpr (kPvInt8) {
+    if constexpr (kPvInt8 && kSchedule != 0) {
+      // PV(i-1) and QK(i) back to back into their own accumulators; PV(i-1) is folded
+      // into O (with tile i-1's factors) while QK(i) runs, then softmax(i)
+      wgmma_fence_operands(o);
+      take_turn();
+      wgmma_fence();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      issue_qk(s);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<1>();
+      wgmma_fence_operands(acc_pv);
+      barrier_arrive(&sm.kv_empty[sp]);
+      fold_pv8();
+      wgmma_fence_operands(o);
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, n0, mask);
+      pack_p8(pa8, x, lane);
+    } else if constexpr (kPvInt8) {
       // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
       // are never live together; the other warpgroup fills the tensor cores meanwhile
-        wgmma_fence();
+      wgmma_fence();
       issue_pv(sp, pa16);
       wgmma_commit();
       wgmma_wait<0>();
@@ -441,6 +546,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence_operands(acc_s);
       softmax_tile(s, n0, mask);
       pack_p8(pa8, x, lane);
+    } else if constexpr (kOverlapped) {
+      wgmma_fence_operands(o);
+      take_turn();
+      wgmma_fence();
+      issue_qk(s);
+      wgmma_commit();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<1>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, n0, mask);
     } else {
       wgmma_fence_operands(o);
       wgmma_fence();
@@ -457,12 +574,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       wgmma_fence_operands(o);
       barrier_arrive(&sm.kv_empty[sp]);
-      // after the first tiles a row's max rarely moves: skip the rescale when no row of
-      // the warp needs it (alpha == 1 exactly)
-      if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
-      }
+      rescale_o();
       pack_p16<T>(pa16, x);
     }
   };
@@ -476,11 +588,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (n_active > 0) {  // P·V of the last tile
     const int sp = (n_active - 1) % kStages;
+    if constexpr (kOverlapped) {
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      if (n_active >= 2) barrier_arrive(&sm.kv_empty[(n_active - 2) % kStages]);
+      pack_p16<T>(pa16, x);
+      rescale_o();
+    }
     barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
     wgmma_fence_operands(o);
+    take_turn();
     wgmma_fence();
     issue_pv(sp, pa16);
     wgmma_commit();
+    pass_turn();
     wgmma_wait<0>();
     barrier_arrive(&sm.kv_empty[sp]);
     if constexpr (kPvInt8) {
@@ -490,6 +611,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence_operands(o);
     }
   }
+  // warpgroup 1 passed one turn more than warpgroup 0 takes (its first arrival): take it,
+  // so every named-barrier phase completes before the CTA exits
+  if (ping_pong && wg == 0) named_barrier_sync(my_turn, kTurnThreads);
   // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and
   // arrives twice on one phase) and release
   for (int it = n_active; it < n_tiles; ++it) {
@@ -501,8 +625,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // -------------------------------------------------------------- epilogue
-  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim : nullptr;
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * kHeadDim;
+  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kD : nullptr;
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * kD;
   const int8_t* q_codes = static_cast<const int8_t*>(p.q);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -515,12 +639,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         mean_term = p.lse_shift[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] * p.softmax_scale;
       }
     } else if (p.k_mean != nullptr) {
-      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim;
+      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kD;
       float part = 0.f;
       if (row[r] < p.q_len) {
         const int8_t* qrow = q_codes + b * p.q_stride[0] + hq * p.q_stride[1] + row[r] * p.q_stride[2];
 #pragma unroll 4
-        for (int d = t * 32; d < t * 32 + 32; ++d) part += static_cast<float>(qrow[d]) * km[d];
+        for (int d = t * (kD / 4); d < (t + 1) * (kD / 4); ++d) part += static_cast<float>(qrow[d]) * km[d];
       }
       mean_term = quad_sum(part) * (row[r] < p.q_len ? q_scale[row[r]] : 0.f) * p.softmax_scale;
     }
@@ -530,9 +654,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       p.lse[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] =
           l > 0.f ? (m_use + log2f(l)) * kLn2 + mean_term : -INFINITY;
     }
-    T* orow = out + static_cast<int64_t>(row[r]) * kHeadDim;
+    T* orow = out + static_cast<int64_t>(row[r]) * kD;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kD / 8; ++j) {
       const int col = 8 * j + 2 * t;
       float v0 = o[4 * j + 2 * r] * inv;
       float v1 = o[4 * j + 2 * r + 1] * inv;

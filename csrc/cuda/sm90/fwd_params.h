@@ -7,7 +7,9 @@ namespace flash_quant_sm90 {
 
 //: The kernel's fixed tile shape (docs/hopper.md): each consumer warpgroup owns
 //: kRowsPerWarpgroup query rows, a CTA two of them; keys go in tiles of kKeysPerTile.
-constexpr int kHeadDim = 128;
+constexpr int kHeadDim = 128;  // the fused pre-pass's (prepass.h); the forward also takes 64
+//: The head dims the forward kernel is instantiated for.
+constexpr int kForwardHeadDims[] = {64, 128};
 constexpr int kRowsPerWarpgroup = 64;
 constexpr int kConsumerWarpgroups = 2;
 constexpr int kRowsPerCta = kRowsPerWarpgroup * kConsumerWarpgroups;
@@ -16,9 +18,9 @@ constexpr int kKeysPerTile = 128;
 enum class OutType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct Sm90FwdParams {
-  // Operands. q, k: int8 codes, rows of kHeadDim contiguous bytes. v: int8 codes stored
+  // Operands. q, k: int8 codes, rows of head_dim contiguous bytes. v: int8 codes stored
   // K-major (tokens contiguous; v_row_stride = distance between channels) when pv_int8,
-  // else 16-bit values (rows of kHeadDim contiguous elements) of out_type.
+  // else 16-bit values (rows of head_dim contiguous elements) of out_type.
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -44,10 +46,14 @@ struct Sm90FwdParams {
   void* out = nullptr;
   float* lse = nullptr;
   int batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0;
+  int head_dim = kHeadDim;  // one of kForwardHeadDims
   float softmax_scale = 0.f;
   OutType out_type = OutType::kBFloat16;
   bool pv_int8 = false;
   bool causal = false;
+  // The schedule (fwd_kernel.cuh, kSchedules): a development switch while the schedules
+  // are measured against each other (FLASH_QUANT_SM90_SCHEDULE; default 0).
+  int schedule = 0;
 };
 
 }  // namespace flash_quant_sm90

@@ -30,11 +30,13 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// A 4-D map (innermost first: inner, rows, heads, batch) of a tensor with 128-byte
-// swizzled boxes of box_inner x box_rows elements.
+// A 4-D map (innermost first: inner, rows, heads, batch) of a tensor with swizzled boxes
+// of box_inner x box_rows elements (128-byte swizzle, or 64-byte for 64-byte box rows).
 CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes, uint64_t inner, uint64_t rows,
                      uint64_t heads, uint64_t batch, const int64_t (&stride)[3], uint32_t box_inner,
                      uint32_t box_rows, const char* what) {
+  const CUtensorMapSwizzle swizzle =
+      box_inner * elem_bytes >= 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
   CUtensorMap map;
   const cuuint64_t dims[4] = {inner, rows, heads, batch};
   // byte strides of dims 1..3 (batch, head, row given in elements, as in the params)
@@ -44,7 +46,7 @@ CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes,
   const cuuint32_t box[4] = {box_inner, box_rows, 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUresult res = encode_tiled()(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
-                                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (res != CUDA_SUCCESS) {
     throw std::runtime_error(std::string("flash_quant sm90: cuTensorMapEncodeTiled failed for ") + what +
@@ -54,11 +56,16 @@ CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes,
   return map;
 }
 
-template <class T, bool kPvInt8, bool kCausal>
+//: The most dynamic shared memory a CTA may take on sm_90 (227 KB).
+constexpr int kMaxSharedBytes = 227 * 1024;
+
+template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD>
 void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
             cudaStream_t stream) {
-  auto kernel = forward_kernel<T, kPvInt8, kCausal>;
-  const int smem = static_cast<int>(sizeof(SharedStorage<kPvInt8>)) + 1024;
+  auto kernel = forward_kernel<T, kPvInt8, kCausal, kSchedule, kD>;
+  using Smem = SharedStorage<kPvInt8, stages_of(kSchedule), kD>;
+  static_assert(sizeof(Smem) + 1024 <= kMaxSharedBytes, "the ring does not fit in shared memory");
+  const int smem = static_cast<int>(sizeof(Smem)) + 1024;
   // (set on every launch: the attribute is per device, and setting it costs ~1 us)
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) {
@@ -72,20 +79,40 @@ void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& 
   }
 }
 
+template <class T, bool kPvInt8, bool kCausal, int kD>
+void dispatch_schedule(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
+                       cudaStream_t stream) {
+  switch (p.schedule) {
+    case 0: launch<T, kPvInt8, kCausal, 0, kD>(p, q, k, v, stream); break;
+    case 1: launch<T, kPvInt8, kCausal, 1, kD>(p, q, k, v, stream); break;
+    default: launch<T, kPvInt8, kCausal, 2, kD>(p, q, k, v, stream); break;
+  }
+}
+
+template <class T, bool kPvInt8, bool kCausal>
+void dispatch_head_dim(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
+                       cudaStream_t stream) {
+  if (p.head_dim == 64) {
+    dispatch_schedule<T, kPvInt8, kCausal, 64>(p, q, k, v, stream);
+  } else {
+    dispatch_schedule<T, kPvInt8, kCausal, 128>(p, q, k, v, stream);
+  }
+}
+
 template <class T>
 void dispatch_modes(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                     cudaStream_t stream) {
   if (p.pv_int8) {
     if (p.causal) {
-      launch<T, true, true>(p, q, k, v, stream);
+      dispatch_head_dim<T, true, true>(p, q, k, v, stream);
     } else {
-      launch<T, true, false>(p, q, k, v, stream);
+      dispatch_head_dim<T, true, false>(p, q, k, v, stream);
     }
   } else {
     if (p.causal) {
-      launch<T, false, true>(p, q, k, v, stream);
+      dispatch_head_dim<T, false, true>(p, q, k, v, stream);
     } else {
-      launch<T, false, false>(p, q, k, v, stream);
+      dispatch_head_dim<T, false, false>(p, q, k, v, stream);
     }
   }
 }
@@ -96,20 +123,24 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
   if (p.q_len < 1 || p.kv_len < 1 || p.batch < 1 || p.q_heads < 1 || p.kv_heads < 1 || p.q_heads % p.kv_heads) {
     throw std::invalid_argument("flash_quant sm90: empty or inconsistent shapes");
   }
-  const CUtensorMap tm_q = make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kHeadDim, p.q_len, p.q_heads, p.batch,
-                                    p.q_stride, kHeadDim, kRowsPerCta, "q");
-  const CUtensorMap tm_k = make_map(p.k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kHeadDim, p.kv_len, p.kv_heads,
-                                    p.batch, p.k_stride, kHeadDim, kKeysPerTile, "k");
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) + " (64 or 128)");
+  }
+  const int D = p.head_dim;
+  const CUtensorMap tm_q = make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.q_len, p.q_heads, p.batch,
+                                    p.q_stride, D, kRowsPerCta, "q");
+  const CUtensorMap tm_k = make_map(p.k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.kv_len, p.kv_heads,
+                                    p.batch, p.k_stride, D, kKeysPerTile, "k");
   CUtensorMap tm_v;
   if (p.pv_int8) {
     // V^T: tokens innermost (stride 1), channels at v_stride[2]
-    tm_v = make_map(p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.kv_len, kHeadDim, p.kv_heads, p.batch, p.v_stride,
-                    kKeysPerTile, kHeadDim, "v (K-major int8)");
+    tm_v = make_map(p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.kv_len, D, p.kv_heads, p.batch, p.v_stride,
+                    kKeysPerTile, D, "v (K-major int8)");
   } else {
     const CUtensorMapDataType type =
         p.out_type == OutType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    // two boxes of 64 channels (128 bytes) per key tile
-    tm_v = make_map(p.v, type, 2, kHeadDim, p.kv_len, p.kv_heads, p.batch, p.v_stride, 64, kKeysPerTile, "v");
+    // boxes of 64 channels (128 bytes) per key tile, D / 64 of them
+    tm_v = make_map(p.v, type, 2, D, p.kv_len, p.kv_heads, p.batch, p.v_stride, kV16BoxChannels, kKeysPerTile, "v");
   }
   if (p.out_type == OutType::kBFloat16) {
     dispatch_modes<__nv_bfloat16>(p, tm_q, tm_k, tm_v, stream);

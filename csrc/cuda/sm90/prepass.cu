@@ -60,11 +60,32 @@ __device__ __forceinline__ void add8(const T* src, float (&acc)[kChannelsPerThre
   for (int i = 0; i < kChannelsPerThread; ++i) acc[i] += to_float<T>(v[i]);
 }
 
+// max(a, b) that keeps a NaN (fmaxf drops it): a channel's absmax is NaN once any of its
+// values is not finite.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+
+// Sum and absmax of 8 16-bit values (V: its finite check and its per-channel scale); an
+// inf / NaN value makes that channel's absmax NaN.
+template <class T>
+__device__ __forceinline__ void add_amax8(const T* src, float (&acc)[kChannelsPerThread],
+                                          float (&amax)[kChannelsPerThread]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kChannelsPerThread; ++i) {
+    const float x = to_float<T>(v[i]);
+    acc[i] += x;
+    amax[i] = isfinite(x) ? nan_max(amax[i], fabsf(x)) : NAN;
+  }
+}
+
 // Grid (blocks, B * Hkv): the float32 mean of each block of keys per channel, and, when
-// p.nonfinite is set, whether the block's K or V sums are finite.
+// p.nonfinite is set, whether the block's K or V sums are finite; when p.v_data is set (the
+// fast preset), V's absmax per channel over the block.
 template <class T>
 __global__ void __launch_bounds__(kMeansThreads) key_block_means(PrepassParams p, int rows_per_block, int blocks) {
   __shared__ float partial[kRowsInFlight][kHeadDim];
+  __shared__ float vpartial[kRowsInFlight][kHeadDim];
   const int blk = blockIdx.x;
   const int bh = blockIdx.y;
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
@@ -78,18 +99,22 @@ __global__ void __launch_bounds__(kMeansThreads) key_block_means(PrepassParams p
   for (int r = first + threadIdx.x / kThreadsPerRow; r < last; r += kRowsInFlight) {
     add8<T>(k + r * p.k_stride[2], acc);
   }
+  float vamax[kChannelsPerThread] = {};
   bool finite = true;
-  if (p.nonfinite != nullptr) {
+  if (p.nonfinite != nullptr || p.v_data != nullptr) {
     const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1] + col;
 #pragma unroll 4
     for (int r = first + threadIdx.x / kThreadsPerRow; r < last; r += kRowsInFlight) {
-      add8<T>(v + r * p.v_stride[2], vacc);
+      add_amax8<T>(v + r * p.v_stride[2], vacc, vamax);
     }
 #pragma unroll
     for (int i = 0; i < kChannelsPerThread; ++i) finite = finite && isfinite(acc[i]) && isfinite(vacc[i]);
   }
 #pragma unroll
-  for (int i = 0; i < kChannelsPerThread; ++i) partial[threadIdx.x / kThreadsPerRow][col + i] = acc[i];
+  for (int i = 0; i < kChannelsPerThread; ++i) {
+    partial[threadIdx.x / kThreadsPerRow][col + i] = acc[i];
+    vpartial[threadIdx.x / kThreadsPerRow][col + i] = vamax[i];
+  }
   const bool all_finite = __syncthreads_and(finite);
   if (threadIdx.x < kHeadDim) {
     float sum = 0.f;
@@ -97,8 +122,14 @@ __global__ void __launch_bounds__(kMeansThreads) key_block_means(PrepassParams p
     for (int g = 0; g < kRowsInFlight; ++g) sum += partial[g][threadIdx.x];
     p.block_means[(static_cast<int64_t>(bh) * blocks + blk) * kHeadDim + threadIdx.x] =
         sum / static_cast<float>(last - first);
+    if (p.v_data != nullptr) {
+      float m = 0.f;
+#pragma unroll
+      for (int g = 0; g < kRowsInFlight; ++g) m = nan_max(m, vpartial[g][threadIdx.x]);
+      p.v_block_amax[(static_cast<int64_t>(bh) * blocks + blk) * kHeadDim + threadIdx.x] = m;
+    }
   }
-  if (!all_finite && threadIdx.x == 0) {
+  if (!all_finite && threadIdx.x == 0 && p.nonfinite != nullptr) {
     // (every query head of the group reads this K / V head; plain stores of 1 race benignly)
     const int group = p.q_heads / p.kv_heads;
     for (int g = 0; g < group; ++g) p.nonfinite[b * p.q_heads + h * group + g] = 1;
@@ -114,12 +145,27 @@ __global__ void __launch_bounds__(kCenterSlices * kHeadDim) key_center(PrepassPa
   __shared__ float means[kMaxCenterBlocks][kHeadDim];
   __shared__ float x[kHeadDim];
   __shared__ int has_nan[kHeadDim];
+  __shared__ float vmax[kCenterSlices][kHeadDim];
   const int bh = blockIdx.x;
   const int c = threadIdx.x % kHeadDim;
   const int slice = threadIdx.x / kHeadDim;
   const float* src = p.block_means + static_cast<int64_t>(bh) * blocks * kHeadDim;
   if (slice == 0) has_nan[c] = 0;
+  if (p.v_data != nullptr) {  // the fast preset's V scale: absmax over the block maxima
+    const float* vsrc = p.v_block_amax + static_cast<int64_t>(bh) * blocks * kHeadDim;
+    float m = 0.f;
+    for (int i = slice; i < blocks; i += kCenterSlices) m = nan_max(m, vsrc[i * kHeadDim + c]);
+    vmax[slice][c] = m;
+  }
   __syncthreads();
+  if (p.v_data != nullptr && slice == 0) {
+    float m = vmax[0][c];
+#pragma unroll
+    for (int i = 1; i < kCenterSlices; ++i) m = nan_max(m, vmax[i][c]);
+    // symmetric INT8 per channel (docs/op_contract.md): absmax / 127, 1 for an all-zero
+    // channel; NaN for a channel with an inf / NaN value
+    p.v_scale[static_cast<int64_t>(bh) * kHeadDim + c] = m != m ? NAN : (m > 0.f ? __fdiv_rn(m, kQMax) : 1.f);
+  }
   bool nan = false;
 #pragma unroll
   for (int i = slice; i < kMaxCenterBlocks; i += kCenterSlices) {
@@ -302,6 +348,77 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
   }
 }
 
+//: The V codes kernel: a CTA quantizes kVTileKeys keys x kHeadDim channels and writes
+//: them transposed; kVLanesPerKey threads a key, kVPerLane channels each.
+constexpr int kVTileKeys = 64;
+constexpr int kVThreads = 256;
+constexpr int kVLanesPerKey = kVThreads / kVTileKeys;
+constexpr int kVPerLane = kHeadDim / kVLanesPerKey;
+constexpr int kVChunk = 16;  // bytes a thread stores at once (one 16-byte vector)
+static_assert(kVPerLane % kChannelsPerThread == 0 && kVTileKeys % kVChunk == 0, "V codes tile layout");
+
+// Grid (ceil(S / kVTileKeys), B * Hkv): the fast preset's V codes, INT8 per channel with
+// p.v_scale (key_center), round-half-even of the correctly rounded quotient (as
+// quantize_rows), stored K-major: v_data[b, h, c, s]. Keys in [S, v_keys_padded) of the
+// last tile get code 0 (their values load as 0); a NaN-scale channel gets codes 0 (its
+// output column is NaN through the scale).
+template <class T>
+__global__ void __launch_bounds__(kVThreads) quantize_v_kmajor(PrepassParams p) {
+  __shared__ float scale[kHeadDim];
+  __shared__ float inv[kHeadDim];
+  __shared__ uint8_t tile[kHeadDim][kVTileKeys];
+  const int bh = blockIdx.y;
+  const int b = bh / p.kv_heads, h = bh % p.kv_heads;
+  const int s0 = blockIdx.x * kVTileKeys;
+  if (threadIdx.x < kHeadDim) {
+    const float sc = p.v_scale[static_cast<int64_t>(bh) * kHeadDim + threadIdx.x];
+    scale[threadIdx.x] = sc;
+    inv[threadIdx.x] = __fdiv_rn(1.f, sc);
+  }
+  __syncthreads();
+  const int key = threadIdx.x / kVLanesPerKey;
+  const int c0 = (threadIdx.x % kVLanesPerKey) * kVPerLane;
+  const int s = s0 + key;
+  const T* src = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1] + s * p.v_stride[2] + c0;
+#pragma unroll
+  for (int chunk = 0; chunk < kVPerLane / kChannelsPerThread; ++chunk) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (s < p.kv_len) raw = reinterpret_cast<const uint4*>(src)[chunk];
+    const T* in = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kChannelsPerThread; ++j) {
+      const int c = c0 + chunk * kChannelsPerThread + j;
+      const float y = to_float<T>(in[j]);
+      const float sc = scale[c];
+      float q;
+      if (sc != sc) {
+        q = 0.f;
+      } else if (sc < kTinyScale) {
+        q = __fdiv_rn(y, sc);
+      } else {
+        const float r = inv[c];
+        q = y * r;
+        q = fmaf(fmaf(-q, sc, y), r, q);
+      }
+      // clamp, then round half to even by the float adder (the code is the low byte)
+      tile[c][key] = static_cast<uint8_t>(__float_as_uint(fminf(fmaxf(q, -kQMax), kQMax) + kFloatOffset) & 0xFF);
+    }
+  }
+  __syncthreads();
+  // kHeadDim rows of kVTileKeys codes; each 16-byte piece lies wholly inside or wholly past
+  // the padded key dim (both are multiples of 16)
+  int8_t* dst = p.v_data + static_cast<int64_t>(bh) * kHeadDim * p.v_keys_padded + s0;
+  constexpr int kPiecesPerRow = kVTileKeys / kVChunk;
+  for (int piece = threadIdx.x; piece < kHeadDim * kPiecesPerRow; piece += kVThreads) {
+    const int c = piece / kPiecesPerRow;
+    const int k0 = (piece % kPiecesPerRow) * kVChunk;
+    if (s0 + k0 < p.v_keys_padded) {
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(c) * p.v_keys_padded + k0) =
+          *reinterpret_cast<const uint4*>(&tile[c][k0]);
+    }
+  }
+}
+
 void check(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
@@ -325,6 +442,11 @@ void launch_all(const PrepassParams& p, cudaStream_t stream) {
   const unsigned ctas = static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta);
   quantize_rows<T><<<ctas, kRowWarps * kWarp, 0, stream>>>(p);
   check("quantize_rows");
+  if (p.v_data != nullptr) {
+    const unsigned tiles = static_cast<unsigned>((p.kv_len + kVTileKeys - 1) / kVTileKeys);
+    quantize_v_kmajor<T><<<dim3(tiles, p.batch * p.kv_heads), kVThreads, 0, stream>>>(p);
+    check("quantize_v_kmajor");
+  }
 }
 
 }  // namespace
@@ -332,6 +454,11 @@ void launch_all(const PrepassParams& p, cudaStream_t stream) {
 void launch_prepass(const PrepassParams& p, cudaStream_t stream) {
   if (p.batch < 1 || p.q_heads < 1 || p.kv_heads < 1 || p.q_len < 1 || p.kv_len < 1 || p.q_heads % p.kv_heads) {
     throw std::invalid_argument("flash_quant sm90 pre-pass: empty or inconsistent shapes");
+  }
+  if (p.v_data != nullptr && (p.v_keys_padded < p.kv_len || p.v_keys_padded % kVKeysAlign != 0 ||
+                              p.v_scale == nullptr || p.v_block_amax == nullptr)) {
+    throw std::invalid_argument("flash_quant sm90 pre-pass: V codes need v_scale, v_block_amax and a padded key "
+                                "dim >= kv_len, a multiple of 16");
   }
   if (p.in_type == OutType::kBFloat16) {
     launch_all<__nv_bfloat16>(p, stream);

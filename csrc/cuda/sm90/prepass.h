@@ -4,6 +4,9 @@
 // Q and K Hadamard-rotated along the head dim, K centred by the rotated median of its block
 // means (flash_quant.key_stats.robust_center), both INT8 per token, symmetric, scale =
 // absmax / 127, codes round-half-even. Three kernels: K block means, the centre, the codes.
+// The fast preset adds V: INT8 per channel, symmetric (scale = absmax over the keys / 127),
+// stored K-major (tokens contiguous) for the forward's INT8 P·V: its block absmax rides
+// along the means kernel, the scale along the centre kernel, the codes are a fourth kernel.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -46,7 +49,19 @@ struct PrepassParams {
   // (B, Hq) int32, zeroed by the caller, or null: set to 1 for each head whose K or V holds
   // an inf / NaN (or sums past float32's range), which turns the forward's causal tile skip off.
   int32_t* nonfinite = nullptr;
+  // The fast preset's V, or null (accurate preset): v_data (B, Hkv, D, v_keys_padded) int8,
+  // K-major, keys past kv_len hold code 0; v_scale (B, Hkv, D) float32 (NaN for a channel
+  // with an inf / NaN: its output column is NaN, as 0 · NaN is in SDPA); v_block_amax
+  // workspace (B * Hkv, center_blocks, D) float32.
+  int8_t* v_data = nullptr;
+  int64_t v_keys_padded = 0;
+  float* v_scale = nullptr;
+  float* v_block_amax = nullptr;
 };
+
+//: The K-major V buffer's key dim is padded to a multiple of this (flash_quant/layout.py
+//: CUDA_KMAJOR_ALIGN: 16-byte rows for TMA).
+constexpr int kVKeysAlign = 16;
 
 // robust_center's blocks of S keys: (keys per block, number of blocks).
 inline void center_blocks(int kv_len, int* rows_per_block, int* blocks) {

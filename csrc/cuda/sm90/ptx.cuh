@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda.h>
 
+#include "descriptor.h"
+
 namespace flash_quant_sm90 {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -37,6 +39,17 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
       "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
+}
+
+// ---------------------------------------------------------------- named barriers
+// The consumer warpgroups' turn-taking (ping-pong): `threads` counts both sides, the
+// warpgroup that waits (bar.sync) and the one that signals (bar.arrive). Barrier 0 is
+// __syncthreads'.
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---------------------------------------------------------------- TMA
@@ -74,19 +87,19 @@ __device__ __forceinline__ void registers_claim() {
 }
 
 // ---------------------------------------------------------------- wgmma
-// Shared-memory matrix descriptor of a 128-byte-swizzled tile (the layout TMA writes with
-// CU_TENSOR_MAP_SWIZZLE_128B; tile base 1024-byte aligned). `leading` / `stride` are the
-// byte offsets of the descriptor: for a K-major operand, stride = the distance between
-// 8-row groups (1024 for 128-byte rows) and leading is unused; for an MN-major operand,
+// Shared-memory matrix descriptor of a swizzled tile (the layouts TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B / _64B; tile base 1024-byte aligned). `leading` / `stride`
+// are the byte offsets of the descriptor: for a K-major operand, stride = the distance
+// between 8-row groups (8 swizzle rows) and leading is unused; for an MN-major operand,
 // leading = the distance between 64-element column blocks along MN and stride = the
 // distance between 8-row groups along K.
+template <int kSwizzleBytes>
+__device__ __forceinline__ uint64_t swizzled_descriptor(const void* tile, uint32_t leading, uint32_t stride) {
+  static_assert(kSwizzleBytes == 128 || kSwizzleBytes == 64, "128- or 64-byte swizzle");
+  return descriptor_bits(smem_addr(tile), leading, stride, kSwizzleBytes);
+}
 __device__ __forceinline__ uint64_t sw128_descriptor(const void* tile, uint32_t leading, uint32_t stride) {
-  constexpr uint64_t kSwizzle128B = 1;
-  uint64_t desc = (smem_addr(tile) & 0x3FFFF) >> 4;
-  desc |= static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16;
-  desc |= static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32;
-  desc |= kSwizzle128B << 62;
-  return desc;
+  return swizzled_descriptor<128>(tile, leading, stride);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -188,6 +201,45 @@ __device__ __forceinline__ void wgmma_f16_rs_tb(float (&d)[64], const uint32_t (
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+
+// m64n64 forms (head dim 64: P·V with 64 output channels), 32 accumulator registers.
+// D (+)= A·B, int8 x int8 -> int32, m64n64k32; A in registers, B K-major in shared memory.
+__device__ __forceinline__ void wgmma_s8_rs(int32_t (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+// D (+)= A·B, bf16 -> fp32, m64n64k16; A in registers, B MN-major in shared memory.
+__device__ __forceinline__ void wgmma_bf16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+// D (+)= A·B, f16 -> fp32, m64n64k16; A in registers, B MN-major in shared memory.
+__device__ __forceinline__ void wgmma_f16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 

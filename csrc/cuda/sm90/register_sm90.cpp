@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <iterator>
 #include <optional>
 
 #include "fwd_launch.h"
@@ -26,6 +29,18 @@ void check_rows(const at::Tensor& t, const char* name, int64_t elem_bytes) {
     TORCH_CHECK((t.stride(d) * elem_bytes) % 16 == 0, kOp, name, " stride ", d,
                 " must be a multiple of 16 bytes (TMA), got ", t.stride(d) * elem_bytes);
   }
+}
+
+// The kernel's schedule (Sm90FwdParams::schedule): FLASH_QUANT_SM90_SCHEDULE=0|1|2 while
+// the schedules are measured against each other (read per call: benchmarks switch it in
+// one process); anything else is refused. Default: 0, the one measured on a GPU (1 and 2
+// were checked on the CPU only: docs/hopper.md).
+int schedule_from_env() {
+  const char* env = std::getenv("FLASH_QUANT_SM90_SCHEDULE");
+  if (env == nullptr || env[0] == '\0') return 0;
+  TORCH_CHECK((env[0] == '0' || env[0] == '1' || env[0] == '2') && env[1] == '\0', kOp,
+              "FLASH_QUANT_SM90_SCHEDULE must be 0, 1 or 2, got '", env, "'");
+  return env[0] - '0';
 }
 
 at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) {
@@ -52,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   check_rows(k_data, "k_data", 1);
   const int64_t B = q_data.size(0), Hq = q_data.size(1), Sq = q_data.size(2), D = q_data.size(3);
   const int64_t Hkv = k_data.size(1), Skv = k_data.size(2);
-  TORCH_CHECK(D == kHeadDim, kOp, "head dim must be ", kHeadDim, ", got ", D);
+  TORCH_CHECK(std::find(std::begin(kForwardHeadDims), std::end(kForwardHeadDims), D) != std::end(kForwardHeadDims),
+              kOp, "head dim must be 64 or 128, got ", D);
   TORCH_CHECK(k_data.size(0) == B && k_data.size(3) == D, kOp, "k_data shape ", k_data.sizes(),
               " does not match q_data ", q_data.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
@@ -119,10 +135,12 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.kv_heads = static_cast<int>(Hkv);
   p.q_len = static_cast<int>(Sq);
   p.kv_len = static_cast<int>(Skv);
+  p.head_dim = static_cast<int>(D);
   p.softmax_scale = static_cast<float>(scale);
   p.out_type = v.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.pv_int8 = pv_int8;
   p.causal = is_causal;
+  p.schedule = schedule_from_env();
   launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
 }
@@ -154,7 +172,7 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
 }
 
 std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  bool is_causal, double scale) {
+                                                  bool is_causal, double scale, bool pv_int8) {
   TORCH_CHECK(q.is_cuda(), kFusedOp, "q must be a CUDA tensor");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, kFusedOp,
               "q must be bfloat16 or float16, got ", q.scalar_type());
@@ -183,6 +201,17 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
   std::optional<at::Tensor> nonfinite;
   if (is_causal) nonfinite = at::zeros({B, Hq}, q.options().dtype(at::kInt));
+  // The fast preset's V: INT8 per channel, K-major (tokens contiguous, the key dim padded
+  // to 16), and its scale; workspace for the per-block absmax.
+  std::optional<at::Tensor> v_codes, v_scale;
+  at::Tensor v_work;
+  const int64_t v_keys_padded = (Skv + kVKeysAlign - 1) / kVKeysAlign * kVKeysAlign;
+  if (pv_int8) {
+    at::Tensor buf = at::empty({B, Hkv, kHeadDim, v_keys_padded}, i8);
+    v_codes = buf.narrow(3, 0, Skv).transpose(2, 3);  // (B, Hkv, Skv, D), stride(2) == 1
+    v_scale = at::empty({B, Hkv, kHeadDim}, f32);
+    v_work = at::empty({B * Hkv * blocks * kHeadDim}, f32);
+  }
 
   PrepassParams p;
   p.q = q.data_ptr();
@@ -208,9 +237,15 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
   p.q_center_dot = q_center_dot.data_ptr<float>();
   p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
+  if (pv_int8) {
+    p.v_data = v_codes->data_ptr<int8_t>();
+    p.v_keys_padded = v_keys_padded;
+    p.v_scale = v_scale->data_ptr<float>();
+    p.v_block_amax = v_work.data_ptr<float>();
+  }
   launch_prepass(p, c10::cuda::getCurrentCUDAStream().stream());
-  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, std::nullopt, std::nullopt, nonfinite, is_causal,
-                     scale, p.q_center_dot);
+  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, v_codes, v_scale, nonfinite, is_causal, scale,
+                     p.q_center_dot);
 }
 
 }  // namespace

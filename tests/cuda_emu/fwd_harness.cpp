@@ -1,0 +1,50 @@
+// The emulated sm90 forward behind a C entry point (ctypes): fwd_sm90.cu (its host code:
+// tensor maps, instantiations, launch) and fwd_kernel.cuh, with ptx.cuh's primitives from
+// ptx_emu.h and the launch rewritten to the emulation's (tests/test_sm90_forward_emulated.py).
+#include <cstdio>
+#include <stdexcept>
+
+#include "cuda_emu.h"
+#include FORWARD_SOURCE
+
+using namespace flash_quant_sm90;
+
+extern "C" int run_forward(const void* q, const float* q_scale, const void* k, const float* k_scale, const void* v,
+                           const float* v_scale, const int64_t* qs, const int64_t* ks, const int64_t* vs, int B,
+                           int Hq, int Hkv, int Sq, int Skv, int D, int bf16, int pv_int8, int causal, float scale,
+                           int schedule, const float* lse_shift, const float* k_mean, void* out, float* lse) {
+  Sm90FwdParams p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = qs[d];
+    p.k_stride[d] = ks[d];
+    p.v_stride[d] = vs[d];
+  }
+  p.q_scale = q_scale;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
+  p.lse_shift = lse_shift;
+  p.k_mean = k_mean;
+  p.out = out;
+  p.lse = lse;
+  p.batch = B;
+  p.q_heads = Hq;
+  p.kv_heads = Hkv;
+  p.q_len = Sq;
+  p.kv_len = Skv;
+  p.head_dim = D;
+  p.softmax_scale = scale;
+  p.out_type = bf16 ? OutType::kBFloat16 : OutType::kFloat16;
+  p.pv_int8 = pv_int8 != 0;
+  p.causal = causal != 0;
+  p.schedule = schedule;
+  try {
+    launch_forward(p, nullptr);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return -1;
+  }
+  return 0;
+}
