@@ -59,12 +59,7 @@ def attention(
       operand gets no gradient: one whose scale/mean require grad is refused in grad mode
       (pass the float tensor instead). A V quantized with rotate=True is refused.
     """
-    if type(query) is torch.Tensor and query.is_cuda:
-        fused = _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
-        if fused is not None:
-            return fused[0]
-    call = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
-    return ops.attention_forward(**call.kwargs)[0].to(call.out_dtype)
+    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)[0][0]
 
 
 def attention_with_lse(
@@ -82,13 +77,8 @@ def attention_with_lse(
     """As `attention`, also returning the log-sum-exp of the scores, (B, Hq, Sq) float32
     (natural log; -inf for fully masked rows), so partial results over key shards can be
     merged: out = sum_i exp(lse_i - lse) * out_i with lse = logsumexp_i(lse_i)."""
-    if type(query) is torch.Tensor and query.is_cuda:
-        fused = _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
-        if fused is not None:
-            return fused
-    call = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
-    out, lse = ops.attention_forward(**call.kwargs)
-    return out.to(call.out_dtype), _lse_centre_term_from_float(lse, query, call)
+    (out, lse), call = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    return out, lse if call is None else _lse_centre_term_from_float(lse, query, call)
 
 
 def which_kernel(
@@ -115,6 +105,18 @@ def which_kernel(
     from .cuda import dispatch
 
     return dispatch.forward_kernel(**kwargs)
+
+
+def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
+    """((out in the query's dtype, the op's lse), the general path's _Call, or None where
+    the fused sm90 op served the call: its lse already takes the centre term from the float q)."""
+    if type(query) is torch.Tensor and query.is_cuda:
+        fused = _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+        if fused is not None:
+            return fused, None
+    call = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    out, lse = ops.attention_forward(**call.kwargs)
+    return (out.to(call.out_dtype), lse), call
 
 
 _ACCURATE = PRESETS["accurate"]

@@ -14,6 +14,7 @@ its INT8 P·V runs on sm90: these tests force sm90 (the measured policy may keep
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -95,66 +96,68 @@ def _general(q, k, v, **kw):
     return flash_quant.attention_with_lse(q, k, v, config=cfg, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("sq, skv, hq, hkv", [(1, 1, 2, 2), (17, 17, 4, 2), (130, 130, 2, 1), (1000, 1000, 8, 2),
-                                              (4097, 4097, 2, 2), (1000, 130, 2, 2), (17, 4097, 2, 1)])
-@pytest.mark.parametrize("family", ["normal", "realistic"])
-def test_fused_matches_general_path_and_fp64(dtype, causal, sq, skv, hq, hkv, family, fused_calls):
+def _shape_cases(test):
+    """The two path-comparison tests' cases: dtype x causal x shapes (one key, tails, GQA,
+    Sq != Skv both ways) x input family."""
+    for mark in (pytest.mark.parametrize("family", ["normal", "realistic"]),
+                 pytest.mark.parametrize("sq, skv, hq, hkv", [(1, 1, 2, 2), (17, 17, 4, 2), (130, 130, 2, 1),
+                                                              (1000, 1000, 8, 2), (4097, 4097, 2, 2),
+                                                              (1000, 130, 2, 2), (17, 4097, 2, 1)]),
+                 pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"]),
+                 pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])):
+        test = mark(test)
+    return test
+
+
+def _fused_and_general(preset, dtype, causal, sq, skv, hq, hkv, family, fused_calls):
+    """One call with `preset` (the fused op where it is covered: the fast preset with sm90
+    forced) and the same call on the general path, the fp64 reference, and their gaps."""
     q, k, v = make_qkv(2, hq, sq, D, hkv=hkv, skv=skv, family=family, dtype=dtype, device=DEV)
     kw = dict(is_causal=causal, enable_gqa=hkv != hq)
     fused_expected = not (causal and sq < skv)  # (keys past the last row: the general path)
-    out, lse = flash_quant.attention_with_lse(q, k, v, config="accurate", **kw)
-    assert fused_calls["n"] == int(fused_expected)
-    g_out, g_lse = _general(q, k, v, **kw)
+    general = _general if preset == "accurate" else _general_fast
+    with dispatch.force_kernel("sm90") if preset == "fast" else contextlib.nullcontext():
+        out, lse = flash_quant.attention_with_lse(q, k, v, config=preset, **kw)
+        assert fused_calls["n"] == int(fused_expected)
+        g_out, g_lse = general(q, k, v, **kw)
     assert fused_calls["n"] == int(fused_expected)
     ref, ref_lse = reference_attention(q, k, v, is_causal=causal, return_lse=True)
-    err = error_stats(out, ref)["rel_l2"]
-    apart = error_stats(out, g_out.double())["rel_l2"]
     finite = torch.isfinite(g_lse)
-    assert torch.equal(finite, torch.isfinite(lse)) and torch.equal(finite, torch.isfinite(ref_lse))
-    lse_apart = (lse[finite] - g_lse[finite]).abs().max().item()
-    lse_err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
-    g_lse_err = (g_lse[finite].double() - ref_lse[finite]).abs().max().item()
-    print(f"{dtype} causal={causal} {sq}x{skv} {hq}/{hkv} {family}: fp64 {err:.3g}, vs general {apart:.3g}, "
-          f"lse vs fp64 {lse_err:.3g} (general path {g_lse_err:.3g}), lse apart {lse_apart:.3g}")
-    assert err <= ACCURATE_BAR, f"rel-L2 {err:.3g} > {ACCURATE_BAR}"
-    assert apart <= PATHS_AGREE, f"fused vs general path rel-L2 {apart:.3g}"
+    assert torch.equal(finite, torch.isfinite(lse))
+    gaps = dict(err=error_stats(out, ref)["rel_l2"], apart=error_stats(out, g_out.double())["rel_l2"],
+                lse_apart=(lse[finite] - g_lse[finite]).abs().max().item(),
+                lse_err=(lse[finite].double() - ref_lse[finite]).abs().max().item(),
+                g_lse_err=(g_lse[finite].double() - ref_lse[finite]).abs().max().item(),
+                lse_finite_like_fp64=torch.equal(finite, torch.isfinite(ref_lse)))
+    print(f"{preset} {dtype} causal={causal} {sq}x{skv} {hq}/{hkv} {family}: fp64 {gaps['err']:.3g}, "
+          f"vs general {gaps['apart']:.3g}, lse vs fp64 {gaps['lse_err']:.3g} (general path "
+          f"{gaps['g_lse_err']:.3g}), lse apart {gaps['lse_apart']:.3g}")
+    return gaps
+
+
+@_shape_cases
+def test_fused_matches_general_path_and_fp64(dtype, causal, sq, skv, hq, hkv, family, fused_calls):
+    g = _fused_and_general("accurate", dtype, causal, sq, skv, hq, hkv, family, fused_calls)
+    assert g["lse_finite_like_fp64"]
+    assert g["err"] <= ACCURATE_BAR, f"rel-L2 {g['err']:.3g} > {ACCURATE_BAR}"
+    assert g["apart"] <= PATHS_AGREE, f"fused vs general path rel-L2 {g['apart']:.3g}"
     if family == "normal":
-        assert lse_err <= LSE_FP64_NORMAL, f"lse off fp64 by {lse_err:.3g}"
-        assert lse_apart <= LSE_APART_NORMAL, f"lse apart {lse_apart:.3g}"
+        assert g["lse_err"] <= LSE_FP64_NORMAL, f"lse off fp64 by {g['lse_err']:.3g}"
+        assert g["lse_apart"] <= LSE_APART_NORMAL, f"lse apart {g['lse_apart']:.3g}"
     else:
-        assert lse_err <= g_lse_err + LSE_OVER_GENERAL, f"lse off fp64 by {lse_err:.3g} (general {g_lse_err:.3g})"
+        assert g["lse_err"] <= g["g_lse_err"] + LSE_OVER_GENERAL, \
+            f"lse off fp64 by {g['lse_err']:.3g} (general {g['g_lse_err']:.3g})"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("sq, skv, hq, hkv", [(1, 1, 2, 2), (17, 17, 4, 2), (130, 130, 2, 1), (1000, 1000, 8, 2),
-                                              (4097, 4097, 2, 2), (1000, 130, 2, 2), (17, 4097, 2, 1)])
-@pytest.mark.parametrize("family", ["normal", "realistic"])
+@_shape_cases
 def test_fused_fast_matches_general_path_and_fp64(dtype, causal, sq, skv, hq, hkv, family, fused_calls):
     """The fast preset as one op (V's per-channel scale and K-major codes from the pre-pass)
     against fp64 at the issue's fast bar and against the general path on the same kernel."""
-    q, k, v = make_qkv(2, hq, sq, D, hkv=hkv, skv=skv, family=family, dtype=dtype, device=DEV)
-    kw = dict(is_causal=causal, enable_gqa=hkv != hq)
-    fused_expected = not (causal and sq < skv)
-    with dispatch.force_kernel("sm90"):
-        out, lse = flash_quant.attention_with_lse(q, k, v, config="fast", **kw)
-        assert fused_calls["n"] == int(fused_expected)
-        g_out, g_lse = _general_fast(q, k, v, **kw)
-    assert fused_calls["n"] == int(fused_expected)
-    ref, ref_lse = reference_attention(q, k, v, is_causal=causal, return_lse=True)
-    err = error_stats(out, ref)["rel_l2"]
-    apart = error_stats(out, g_out.double())["rel_l2"]
-    finite = torch.isfinite(g_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    lse_apart = (lse[finite] - g_lse[finite]).abs().max().item()
-    print(f"fast {dtype} causal={causal} {sq}x{skv} {hq}/{hkv} {family}: fp64 {err:.3g}, vs general {apart:.3g}, "
-          f"lse apart {lse_apart:.3g}")
-    assert err <= FAST_BAR, f"rel-L2 {err:.3g} > {FAST_BAR}"
-    assert apart <= FAST_PATHS_AGREE, f"fused vs general path rel-L2 {apart:.3g}"
+    g = _fused_and_general("fast", dtype, causal, sq, skv, hq, hkv, family, fused_calls)
+    assert g["err"] <= FAST_BAR, f"rel-L2 {g['err']:.3g} > {FAST_BAR}"
+    assert g["apart"] <= FAST_PATHS_AGREE, f"fused vs general path rel-L2 {g['apart']:.3g}"
     if family == "normal":
-        assert lse_apart <= LSE_APART_NORMAL, f"lse apart {lse_apart:.3g}"
+        assert g["lse_apart"] <= LSE_APART_NORMAL, f"lse apart {g['lse_apart']:.3g}"
 
 
 def test_fused_strided_operands(fused_calls):

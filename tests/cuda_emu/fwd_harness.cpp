@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cuda_emu.h"
+#include "operands.h"
 #include FORWARD_SOURCE
 
 using namespace flash_quant_sm90;
@@ -14,14 +15,7 @@ extern "C" int run_forward(const void* q, const float* q_scale, const void* k, c
                            int Hq, int Hkv, int Sq, int Skv, int D, int bf16, int pv_int8, int causal, float scale,
                            int schedule, const float* lse_shift, const float* k_mean, void* out, float* lse) {
   Sm90FwdParams p;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  for (int d = 0; d < 3; ++d) {
-    p.q_stride[d] = qs[d];
-    p.k_stride[d] = ks[d];
-    p.v_stride[d] = vs[d];
-  }
+  emu_set_operands(p, q, k, v, qs, ks, vs, B, Hq, Hkv, Sq, Skv);
   p.q_scale = q_scale;
   p.k_scale = k_scale;
   p.v_scale = v_scale;
@@ -29,11 +23,6 @@ extern "C" int run_forward(const void* q, const float* q_scale, const void* k, c
   p.k_mean = k_mean;
   p.out = out;
   p.lse = lse;
-  p.batch = B;
-  p.q_heads = Hq;
-  p.kv_heads = Hkv;
-  p.q_len = Sq;
-  p.kv_len = Skv;
   p.head_dim = D;
   p.softmax_scale = scale;
   p.out_type = bf16 ? OutType::kBFloat16 : OutType::kFloat16;

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "cuda_emu.h"
+#include "operands.h"
 #include PREPASS_SOURCE
 
 using namespace flash_quant_sm90;
@@ -14,19 +15,7 @@ extern "C" int run_prepass(const void* q, const void* k, const void* v, const in
                            float* q_center_dot, int32_t* nonfinite, int8_t* v_data, long long v_keys_padded,
                            float* v_scale, float* v_work) {
   PrepassParams p;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  for (int d = 0; d < 3; ++d) {
-    p.q_stride[d] = qs[d];
-    p.k_stride[d] = ks[d];
-    p.v_stride[d] = vs[d];
-  }
-  p.batch = B;
-  p.q_heads = Hq;
-  p.kv_heads = Hkv;
-  p.q_len = Sq;
-  p.kv_len = Skv;
+  emu_set_operands(p, q, k, v, qs, ks, vs, B, Hq, Hkv, Sq, Skv);
   p.in_type = bf16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.q_data = q_data;
   p.q_scale = q_scale;

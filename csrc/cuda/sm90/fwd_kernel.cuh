@@ -347,10 +347,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t = lane % 4;
   const int wg_row0 = m0 + wg * kRowsPerWarpgroup;
   const int row[2] = {wg_row0 + warp * 16 + g, wg_row0 + warp * 16 + g + 8};
-  // this warpgroup's own causal limit: its rows see keys < wg_key_end; tiles from
+  // this warpgroup's own causal limit: its rows see keys below its last row + 1; tiles from
   // n_active on are waited for and released without computing
-  const int wg_key_end = may_skip ? min(p.kv_len, wg_row0 + kRowsPerWarpgroup) : p.kv_len;
-  const int n_active = min(n_tiles, wg_key_end > 0 ? (wg_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
+  auto active_tiles = [&](int first_row) {  // (of the warpgroup whose rows start at first_row)
+    const int key_end = may_skip ? min(p.kv_len, first_row + kRowsPerWarpgroup) : p.kv_len;
+    return min(n_tiles, key_end > 0 ? (key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
+  };
+  const int n_active = active_tiles(wg_row0);
 
   const float* q_scale = p.q_scale + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len;
   // per-row factor: Q scale * softmax scale * log2(e) (scores in base-2 units)
@@ -444,10 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Ping-pong needs the same number of turns in both warpgroups (n_active + 1 each: the
   // first QK, the QK(i) + PV(i-1) pairs, the last PV); causal calls may differ by a tile.
-  const int other_row0 = m0 + (1 - wg) * kRowsPerWarpgroup;
-  const int other_key_end = may_skip ? min(p.kv_len, other_row0 + kRowsPerWarpgroup) : p.kv_len;
-  const int other_active =
-      min(n_tiles, other_key_end > 0 ? (other_key_end + kKeysPerTile - 1) / kKeysPerTile : 0);
+  const int other_active = active_tiles(m0 + (1 - wg) * kRowsPerWarpgroup);
   const bool ping_pong = kSchedule == 2 && other_active == n_active && n_active > 0;
   const uint32_t my_turn = kTurnBarrier + wg;
   const uint32_t other_turn = kTurnBarrier + (1 - wg);
