@@ -122,3 +122,32 @@ def test_emulated_fused_path_matches_fp64(libs, preset, causal):
         if family == "normal":  # (the outlier family's peaked scores move the lse further)
             lse_err = (lse.double() - ref_lse).abs().max().item()
             assert lse_err <= 0.05, f"{preset} {(b, hq, hkv, s)}: lse off by {lse_err:.3g}"
+
+
+@pytest.mark.parametrize("preset", ["accurate", "fast"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_emulated_q_in_kernel_matches_prepass_codes(libs, preset, causal):
+    """The forward quantizing Q itself (Sm90FwdParams::quantize_q: the 16-bit q, rotated and
+    coded in the kernel by row_quant.cuh, q · k_mean from the float values) gives exactly
+    the outputs and lse of the pre-pass route (the same arithmetic on the same rows), on a
+    tail, several tiles, GQA and a NaN row (whose output stays NaN)."""
+    prepass, forward = libs
+    for i, (b, hq, hkv, s, schedule) in enumerate([(1, 2, 2, 17, 2), (1, 4, 2, 200, 0)]):
+        dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
+        q, k, v = make_qkv(b, hq, s, 128, hkv=hkv, dtype=dtype, family="realistic")
+        q[0, 1, s // 2, 5] = float("nan")
+        pre = emulated.run_prepass(prepass, q, k, v, preset == "fast")
+        out, lse = emulated.run_forward(forward, pre["q_data"], pre["q_scale"], pre["k_data"], pre["k_scale"], v,
+                                        pre.get("v_data"), pre.get("v_scale"), causal, 128 ** -0.5, schedule,
+                                        lse_shift=pre["q_center_dot"])
+        pre_k = emulated.run_prepass(prepass, q, k, v, preset == "fast", q_in_kernel=True)
+        for name in ("k_data", "k_scale", "k_mean"):
+            assert torch.equal(pre_k[name], pre[name]), f"{name} changed without the Q rows"
+        out_k, lse_k = emulated.run_forward(forward, q, None, pre_k["k_data"], pre_k["k_scale"], v,
+                                            pre_k.get("v_data"), pre_k.get("v_scale"), causal, 128 ** -0.5,
+                                            schedule, k_mean=pre_k["k_mean"])
+        where = f"{preset} {(b, hq, hkv, s)} schedule {schedule}"
+        assert torch.isnan(out_k[0, 1, s // 2]).all(), f"{where}: the NaN row is not NaN"
+        assert torch.equal(out_k.isnan(), out.isnan()), where
+        assert torch.equal(out_k.nan_to_num(), out.nan_to_num()), f"{where}: outputs differ"
+        assert torch.equal(lse_k.nan_to_num(), lse.nan_to_num()), f"{where}: lse differs"

@@ -230,3 +230,42 @@ def test_fused_non_finite_like_sdpa(where, path, causal, fused_calls):
     ok = ~torch.isnan(ref)
     bar = FAST_BAR if path == "fused_fast" else ACCURATE_BAR
     assert error_stats(out[ok].float(), ref[ok])["rel_l2"] <= bar
+
+
+#: The forward quantizing Q itself runs the pre-pass's row arithmetic (row_quant.cuh), so
+#: its outputs should equal the pre-pass route's (the CPU emulation checks exact equality,
+#: tests/test_sm90_forward_emulated.py); on the GPU the two kernels are compiled apart, so a
+#: code may in principle sit one step apart at a rounding boundary.
+Q_IN_KERNEL_AGREE = 1e-4
+
+
+@pytest.mark.parametrize("preset", ["accurate", "fast"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_q_in_kernel_matches_prepass_route(preset, causal, fused_calls, monkeypatch):
+    """FLASH_QUANT_SM90_Q_IN_KERNEL=1 (Sm90FwdParams::quantize_q): the same outputs and lse
+    as the pre-pass's Q codes, and the fp64 bar, on one key, tails, GQA and a NaN row."""
+    bar = ACCURATE_BAR if preset == "accurate" else FAST_BAR
+    for sq, hq, hkv, family in ((1, 2, 2, "normal"), (17, 4, 2, "realistic"), (1000, 8, 2, "normal"),
+                                (4097, 2, 1, "realistic")):
+        q, k, v = make_qkv(2, hq, sq, D, hkv=hkv, family=family, dtype=torch.bfloat16, device=DEV)
+        q[1, 0, sq // 2, 3] = math.nan
+        kw = dict(is_causal=causal, enable_gqa=hkv != hq, config=preset)
+        with dispatch.force_kernel("sm90") if preset == "fast" else contextlib.nullcontext():
+            monkeypatch.setenv("FLASH_QUANT_SM90_Q_IN_KERNEL", "0")
+            out, lse = flash_quant.attention_with_lse(q, k, v, **kw)
+            monkeypatch.setenv("FLASH_QUANT_SM90_Q_IN_KERNEL", "1")
+            out_k, lse_k = flash_quant.attention_with_lse(q, k, v, **kw)
+        assert fused_calls["n"] == 2
+        fused_calls["n"] = 0
+        assert torch.isnan(out_k[1, 0, sq // 2]).all() and torch.equal(out.isnan(), out_k.isnan())
+        ok = ~out.isnan()
+        apart = error_stats(out_k[ok].float(), out[ok].double())["rel_l2"]
+        fin = torch.isfinite(lse)
+        lse_apart = (lse_k[fin] - lse[fin]).abs().max().item()
+        ref = reference_attention(q, k, v, is_causal=causal)
+        err = error_stats(out_k[ok].float(), ref[ok])["rel_l2"]
+        print(f"q in kernel {preset} causal={causal} {sq} {hq}/{hkv} {family}: identical "
+              f"{torch.equal(out_k.nan_to_num(), out.nan_to_num())}, apart {apart:.3g}, lse apart {lse_apart:.3g}, "
+              f"fp64 {err:.3g}")
+        assert apart <= Q_IN_KERNEL_AGREE and lse_apart <= Q_IN_KERNEL_AGREE
+        assert err <= bar, f"rel-L2 {err:.3g} > {bar}"

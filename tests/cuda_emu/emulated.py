@@ -73,10 +73,10 @@ def _triple(*x):
 _WORK_BLOCKS = 80
 
 
-def run_prepass(lib, q, k, v, fast: bool) -> dict:
+def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
     """The pre-pass's outputs for 16-bit q, k, v: Q / K codes and scales, k_mean (rotated
     centre), q_center_dot, and with `fast` V's scale and its K-major codes buffer
-    (B, Hkv, D, S padded to 16)."""
+    (B, Hkv, D, S padded to 16). `q_in_kernel`: Q is left to the forward (no Q outputs)."""
     assert q.dtype in (torch.bfloat16, torch.float16), "the pre-pass reads 16-bit inputs"
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -89,6 +89,9 @@ def run_prepass(lib, q, k, v, fast: bool) -> dict:
     if fast:
         out.update(v_data=torch.full((b, hkv, d, padded), 99, **i8), v_scale=torch.zeros(b, hkv, d, **f32),
                    v_work=torch.zeros(b * hkv * _WORK_BLOCKS * d, **f32))
+    if q_in_kernel:
+        for name in ("q_data", "q_scale", "q_center_dot"):
+            out[name] = None
     strides = [_triple(*t.stride()[:3]) for t in (q, k, v)]
     blocks = lib.run_prepass(
         _ptr(q), _ptr(k), _ptr(v), *strides, b, hq, hkv, sq, skv, int(q.dtype == torch.bfloat16),
@@ -100,19 +103,21 @@ def run_prepass(lib, q, k, v, fast: bool) -> dict:
 
 
 def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, schedule: int,
-                lse_shift=None):
+                lse_shift=None, k_mean=None):
     """(out, lse) of the emulated forward on quantized operands: Q / K INT8 codes with
     (B, H, S) scales; v 16-bit, or with v_buf the K-major INT8 V buffer (B, Hkv, D, S_pad)
-    and vs (B, Hkv, D) for INT8 P·V; lse_shift (B, Hq, Sq): the fused path's q · k_mean."""
+    and vs (B, Hkv, D) for INT8 P·V; lse_shift (B, Hq, Sq): the fused path's q · k_mean.
+    qs None: qd is the 16-bit q, quantized in the kernel against k_mean (the rotated centre)."""
     b, hq, sq, d = qd.shape
     hkv, skv = kd.shape[1], kd.shape[2]
     out = torch.zeros(b, hq, sq, d, dtype=v.dtype)
     lse = torch.zeros(b, hq, sq)
     vt = v_buf if v_buf is not None else v
     rc = lib.run_forward(
-        _ptr(qd), _ptr(qs.contiguous()), _ptr(kd), _ptr(ks.contiguous()), _ptr(vt),
+        _ptr(qd), _ptr(None if qs is None else qs.contiguous()), _ptr(kd), _ptr(ks.contiguous()), _ptr(vt),
         _ptr(None if vs is None else vs.contiguous()), _triple(*qd.stride()[:3]), _triple(*kd.stride()[:3]),
         _triple(*vt.stride()[:3]), b, hq, hkv, sq, skv, d, int(v.dtype == torch.bfloat16), int(v_buf is not None),
-        int(causal), ctypes.c_float(scale), schedule, _ptr(lse_shift), None, _ptr(out), _ptr(lse))
+        int(causal), ctypes.c_float(scale), schedule, _ptr(lse_shift), _ptr(k_mean), int(qs is None),
+        _ptr(out), _ptr(lse))
     assert rc == 0, "the emulated launch raised (see stderr)"
     return out, lse

@@ -76,6 +76,8 @@ inline void emu_named(uint32_t id, uint32_t threads, bool wait) {
     emu_wait(emu_block->cv, lk, [&] { return emu_block->named[id].generation != gen; }, "a named barrier");
   }
 }
+// (the emulation's wgmma reads shared memory when issued: no proxy to order)
+inline void fence_proxy_async() {}
 inline void named_barrier_sync(uint32_t id, uint32_t threads) { emu_named(id, threads, true); }
 inline void named_barrier_arrive(uint32_t id, uint32_t threads) { emu_named(id, threads, false); }
 

@@ -28,6 +28,7 @@
 #include "float_bits.h"
 #include "fwd_params.h"
 #include "ptx.cuh"
+#include "row_quant.cuh"
 
 namespace flash_quant_sm90 {
 
@@ -85,6 +86,8 @@ constexpr int kKBarrierArrivals = 1 + 32;
 // kTurnBarrier + w, the other warpgroup signals it.
 constexpr uint32_t kTurnBarrier = 1;
 constexpr uint32_t kTurnThreads = 2 * kThreadsPerWarpgroup;
+// Named barriers 3 and 4: consumer warpgroup w's in-kernel quantized Q tile is complete.
+constexpr uint32_t kQReadyBarrier = kTurnBarrier + kConsumerWarpgroups;
 
 template <bool kPvInt8, int kStages, int kD>
 struct SharedStorage {
@@ -96,6 +99,10 @@ struct SharedStorage {
   // per key of a tile: {K scale, -kFloatOffset * K scale} (the score's FFMA operands),
   // written by the producer warp
   float2 k_scale[kStages][kKeysPerTile];
+  // Q quantized in the kernel: each row's scale and q · k_mean, from the row's lanes to the
+  // threads that hold it in the accumulator layout
+  float q_row_scale[kRowsPerCta];
+  float q_row_dot[kRowsPerCta];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -251,11 +258,49 @@ __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], co
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD>
+// Q quantized in the kernel (the fused accurate / fast path, head dim 128): warpgroup wg's
+// kRowsPerWarpgroup rows of 16-bit Q, rotated and quantized as the pre-pass does
+// (row_quant.cuh), the codes stored 128-byte swizzled into its part of the Q tile (the
+// layout TMA writes), the scales and q · k_mean into shared memory. Rows past the end
+// quantize zeros (their outputs are not stored).
+template <class T, class Smem>
+__device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm, int wg, int tid, int b, int hq,
+                                                int hkv, int wg_row0) {
+  constexpr int kRowsPerPass = kThreadsPerWarpgroup / kLanesPerRow;
+  const int part = tid % kLanesPerRow;
+  const float* mean = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
+  uint8_t* tile = reinterpret_cast<uint8_t*>(sm.q) + wg * kRowsPerWarpgroup * kHeadDim;
+#pragma unroll 1
+  for (int pass = 0; pass < kRowsPerWarpgroup / kRowsPerPass; ++pass) {
+    const int local = pass * kRowsPerPass + tid / kLanesPerRow;
+    const int row = wg_row0 + local;
+    const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1] +
+                   static_cast<int64_t>(row) * p.q_stride[2] + part * kPerLane;
+    float y[kPerLane];
+    load_row_part<T>(src, row < p.q_len, y);
+    uint32_t packed[kPerLane / 4];
+    float dot = 0.f;
+    const float scale = quantize_row_part(y, part, mean, packed, &dot);
+#pragma unroll
+    for (int c = 0; c < kPerLane / 16; ++c) {
+      // 16-byte chunk `chunk` of the row lands at chunk ^ (row & 7) (128-byte swizzle)
+      const int chunk = part * (kPerLane / 16) + c;
+      *reinterpret_cast<uint4*>(tile + local * kHeadDim + ((chunk ^ (local & 7)) << 4)) =
+          make_uint4(packed[4 * c], packed[4 * c + 1], packed[4 * c + 2], packed[4 * c + 3]);
+    }
+    if (part == 0) {
+      sm.q_row_scale[wg * kRowsPerWarpgroup + local] = scale;
+      sm.q_row_dot[wg * kRowsPerWarpgroup + local] = dot;
+    }
+  }
+}
+
+template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD, bool kQuantizeQ>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
   static_assert(kSchedule >= 0 && kSchedule < kSchedules, "no such schedule");
+  static_assert(!kQuantizeQ || kD == kHeadDim, "Q is quantized in the kernel at head dim 128 only (row_quant.cuh)");
   constexpr int kStages = stages_of(kSchedule);
   using Dims = HeadDim<kD>;
   constexpr int kAcc = Dims::kAcc;
@@ -300,11 +345,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int lane = threadIdx.x;
     const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * p.kv_len;
     if (lane == 0) {
-      tma_prefetch_map(&tm_q);
       tma_prefetch_map(&tm_k);
       tma_prefetch_map(&tm_v);
-      barrier_expect_bytes(&sm.q_full, Dims::kQTileBytes);
-      tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
+      if constexpr (!kQuantizeQ) {
+        tma_prefetch_map(&tm_q);
+        barrier_expect_bytes(&sm.q_full, Dims::kQTileBytes);
+        tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
+      }
     }
     for (int it = 0; it < n_tiles; ++it) {
       const int s = it % kStages;
@@ -355,11 +402,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   const int n_active = active_tiles(wg_row0);
 
-  const float* q_scale = p.q_scale + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len;
+  // this thread's rows within the CTA's tile (the in-kernel Q's shared scales)
+  const int tile_row[2] = {row[0] - m0, row[1] - m0};
+  if constexpr (kQuantizeQ) {
+    quantize_q_tile<T>(p, sm, wg, tid, b, hq, hkv, wg_row0);
+    fence_proxy_async();  // the codes, stored st.shared, are read by wgmma
+    named_barrier_sync(kQReadyBarrier + wg, kThreadsPerWarpgroup);
+  } else {
+    barrier_wait(&sm.q_full, 0);
+  }
+  const float* q_scale = kQuantizeQ ? nullptr : p.q_scale + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len;
+  auto row_scale = [&](int r) { return kQuantizeQ ? sm.q_row_scale[tile_row[r]] : q_scale[row[r]]; };
   // per-row factor: Q scale * softmax scale * log2(e) (scores in base-2 units)
   float row_factor[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) row_factor[r] = row[r] < p.q_len ? q_scale[row[r]] * p.softmax_scale * kLog2e : 0.f;
+  for (int r = 0; r < 2; ++r) row_factor[r] = row[r] < p.q_len ? row_scale(r) * p.softmax_scale * kLog2e : 0.f;
 
   float o[kAcc];
 #pragma unroll
@@ -371,7 +428,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   float alpha[2], beta[2];
 
   const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kD);
-  barrier_wait(&sm.q_full, 0);
 
   // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i),
   // schedule 0 (schedules 1 / 2: kSchedules above and mixed_step below):
@@ -634,7 +690,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float inv = l > 0.f ? 1.f / l : 0.f;
     // lse (natural log) of the smoothed scores, plus scale · q · k_mean when K was smoothed
     float mean_term = 0.f;
-    if (p.lse_shift != nullptr) {
+    if constexpr (kQuantizeQ) {
+      mean_term = sm.q_row_dot[tile_row[r]] * p.softmax_scale;
+    } else if (p.lse_shift != nullptr) {
       if (row[r] < p.q_len) {
         mean_term = p.lse_shift[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] * p.softmax_scale;
       }
@@ -646,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll 4
         for (int d = t * (kD / 4); d < (t + 1) * (kD / 4); ++d) part += static_cast<float>(qrow[d]) * km[d];
       }
-      mean_term = quad_sum(part) * (row[r] < p.q_len ? q_scale[row[r]] : 0.f) * p.softmax_scale;
+      mean_term = quad_sum(part) * (row[r] < p.q_len ? row_scale(r) : 0.f) * p.softmax_scale;
     }
     if (row[r] >= p.q_len) continue;
     if (t == 0) {

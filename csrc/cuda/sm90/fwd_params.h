@@ -18,7 +18,8 @@ constexpr int kKeysPerTile = 128;
 enum class OutType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct Sm90FwdParams {
-  // Operands. q, k: int8 codes, rows of head_dim contiguous bytes. v: int8 codes stored
+  // Operands. q, k: int8 codes, rows of head_dim contiguous bytes (q: 16-bit values of
+  // out_type when quantize_q). v: int8 codes stored
   // K-major (tokens contiguous; v_row_stride = distance between channels) when pv_int8,
   // else 16-bit values (rows of head_dim contiguous elements) of out_type.
   const void* q = nullptr;
@@ -41,6 +42,10 @@ struct Sm90FwdParams {
   // computes it); when set, the lse adds softmax_scale times it instead of the product
   // from q's codes, whose rounding a large K centre magnifies.
   const float* lse_shift = nullptr;
+  // Q arrives 16-bit and the kernel quantizes it as the accurate preset's pre-pass does
+  // (rotated, INT8 per row; row_quant.cuh) and takes q · k_mean from the float values:
+  // head dim 128, k_mean set; q_scale and lse_shift unused.
+  bool quantize_q = false;
   const int32_t* nonfinite = nullptr;
   // Outputs, contiguous: out (B, Hq, Sq, D) of out_type, lse (B, Hq, Sq) float32.
   void* out = nullptr;

@@ -59,10 +59,10 @@ CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes,
 //: The most dynamic shared memory a CTA may take on sm_90 (227 KB).
 constexpr int kMaxSharedBytes = 227 * 1024;
 
-template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD>
+template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD, bool kQuantizeQ>
 void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
             cudaStream_t stream) {
-  auto kernel = forward_kernel<T, kPvInt8, kCausal, kSchedule, kD>;
+  auto kernel = forward_kernel<T, kPvInt8, kCausal, kSchedule, kD, kQuantizeQ>;
   using Smem = SharedStorage<kPvInt8, stages_of(kSchedule), kD>;
   static_assert(sizeof(Smem) + 1024 <= kMaxSharedBytes, "the ring does not fit in shared memory");
   const int smem = static_cast<int>(sizeof(Smem)) + 1024;
@@ -79,20 +79,22 @@ void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& 
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal, int kD>
+template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ = false>
 void dispatch_schedule(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                        cudaStream_t stream) {
   switch (p.schedule) {
-    case 0: launch<T, kPvInt8, kCausal, 0, kD>(p, q, k, v, stream); break;
-    case 1: launch<T, kPvInt8, kCausal, 1, kD>(p, q, k, v, stream); break;
-    default: launch<T, kPvInt8, kCausal, 2, kD>(p, q, k, v, stream); break;
+    case 0: launch<T, kPvInt8, kCausal, 0, kD, kQuantizeQ>(p, q, k, v, stream); break;
+    case 1: launch<T, kPvInt8, kCausal, 1, kD, kQuantizeQ>(p, q, k, v, stream); break;
+    default: launch<T, kPvInt8, kCausal, 2, kD, kQuantizeQ>(p, q, k, v, stream); break;
   }
 }
 
 template <class T, bool kPvInt8, bool kCausal>
 void dispatch_head_dim(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                        cudaStream_t stream) {
-  if (p.head_dim == 64) {
+  if (p.quantize_q) {  // (head dim 128, checked by launch_forward)
+    dispatch_schedule<T, kPvInt8, kCausal, 128, true>(p, q, k, v, stream);
+  } else if (p.head_dim == 64) {
     dispatch_schedule<T, kPvInt8, kCausal, 64>(p, q, k, v, stream);
   } else {
     dispatch_schedule<T, kPvInt8, kCausal, 128>(p, q, k, v, stream);
@@ -126,11 +128,16 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128) {
     throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) + " (64 or 128)");
   }
+  if (p.quantize_q && (p.head_dim != kHeadDim || p.k_mean == nullptr)) {
+    throw std::invalid_argument("flash_quant sm90: Q quantized in the kernel needs head dim 128 and k_mean");
+  }
   const int D = p.head_dim;
-  const CUtensorMap tm_q = make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.q_len, p.q_heads, p.batch,
-                                    p.q_stride, D, kRowsPerCta, "q");
   const CUtensorMap tm_k = make_map(p.k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.kv_len, p.kv_heads,
                                     p.batch, p.k_stride, D, kKeysPerTile, "k");
+  // (Q quantized in the kernel is read with plain loads: the kernel ignores tm_q)
+  const CUtensorMap tm_q = p.quantize_q ? tm_k
+                                        : make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.q_len, p.q_heads,
+                                                   p.batch, p.q_stride, D, kRowsPerCta, "q");
   CUtensorMap tm_v;
   if (p.pv_int8) {
     // V^T: tokens innermost (stride 1), channels at v_stride[2]

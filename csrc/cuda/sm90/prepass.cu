@@ -1,5 +1,5 @@
 // The accurate preset's quantization pre-pass (prepass.h): K block means, the rotated
-// centre, and the INT8 codes of Q and K, in three launches with no host work between
+// centre, and the INT8 codes of K (and of Q, unless the forward quantizes Q), in three launches with no host work between
 // them. Memory-bound: K is read twice (means, codes), Q once; nothing rotated or centred
 // goes to memory. Plain CUDA (any sm_80+ would run it; it is built with the sm90 sources).
 #include <cuda_bf16.h>
@@ -14,42 +14,24 @@
 #include "../../precision.h"
 #include "float_bits.h"
 #include "prepass.h"
+#include "row_quant.cuh"
 
 namespace flash_quant_sm90 {
 namespace {
 
 constexpr int kWarp = 32;
-//: The codes kernel: kLanesPerRow lanes a row, kPerLane consecutive channels each (in
-//: registers: two butterfly stages cross lanes, five stay in the lane), kRowsPerWarp rows a warp.
-constexpr int kLanesPerRow = 4;
-constexpr int kPerLane = kHeadDim / kLanesPerRow;
+//: The codes kernel: kLanesPerRow lanes a row (row_quant.cuh), kRowsPerWarp rows a warp.
 constexpr int kRowsPerWarp = kWarp / kLanesPerRow;
-static_assert(kPerLane == 32, "the codes kernel's lane layout assumes a head dim of 128");
-//: INT8 codes, symmetric: [-kQMax, kQMax] (csrc/precision.h).
-constexpr float kQMax = FQ_INT8_QMAX;
-//: 1 / sqrt(kHeadDim): the orthonormal Hadamard matrix is the ±1 one times this.
-constexpr float kRotationScale = 0.08838834764831845f;
 
 //: The means kernel: 16 threads a row (8 channels, one 16-byte load each), 16 rows at once.
 constexpr int kMeansThreads = 256;
-constexpr int kChannelsPerThread = 8;
+constexpr int kChannelsPerThread = kValuesPerLoad;
 constexpr int kThreadsPerRow = kHeadDim / kChannelsPerThread;
 constexpr int kRowsInFlight = kMeansThreads / kThreadsPerRow;
 //: Warps per CTA of the codes kernel.
 constexpr int kRowWarps = 8;
 //: Threads per channel of the centre kernel (they share the rank selection).
 constexpr int kCenterSlices = 4;
-
-template <class T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) {
-  return __half2float(x);
-}
 
 // Sum of 8 16-bit values into acc (one 16-byte load).
 template <class T>
@@ -204,12 +186,6 @@ __global__ void __launch_bounds__(kCenterSlices * kHeadDim) key_center(PrepassPa
   if (slice == 0) p.k_mean[static_cast<int64_t>(bh) * kHeadDim + c] = x[c] * kRotationScale;
 }
 
-// y / s correctly rounded, as the other backends' quantizers divide (flash_quant/cuda/quantize.py
-// _divide): with r = 1/s rounded, q = y r and one exact-residual step q + fma(-q, s, y) r
-// (Markstein). (_divide lifts scales below 2^-100 by 2^100 so that 1/s cannot overflow;
-// here such rows take __fdiv_rn instead, a row-uniform branch.)
-constexpr float kTinyScale = 7.888609052210118e-31f;  // 2^-100
-
 // kLanesPerRow lanes per row of Q (rows [0, B Hq Sq)) or K (the rows after), kPerLane
 // consecutive channels each: subtract K's centre, rotate (the first log2(kPerLane)
 // butterfly stages in registers, the last two across the row's lanes), scale = absmax /
@@ -220,12 +196,13 @@ template <class T>
 __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams p) {
   const int lane = threadIdx.x % kWarp;
   const int part = lane % kLanesPerRow;  // which kPerLane channels of the row
-  // (32-bit row arithmetic: the host checks that the rows number below 2^31)
-  const int q_rows = p.batch * p.q_heads * p.q_len;
+  // (32-bit row arithmetic: the host checks that the rows number below 2^31; no Q rows
+  // when the forward quantizes Q itself)
+  const int q_rows = p.q_data != nullptr ? p.batch * p.q_heads * p.q_len : 0;
   const int all_rows = q_rows + p.batch * p.kv_heads * p.kv_len;
   int row = (blockIdx.x * kRowWarps + threadIdx.x / kWarp) * kRowsPerWarp + lane / kLanesPerRow;
   // Lanes past the last row redo the last row without storing: every lane of the warp
-  // must reach the shuffles below.
+  // must reach the shuffles of quantize_row_part.
   const bool live = row < all_rows;
   if (!live) row = all_rows - 1;
   const bool is_q = row < q_rows;
@@ -239,13 +216,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
   const T* src = static_cast<const T*>(is_q ? p.q : p.k) + b * stride[0] + h * stride[1] + s * stride[2] +
                  part * kPerLane;
   float y[kPerLane];
-#pragma unroll
-  for (int c = 0; c < kPerLane / kChannelsPerThread; ++c) {
-    const uint4 raw = reinterpret_cast<const uint4*>(src)[c];
-    const T* in = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kChannelsPerThread; ++j) y[c * kChannelsPerThread + j] = to_float<T>(in[j]);
-  }
+  load_row_part<T>(src, true, y);
   if (!is_q) {
     const float* row_center = p.k_center + (static_cast<int64_t>(b) * p.kv_heads + h) * kHeadDim + part * kPerLane;
     const float4* center = reinterpret_cast<const float4*>(row_center);
@@ -258,83 +229,13 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
       y[4 * c + 3] -= m4.w;
     }
   }
-  // Fast Walsh-Hadamard transform, y_i = sum_j (-1)^popcount(i & j) x_j (Sylvester order,
-  // as flash_quant.rotation.hadamard_matrix): channel bits below log2(kPerLane) in registers ...
-#pragma unroll
-  for (int half = 1; half < kPerLane; half *= 2) {
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      if (!(i & half)) {
-        const float a = y[i], c = y[i + half];
-        y[i] = a + c;
-        y[i + half] = a - c;
-      }
-    }
-  }
-  // ... the others are the lane's `part` bits: y_lo' = y_lo + y_hi, y_hi' = y_lo - y_hi
-#pragma unroll
-  for (int m = 1; m < kLanesPerRow; m *= 2) {
-    const float sign = (part & m) ? -1.f : 1.f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) y[i] = fmaf(sign, y[i], __shfl_xor_sync(0xffffffffu, y[i], m));
-  }
-  // Every output of the transform sums every input: one inf / NaN (or an overflow) in the
-  // row makes y[0] of each of its lanes non-finite.
-  const bool bad = !isfinite(y[0]);
-  float amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    y[i] *= kRotationScale;
-    amax = fmaxf(amax, fabsf(y[i]));
-  }
-  // Q rows: q · k_mean (both rotated; the rotation is orthonormal) for the lse, from the
-  // float values (K rows compute it too, on zeros, and store nothing: no divergence
-  // around the shuffles)
-  float dot = 0.f;
-  if (is_q) {
-    const int hkv = h / (p.q_heads / p.kv_heads);
-    const float* row_mean = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
-    const float4* mean = reinterpret_cast<const float4*>(row_mean);
-#pragma unroll
-    for (int c = 0; c < kPerLane / 4; ++c) {
-      const float4 m4 = mean[c];
-      dot = fmaf(y[4 * c], m4.x, fmaf(y[4 * c + 1], m4.y, fmaf(y[4 * c + 2], m4.z, fmaf(y[4 * c + 3], m4.w, dot))));
-    }
-  }
-#pragma unroll
-  for (int m = 1; m < kLanesPerRow; m *= 2) {
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-    dot += __shfl_xor_sync(0xffffffffu, dot, m);
-  }
-  float scale = __fdiv_rn(amax, kQMax);
-  if (scale == 0.f) scale = 1.f;
+  // Q rows: q · k_mean for the lse (a warp may hold Q and K rows: K rows pass a mean too,
+  // Q's head 0's, and store nothing, so the shuffles see no divergence)
+  const int hkv = is_q ? h / (p.q_heads / p.kv_heads) : 0;
+  const float* mean = p.k_mean + (static_cast<int64_t>(is_q ? b : 0) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
   uint32_t packed[kPerLane / 4];
-  if (bad) {
-    scale = NAN;
-#pragma unroll
-    for (int c = 0; c < kPerLane / 4; ++c) packed[c] = 0;
-  } else {
-    if (scale < kTinyScale) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) y[i] = __fdiv_rn(y[i], scale);
-    } else {
-      const float inv = __fdiv_rn(1.f, scale);
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const float q = y[i] * inv;
-        y[i] = fmaf(fmaf(-q, scale, y[i]), inv, q);
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < kPerLane / 4; ++c) {
-      uint32_t bits[4];
-      // clamp, then round half to even by the float adder: the code sits in the low byte
-      // of the sum's bits (two's complement for negative codes)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(fminf(fmaxf(y[4 * c + j], -kQMax), kQMax) + kFloatOffset);
-      packed[c] = __byte_perm(__byte_perm(bits[0], bits[1], 0x0040), __byte_perm(bits[2], bits[3], 0x0040), 0x5410);
-    }
-  }
+  float dot = 0.f;
+  const float scale = quantize_row_part(y, part, mean, packed, &dot);
   if (!live) return;
   int8_t* data = (is_q ? p.q_data : p.k_data) + static_cast<int64_t>(r) * kHeadDim + part * kPerLane;
 #pragma unroll
@@ -435,8 +336,8 @@ void launch_all(const PrepassParams& p, cudaStream_t stream) {
   check("key_block_means");
   key_center<<<p.batch * p.kv_heads, kCenterSlices * kHeadDim, 0, stream>>>(p, blocks);
   check("key_center");
-  const int64_t rows = static_cast<int64_t>(p.batch) * (static_cast<int64_t>(p.q_heads) * p.q_len +
-                                                        static_cast<int64_t>(p.kv_heads) * p.kv_len);
+  const int64_t q_rows = p.q_data != nullptr ? static_cast<int64_t>(p.q_heads) * p.q_len : 0;
+  const int64_t rows = static_cast<int64_t>(p.batch) * (q_rows + static_cast<int64_t>(p.kv_heads) * p.kv_len);
   if (rows >= (int64_t{1} << 31)) throw std::invalid_argument("flash_quant sm90 pre-pass: 2^31 rows or more");
   const int64_t rows_per_cta = static_cast<int64_t>(kRowWarps) * kRowsPerWarp;
   const unsigned ctas = static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta);

@@ -33,7 +33,9 @@ struct PrepassParams {
   int batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0;
   OutType in_type = OutType::kBFloat16;
   // Outputs, contiguous: q_data (B, Hq, Sq, D) int8, q_scale (B, Hq, Sq); k_data, k_scale
-  // likewise over (B, Hkv, Skv); k_mean (B, Hkv, D) float32, the rotated centre.
+  // likewise over (B, Hkv, Skv); k_mean (B, Hkv, D) float32, the rotated centre. q_data
+  // null: Q is not quantized here (the forward does it, Sm90FwdParams::quantize_q), and
+  // q_scale / q_center_dot are unused.
   int8_t* q_data = nullptr;
   float* q_scale = nullptr;
   int8_t* k_data = nullptr;

@@ -52,6 +52,13 @@ __device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threa
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---------------------------------------------------------------- proxies
+// Orders this thread's ordinary shared-memory stores before later reads by the async proxy
+// (wgmma operands, TMA): the in-kernel quantized Q tile, written with st.shared.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // ---------------------------------------------------------------- TMA
 // A 4-D tile (c0 innermost) from the tensor map into shared memory; completion is
 // counted in bytes on `bar`. Rows outside the tensor arrive as zeros.

@@ -43,6 +43,17 @@ int schedule_from_env() {
   return env[0] - '0';
 }
 
+// Whether the fused op quantizes Q inside the forward kernel (Sm90FwdParams::quantize_q)
+// instead of in the pre-pass's codes kernel: FLASH_QUANT_SM90_Q_IN_KERNEL=0|1 while the two
+// are measured against each other (docs/hopper.md); default 0, the measured one.
+bool q_in_kernel_from_env() {
+  const char* env = std::getenv("FLASH_QUANT_SM90_Q_IN_KERNEL");
+  if (env == nullptr || env[0] == '\0') return false;
+  TORCH_CHECK((env[0] == '0' || env[0] == '1') && env[1] == '\0', kOp,
+              "FLASH_QUANT_SM90_Q_IN_KERNEL must be 0 or 1, got '", env, "'");
+  return env[0] == '1';
+}
+
 at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK(s.scalar_type() == at::kFloat, kOp, name, " must be float32, got ", s.scalar_type());
   TORCH_CHECK(s.sizes() == shape, kOp, name, " must have shape ", shape, ", got ", s.sizes());
@@ -51,6 +62,8 @@ at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) 
 
 // The forward on quantized operands; lse_shift (B, Hq, Sq) float32 or null: the fused
 // path's q · k_mean from the float q (the lse term the kernel otherwise takes from q's codes).
+// An undefined q_scale: q_data is the fused path's 16-bit q, which the kernel quantizes
+// (Sm90FwdParams::quantize_q; k_mean required).
 std::tuple<at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q_data, const at::Tensor& q_scale, const at::Tensor& k_data, const at::Tensor& k_scale,
     const std::optional<at::Tensor>& k_mean, const at::Tensor& v, const std::optional<at::Tensor>& v_data,
@@ -59,11 +72,13 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   TORCH_CHECK(q_data.is_cuda() && k_data.is_cuda() && v.is_cuda(), kOp, "operands must be CUDA tensors");
   TORCH_CHECK(q_data.device() == k_data.device() && q_data.device() == v.device(), kOp,
               "operands are on different devices");
-  TORCH_CHECK(q_data.scalar_type() == at::kChar && k_data.scalar_type() == at::kChar, kOp,
-              "q_data and k_data must be int8");
+  const bool quantize_q = !q_scale.defined();
+  TORCH_CHECK(quantize_q ? q_data.scalar_type() == v.scalar_type() : q_data.scalar_type() == at::kChar, kOp,
+              "q_data must be int8");
+  TORCH_CHECK(k_data.scalar_type() == at::kChar, kOp, "k_data must be int8");
   TORCH_CHECK(v.scalar_type() == at::kBFloat16 || v.scalar_type() == at::kHalf, kOp,
               "v must be bfloat16 or float16 (it sets the output type), got ", v.scalar_type());
-  check_rows(q_data, "q_data", 1);
+  check_rows(q_data, "q_data", q_data.element_size());
   check_rows(k_data, "k_data", 1);
   const int64_t B = q_data.size(0), Hq = q_data.size(1), Sq = q_data.size(2), D = q_data.size(3);
   const int64_t Hkv = k_data.size(1), Skv = k_data.size(2);
@@ -76,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   TORCH_CHECK(Sq >= 1 && Skv >= 1 && B >= 1, kOp, "empty batch or sequence");
   TORCH_CHECK(Sq < (1 << 30) && Skv < (1 << 30) && Hq < 65536 && B < 65536, kOp, "shape too large");
 
-  const at::Tensor qs = scales(q_scale, {B, Hq, Sq}, "q_scale");
+  const at::Tensor qs = quantize_q ? at::Tensor() : scales(q_scale, {B, Hq, Sq}, "q_scale");
   const at::Tensor ks = scales(k_scale, {B, Hkv, Skv}, "k_scale");
   at::Tensor km, vs, nf;
   if (k_mean.has_value()) km = scales(*k_mean, {B, Hkv, D}, "k_mean");
@@ -122,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.v_stride[0] = vt.stride(0);
   p.v_stride[1] = vt.stride(1);
   p.v_stride[2] = pv_int8 ? vt.stride(3) : vt.stride(2);  // K-major: the channel stride
-  p.q_scale = qs.data_ptr<float>();
+  p.q_scale = qs.defined() ? qs.data_ptr<float>() : nullptr;
+  p.quantize_q = quantize_q;
   p.k_scale = ks.data_ptr<float>();
   p.v_scale = vs.defined() ? vs.data_ptr<float>() : nullptr;
   p.k_mean = km.defined() ? km.data_ptr<float>() : nullptr;
@@ -192,10 +208,15 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   const auto f32 = q.options().dtype(at::kFloat);
   int rows_per_block = 0, blocks = 0;
   center_blocks(static_cast<int>(Skv), &rows_per_block, &blocks);
-  at::Tensor q_data = at::empty({B, Hq, Sq, kHeadDim}, i8), q_scale = at::empty({B, Hq, Sq}, f32);
+  const bool q_in_kernel = q_in_kernel_from_env();
+  at::Tensor q_data, q_scale, q_center_dot;
+  if (!q_in_kernel) {
+    q_data = at::empty({B, Hq, Sq, kHeadDim}, i8);
+    q_scale = at::empty({B, Hq, Sq}, f32);
+    q_center_dot = at::empty({B, Hq, Sq}, f32);
+  }
   at::Tensor k_data = at::empty({B, Hkv, Skv, kHeadDim}, i8), k_scale = at::empty({B, Hkv, Skv}, f32);
   at::Tensor k_mean = at::empty({B, Hkv, kHeadDim}, f32);
-  at::Tensor q_center_dot = at::empty({B, Hq, Sq}, f32);
   // workspace: the block means, then the unrotated centre
   at::Tensor work = at::empty({B * Hkv * (blocks + 1) * kHeadDim}, f32);
   // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
@@ -228,14 +249,14 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.q_len = static_cast<int>(Sq);
   p.kv_len = static_cast<int>(Skv);
   p.in_type = q.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
-  p.q_data = q_data.data_ptr<int8_t>();
-  p.q_scale = q_scale.data_ptr<float>();
+  p.q_data = q_in_kernel ? nullptr : q_data.data_ptr<int8_t>();
+  p.q_scale = q_in_kernel ? nullptr : q_scale.data_ptr<float>();
   p.k_data = k_data.data_ptr<int8_t>();
   p.k_scale = k_scale.data_ptr<float>();
   p.k_mean = k_mean.data_ptr<float>();
   p.block_means = work.data_ptr<float>();
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
-  p.q_center_dot = q_center_dot.data_ptr<float>();
+  p.q_center_dot = q_in_kernel ? nullptr : q_center_dot.data_ptr<float>();
   p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
   if (pv_int8) {
     p.v_data = v_codes->data_ptr<int8_t>();
@@ -244,8 +265,9 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
     p.v_block_amax = v_work.data_ptr<float>();
   }
   launch_prepass(p, c10::cuda::getCurrentCUDAStream().stream());
-  return run_forward(q_data, q_scale, k_data, k_scale, k_mean, v, v_codes, v_scale, nonfinite, is_causal, scale,
-                     p.q_center_dot);
+  // (Q in the kernel: the 16-bit q and no q_scale; run_forward checks it as the kernel reads it)
+  return run_forward(q_in_kernel ? q : q_data, q_scale, k_data, k_scale, k_mean, v, v_codes, v_scale, nonfinite,
+                     is_causal, scale, p.q_center_dot);
 }
 
 }  // namespace

@@ -1,0 +1,142 @@
+// One row of the accurate preset's Q / K quantization (docs/op_contract.md), held by
+// kLanesPerRow consecutive lanes of a warp, kPerLane consecutive channels each: the
+// orthonormal Hadamard rotation along the head dim, scale = absmax / 127, codes =
+// round-half-even of the correctly rounded quotient. Shared by the pre-pass's codes kernel
+// (prepass.cu: K rows, and Q rows when the forward does not quantize Q itself) and the
+// forward kernel's in-kernel Q quantization (fwd_kernel.cuh), so both make the same codes.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "../../precision.h"
+#include "float_bits.h"
+#include "fwd_params.h"
+
+namespace flash_quant_sm90 {
+
+constexpr int kLanesPerRow = 4;
+constexpr int kPerLane = kHeadDim / kLanesPerRow;
+static_assert(kPerLane == 32, "the row quantizer's lane layout assumes a head dim of 128");
+//: 16-bit values a 16-byte load holds.
+constexpr int kValuesPerLoad = 8;
+//: INT8 codes, symmetric: [-kQMax, kQMax] (csrc/precision.h).
+constexpr float kQMax = FQ_INT8_QMAX;
+//: 1 / sqrt(kHeadDim): the orthonormal Hadamard matrix is the ±1 one times this.
+constexpr float kRotationScale = 0.08838834764831845f;
+// y / s correctly rounded, as the other backends' quantizers divide (flash_quant/cuda/quantize.py
+// _divide): with r = 1/s rounded, q = y r and one exact-residual step q + fma(-q, s, y) r
+// (Markstein). (_divide lifts scales below 2^-100 by 2^100 so that 1/s cannot overflow;
+// here such rows take __fdiv_rn instead, a row-uniform branch.)
+constexpr float kTinyScale = 7.888609052210118e-31f;  // 2^-100
+
+template <class T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
+// This lane's kPerLane values of a row (16-byte loads); `present` false: zeros.
+template <class T>
+__device__ __forceinline__ void load_row_part(const T* src, bool present, float (&y)[kPerLane]) {
+#pragma unroll
+  for (int c = 0; c < kPerLane / kValuesPerLoad; ++c) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (present) raw = reinterpret_cast<const uint4*>(src)[c];
+    const T* in = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kValuesPerLoad; ++j) y[c * kValuesPerLoad + j] = to_float<T>(in[j]);
+  }
+}
+
+// Quantizes the row whose channels part * kPerLane .. + kPerLane - 1 this lane holds in y
+// (K rows: already centred). Every lane of the warp must call it (shuffles). Returns the
+// row's scale (1 for an all-zero row; NaN for a row with an inf / NaN, whose codes are 0,
+// so the scores that use it are NaN, as SDPA's) and this lane's codes, 4 a word in channel
+// order; with `mean` (kPerLane floats of the rotated K centre for this lane's channels),
+// *dot = the rotated row · mean over the whole row (the lse's centre term), else 0.
+__device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int part, const float* mean,
+                                                   uint32_t (&packed)[kPerLane / 4], float* dot) {
+  // Fast Walsh-Hadamard transform, y_i = sum_j (-1)^popcount(i & j) x_j (Sylvester order,
+  // as flash_quant.rotation.hadamard_matrix): channel bits below log2(kPerLane) in registers ...
+#pragma unroll
+  for (int half = 1; half < kPerLane; half *= 2) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (!(i & half)) {
+        const float a = y[i], c = y[i + half];
+        y[i] = a + c;
+        y[i + half] = a - c;
+      }
+    }
+  }
+  // ... the others are the lane's `part` bits: y_lo' = y_lo + y_hi, y_hi' = y_lo - y_hi
+#pragma unroll
+  for (int m = 1; m < kLanesPerRow; m *= 2) {
+    const float sign = (part & m) ? -1.f : 1.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) y[i] = fmaf(sign, y[i], __shfl_xor_sync(0xffffffffu, y[i], m));
+  }
+  // Every output of the transform sums every input: one inf / NaN (or an overflow) in the
+  // row makes y[0] of each of its lanes non-finite.
+  const bool bad = !isfinite(y[0]);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    y[i] *= kRotationScale;
+    amax = fmaxf(amax, fabsf(y[i]));
+  }
+  // q · k_mean (both rotated; the rotation is orthonormal) from the float values
+  float d = 0.f;
+  if (mean != nullptr) {
+    const float4* mean4 = reinterpret_cast<const float4*>(mean);
+#pragma unroll
+    for (int c = 0; c < kPerLane / 4; ++c) {
+      const float4 m4 = mean4[c];
+      d = fmaf(y[4 * c], m4.x, fmaf(y[4 * c + 1], m4.y, fmaf(y[4 * c + 2], m4.z, fmaf(y[4 * c + 3], m4.w, d))));
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < kLanesPerRow; m *= 2) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    d += __shfl_xor_sync(0xffffffffu, d, m);
+  }
+  *dot = d;
+  float scale = __fdiv_rn(amax, kQMax);
+  if (scale == 0.f) scale = 1.f;
+  if (bad) {
+#pragma unroll
+    for (int c = 0; c < kPerLane / 4; ++c) packed[c] = 0;
+    return NAN;
+  }
+  if (scale < kTinyScale) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) y[i] = __fdiv_rn(y[i], scale);
+  } else {
+    const float inv = __fdiv_rn(1.f, scale);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const float q = y[i] * inv;
+      y[i] = fmaf(fmaf(-q, scale, y[i]), inv, q);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kPerLane / 4; ++c) {
+    uint32_t bits[4];
+    // clamp, then round half to even by the float adder: the code sits in the low byte
+    // of the sum's bits (two's complement for negative codes)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(fminf(fmaxf(y[4 * c + j], -kQMax), kQMax) + kFloatOffset);
+    packed[c] = __byte_perm(__byte_perm(bits[0], bits[1], 0x0040), __byte_perm(bits[2], bits[3], 0x0040), 0x5410);
+  }
+  return scale;
+}
+
+}  // namespace flash_quant_sm90
