@@ -276,7 +276,7 @@ constexpr int kVChunk = 16;  // bytes a thread stores at once (one 16-byte vecto
 static_assert(kVPerLane % kChannelsPerThread == 0 && kVTileKeys % kVChunk == 0, "V codes tile layout");
 
 // Grid (ceil(S / kVTileKeys), B * Hkv): the fast preset's V codes, INT8 per channel with
-// p.v_scale (key_center), round-half-even of the correctly rounded quotient (as
+// p.v_scale (head_center), round-half-even of the correctly rounded quotient (as
 // quantize_rows), stored K-major: v_data[b, h, c, s]. Keys in [S, v_keys_padded) of the
 // last tile get code 0 (their values load as 0); a NaN-scale channel gets codes 0 (its
 // output column is NaN through the scale).
