@@ -267,20 +267,25 @@ template <class T, class Smem>
 __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm, int wg, int tid, int b, int hq,
                                                 int hkv, int wg_row0) {
   constexpr int kRowsPerPass = kThreadsPerWarpgroup / kLanesPerRow;
+  constexpr int kPasses = kRowsPerWarpgroup / kRowsPerPass;
   const int part = tid % kLanesPerRow;
   const float* mean = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
   uint8_t* tile = reinterpret_cast<uint8_t*>(sm.q) + wg * kRowsPerWarpgroup * kHeadDim;
-#pragma unroll 1
-  for (int pass = 0; pass < kRowsPerWarpgroup / kRowsPerPass; ++pass) {
-    const int local = pass * kRowsPerPass + tid / kLanesPerRow;
-    const int row = wg_row0 + local;
+  // every pass's loads first: one round trip to memory, not one a pass
+  float y[kPasses][kPerLane];
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int row = wg_row0 + pass * kRowsPerPass + tid / kLanesPerRow;
     const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1] +
                    static_cast<int64_t>(row) * p.q_stride[2] + part * kPerLane;
-    float y[kPerLane];
-    load_row_part<T>(src, row < p.q_len, y);
+    load_row_part<T>(src, row < p.q_len, y[pass]);
+  }
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int local = pass * kRowsPerPass + tid / kLanesPerRow;
     uint32_t packed[kPerLane / 4];
     float dot = 0.f;
-    const float scale = quantize_row_part(y, part, mean, packed, &dot);
+    const float scale = quantize_row_part(y[pass], part, mean, packed, &dot);
 #pragma unroll
     for (int c = 0; c < kPerLane / 16; ++c) {
       // 16-byte chunk `chunk` of the row lands at chunk ^ (row & 7) (128-byte swizzle)
