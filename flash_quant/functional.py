@@ -207,7 +207,8 @@ def _lse_centre_term_from_float(lse: torch.Tensor, query: Operand, call: _Call) 
         zero_point = kw["q_zero_point"]
         if zero_point is None:
             zero_point = q_scale.new_empty((0,), dtype=torch.int32)
-        q_deq = ops.dequantize(q_data, q_scale, zero_point, q_scale.new_empty((0,)), call.q_precision, 0,
+        # (block_size 1: Q's scales are per token, one group a row)
+        q_deq = ops.dequantize(q_data, q_scale, zero_point, q_scale.new_empty((0,)), call.q_precision, 1,
                                torch.float32)
         k_mean = k_mean.float()
         k_mean_x = unrotate(k_mean) if call.rotated else k_mean  # (q . Hm = Hq . m: H orthonormal)

@@ -172,6 +172,27 @@ def test_quantize_matches_contract(precision, granularity):
         torch.testing.assert_close(dq, want, rtol=1e-6, atol=1e-6, msg=tag)
 
 
+def test_dequantize_block_size_only_counts_for_row_groups():
+    """block_size counts only where scale has row groups of several rows (the schema): per
+    token and per tensor ignore it, 0 included, as the CPU kernel does (the general path's
+    lse term passed 0 for per-token Q and failed on CUDA only); row groups refuse it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 37, 64, generator=g)
+    empty_z, empty_m = torch.empty(0, dtype=torch.int32), torch.empty(0)
+    for granularity in ("per_token", "per_tensor"):
+        data, s, _, _ = quantize_launch(x, "int8", granularity, 1, "symmetric", False)
+        want = dequantize_launch(data, s, empty_z, empty_m, "int8", 1, torch.float32)
+        for bs in (0, 5):
+            got = dequantize_launch(data, s, empty_z, empty_m, "int8", bs, torch.float32)
+            assert torch.equal(got, want), (granularity, bs)
+            if hasattr(torch.ops, "flash_quant") and hasattr(torch.ops.flash_quant, "dequantize"):
+                cpu = torch.ops.flash_quant.dequantize(data, s, empty_z, empty_m, "int8", bs, torch.float32)
+                assert torch.equal(got, cpu), (granularity, bs, "CPU kernel differs")
+    data, s, _, _ = quantize_launch(x, "int8", "per_block", 16, "symmetric", False)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        dequantize_launch(data, s, empty_z, empty_m, "int8", 0, torch.float32)
+
+
 def _rotate_f64(x):
     from flash_quant.rotation import rotate
 

@@ -728,8 +728,6 @@ def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch
         raise TypeError(f"flash_quant.dequantize: scale must be float32, got {scale.dtype}")
     if data.dim() < 1 or scale.dim() > data.dim():
         raise ValueError(f"flash_quant.dequantize: scale of rank {scale.dim()} does not fit data of rank {data.dim()}")
-    if block_size < 1:
-        raise ValueError(f"flash_quant.dequantize: block_size must be >= 1, got {block_size}")
     shape = tuple(data.shape)
     if prec_code == 1:
         shape = shape[:-1] + (shape[-1] * 2,)
@@ -737,6 +735,12 @@ def dequantize_launch(data: torch.Tensor, scale: torch.Tensor, zero_point: torch
     S = shape[-2] if len(shape) >= 2 else 1
     lead = shape[:-2] if len(shape) >= 2 else ()
     groups = scale.shape[-2] if scale.dim() >= 2 else 1
+    # block_size only counts for row groups of several rows (the schema; as the CPU kernel):
+    # one group, or one group a row (per_token), ignores it
+    if groups > 1 and groups == S:
+        block_size = 1
+    if groups > 1 and block_size < 1:
+        raise ValueError(f"flash_quant.dequantize: block_size must be >= 1, got {block_size}")
     if groups > 1 and groups != -(-S // block_size):
         raise ValueError(f"flash_quant.dequantize: scale has {groups} row groups but data has {S} rows "
                          f"in blocks of {block_size}")
