@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "fwd_sm90.cu"
 PREPASS_SOURCE = ROOT / "csrc" / "cuda" / "sm90" / "prepass.cu"
 #: The pre-pass's kernels (entry names contain these).
-PREPASS_KERNELS = ("key_block_means", "quantize_rows", "quantize_v_kmajor")
+PREPASS_KERNELS = ("key_block_means", "key_center", "quantize_rows", "quantize_v_kmajor")
 # The standalone compile of docs/hopper.md (setup.py adds only -lineinfo and torch's flags).
 NVCC_FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
 #: Entry functions that are attention forward kernels (mangled names contain the identifier).

@@ -182,15 +182,6 @@ inline bool __all_sync(unsigned, bool p) {
   return all;
 }
 template <class V> inline V __shfl_sync(unsigned, V v, int src) { return emu_shfl(v, src); }
-// (blocks run one at a time: global memory needs no ordering beyond the block's barriers)
-inline void __threadfence() {}
-template <class V> inline V __ldcg(const V* p) { return *p; }
-inline int atomicAdd(int* p, int v) {
-  std::lock_guard<std::mutex> lk(emu_block->mu);
-  const int old = *p;
-  *p = old + v;
-  return old;
-}
 
 template <class F, class... A>
 void emu_launch_smem(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {

@@ -13,7 +13,7 @@ extern "C" int run_prepass(const void* q, const void* k, const void* v, const in
                            const int64_t* vs, int B, int Hq, int Hkv, int Sq, int Skv, int bf16, int8_t* q_data,
                            float* q_scale, int8_t* k_data, float* k_scale, float* k_mean, float* work,
                            float* q_center_dot, int32_t* nonfinite, int8_t* v_data, long long v_keys_padded,
-                           float* v_scale, float* v_work, int32_t* block_counter) {
+                           float* v_scale, float* v_work) {
   PrepassParams p;
   emu_set_operands(p, q, k, v, qs, ks, vs, B, Hq, Hkv, Sq, Skv);
   p.in_type = bf16 ? OutType::kBFloat16 : OutType::kFloat16;
@@ -28,7 +28,6 @@ extern "C" int run_prepass(const void* q, const void* k, const void* v, const in
   p.k_center = work + static_cast<int64_t>(B) * Hkv * blocks * kHeadDim;
   p.q_center_dot = q_center_dot;
   p.nonfinite = nonfinite;
-  p.block_counter = block_counter;
   if (v_data != nullptr) {
     p.v_data = v_data;
     p.v_keys_padded = v_keys_padded;

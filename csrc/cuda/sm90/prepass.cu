@@ -1,7 +1,8 @@
-// The accurate preset's quantization pre-pass (prepass.h): K block means and the rotated
-// centre (one launch), the INT8 codes of K (and of Q, unless the forward quantizes Q),
-// with no host work between them. Memory-bound: K is read twice (means, codes), Q once;
-// nothing rotated or centred goes to memory. Plain CUDA (any sm_80+ would run it; it is built with the sm90 sources).
+// The accurate preset's quantization pre-pass (prepass.h): K block means, the rotated
+// centre, and the INT8 codes of K (and of Q, unless the forward quantizes Q), in three
+// launches with no host work between them. Memory-bound: K is read twice (means, codes),
+// Q once; nothing rotated or centred goes to memory. Plain CUDA (any sm_80+ would run it;
+// it is built with the sm90 sources).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,8 +31,8 @@ constexpr int kThreadsPerRow = kHeadDim / kChannelsPerThread;
 constexpr int kRowsInFlight = kMeansThreads / kThreadsPerRow;
 //: Warps per CTA of the codes kernel.
 constexpr int kRowWarps = 8;
-//: Threads per channel in head_center (they share the rank selection).
-constexpr int kCenterSlices = kMeansThreads / kHeadDim;
+//: Threads per channel of the centre kernel (they share the rank selection).
+constexpr int kCenterSlices = 4;
 
 // Sum of 8 16-bit values into acc (one 16-byte load).
 template <class T>
@@ -61,90 +62,13 @@ __device__ __forceinline__ void add_amax8(const T* src, float (&acc)[kChannelsPe
   }
 }
 
-// The head's centre from its block means (the last means CTA of the head runs it, on
-// kMeansThreads threads, kCenterSlices a channel): per channel the lower median of the
-// block means (as torch.median; NaN if any is NaN) into k_center, and its orthonormal
-// Hadamard rotation (Sylvester order, as flash_quant.rotation.hadamard_matrix) into
-// k_mean; with the fast preset's V, its per-channel scale from the block absmaxes. Each of
-// a channel's kCenterSlices threads ranks every kCenterSlices-th block mean against all of
-// them (the loads are issued together: this step is latency-bound). `means` is the CTA's
-// scratch, kMaxCenterBlocks x kHeadDim floats.
-__device__ __forceinline__ void head_center(const PrepassParams& p, int bh, int blocks, float (*means)[kHeadDim]) {
-  __shared__ float x[kHeadDim];
-  __shared__ int has_nan[kHeadDim];
-  __shared__ float vmax[kCenterSlices][kHeadDim];
-  const int c = threadIdx.x % kHeadDim;
-  const int slice = threadIdx.x / kHeadDim;
-  // (written by the head's other CTAs: L2 loads, this SM's L1 holds none of it)
-  const float* src = p.block_means + static_cast<int64_t>(bh) * blocks * kHeadDim;
-  if (slice == 0) has_nan[c] = 0;
-  if (p.v_data != nullptr) {  // the fast preset's V scale: absmax over the block maxima
-    const float* vsrc = p.v_block_amax + static_cast<int64_t>(bh) * blocks * kHeadDim;
-    float m = 0.f;
-    for (int i = slice; i < blocks; i += kCenterSlices) m = nan_max(m, __ldcg(vsrc + i * kHeadDim + c));
-    vmax[slice][c] = m;
-  }
-  __syncthreads();
-  if (p.v_data != nullptr && slice == 0) {
-    float m = vmax[0][c];
-#pragma unroll
-    for (int i = 1; i < kCenterSlices; ++i) m = nan_max(m, vmax[i][c]);
-    // symmetric INT8 per channel (docs/op_contract.md): absmax / 127, 1 for an all-zero
-    // channel; NaN for a channel with an inf / NaN value
-    p.v_scale[static_cast<int64_t>(bh) * kHeadDim + c] = m != m ? NAN : (m > 0.f ? __fdiv_rn(m, kQMax) : 1.f);
-  }
-  bool nan = false;
-#pragma unroll
-  for (int i = slice; i < kMaxCenterBlocks; i += kCenterSlices) {
-    if (i < blocks) {
-      means[i][c] = __ldcg(src + i * kHeadDim + c);
-      nan = nan || isnan(means[i][c]);
-    }
-  }
-  if (nan) has_nan[c] = 1;
-  __syncthreads();
-  // rank selection: the value with (n - 1) / 2 values below it and ties reaching past it
-  const int rank = (blocks - 1) / 2;
-  for (int i = slice; i < blocks; i += kCenterSlices) {
-    const float m = means[i][c];
-    int below = 0, at_or_below = 0;
-#pragma unroll 8
-    for (int j = 0; j < blocks; ++j) {  // (unrolled: the shared loads overlap)
-      below += means[j][c] < m;
-      at_or_below += means[j][c] <= m;
-    }
-    if (below <= rank && rank < at_or_below) x[c] = m;  // (equal values race: same bits)
-  }
-  __syncthreads();
-  if (slice == 0) {
-    if (has_nan[c]) x[c] = NAN;
-    p.k_center[static_cast<int64_t>(bh) * kHeadDim + c] = x[c];
-  }
-  // In-place fast Walsh-Hadamard transform: y_i = sum_j (-1)^popcount(i & j) x_j.
-#pragma unroll
-  for (int half = 1; half < kHeadDim; half *= 2) {
-    __syncthreads();
-    const float mine = x[c], other = x[c ^ half];
-    __syncthreads();
-    if (slice == 0) x[c] = (c & half) ? other - mine : mine + other;
-  }
-  if (slice == 0) p.k_mean[static_cast<int64_t>(bh) * kHeadDim + c] = x[c] * kRotationScale;
-}
-
 // Grid (blocks, B * Hkv): the float32 mean of each block of keys per channel, and, when
 // p.nonfinite is set, whether the block's K or V sums are finite; when p.v_data is set (the
-// fast preset), V's absmax per channel over the block. The head's last CTA to finish (a
-// counter per head in p.block_counter) then computes the head's centre (head_center): one
-// launch, not a second latency-bound kernel.
-// (min blocks 1: without it ptxas kept the fp16 instance to 48 registers and spilled one)
+// fast preset), V's absmax per channel over the block.
 template <class T>
-__global__ void __launch_bounds__(kMeansThreads, 1) key_block_means(PrepassParams p, int rows_per_block, int blocks) {
-  // one scratch buffer: the row partials here, the head's block means in head_center
-  __shared__ float scratch[kMaxCenterBlocks][kHeadDim];
-  static_assert(2 * kRowsInFlight <= kMaxCenterBlocks, "the partials do not fit the scratch");
-  __shared__ int is_last;
-  float (*partial)[kHeadDim] = scratch;
-  float (*vpartial)[kHeadDim] = scratch + kRowsInFlight;
+__global__ void __launch_bounds__(kMeansThreads) key_block_means(PrepassParams p, int rows_per_block, int blocks) {
+  __shared__ float partial[kRowsInFlight][kHeadDim];
+  __shared__ float vpartial[kRowsInFlight][kHeadDim];
   const int blk = blockIdx.x;
   const int bh = blockIdx.y;
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
@@ -193,14 +117,74 @@ __global__ void __launch_bounds__(kMeansThreads, 1) key_block_means(PrepassParam
     const int group = p.q_heads / p.kv_heads;
     for (int g = 0; g < group; ++g) p.nonfinite[b * p.q_heads + h * group + g] = 1;
   }
-  // Publish this CTA's block means, count it; the head's last CTA reads them all.
-  __threadfence();
+}
+
+// Grid (B * Hkv), kCenterSlices x kHeadDim threads: per channel the lower median of the
+// block means (as torch.median; NaN if any is NaN) into k_center, and its orthonormal
+// Hadamard rotation (Sylvester order, as flash_quant.rotation.hadamard_matrix) into
+// k_mean. Each of a channel's kCenterSlices threads ranks every kCenterSlices-th block
+// mean against all of them (the loads are issued together: this kernel is latency-bound).
+__global__ void __launch_bounds__(kCenterSlices * kHeadDim) key_center(PrepassParams p, int blocks) {
+  __shared__ float means[kMaxCenterBlocks][kHeadDim];
+  __shared__ float x[kHeadDim];
+  __shared__ int has_nan[kHeadDim];
+  __shared__ float vmax[kCenterSlices][kHeadDim];
+  const int bh = blockIdx.x;
+  const int c = threadIdx.x % kHeadDim;
+  const int slice = threadIdx.x / kHeadDim;
+  const float* src = p.block_means + static_cast<int64_t>(bh) * blocks * kHeadDim;
+  if (slice == 0) has_nan[c] = 0;
+  if (p.v_data != nullptr) {  // the fast preset's V scale: absmax over the block maxima
+    const float* vsrc = p.v_block_amax + static_cast<int64_t>(bh) * blocks * kHeadDim;
+    float m = 0.f;
+    for (int i = slice; i < blocks; i += kCenterSlices) m = nan_max(m, vsrc[i * kHeadDim + c]);
+    vmax[slice][c] = m;
+  }
   __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(p.block_counter + bh, 1) == blocks - 1;
+  if (p.v_data != nullptr && slice == 0) {
+    float m = vmax[0][c];
+#pragma unroll
+    for (int i = 1; i < kCenterSlices; ++i) m = nan_max(m, vmax[i][c]);
+    // symmetric INT8 per channel (docs/op_contract.md): absmax / 127, 1 for an all-zero
+    // channel; NaN for a channel with an inf / NaN value
+    p.v_scale[static_cast<int64_t>(bh) * kHeadDim + c] = m != m ? NAN : (m > 0.f ? __fdiv_rn(m, kQMax) : 1.f);
+  }
+  bool nan = false;
+#pragma unroll
+  for (int i = slice; i < kMaxCenterBlocks; i += kCenterSlices) {
+    if (i < blocks) {
+      means[i][c] = src[i * kHeadDim + c];
+      nan = nan || isnan(means[i][c]);
+    }
+  }
+  if (nan) has_nan[c] = 1;
   __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  head_center(p, bh, blocks, scratch);
+  // rank selection: the value with (n - 1) / 2 values below it and ties reaching past it
+  const int rank = (blocks - 1) / 2;
+  for (int i = slice; i < blocks; i += kCenterSlices) {
+    const float m = means[i][c];
+    int below = 0, at_or_below = 0;
+#pragma unroll 8
+    for (int j = 0; j < blocks; ++j) {  // (unrolled: the shared loads overlap)
+      below += means[j][c] < m;
+      at_or_below += means[j][c] <= m;
+    }
+    if (below <= rank && rank < at_or_below) x[c] = m;  // (equal values race: same bits)
+  }
+  __syncthreads();
+  if (slice == 0) {
+    if (has_nan[c]) x[c] = NAN;
+    p.k_center[static_cast<int64_t>(bh) * kHeadDim + c] = x[c];
+  }
+  // In-place fast Walsh-Hadamard transform: y_i = sum_j (-1)^popcount(i & j) x_j.
+#pragma unroll
+  for (int half = 1; half < kHeadDim; half *= 2) {
+    __syncthreads();
+    const float mine = x[c], other = x[c ^ half];
+    __syncthreads();
+    if (slice == 0) x[c] = (c & half) ? other - mine : mine + other;
+  }
+  if (slice == 0) p.k_mean[static_cast<int64_t>(bh) * kHeadDim + c] = x[c] * kRotationScale;
 }
 
 // kLanesPerRow lanes per row of Q (rows [0, B Hq Sq)) or K (the rows after), kPerLane
@@ -276,7 +260,7 @@ constexpr int kVChunk = 16;  // bytes a thread stores at once (one 16-byte vecto
 static_assert(kVPerLane % kChannelsPerThread == 0 && kVTileKeys % kVChunk == 0, "V codes tile layout");
 
 // Grid (ceil(S / kVTileKeys), B * Hkv): the fast preset's V codes, INT8 per channel with
-// p.v_scale (head_center), round-half-even of the correctly rounded quotient (as
+// p.v_scale (key_center), round-half-even of the correctly rounded quotient (as
 // quantize_rows), stored K-major: v_data[b, h, c, s]. Keys in [S, v_keys_padded) of the
 // last tile get code 0 (their values load as 0); a NaN-scale channel gets codes 0 (its
 // output column is NaN through the scale).
@@ -351,6 +335,8 @@ void launch_all(const PrepassParams& p, cudaStream_t stream) {
   center_blocks(p.kv_len, &rows_per_block, &blocks);
   key_block_means<T><<<dim3(blocks, p.batch * p.kv_heads), kMeansThreads, 0, stream>>>(p, rows_per_block, blocks);
   check("key_block_means");
+  key_center<<<p.batch * p.kv_heads, kCenterSlices * kHeadDim, 0, stream>>>(p, blocks);
+  check("key_center");
   const int64_t q_rows = p.q_data != nullptr ? static_cast<int64_t>(p.q_heads) * p.q_len : 0;
   const int64_t rows = static_cast<int64_t>(p.batch) * (q_rows + static_cast<int64_t>(p.kv_heads) * p.kv_len);
   if (rows >= (int64_t{1} << 31)) throw std::invalid_argument("flash_quant sm90 pre-pass: 2^31 rows or more");
@@ -371,7 +357,6 @@ void launch_prepass(const PrepassParams& p, cudaStream_t stream) {
   if (p.batch < 1 || p.q_heads < 1 || p.kv_heads < 1 || p.q_len < 1 || p.kv_len < 1 || p.q_heads % p.kv_heads) {
     throw std::invalid_argument("flash_quant sm90 pre-pass: empty or inconsistent shapes");
   }
-  if (p.block_counter == nullptr) throw std::invalid_argument("flash_quant sm90 pre-pass: no block counters");
   if (p.v_data != nullptr && (p.v_keys_padded < p.kv_len || p.v_keys_padded % kVKeysAlign != 0 ||
                               p.v_scale == nullptr || p.v_block_amax == nullptr)) {
     throw std::invalid_argument("flash_quant sm90 pre-pass: V codes need v_scale, v_block_amax and a padded key "

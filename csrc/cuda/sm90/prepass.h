@@ -3,11 +3,10 @@
 // operands flash_quant.attention's quantize steps make for config="accurate" (docs/op_contract.md):
 // Q and K Hadamard-rotated along the head dim, K centred by the rotated median of its block
 // means (flash_quant.key_stats.robust_center), both INT8 per token, symmetric, scale =
-// absmax / 127, codes round-half-even. Two kernels: K block means (whose last CTA per head
-// computes the centre), the codes. The fast preset adds V: INT8 per channel, symmetric
-// (scale = absmax over the keys / 127), stored K-major (tokens contiguous) for the
-// forward's INT8 P·V: its block absmax rides along the means kernel, the scale along the
-// centre, the codes are a third kernel.
+// absmax / 127, codes round-half-even. Three kernels: K block means, the centre, the codes.
+// The fast preset adds V: INT8 per channel, symmetric (scale = absmax over the keys / 127),
+// stored K-major (tokens contiguous) for the forward's INT8 P·V: its block absmax rides
+// along the means kernel, the scale along the centre kernel, the codes are a fourth kernel.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -49,9 +48,6 @@ struct PrepassParams {
   float* q_center_dot = nullptr;
   // Workspace (B * Hkv, center_blocks, D) float32: the block means.
   float* block_means = nullptr;
-  // (B * Hkv) int32, zeroed by the caller: the means kernel's finished CTAs per head (the
-  // last one computes the head's centre).
-  int32_t* block_counter = nullptr;
   // (B, Hq) int32, zeroed by the caller, or null: set to 1 for each head whose K or V holds
   // an inf / NaN (or sums past float32's range), which turns the forward's causal tile skip off.
   int32_t* nonfinite = nullptr;
@@ -77,7 +73,7 @@ inline void center_blocks(int kv_len, int* rows_per_block, int* blocks) {
   *blocks = full + (full * bs < kv_len ? 1 : 0);
 }
 
-// Launches the pre-pass kernels on `stream`. Throws std::runtime_error when a launch fails.
+// Launches the three pre-pass kernels on `stream`. Throws std::runtime_error when a launch fails.
 void launch_prepass(const PrepassParams& p, cudaStream_t stream);
 
 }  // namespace flash_quant_sm90

@@ -219,12 +219,9 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   at::Tensor k_mean = at::empty({B, Hkv, kHeadDim}, f32);
   // workspace: the block means, then the unrotated centre
   at::Tensor work = at::empty({B * Hkv * (blocks + 1) * kHeadDim}, f32);
-  // Zeroed int32 flags, one memset: the means kernel's per-head CTA counters, then for
-  // causal calls (which skip tiles; a head with an inf / NaN must visit them all,
-  // op_contract.md) the per-head non-finite flags.
-  const at::Tensor flags = at::zeros({B * Hkv + (is_causal ? B * Hq : 0)}, q.options().dtype(at::kInt));
+  // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
   std::optional<at::Tensor> nonfinite;
-  if (is_causal) nonfinite = flags.narrow(0, B * Hkv, B * Hq).view({B, Hq});
+  if (is_causal) nonfinite = at::zeros({B, Hq}, q.options().dtype(at::kInt));
   // The fast preset's V: INT8 per channel, K-major (tokens contiguous, the key dim padded
   // to 16), and its scale; workspace for the per-block absmax.
   std::optional<at::Tensor> v_codes, v_scale;
@@ -261,7 +258,6 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
   p.q_center_dot = q_in_kernel ? nullptr : q_center_dot.data_ptr<float>();
   p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
-  p.block_counter = flags.data_ptr<int32_t>();
   if (pv_int8) {
     p.v_data = v_codes->data_ptr<int8_t>();
     p.v_keys_padded = v_keys_padded;
