@@ -213,41 +213,6 @@ def test_wgmma_not_serialized(compiled):
         assert "wgmma_serialized" not in info, f"{name}: {info['wgmma_serialized']}"
 
 
-#: One tile's exponentials per thread: 64 rows x 128 keys over a warpgroup's 128 threads.
-EXP_PER_TILE = 64
-
-
-def _exponentials_under_pv(code: list) -> int:
-    """The most MUFU.EX2 a kernel issues while a 16-bit P·V wgmma is in flight: from an
-    HGMMA to the next wait for every product (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
-    best = count = 0
-    pending = False
-    for ins in code:
-        if WGMMA_16BIT.search(ins):
-            pending = True
-        elif pending and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", ins):
-            best, count, pending = max(best, count), 0, False
-        elif pending and "MUFU.EX2" in ins:
-            count += 1
-    return max(best, count)
-
-
-#: forward_kernel<T, kPvInt8, kCausal, kSchedule, kD>'s mangled schedule argument: the
-#: overlapped schedules 1 and 2 (schedule 0, kept for comparison, issues P·V piecemeal
-#: inside the softmax and waits for it before the tile ends).
-OVERLAPPED_SCHEDULE = re.compile(r"Lb[01]ELb[01]ELi[12]E")
-
-
-def test_softmax_overlaps_the_pv_product(compiled):
-    _, sass = compiled
-    kernels = {n: c for n, c in _forward_kernels(sass).items() if OVERLAPPED_SCHEDULE.search(n)}
-    assert kernels, "no forward kernel of an overlapped schedule (1 or 2)"
-    for name, code in kernels.items():
-        if any(WGMMA_16BIT.search(i) for i in code):
-            n = _exponentials_under_pv(code)
-            assert n >= EXP_PER_TILE, f"{name}: only {n} exponentials run while a P·V product is in flight"
-
-
 def test_prepass_kernels_exist_and_keep_to_registers(prepass):
     """The fused pre-pass (csrc/cuda/sm90/prepass.cu): its kernels (the fast preset's V codes
     too) are there, with no local memory (the codes kernel keeps a row's 32 values a lane

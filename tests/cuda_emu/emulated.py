@@ -102,8 +102,7 @@ def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
     return out
 
 
-def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, schedule: int,
-                lse_shift=None, k_mean=None):
+def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, lse_shift=None, k_mean=None):
     """(out, lse) of the emulated forward on quantized operands: Q / K INT8 codes with
     (B, H, S) scales; v 16-bit, or with v_buf the K-major INT8 V buffer (B, Hkv, D, S_pad)
     and vs (B, Hkv, D) for INT8 P·V; lse_shift (B, Hq, Sq): the fused path's q · k_mean.
@@ -117,7 +116,7 @@ def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, s
         _ptr(qd), _ptr(None if qs is None else qs.contiguous()), _ptr(kd), _ptr(ks.contiguous()), _ptr(vt),
         _ptr(None if vs is None else vs.contiguous()), _triple(*qd.stride()[:3]), _triple(*kd.stride()[:3]),
         _triple(*vt.stride()[:3]), b, hq, hkv, sq, skv, d, int(v.dtype == torch.bfloat16), int(v_buf is not None),
-        int(causal), ctypes.c_float(scale), schedule, _ptr(lse_shift), _ptr(k_mean), int(qs is None),
+        int(causal), ctypes.c_float(scale), _ptr(lse_shift), _ptr(k_mean), int(qs is None),
         _ptr(out), _ptr(lse))
     assert rc == 0, "the emulated launch raised (see stderr)"
     return out, lse

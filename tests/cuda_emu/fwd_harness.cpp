@@ -13,7 +13,7 @@ using namespace flash_quant_sm90;
 extern "C" int run_forward(const void* q, const float* q_scale, const void* k, const float* k_scale, const void* v,
                            const float* v_scale, const int64_t* qs, const int64_t* ks, const int64_t* vs, int B,
                            int Hq, int Hkv, int Sq, int Skv, int D, int bf16, int pv_int8, int causal, float scale,
-                           int schedule, const float* lse_shift, const float* k_mean, int quantize_q, void* out,
+                           const float* lse_shift, const float* k_mean, int quantize_q, void* out,
                            float* lse) {
   Sm90FwdParams p;
   emu_set_operands(p, q, k, v, qs, ks, vs, B, Hq, Hkv, Sq, Skv);
@@ -29,7 +29,6 @@ extern "C" int run_forward(const void* q, const float* q_scale, const void* k, c
   p.out_type = bf16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.pv_int8 = pv_int8 != 0;
   p.causal = causal != 0;
-  p.schedule = schedule;
   p.quantize_q = quantize_q != 0;
   try {
     launch_forward(p, nullptr);

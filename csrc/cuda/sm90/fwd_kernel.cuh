@@ -32,19 +32,8 @@
 
 namespace flash_quant_sm90 {
 
-// Schedules (a development switch while they are measured against each other,
-// docs/hopper.md; Sm90FwdParams::schedule picks one):
-//   0: 16-bit P·V: per tile issue QK(i), wait, issue PV(i-1), softmax(i) while PV(i-1)
-//      runs; INT8 P·V: PV(i-1), wait, fold into O, QK(i), wait, softmax(i);
-//   1: 16-bit: issue QK(i) and PV(i-1) back to back, wait for QK(i) only, softmax(i), and
-//      wait for PV(i-1) at the next step's start; INT8: PV(i-1) and QK(i) back to back,
-//      fold PV(i-1) while QK(i) runs;
-//   2: as 1, and the consumer warpgroups take turns issuing (ping-pong: one's softmax
-//      runs while the other's products occupy the tensor cores).
-constexpr int kSchedules = 3;
-// Ring depth: schedules 1 / 2 hold tile i's stage until step i+2 (PV(i) completes a step
-// later than in schedule 0), so they take one stage more for the same prefetch distance.
-__host__ __device__ constexpr int stages_of(int schedule) { return schedule == 0 ? 3 : 4; }
+// The ring's depth: tile i's stage is released when PV(i) is done, during step i+1.
+constexpr int kStages = 3;
 constexpr int kThreadsPerWarpgroup = 128;
 constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumerWarpgroups);
 constexpr int kLaunchRegisters = 168;  // 64K registers / 384 threads, rounded down to 8
@@ -82,12 +71,9 @@ constexpr float kPCodeMax = FQ_INT8_QMAX;
 //: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
 //: lane after it stored its share of the tile's K scales.
 constexpr int kKBarrierArrivals = 1 + 32;
-// Named barriers of the ping-pong turns (0 is __syncthreads'): warpgroup w waits on
-// kTurnBarrier + w, the other warpgroup signals it.
-constexpr uint32_t kTurnBarrier = 1;
-constexpr uint32_t kTurnThreads = 2 * kThreadsPerWarpgroup;
-// Named barriers 3 and 4: consumer warpgroup w's in-kernel quantized Q tile is complete.
-constexpr uint32_t kQReadyBarrier = kTurnBarrier + kConsumerWarpgroups;
+// Named barriers 1 and 2 (0 is __syncthreads'): consumer warpgroup w's in-kernel quantized
+// Q tile is complete.
+constexpr uint32_t kQReadyBarrier = 1;
 
 template <bool kPvInt8, int kStages, int kD>
 struct SharedStorage {
@@ -300,13 +286,11 @@ __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD, bool kQuantizeQ>
+template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
-  static_assert(kSchedule >= 0 && kSchedule < kSchedules, "no such schedule");
   static_assert(!kQuantizeQ || kD == kHeadDim, "Q is quantized in the kernel at head dim 128 only (row_quant.cuh)");
-  constexpr int kStages = stages_of(kSchedule);
   using Dims = HeadDim<kD>;
   constexpr int kAcc = Dims::kAcc;
   using Smem = SharedStorage<kPvInt8, kStages, kD>;
@@ -434,8 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kD);
 
-  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i),
-  // schedule 0 (schedules 1 / 2: kSchedules above and mixed_step below):
+  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
   //   16-bit P·V: issue QK(i), wait; issue PV(i-1) into O; softmax(i) while PV(i-1) runs;
   //     wait; rescale O (when a row max moved); pack P(i).
   //   int8 P·V: issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
@@ -506,27 +489,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (kCausal) n_full = min(n_full, (wg_row0 + 1) / kKeysPerTile);
   n_full = min(n_full, n_active);
 
-  // Ping-pong needs the same number of turns in both warpgroups (n_active + 1 each: the
-  // first QK, the QK(i) + PV(i-1) pairs, the last PV); causal calls may differ by a tile.
-  const int other_active = active_tiles(m0 + (1 - wg) * kRowsPerWarpgroup);
-  const bool ping_pong = kSchedule == 2 && other_active == n_active && n_active > 0;
-  const uint32_t my_turn = kTurnBarrier + wg;
-  const uint32_t other_turn = kTurnBarrier + (1 - wg);
-  auto take_turn = [&]() {
-    if (ping_pong) named_barrier_sync(my_turn, kTurnThreads);
-  };
-  auto pass_turn = [&]() {
-    if (ping_pong) named_barrier_arrive(other_turn, kTurnThreads);
-  };
-  if (ping_pong && wg == 1) named_barrier_arrive(other_turn, kTurnThreads);  // warpgroup 0 goes first
-
-  // Schedule 0, and INT8 P·V: each step waits for its products before the next.
-  // Schedules 1 / 2 with 16-bit P·V: step i waits for PV(i-2) first (a loop iteration
-  // boundary, which ptxas does not schedule across: within one basic block it hoisted
-  // that wait above the softmax's exponentials), packs P(i-1), rescales O for tile i-1's
-  // max, issues QK(i) and PV(i-1), waits for QK(i) only and runs softmax(i) while PV(i-1)
-  // is in flight.
-  constexpr bool kOverlapped = !kPvInt8 && kSchedule != 0;
   auto rescale_o = [&]() {
     // after the first tiles a row's max rarely moves: skip the rescale when no row of the
     // warp needs it (alpha == 1 exactly)
@@ -538,11 +500,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (n_active > 0) {
     // tile 0
     barrier_wait(&sm.k_full[0], 0);
-    take_turn();
     wgmma_fence();
     issue_qk(0);
     wgmma_commit();
-    pass_turn();
     wgmma_wait<0>();
     wgmma_fence_operands(acc_s);
     if (n_full > 0) {
@@ -552,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if constexpr (kPvInt8) {
       pack_p8(pa8, x, lane);
-    } else if constexpr (!kOverlapped) {
+    } else {
       pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
     }
   }
@@ -560,36 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int s = it % kStages;
     const int sp = (it - 1) % kStages;
     const int n0 = it * kKeysPerTile;
-    if constexpr (kOverlapped) {
-      wgmma_wait<0>();  // PV(i-2): its P registers and its stage are free
-      wgmma_fence_operands(o);
-      if (it >= 2) barrier_arrive(&sm.kv_empty[(it - 2) % kStages]);
-      pack_p16<T>(pa16, x);
-      rescale_o();
-    }
     barrier_wait(&sm.k_full[s], (it / kStages) & 1);
     barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
-    if constexpr (kPvInt8 && kSchedule != 0) {
-      // PV(i-1) and QK(i) back to back into their own accumulators; PV(i-1) is folded
-      // into O (with tile i-1's factors) while QK(i) runs, then softmax(i)
-      wgmma_fence_operands(o);
-      take_turn();
-      wgmma_fence();
-      issue_pv(sp, pa16);
-      wgmma_commit();
-      issue_qk(s);
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<1>();
-      wgmma_fence_operands(acc_pv);
-      barrier_arrive(&sm.kv_empty[sp]);
-      fold_pv8();
-      wgmma_fence_operands(o);
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc_s);
-      softmax_tile(s, n0, mask);
-      pack_p8(pa8, x, lane);
-    } else if constexpr (kPvInt8) {
+    if constexpr (kPvInt8) {
       // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
       // are never live together; the other warpgroup fills the tensor cores meanwhile
       wgmma_fence();
@@ -607,18 +540,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence_operands(acc_s);
       softmax_tile(s, n0, mask);
       pack_p8(pa8, x, lane);
-    } else if constexpr (kOverlapped) {
-      wgmma_fence_operands(o);
-      take_turn();
-      wgmma_fence();
-      issue_qk(s);
-      wgmma_commit();
-      issue_pv(sp, pa16);
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<1>();
-      wgmma_fence_operands(acc_s);
-      softmax_tile(s, n0, mask);
     } else {
       wgmma_fence_operands(o);
       wgmma_fence();
@@ -649,20 +570,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (n_active > 0) {  // P·V of the last tile
     const int sp = (n_active - 1) % kStages;
-    if constexpr (kOverlapped) {
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-      if (n_active >= 2) barrier_arrive(&sm.kv_empty[(n_active - 2) % kStages]);
-      pack_p16<T>(pa16, x);
-      rescale_o();
-    }
     barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
     wgmma_fence_operands(o);
-    take_turn();
     wgmma_fence();
     issue_pv(sp, pa16);
     wgmma_commit();
-    pass_turn();
     wgmma_wait<0>();
     barrier_arrive(&sm.kv_empty[sp]);
     if constexpr (kPvInt8) {
@@ -672,9 +584,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence_operands(o);
     }
   }
-  // warpgroup 1 passed one turn more than warpgroup 0 takes (its first arrival): take it,
-  // so every named-barrier phase completes before the CTA exits
-  if (ping_pong && wg == 0) named_barrier_sync(my_turn, kTurnThreads);
   // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and
   // arrives twice on one phase) and release
   for (int it = n_active; it < n_tiles; ++it) {

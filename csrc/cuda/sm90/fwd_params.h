@@ -56,9 +56,6 @@ struct Sm90FwdParams {
   OutType out_type = OutType::kBFloat16;
   bool pv_int8 = false;
   bool causal = false;
-  // The schedule (fwd_kernel.cuh, kSchedules): a development switch while the schedules
-  // are measured against each other (FLASH_QUANT_SM90_SCHEDULE; default 0).
-  int schedule = 0;
 };
 
 }  // namespace flash_quant_sm90

@@ -59,11 +59,11 @@ CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes,
 //: The most dynamic shared memory a CTA may take on sm_90 (227 KB).
 constexpr int kMaxSharedBytes = 227 * 1024;
 
-template <class T, bool kPvInt8, bool kCausal, int kSchedule, int kD, bool kQuantizeQ>
+template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ = false>
 void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
             cudaStream_t stream) {
-  auto kernel = forward_kernel<T, kPvInt8, kCausal, kSchedule, kD, kQuantizeQ>;
-  using Smem = SharedStorage<kPvInt8, stages_of(kSchedule), kD>;
+  auto kernel = forward_kernel<T, kPvInt8, kCausal, kD, kQuantizeQ>;
+  using Smem = SharedStorage<kPvInt8, kStages, kD>;
   static_assert(sizeof(Smem) + 1024 <= kMaxSharedBytes, "the ring does not fit in shared memory");
   const int smem = static_cast<int>(sizeof(Smem)) + 1024;
   // (set on every launch: the attribute is per device, and setting it costs ~1 us)
@@ -79,25 +79,15 @@ void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& 
   }
 }
 
-template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ = false>
-void dispatch_schedule(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
-                       cudaStream_t stream) {
-  switch (p.schedule) {
-    case 0: launch<T, kPvInt8, kCausal, 0, kD, kQuantizeQ>(p, q, k, v, stream); break;
-    case 1: launch<T, kPvInt8, kCausal, 1, kD, kQuantizeQ>(p, q, k, v, stream); break;
-    default: launch<T, kPvInt8, kCausal, 2, kD, kQuantizeQ>(p, q, k, v, stream); break;
-  }
-}
-
 template <class T, bool kPvInt8, bool kCausal>
 void dispatch_head_dim(const Sm90FwdParams& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                        cudaStream_t stream) {
   if (p.quantize_q) {  // (head dim 128, checked by launch_forward)
-    dispatch_schedule<T, kPvInt8, kCausal, 128, true>(p, q, k, v, stream);
+    launch<T, kPvInt8, kCausal, 128, true>(p, q, k, v, stream);
   } else if (p.head_dim == 64) {
-    dispatch_schedule<T, kPvInt8, kCausal, 64>(p, q, k, v, stream);
+    launch<T, kPvInt8, kCausal, 64>(p, q, k, v, stream);
   } else {
-    dispatch_schedule<T, kPvInt8, kCausal, 128>(p, q, k, v, stream);
+    launch<T, kPvInt8, kCausal, 128>(p, q, k, v, stream);
   }
 }
 

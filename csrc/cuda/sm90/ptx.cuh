@@ -42,14 +42,10 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // ---------------------------------------------------------------- named barriers
-// The consumer warpgroups' turn-taking (ping-pong): `threads` counts both sides, the
-// warpgroup that waits (bar.sync) and the one that signals (bar.arrive). Barrier 0 is
-// __syncthreads'.
+// A barrier of `threads` threads (a warpgroup: the in-kernel Q tile is complete). Barrier 0
+// is __syncthreads'.
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---------------------------------------------------------------- proxies

@@ -31,24 +31,13 @@ void check_rows(const at::Tensor& t, const char* name, int64_t elem_bytes) {
   }
 }
 
-// The kernel's schedule (Sm90FwdParams::schedule): FLASH_QUANT_SM90_SCHEDULE=0|1|2 while
-// the schedules are measured against each other (read per call: benchmarks switch it in
-// one process); anything else is refused. Default: 0, the one measured on a GPU (1 and 2
-// were checked on the CPU only: docs/hopper.md).
-int schedule_from_env() {
-  const char* env = std::getenv("FLASH_QUANT_SM90_SCHEDULE");
-  if (env == nullptr || env[0] == '\0') return 0;
-  TORCH_CHECK((env[0] == '0' || env[0] == '1' || env[0] == '2') && env[1] == '\0', kOp,
-              "FLASH_QUANT_SM90_SCHEDULE must be 0, 1 or 2, got '", env, "'");
-  return env[0] - '0';
-}
-
 // Whether the fused op quantizes Q inside the forward kernel (Sm90FwdParams::quantize_q)
-// instead of in the pre-pass's codes kernel: FLASH_QUANT_SM90_Q_IN_KERNEL=0|1 while the two
-// are measured against each other (docs/hopper.md); default 0, the measured one.
+// instead of in the pre-pass's codes kernel: FLASH_QUANT_SM90_Q_IN_KERNEL=0|1, default 1
+// (H100, Flux shape: bit-identical outputs, 7 us less a call; docs/hopper.md). 0 keeps the
+// pre-pass route, against which the tests compare it.
 bool q_in_kernel_from_env() {
   const char* env = std::getenv("FLASH_QUANT_SM90_Q_IN_KERNEL");
-  if (env == nullptr || env[0] == '\0') return false;
+  if (env == nullptr || env[0] == '\0') return true;
   TORCH_CHECK((env[0] == '0' || env[0] == '1') && env[1] == '\0', kOp,
               "FLASH_QUANT_SM90_Q_IN_KERNEL must be 0 or 1, got '", env, "'");
   return env[0] == '1';
@@ -156,7 +145,6 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.out_type = v.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.pv_int8 = pv_int8;
   p.causal = is_causal;
-  p.schedule = schedule_from_env();
   launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
 }
