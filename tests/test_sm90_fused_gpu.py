@@ -2,7 +2,7 @@
 
 `flash_quant.attention(q, k, v, config="accurate")` on plain 16-bit CUDA tensors with no
 mask and no autograd runs as one op, flash_quant::_sm90_attention (csrc/cuda/sm90/prepass.cu
-quantizes Q and K, then the sm90 kernel). Checked against fp64 attention of the float
+quantizes K, then the sm90 kernel quantizes Q and runs the attention). Checked against fp64 attention of the float
 inputs at the issue's accurate bar, and against the general path (Python quantize steps
 through the quantize op, then the same kernel): the same operands up to float32 rounding
 of the rotation and the centre (a code may move one step at a rounding boundary), so the
