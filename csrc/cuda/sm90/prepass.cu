@@ -230,10 +230,11 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
       y[4 * c + 3] -= m4.w;
     }
   }
-  // Q rows: q · k_mean for the lse (a warp may hold Q and K rows: K rows pass a mean too,
-  // Q's head 0's, and store nothing, so the shuffles see no divergence)
-  const int hkv = is_q ? h / (p.q_heads / p.kv_heads) : 0;
-  const float* mean = p.k_mean + (static_cast<int64_t>(is_q ? b : 0) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
+  // Q rows: q · k_mean for the lse (K rows pass none: quantize_row_part's shuffles sit
+  // outside its mean branch, so a warp holding Q and K rows stays converged there)
+  const float* mean = is_q ? p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + h / (p.q_heads / p.kv_heads)) *
+                                            kHeadDim + part * kPerLane
+                           : nullptr;
   uint32_t packed[kPerLane / 4];
   float dot = 0.f;
   const float scale = quantize_row_part(y, part, mean, packed, &dot);

@@ -43,6 +43,12 @@ bool q_in_kernel_from_env() {
   return env[0] == '1';
 }
 
+// A defined tensor's data, else null (the kernels' optional operands).
+template <class T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK(s.scalar_type() == at::kFloat, kOp, name, " must be float32, got ", s.scalar_type());
   TORCH_CHECK(s.sizes() == shape, kOp, name, " must have shape ", shape, ", got ", s.sizes());
@@ -63,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
               "operands are on different devices");
   const bool quantize_q = !q_scale.defined();
   TORCH_CHECK(quantize_q ? q_data.scalar_type() == v.scalar_type() : q_data.scalar_type() == at::kChar, kOp,
-              "q_data must be int8");
+              quantize_q ? "q (quantized in the kernel) must have v's dtype" : "q_data must be int8", ", got ",
+              q_data.scalar_type());
   TORCH_CHECK(k_data.scalar_type() == at::kChar, kOp, "k_data must be int8");
   TORCH_CHECK(v.scalar_type() == at::kBFloat16 || v.scalar_type() == at::kHalf, kOp,
               "v must be bfloat16 or float16 (it sets the output type), got ", v.scalar_type());
@@ -126,13 +133,13 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.v_stride[0] = vt.stride(0);
   p.v_stride[1] = vt.stride(1);
   p.v_stride[2] = pv_int8 ? vt.stride(3) : vt.stride(2);  // K-major: the channel stride
-  p.q_scale = qs.defined() ? qs.data_ptr<float>() : nullptr;
+  p.q_scale = data_or_null<float>(qs);
   p.quantize_q = quantize_q;
   p.k_scale = ks.data_ptr<float>();
-  p.v_scale = vs.defined() ? vs.data_ptr<float>() : nullptr;
-  p.k_mean = km.defined() ? km.data_ptr<float>() : nullptr;
+  p.v_scale = data_or_null<float>(vs);
+  p.k_mean = data_or_null<float>(km);
   p.lse_shift = lse_shift;
-  p.nonfinite = nf.defined() ? nf.data_ptr<int32_t>() : nullptr;
+  p.nonfinite = data_or_null<int32_t>(nf);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.batch = static_cast<int>(B);
@@ -237,14 +244,14 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.q_len = static_cast<int>(Sq);
   p.kv_len = static_cast<int>(Skv);
   p.in_type = q.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
-  p.q_data = q_in_kernel ? nullptr : q_data.data_ptr<int8_t>();
-  p.q_scale = q_in_kernel ? nullptr : q_scale.data_ptr<float>();
+  p.q_data = data_or_null<int8_t>(q_data);
+  p.q_scale = data_or_null<float>(q_scale);
   p.k_data = k_data.data_ptr<int8_t>();
   p.k_scale = k_scale.data_ptr<float>();
   p.k_mean = k_mean.data_ptr<float>();
   p.block_means = work.data_ptr<float>();
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
-  p.q_center_dot = q_in_kernel ? nullptr : q_center_dot.data_ptr<float>();
+  p.q_center_dot = data_or_null<float>(q_center_dot);
   p.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<int32_t>() : nullptr;
   if (pv_int8) {
     p.v_data = v_codes->data_ptr<int8_t>();
