@@ -511,12 +511,17 @@ def test_fused_declines(fused_hopper, case):
 
 
 def test_fused_fast_preset_follows_the_int8_pv_policy(fused_hopper, monkeypatch):
-    """The fast preset (pv_int8) takes the fused op only where its INT8 P·V would run on
-    sm90: not while the measured policy keeps INT8 P·V on Triton (SM90_AUTO_SKIPS_PV),
-    yes with sm90 forced or the policy lifted; the accurate preset is unaffected."""
+    """The fast preset (pv_int8) takes the fused op where its INT8 P·V would run on sm90
+    (sm90 forced, or SM90_AUTO_SKIPS_PV lifted) and, while that policy keeps INT8 P·V on
+    Triton, only outside CUDA graph capture (SM90_FUSED_FAST_EAGER); the accurate preset is
+    unaffected; "triton" forced never takes it."""
     a = fused_args()
+    capturing = [False]
+    monkeypatch.setattr(dispatch, "_capturing", lambda: capturing[0])
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
-    assert dispatch.fused_sm90(**a, pv_int8=True) is None
+    assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)  # eager
+    capturing[0] = True
+    assert dispatch.fused_sm90(**a, pv_int8=True) is None  # being captured: the faster kernel
     assert dispatch.fused_sm90(**a) is not None
     with dispatch.force_kernel("sm90"):
         assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
@@ -524,6 +529,10 @@ def test_fused_fast_preset_follows_the_int8_pv_policy(fused_hopper, monkeypatch)
         assert dispatch.fused_sm90(**a, pv_int8=True) is None
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
     assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
+    monkeypatch.setattr(dispatch, "SM90_FUSED_FAST_EAGER", False)
+    capturing[0] = False
+    assert dispatch.fused_sm90(**a, pv_int8=True) is None
 
 
 def test_functional_sends_each_preset_to_its_fused_op(fused_hopper, monkeypatch):
