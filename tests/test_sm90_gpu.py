@@ -79,12 +79,11 @@ def _assert_sm90_serves(call):
     keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV), and a head dim not yet measured
     (dispatch.SM90_AUTO_SKIPS_HEAD_DIMS), which sm90 then serves when forced."""
     kernel, reason = dispatch.forward_kernel(**call)
-    if call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS:
-        assert kernel == "triton" and reason.startswith(dispatch.R_UNMEASURED), (kernel, reason)
-        with dispatch.force_kernel("sm90"):
-            kernel, reason = dispatch.forward_kernel(**call)
-    elif call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV:
-        assert kernel == "triton" and reason.startswith(dispatch.R_SLOWER), (kernel, reason)
+    # (the dispatcher's order: the P·V policy is checked before the head-dim one)
+    policy = (dispatch.R_SLOWER if call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV else
+              dispatch.R_UNMEASURED if call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS else None)
+    if policy is not None:
+        assert kernel == "triton" and reason.startswith(policy), (kernel, reason)
         with dispatch.force_kernel("sm90"):  # (raises when sm90 cannot serve the call)
             kernel, reason = dispatch.forward_kernel(**call)
     assert kernel == "sm90", f"the dispatcher picked {kernel}: {reason}"
