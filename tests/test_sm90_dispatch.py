@@ -513,15 +513,12 @@ def test_fused_declines(fused_hopper, case):
 def test_fused_fast_preset_follows_the_int8_pv_policy(fused_hopper, monkeypatch):
     """The fast preset (pv_int8) takes the fused op where its INT8 P·V would run on sm90
     (sm90 forced, or SM90_AUTO_SKIPS_PV lifted) and, while that policy keeps INT8 P·V on
-    Triton, only outside CUDA graph capture (SM90_FUSED_FAST_EAGER); the accurate preset is
-    unaffected; "triton" forced never takes it."""
+    Triton, by SM90_FUSED_TAKES_FAST; "triton" forced never; the accurate preset always."""
     a = fused_args()
-    capturing = [False]
-    monkeypatch.setattr(dispatch, "_capturing", lambda: capturing[0])
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
-    assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)  # eager
-    capturing[0] = True
-    assert dispatch.fused_sm90(**a, pv_int8=True) is None  # being captured: the faster kernel
+    assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
+    monkeypatch.setattr(dispatch, "SM90_FUSED_TAKES_FAST", False)
+    assert dispatch.fused_sm90(**a, pv_int8=True) is None
     assert dispatch.fused_sm90(**a) is not None
     with dispatch.force_kernel("sm90"):
         assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
@@ -529,10 +526,6 @@ def test_fused_fast_preset_follows_the_int8_pv_policy(fused_hopper, monkeypatch)
         assert dispatch.fused_sm90(**a, pv_int8=True) is None
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
     assert dispatch.fused_sm90(**a, pv_int8=True) == pytest.approx(128 ** -0.5)
-    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
-    monkeypatch.setattr(dispatch, "SM90_FUSED_FAST_EAGER", False)
-    capturing[0] = False
-    assert dispatch.fused_sm90(**a, pv_int8=True) is None
 
 
 def test_functional_sends_each_preset_to_its_fused_op(fused_hopper, monkeypatch):

@@ -10,8 +10,8 @@ outputs agree closely. Every check asserts which path ran (a counting wrapper ar
 fused op): a silent general-path run cannot pass as the fused one, nor the reverse.
 Non-finite inputs give NaN where math SDPA does (fp64), instead of the CPU quantizer's error.
 The fast preset (pv_int8: V INT8 per channel, K-major, INT8 P·V) takes the fused op where
-its INT8 P·V runs on sm90 and, in auto mode, eagerly outside CUDA graph capture
-(dispatch.SM90_FUSED_FAST_EAGER); the other tests force sm90 for it.
+its INT8 P·V runs on sm90 and in auto mode (dispatch.SM90_FUSED_TAKES_FAST); the other
+tests force sm90 for it.
 """
 from __future__ import annotations
 
@@ -185,10 +185,10 @@ def test_fused_declines_what_it_does_not_cover(fused_calls):
     assert fused_calls["n"] == 1
 
 
-def test_fused_fast_eager_but_not_while_captured(fused_calls):
-    """dispatch.SM90_FUSED_FAST_EAGER: in auto mode the fast preset takes the fused op when
-    called eagerly (also capture_cuda_graph's warm-up call) and the general path while a CUDA
-    graph is captured; both within the fast bar of fp64."""
+def test_fused_takes_the_fast_preset_in_auto_mode(fused_calls):
+    """dispatch.SM90_FUSED_TAKES_FAST: in auto mode the fast preset takes the fused op eagerly,
+    in capture_cuda_graph's warm-up and while captured (the replay equals the eager call);
+    within the fast bar of fp64."""
     from flash_quant.testing import capture_cuda_graph
 
     q, k, v = make_qkv(1, 4, 1000, D, family="realistic", dtype=torch.bfloat16, device=DEV)
@@ -196,9 +196,10 @@ def test_fused_fast_eager_but_not_while_captured(fused_calls):
     assert fused_calls["n"] == 1
     box = {}
     graph = capture_cuda_graph(lambda: box.update(out=flash_quant.attention(q, k, v, config="fast")))
-    assert fused_calls["n"] == 2  # the warm-up call only
+    assert fused_calls["n"] == 3  # the warm-up call and the captured one
     graph.replay()
     torch.cuda.synchronize()
+    assert torch.equal(box["out"], eager)
     ref = reference_attention(q, k, v)
     for out in (eager, box["out"]):
         assert error_stats(out.float(), ref)["rel_l2"] <= FAST_BAR

@@ -190,8 +190,9 @@ def test_presets_through_flash_quant_attention(preset, family, causal, dtype, d)
 
 
 def test_uncovered_call_falls_back_visibly():
-    """Head dim 64 is not covered: which_kernel says why, Triton serves it, one count."""
-    q, k, v = make_qkv(1, 2, 130, 64, dtype=torch.bfloat16, device=DEV)
+    """Head dim 96 is not covered (dispatch.SM90_HEAD_DIMS): which_kernel says why, Triton
+    serves it, one count."""
+    q, k, v = make_qkv(1, 2, 130, 96, dtype=torch.bfloat16, device=DEV)
     kernel, reason = flash_quant.which_kernel(q, k, v, config="fast")
     assert kernel == "triton" and reason.startswith(dispatch.R_HEAD_DIM)
     before = dispatch.fallback_counts().get(dispatch.R_HEAD_DIM, 0)

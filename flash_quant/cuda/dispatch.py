@@ -21,8 +21,8 @@ with the accurate or the fast preset runs as the single op ``flash_quant::_sm90_
 (the quantize pre-pass in CUDA C++, then the same sm90 kernel), skipping the Python
 quantize steps and their host time (issue 17.3: <= 60 µs a call at the Flux shape). The
 fast preset takes it where its INT8 P·V would take sm90 (the measured policy,
-SM90_AUTO_SKIPS_PV, or sm90 forced) and, by SM90_FUSED_FAST_EAGER, in "auto" mode outside
-CUDA graph capture (measured faster eager, slower replayed).
+SM90_AUTO_SKIPS_PV, or sm90 forced) and, by SM90_FUSED_TAKES_FAST, in "auto" mode (the
+measured host-time win).
 
 Forcing a kernel (benchmarks, tests): ``FLASH_QUANT_CUDA_FORWARD=auto|triton|sm90`` (read
 once, at the first decision) or the :func:`force_kernel` context manager, which wins over
@@ -97,13 +97,14 @@ _QUIET = (R_DEVICE, R_SLOWER, R_UNMEASURED)
 #: 1.815 (4x32x4096x128), 1.341 / 1.048 (causal), 7.623 / 6.975 (1x32x16384x128), 1.104 /
 #: 0.942 (GQA 2x32/8x4096x128) — docs/hopper.md, Measurements.
 SM90_AUTO_SKIPS_PV = ("int8",)
-#: The fast preset's whole call still takes the fused sm90 op in "auto" mode outside CUDA
-#: graph capture, although SM90_AUTO_SKIPS_PV keeps its INT8 P·V on Triton at the op level:
-#: eager, the Python quantize steps' host time decides. Same run, H100, 2026-12-06 (session
-#: 6, research/eager_call_time.py --shape 1,24,4608,128 --presets fast): eager 0.682 ms
-#: fused sm90 vs 1.003 ms general path (Triton); replayed in a CUDA graph 0.642 vs 0.583 ms,
-#: so a call being captured keeps the general path and the faster kernel.
-SM90_FUSED_FAST_EAGER = True
+#: The fast preset's whole call takes the fused sm90 op in "auto" mode although
+#: SM90_AUTO_SKIPS_PV keeps its INT8 P·V on Triton at the op level: the Python quantize
+#: steps' host time decides. Same run, H100, 2026-12-06 (session 6, research/eager_call_time.py
+#: --shape 1,24,4608,128 --presets fast): eager 0.682 ms fused vs 1.003 ms general path
+#: (Triton); replayed in a CUDA graph 0.642 vs 0.583 ms. Graph capture takes the fused op
+#: too (eager and replayed results stay bit-identical, and capture never runs the general
+#: path's first-use set-up; tried: taking the general path while capturing failed there).
+SM90_FUSED_TAKES_FAST = True
 #: Head dims the sm90 kernel covers but "auto" keeps on Triton until a GPU run has checked
 #: and timed them: head dim 64 was written and checked on the CPU only (session 4: its SASS,
 #: and the CPU emulation of tests/test_sm90_forward_emulated.py). Forcing sm90 runs it.
@@ -436,8 +437,8 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     torch.compile traces (the general path is the compiled one), every key visible to some
     query (not causal with Sq < Skv: key_stats.visible_keys), head dim 128, bf16 / fp16,
     unit channel stride and 16-byte vectors, and a mode other than "triton"; for the fast
-    preset also sm90 forced, INT8 P·V off SM90_AUTO_SKIPS_PV, or (SM90_FUSED_FAST_EAGER) no
-    CUDA graph being captured (the measured policies)."""
+    preset also sm90 forced, INT8 P·V off SM90_AUTO_SKIPS_PV, or SM90_FUSED_TAKES_FAST (the
+    measured policies)."""
     if attn_mask is not None or dropout_p:
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
@@ -447,7 +448,7 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     m = _FORCED[-1] if _FORCED else _ENV_MODE.get("mode") or mode()
     if m == TRITON or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % TMA_ALIGN:
         return None
-    if pv_int8 and m != SM90 and "int8" in SM90_AUTO_SKIPS_PV and (not SM90_FUSED_FAST_EAGER or _capturing()):
+    if pv_int8 and m != SM90 and "int8" in SM90_AUTO_SKIPS_PV and not SM90_FUSED_TAKES_FAST:
         return None
     key_ = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
             key.dtype, value.dtype, query.device, key.device, value.device, bool(is_causal), scale,
@@ -457,11 +458,6 @@ def fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         found = _fused_scale(query, key, value, bool(is_causal), scale, bool(enable_gqa))
         _FUSED.put(key_, found)
     return found or None
-
-
-def _capturing() -> bool:
-    """True while the current CUDA stream records a graph (host time is not replayed)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _fused_scale(q, k, v, is_causal, scale, enable_gqa) -> float:
