@@ -27,10 +27,21 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
     return torch.block_diag(*([h] * (d // block)))
 
 
+def check_not_capturing(device: torch.device, what: str) -> None:
+    """Raises when a device constant built on first use would be built while a CUDA graph
+    is being captured: the host-to-device copy is not allowed there, and a tensor from the
+    graph's memory pool must not be cached past it. Called on a cache miss only."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"flash_quant: {what} is built on the first call that needs it, and this first call is "
+            "being captured in a CUDA graph: run the same call once before capturing (a warm-up call)")
+
+
 @functools.lru_cache(maxsize=None)
 def _hadamard_on(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # One copy per (size, device, dtype): a host-to-device copy on every attention call
     # would stall the GPU pipeline.
+    check_not_capturing(device, f"the {d}x{d} Hadamard rotation ({dtype}, {device})")
     return _hadamard_cpu(d).to(device=device, dtype=dtype)
 
 

@@ -613,3 +613,21 @@ def test_attention_prologue_kernel(dtype, s, p, h, d, steps):
     assert (err <= tol * ref.abs() + 1e-5).all(), f"max error {err.max().item():.3g}"
     cpu = torch.ops.flash_quant.attention_prologue(x, prefix, w, pw, eps, cos, sin)
     torch.testing.assert_close(out.float(), cpu.float(), rtol=2 * tol, atol=1e-5)
+
+
+def test_first_use_inside_cuda_graph_capture_names_the_fix(monkeypatch):
+    """The device constants built on their first use (the Hadamard rotation; the quantize
+    kernel's ±1 matrix) raise an error that names the fix (a warm-up call) when that first
+    use is being captured in a CUDA graph, and cache nothing; the CPU is never checked."""
+    from flash_quant import rotation
+    from flash_quant.cuda import quantize as qz
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cached = rotation._hadamard_on.cache_info().currsize, qz._hadamard_pm1.cache_info().currsize
+    with pytest.raises(RuntimeError, match="being captured in a CUDA graph: run the same call once"):
+        rotation.hadamard_matrix(96, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="being captured in a CUDA graph: run the same call once"):
+        qz._hadamard_pm1(96, 128, torch.device("cuda"), torch.float16)
+    assert (rotation._hadamard_on.cache_info().currsize, qz._hadamard_pm1.cache_info().currsize) == cached
+    assert rotation.hadamard_matrix(96, device="cpu").shape == (96, 96)

@@ -78,6 +78,7 @@ _MODE_ROW, _MODE_BLOCK, _MODE_COLS = 0, 1, 2
 def _hadamard_pm1(d: int, block_d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The (block_d, block_d) matrix sqrt(block) * hadamard_matrix(d), zero-padded: entries
     ±1 / 0, exact in every float type (the kernels scale by 1/sqrt(block) in fp32)."""
+    rotation.check_not_capturing(device, f"the rotation matrix of the quantize kernel (head dim {d}, {dtype})")
     h = torch.zeros(block_d, block_d, dtype=torch.float64)
     h[:d, :d] = hadamard_matrix(d, dtype=torch.float64) * math.sqrt(d & -d)
     return h.round().to(device=device, dtype=dtype)
