@@ -200,9 +200,7 @@ def test_fused_takes_the_fast_preset_in_auto_mode(fused_calls):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(box["out"], eager)
-    ref = reference_attention(q, k, v)
-    for out in (eager, box["out"]):
-        assert error_stats(out.float(), ref)["rel_l2"] <= FAST_BAR
+    assert error_stats(eager.float(), reference_attention(q, k, v))["rel_l2"] <= FAST_BAR  # (and so the replay)
 
 
 def test_fused_cuda_graph_and_compile(fused_calls):
