@@ -3,7 +3,8 @@
 // or 16-bit wgmma (accurate preset: P rounded to V's 16-bit type).
 //
 // Structure (docs/hopper.md): one CTA = one producer warpgroup + two consumer
-// warpgroups. One producer thread issues TMA loads of the CTA's Q tile (128 rows) and of
+// warpgroups (16-bit P·V) or one (INT8 P·V; CtaShape). One producer thread issues TMA
+// loads of the CTA's Q tile (64 rows a consumer warpgroup) and of
 // the K / V tiles into a ring of kStages stages, each guarded by a "full" mbarrier (the
 // TMA bytes arrived; for K also the tile's K scales, which the producer warp's lanes copy
 // into shared memory) and an "empty" one (both consumers are done with the stage). Each
@@ -32,17 +33,30 @@
 
 namespace flash_quant_sm90 {
 
-// The ring's depth: tile i's stage is released when PV(i) is done, during step i+1.
-constexpr int kStages = 3;
 constexpr int kThreadsPerWarpgroup = 128;
-constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumerWarpgroups);
-constexpr int kLaunchRegisters = 168;  // 64K registers / 384 threads, rounded down to 8
-// The CTA owns what the launch gave it: 168 registers x 384 threads; setmaxnreg.inc
-// blocks until the pool can serve it, so 2 x consumer + producer must stay <= 3 x 168.
+constexpr int kRegisterFile = 64 * 1024;  // 32-bit registers an SM
 constexpr int kProducerRegisters = 24;
-constexpr int kConsumerRegisters = 240;
-static_assert(kConsumerWarpgroups * kConsumerRegisters + kProducerRegisters <= (1 + kConsumerWarpgroups) * kLaunchRegisters,
-              "setmaxnreg would deadlock: the register pool cannot serve the consumers");
+constexpr int kMaxConsumerRegisters = 240;
+
+// What the P·V precision sets (fwd_params.h: consumer_warpgroups): the CTA's consumer
+// warpgroups and rows, CTAs an SM, the ring's depth (tile i's stage is released when PV(i)
+// is done, during step i+1) and the register split. The CTA owns what the launch gave it
+// (kLaunchRegisters x kThreads); setmaxnreg.inc blocks until the pool can serve it, so
+// consumers x consumer registers + producer registers must stay <= the pool.
+template <bool kPvInt8>
+struct CtaShape {
+  static constexpr int kConsumers = consumer_warpgroups(kPvInt8);
+  static constexpr int kRows = rows_per_cta(kPvInt8);
+  static constexpr int kThreads = kThreadsPerWarpgroup * (1 + kConsumers);
+  static constexpr int kCtasPerSm = kPvInt8 ? 2 : 1;
+  static constexpr int kStages = kPvInt8 ? 2 : 3;
+  static constexpr int kLaunchRegisters = kRegisterFile / (kThreads * kCtasPerSm) / 8 * 8;  // 168 / 128
+  static constexpr int kPool = (1 + kConsumers) * kLaunchRegisters - kProducerRegisters;
+  static constexpr int kConsumerRegisters =
+      kPool / kConsumers / 8 * 8 < kMaxConsumerRegisters ? kPool / kConsumers / 8 * 8 : kMaxConsumerRegisters;
+  static_assert(kConsumers * kConsumerRegisters + kProducerRegisters <= (1 + kConsumers) * kLaunchRegisters,
+                "setmaxnreg would deadlock: the register pool cannot serve the consumers");
+};
 constexpr int kSwizzleRowBytes = 128;                 // one 128-byte swizzle row
 constexpr int kSwizzleGroupBytes = 8 * kSwizzleRowBytes;  // 8 rows: one swizzle atom
 //: 16-bit V arrives in boxes of 64 channels (one 128-byte swizzle row per key).
@@ -57,7 +71,6 @@ struct HeadDim {
   static_assert(kD == 64 || kD == 128, "the sm90 kernel covers head dims 64 and 128");
   static constexpr int kQKSwizzle = kD;  // bytes: one int8 row is one swizzle row
   static constexpr int kQKGroupBytes = 8 * kD;
-  static constexpr int kQTileBytes = kRowsPerCta * kD;
   static constexpr int kKTileBytes = kKeysPerTile * kD;
   static constexpr int kV8TileBytes = kD * kKeysPerTile;
   static constexpr int kV16Boxes = kD / kV16BoxChannels;
@@ -75,11 +88,14 @@ constexpr int kKBarrierArrivals = 1 + 32;
 // Q tile is complete.
 constexpr uint32_t kQReadyBarrier = 1;
 
-template <bool kPvInt8, int kStages, int kD>
+template <bool kPvInt8, int kD>
 struct SharedStorage {
   using Dims = HeadDim<kD>;
+  using Shape = CtaShape<kPvInt8>;
+  static constexpr int kStages = Shape::kStages;
+  static constexpr int kQTileBytes = Shape::kRows * kD;
   static constexpr int kVTileBytes = kPvInt8 ? Dims::kV8TileBytes : Dims::kV16TileBytes;
-  alignas(1024) int8_t q[Dims::kQTileBytes];
+  alignas(1024) int8_t q[kQTileBytes];
   alignas(1024) int8_t k[kStages][Dims::kKTileBytes];
   alignas(1024) uint8_t v[kStages][kVTileBytes];
   // per key of a tile: {K scale, -kFloatOffset * K scale} (the score's FFMA operands),
@@ -87,8 +103,8 @@ struct SharedStorage {
   float2 k_scale[kStages][kKeysPerTile];
   // Q quantized in the kernel: each row's scale and q · k_mean, from the row's lanes to the
   // threads that hold it in the accumulator layout
-  float q_row_scale[kRowsPerCta];
-  float q_row_dot[kRowsPerCta];
+  float q_row_scale[Shape::kRows];
+  float q_row_dot[Shape::kRows];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -287,13 +303,16 @@ __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm
 }
 
 template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>::kCtasPerSm)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ Sm90FwdParams p) {
   static_assert(!kQuantizeQ || kD == kHeadDim, "Q is quantized in the kernel at head dim 128 only (row_quant.cuh)");
   using Dims = HeadDim<kD>;
   constexpr int kAcc = Dims::kAcc;
-  using Smem = SharedStorage<kPvInt8, kStages, kD>;
+  using Smem = SharedStorage<kPvInt8, kD>;
+  using Shape = CtaShape<kPvInt8>;
+  constexpr int kStages = Shape::kStages;
+  constexpr int kRowsPerCta = Shape::kRows;
   extern __shared__ uint8_t smem_raw[];
   // 1024-byte alignment for the swizzled tiles (the launcher allocates 1 KB extra)
   const uint32_t raw = smem_addr(smem_raw);
@@ -321,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       barrier_init(&sm.k_full[s], kKBarrierArrivals);
       barrier_init(&sm.v_full[s], 1);
-      barrier_init(&sm.kv_empty[s], kConsumerWarpgroups * kThreadsPerWarpgroup);
+      barrier_init(&sm.kv_empty[s], Shape::kConsumers * kThreadsPerWarpgroup);
     }
     barrier_init_fence();
   }
@@ -338,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_prefetch_map(&tm_v);
       if constexpr (!kQuantizeQ) {
         tma_prefetch_map(&tm_q);
-        barrier_expect_bytes(&sm.q_full, Dims::kQTileBytes);
+        barrier_expect_bytes(&sm.q_full, Smem::kQTileBytes);
         tma_load_4d(sm.q, &tm_q, &sm.q_full, 0, m0, hq, b);
       }
     }
@@ -374,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // -------------------------------------------------------------- consumers
-  registers_claim<kConsumerRegisters>();
+  registers_claim<Shape::kConsumerRegisters>();
   const int wg = warpgroup - 1;
   const int tid = threadIdx.x % kThreadsPerWarpgroup;
   const int warp = tid / 32;

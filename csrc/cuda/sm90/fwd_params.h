@@ -5,15 +5,20 @@
 
 namespace flash_quant_sm90 {
 
-//: The kernel's fixed tile shape (docs/hopper.md): each consumer warpgroup owns
-//: kRowsPerWarpgroup query rows, a CTA two of them; keys go in tiles of kKeysPerTile.
+//: The kernel's tile shape (docs/hopper.md): each consumer warpgroup owns
+//: kRowsPerWarpgroup query rows; keys go in tiles of kKeysPerTile.
 constexpr int kHeadDim = 128;  // the fused pre-pass's (prepass.h); the forward also takes 64
 //: The head dims the forward kernel is instantiated for.
 constexpr int kForwardHeadDims[] = {64, 128};
 constexpr int kRowsPerWarpgroup = 64;
-constexpr int kConsumerWarpgroups = 2;
-constexpr int kRowsPerCta = kRowsPerWarpgroup * kConsumerWarpgroups;
 constexpr int kKeysPerTile = 128;
+//: Consumer warpgroups a CTA, by P·V precision. 16-bit P·V: two, sharing each K / V tile
+//: (128 query rows, one CTA an SM). INT8 P·V: one (64 rows, two CTAs an SM): its
+//: warpgroup's chain (P·V wait, fold, Q·Kᵀ wait, softmax) is serial, and two independent
+//: CTAs overlap it better than two warpgroups on shared barriers (session 6, H100: 7 %
+//: faster kernel-only at 1x24x4608 and 4x32x4096; 5-8 % slower for 16-bit P·V).
+constexpr int consumer_warpgroups(bool pv_int8) { return pv_int8 ? 1 : 2; }
+constexpr int rows_per_cta(bool pv_int8) { return kRowsPerWarpgroup * consumer_warpgroups(pv_int8); }
 
 enum class OutType : int { kFloat16 = 0, kBFloat16 = 1 };
 

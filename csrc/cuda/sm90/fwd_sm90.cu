@@ -58,21 +58,27 @@ CUtensorMap make_map(const void* base, CUtensorMapDataType type, int elem_bytes,
 
 //: The most dynamic shared memory a CTA may take on sm_90 (227 KB).
 constexpr int kMaxSharedBytes = 227 * 1024;
+//: An SM's shared memory, and what the system reserves of it per CTA (sm_90).
+constexpr size_t kSharedBytesPerSm = 228 * 1024;
+constexpr size_t kReservedSharedBytes = 1024;
 
 template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ = false>
 void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
             cudaStream_t stream) {
   auto kernel = forward_kernel<T, kPvInt8, kCausal, kD, kQuantizeQ>;
-  using Smem = SharedStorage<kPvInt8, kStages, kD>;
+  using Smem = SharedStorage<kPvInt8, kD>;
+  using Shape = CtaShape<kPvInt8>;
   static_assert(sizeof(Smem) + 1024 <= kMaxSharedBytes, "the ring does not fit in shared memory");
+  static_assert(Shape::kCtasPerSm * (sizeof(Smem) + 1024 + kReservedSharedBytes) <= kSharedBytesPerSm,
+                "the CTAs an SM is meant to hold do not fit its shared memory");
   const int smem = static_cast<int>(sizeof(Smem)) + 1024;
   // (set on every launch: the attribute is per device, and setting it costs ~1 us)
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("flash_quant sm90: cannot reserve shared memory: ") + cudaGetErrorString(err));
   }
-  const dim3 grid((p.q_len + kRowsPerCta - 1) / kRowsPerCta, p.q_heads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(tm_q, tm_k, tm_v, p);
+  const dim3 grid((p.q_len + Shape::kRows - 1) / Shape::kRows, p.q_heads, p.batch);
+  kernel<<<grid, Shape::kThreads, smem, stream>>>(tm_q, tm_k, tm_v, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("flash_quant sm90: launch failed: ") + cudaGetErrorString(err));
@@ -127,7 +133,7 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
   // (Q quantized in the kernel is read with plain loads: the kernel ignores tm_q)
   const CUtensorMap tm_q = p.quantize_q ? tm_k
                                         : make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.q_len, p.q_heads,
-                                                   p.batch, p.q_stride, D, kRowsPerCta, "q");
+                                                   p.batch, p.q_stride, D, rows_per_cta(p.pv_int8), "q");
   CUtensorMap tm_v;
   if (p.pv_int8) {
     // V^T: tokens innermost (stride 1), channels at v_stride[2]
