@@ -81,6 +81,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 //: INT8 P's largest code (csrc/precision.h; docs/op_contract.md).
 constexpr float kPCodeMax = FQ_INT8_QMAX;
+// 16-bit P·V: the softmax's reference max moves only when a tile's max exceeds it by more
+// than this (log2 units; FA4's conditional rescale). P then stays <= 2^8, which bf16 / fp16
+// hold with the same relative precision as P <= 1, and alpha is exactly 1 on most tiles,
+// so rescale_o's warp vote skips O's 64 multiplies. A NaN tile max keeps the reference,
+// as fmaxf did.
+constexpr float kRescaleSlack = 8.f;
 //: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
 //: lane after it stored its share of the tile's K scales.
 constexpr int kKBarrierArrivals = 1 + 32;
@@ -204,7 +210,8 @@ __device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float tm = quad_max(tile_max[r]) * row_factor[r];  // row_factor > 0 (dispatcher)
-    const float m_new = fmaxf(m_run[r], tm);
+    // 16-bit P: lazy reference (kRescaleSlack); int8 P: the exact running max
+    const float m_new = kPvInt8 ? fmaxf(m_run[r], tm) : (tm > m_run[r] + kRescaleSlack ? tm : m_run[r]);
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
     alpha[r] = fast_exp2(m_run[r] - m_use);
     const float ref = kPvInt8 ? (tm == -INFINITY ? 0.f : tm) : m_use;
