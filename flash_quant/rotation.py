@@ -27,11 +27,20 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
     return torch.block_diag(*([h] * (d // block)))
 
 
+def _stream_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_not_capturing(device: torch.device, what: str) -> None:
     """Raises when a device constant built on first use would be built while a CUDA graph
     is being captured: the host-to-device copy is not allowed there, and a tensor from the
-    graph's memory pool must not be cached past it. Called on a cache miss only."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    graph's memory pool must not be cached past it. Called on a cache miss only. Skipped
+    while torch.compile traces (Dynamo ignores the cache and traces the constant's creation
+    into the graph; the capture query returns a bool it cannot trace, a graph break that
+    fails fullgraph=True: found on the H100/H200 by test_fused_cuda_graph_and_compile)."""
+    if torch.compiler.is_compiling():
+        return
+    if device.type == "cuda" and _stream_capturing():
         raise RuntimeError(
             f"flash_quant: {what} is built on the first call that needs it, and this first call is "
             "being captured in a CUDA graph: run the same call once before capturing (a warm-up call)")

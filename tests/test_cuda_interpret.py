@@ -615,6 +615,29 @@ def test_attention_prologue_kernel(dtype, s, p, h, d, steps):
     torch.testing.assert_close(out.float(), cpu.float(), rtol=2 * tol, atol=1e-5)
 
 
+def test_capture_check_traces_under_torch_compile(monkeypatch):
+    """torch.compile(fullgraph=True) traces through the first-use check (Dynamo ignores the
+    lru_cache around it): the check must not call the capture query there, a non-tensor
+    torch.* result Dynamo cannot put in a graph (a CPU build has no capture query to trace:
+    the query is replaced by one that counts its calls)."""
+    from flash_quant import rotation
+
+    calls = []
+
+    def capturing():
+        calls.append(1)
+        return False
+
+    monkeypatch.setattr(rotation, "_stream_capturing", capturing)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (rotation.check_not_capturing(torch.device("cuda"), "a constant"), x + 1)[1],
+                             fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    assert calls == []
+    rotation.check_not_capturing(torch.device("cuda"), "a constant")  # eager: the query runs
+    assert calls == [1]
+
+
 def test_first_use_inside_cuda_graph_capture_names_the_fix(monkeypatch):
     """The device constants built on their first use (the Hadamard rotation; the quantize
     kernel's ±1 matrix) raise an error that names the fix (a warm-up call) when that first
