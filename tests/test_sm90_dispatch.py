@@ -44,7 +44,7 @@ def hopper(monkeypatch):
     """A mocked sm_90 device with the sm90 op registered; fresh dispatch state. Returns a
     dict whose 'capability' / 'registered' entries the test may change. The coverage
     tests see every covered call routed to sm90: the policies that keep INT8 P·V and the
-    unmeasured head dim 64 on Triton in auto mode are switched off here and tested on
+    head dim 64 on Triton in auto mode are switched off here and tested on
     their own below."""
     state = {"capability": (9, 0), "registered": True}
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
@@ -96,16 +96,16 @@ def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal, d):
     assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2, d=d)) == ("sm90", None)
 
 
-def test_auto_keeps_head_dim_64_on_triton_until_measured(hopper, monkeypatch, caplog):
-    """Head dim 64 is covered but not yet run on a GPU: auto mode routes it to Triton with
-    a counted, INFO-logged reason; forcing sm90 runs it; head dim 128 is unaffected."""
+def test_auto_keeps_head_dim_64_on_triton_by_measurement(hopper, monkeypatch, caplog):
+    """Head dim 64 is covered but measured slower than Triton: auto mode routes it to Triton
+    with a counted, INFO-logged reason; forcing sm90 runs it; head dim 128 is unaffected."""
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_HEAD_DIMS", (64,))
     dispatch._reset_for_tests()
     caplog.set_level(logging.INFO, logger=dispatch.logger.name)
     kernel, reason = dispatch.forward_kernel(*call(d=64))
-    assert kernel == "triton" and reason.startswith(dispatch.R_UNMEASURED)
+    assert kernel == "triton" and reason.startswith(dispatch.R_SLOWER) and "head dim 64" in reason
     dispatch.record(dispatch.decide(*call(d=64)))
-    assert dispatch.fallback_counts() == {dispatch.R_UNMEASURED: 1}
+    assert dispatch.fallback_counts() == {dispatch.R_SLOWER: 1}
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == dispatch.logger.name)
     with dispatch.force_kernel("sm90"):
         assert dispatch.forward_kernel(*call(d=64)) == ("sm90", None)

@@ -75,13 +75,12 @@ def _op_call(q, k, v, recipe, causal):
 
 
 def _assert_sm90_serves(call):
-    """sm90 covers the call: auto mode picks it, except INT8 P·V, which the measured policy
-    keeps on Triton (dispatch.SM90_AUTO_SKIPS_PV), and a head dim not yet measured
-    (dispatch.SM90_AUTO_SKIPS_HEAD_DIMS), which sm90 then serves when forced."""
+    """sm90 covers the call: auto mode picks it, except INT8 P·V and head dim 64, which the
+    measured policies keep on Triton (dispatch.SM90_AUTO_SKIPS_PV, SM90_AUTO_SKIPS_HEAD_DIMS),
+    and which sm90 then serves when forced."""
     kernel, reason = dispatch.forward_kernel(**call)
-    # (the dispatcher's order: the P·V policy is checked before the head-dim one)
-    policy = (dispatch.R_SLOWER if call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV else
-              dispatch.R_UNMEASURED if call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS else None)
+    policy = dispatch.R_SLOWER if (call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV
+                                   or call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS) else None
     if policy is not None:
         assert kernel == "triton" and reason.startswith(policy), (kernel, reason)
         with dispatch.force_kernel("sm90"):  # (raises when sm90 cannot serve the call)
