@@ -9,7 +9,7 @@ named barriers of the in-kernel Q) runs concurrently: a protocol error hangs (th
 corrupts results. The host code (tensor maps, instantiations, launch) is fwd_sm90.cu's
 own, with the driver's encoder emulated. Compared with fp64 attention of the same
 quantized operands, for both P·V precisions, causal or not, head dims 64 and 128, tails,
-Sq != Skv and GQA; and the fused pre-pass chained into it (emulated too) against fp64
+Sq != Skv and GQA, and row maxima that grow across key tiles (the O rescale); and the fused pre-pass chained into it (emulated too) against fp64
 attention of the float inputs at the presets' bars, with Q quantized by the pre-pass or
 inside the kernel.
 
@@ -19,6 +19,7 @@ emulation computes at issue), timing, and the hardware's reading of the 64-byte 
 """
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -97,6 +98,32 @@ def test_emulated_kernel_matches_fp64(libs, pv8, causal):
         where = f"{(b, hq, hkv, sq, skv, d)} {dtype}"
         assert err <= (BAR_PV8 if pv8 else BAR_PV16), f"{where}: rel-L2 {err:.3g}"
         assert lse_err <= LSE_ABS, f"{where}: lse off by {lse_err:.3g}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_emulated_row_max_growing_across_tiles(libs, dtype, causal):
+    """The 16-bit path's lazy softmax reference (kRescaleSlack, 2^8): K rows of the second
+    key tile x2 (a row's max grows by less than 8 in log2 units: no rescale, P up to ~2^4),
+    of the third x8 (it grows by far more: O and the sum rescale), the fourth x1 again.
+    Random codes alone never grow a max by 8, so the rescale branch needs this input."""
+    b, h, s, d = 1, 2, 500, 128
+    qd, qs, kd, ks, v, vd, vs, buf = _operands(b, h, h, s, s, d, dtype, False, seed=11)
+    growth = torch.ones(s)
+    growth[128:256], growth[256:384] = 2.0, 8.0
+    ks = (ks * growth).contiguous()
+    scale = d ** -0.5
+    out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale)
+    ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale)
+    # the input does what it is for: for the rows that see every tile, the second tile's max
+    # is above the first's by less than 8 (log2 units), the third's by more
+    s2 = (qd.double() * qs.double()[..., None]) @ (kd.double() * ks.double()[..., None]).transpose(-1, -2)
+    s2 = s2[..., 384:, :] * scale / math.log(2.0)
+    tile_max = [s2[..., n:n + 128].amax(-1) for n in (0, 128, 256)]
+    assert 0 < (tile_max[1] - tile_max[0]).median() < 8 and (tile_max[2] - tile_max[0]).min() > 8
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= BAR_PV16, f"rel-L2 {err:.3g}"
+    assert (lse.double() - ref_lse).abs().max().item() <= LSE_ABS
 
 
 @pytest.mark.parametrize("preset", ["accurate", "fast"])
