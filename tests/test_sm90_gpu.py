@@ -141,6 +141,20 @@ def test_op_matches_dequantized_reference(recipe, dtype, causal, s, d):
 
 
 @pytest.mark.parametrize("recipe", ["accurate", "fast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_op_row_max_growing_across_tiles(recipe, dtype, causal):
+    """Keys of the second 128-key tile x2, of the third x8: a row's max grows by less, then
+    by more than the 16-bit path's lazy reference allows (2^8, kRescaleSlack), so O and the
+    sum are rescaled mid-row (random inputs never reach that branch;
+    tests/test_sm90_forward_emulated.py has the same input on the CPU)."""
+    q, k, v = make_qkv(1, 8, 500, D, hkv=2, dtype=dtype, device=DEV)
+    k[:, :, 128:256] *= 2
+    k[:, :, 256:384] *= 8
+    _check_against_reference_and_triton(_op_call(q, k, v, recipe, causal), recipe, dtype)
+
+
+@pytest.mark.parametrize("recipe", ["accurate", "fast"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("sq, skv", [(1, 4097), (17, 1000), (130, 17), (1000, 130), (4097, 1)])
 def test_op_query_and_key_lengths_differ(recipe, causal, sq, skv):
