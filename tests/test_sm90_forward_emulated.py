@@ -9,9 +9,9 @@ named barriers of the in-kernel Q) runs concurrently: a protocol error hangs (th
 corrupts results. The host code (tensor maps, instantiations, launch) is fwd_sm90.cu's
 own, with the driver's encoder emulated. Compared with fp64 attention of the same
 quantized operands, for both P·V precisions, causal or not, head dims 64 and 128, tails,
-Sq != Skv and GQA, and row maxima that grow across key tiles (the O rescale); and the fused pre-pass chained into it (emulated too) against fp64
-attention of the float inputs at the presets' bars, with Q quantized by the pre-pass or
-inside the kernel.
+Sq != Skv, GQA, and row maxima that grow across key tiles (the O rescale); and the fused
+pre-pass chained into it (emulated too) against fp64 attention of the float inputs at the
+presets' bars, with Q quantized by the pre-pass or inside the kernel.
 
 Not checked here: the asynchronous ordering (a missing wgmma wait would pass: the
 emulation computes at issue), timing, and the hardware's reading of the 64-byte swizzle

@@ -52,8 +52,8 @@ struct CtaShape {
   static constexpr int kStages = kPvInt8 ? 2 : 3;
   static constexpr int kLaunchRegisters = kRegisterFile / (kThreads * kCtasPerSm) / 8 * 8;  // 168 / 128
   static constexpr int kPool = (1 + kConsumers) * kLaunchRegisters - kProducerRegisters;
-  static constexpr int kConsumerRegisters =
-      kPool / kConsumers / 8 * 8 < kMaxConsumerRegisters ? kPool / kConsumers / 8 * 8 : kMaxConsumerRegisters;
+  static constexpr int kPoolShare = kPool / kConsumers / 8 * 8;  // (setmaxnreg takes multiples of 8)
+  static constexpr int kConsumerRegisters = kPoolShare < kMaxConsumerRegisters ? kPoolShare : kMaxConsumerRegisters;
   static_assert(kConsumers * kConsumerRegisters + kProducerRegisters <= (1 + kConsumers) * kLaunchRegisters,
                 "setmaxnreg would deadlock: the register pool cannot serve the consumers");
 };

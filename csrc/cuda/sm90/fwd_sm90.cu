@@ -61,6 +61,9 @@ constexpr int kMaxSharedBytes = 227 * 1024;
 //: An SM's shared memory, and what the system reserves of it per CTA (sm_90).
 constexpr size_t kSharedBytesPerSm = 228 * 1024;
 constexpr size_t kReservedSharedBytes = 1024;
+//: The launcher's slack for aligning the swizzled tiles to 1024 bytes (the kernel rounds
+//: its dynamic shared memory base up).
+constexpr size_t kAlignSlackBytes = 1024;
 
 template <class T, bool kPvInt8, bool kCausal, int kD, bool kQuantizeQ = false>
 void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
@@ -68,10 +71,11 @@ void launch(const Sm90FwdParams& p, const CUtensorMap& tm_q, const CUtensorMap& 
   auto kernel = forward_kernel<T, kPvInt8, kCausal, kD, kQuantizeQ>;
   using Smem = SharedStorage<kPvInt8, kD>;
   using Shape = CtaShape<kPvInt8>;
-  static_assert(sizeof(Smem) + 1024 <= kMaxSharedBytes, "the ring does not fit in shared memory");
-  static_assert(Shape::kCtasPerSm * (sizeof(Smem) + 1024 + kReservedSharedBytes) <= kSharedBytesPerSm,
+  constexpr size_t kSmemBytes = sizeof(Smem) + kAlignSlackBytes;
+  static_assert(kSmemBytes <= kMaxSharedBytes, "the ring does not fit in shared memory");
+  static_assert(Shape::kCtasPerSm * (kSmemBytes + kReservedSharedBytes) <= kSharedBytesPerSm,
                 "the CTAs an SM is meant to hold do not fit its shared memory");
-  const int smem = static_cast<int>(sizeof(Smem)) + 1024;
+  const int smem = static_cast<int>(kSmemBytes);
   // (set on every launch: the attribute is per device, and setting it costs ~1 us)
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) {
