@@ -90,6 +90,7 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __int2float_rn(int i) { return static_cast<float>(i); }  // (round to nearest, as the host's default)
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   uint8_t b[8]; std::memcpy(b, &x, 4); std::memcpy(b + 4, &y, 4);
   unsigned r = 0;

@@ -90,6 +90,15 @@ constexpr float kRescaleSlack = 8.f;
 //: The producer warp's arrivals on a K barrier: one expect-bytes arrival (TMA) and one per
 //: lane after it stored its share of the tile's K scales.
 constexpr int kKBarrierArrivals = 1 + 32;
+//: The K scales of a tile in shared memory, by the thread that reads them: thread t of a
+//: quad holds keys 8j + 2t + e (j < 16, e < 2) in the accumulator layout, so key n goes to
+//: slot kKScaleStride * t + 2j + e. A run of 32 slots padded to 36: the four runs' float4
+//: loads then fall in different banks.
+constexpr int kKScaleStride = 36;
+constexpr int kKScaleSlots = 4 * kKScaleStride;
+__device__ __forceinline__ int k_scale_slot(int key_in_tile) {
+  return kKScaleStride * ((key_in_tile % 8) / 2) + 2 * (key_in_tile / 8) + key_in_tile % 2;
+}
 // Named barriers 1 and 2 (0 is __syncthreads'): consumer warpgroup w's in-kernel quantized
 // Q tile is complete.
 constexpr uint32_t kQReadyBarrier = 1;
@@ -104,9 +113,9 @@ struct SharedStorage {
   alignas(1024) int8_t q[kQTileBytes];
   alignas(1024) int8_t k[kStages][Dims::kKTileBytes];
   alignas(1024) uint8_t v[kStages][kVTileBytes];
-  // per key of a tile: {K scale, -kFloatOffset * K scale} (the score's FFMA operands),
-  // written by the producer warp
-  float2 k_scale[kStages][kKeysPerTile];
+  // the tile's K scales, written by the producer warp in the order the threads read them
+  // (k_scale_slot)
+  float k_scale[kStages][kKScaleSlots];
   // Q quantized in the kernel: each row's scale and q · k_mean, from the row's lanes to the
   // threads that hold it in the accumulator layout
   float q_row_scale[Shape::kRows];
@@ -164,23 +173,25 @@ __device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
   return __byte_perm(x, y, t < 2 ? 0x5410 : 0x7632);
 }
 
-// Scores of one tile in base-2 units without the per-row factor: x' = qk * K scale,
-// from the int32 accumulator (bit trick, see kFloatOffset), masked keys -inf. Returns
-// this thread's row maxima of x' through tile_max (not yet reduced over the quad).
+// Scores of one tile in base-2 units without the per-row factor: x' = qk * K scale
+// (I2FP.F32.S32, exact for |qk| < 2^24, and one FMUL), masked keys -inf. Returns this
+// thread's row maxima of x' through tile_max (not yet reduced over the quad). `ks`: the
+// tile's scales in k_scale_slot order, so a thread's 32 are 8 float4 loads.
 template <bool kCausal, bool kMask>
-__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float2* ks, int t, int n0,
+__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float* ks, int t, int n0,
                                        int kv_len, int row0, float (&tile_max)[2]) {
+  float4 kscale;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float4 kscale = *reinterpret_cast<const float4*>(ks + 8 * j + 2 * t);  // keys 8j+2t, 8j+2t+1
+    // keys 8j+2t, 8j+2t+1: slots 2j, 2j+1 of this thread's run
+    if (j % 2 == 0) kscale = *reinterpret_cast<const float4*>(ks + kKScaleStride * t + 2 * j);
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float k = e ? kscale.z : kscale.x;
-      const float shift = e ? kscale.w : kscale.y;
+      const float k = j % 2 == 0 ? (e ? kscale.y : kscale.x) : (e ? kscale.w : kscale.z);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = 4 * j + 2 * r + e;
-        float v = fmaf(__int_as_float(acc[i] + kFloatOffsetBits), k, shift);
+        float v = __int2float_rn(acc[i]) * k;
         if constexpr (kMask) {
           const int col = n0 + 8 * j + 2 * t + e;
           // (a NaN score stays NaN under the causal mask, as in SDPA: a K row with a NaN
@@ -392,7 +403,9 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       for (int i = 0; i < kKeysPerTile / 32; ++i) {
         const int key = n0 + i * 32 + lane;
         const float ks = key < p.kv_len ? k_scale[key] : 0.f;
-        sm.k_scale[s][i * 32 + lane] = make_float2(ks, -kFloatOffset * ks);
+        // an infinite scale makes every score of its key NaN, as the float-bits form of
+        // the scores did (qk * inf alone would give a row -inf and drop the key)
+        sm.k_scale[s][k_scale_slot(i * 32 + lane)] = isinf(ks) ? NAN : ks;
       }
       barrier_arrive(&sm.k_full[s]);
     }
