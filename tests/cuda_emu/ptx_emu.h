@@ -134,6 +134,8 @@ template <int kPending>
 inline void wgmma_wait() {}
 template <int N>
 inline void wgmma_fence_operands(float (&)[N]) {}
+// (a real store: the slot is this thread's scratch word)
+inline void pin_before_wait(float* slot, float value) { *slot = value; }
 template <int N>
 inline void wgmma_fence_operands(int32_t (&)[N]) {}
 
@@ -249,7 +251,8 @@ inline void emu_wgmma(Acc (&d)[N], const uint32_t* a, uint64_t desc_a, uint64_t 
   emu_block->warpgroups[wg]->arrive_and_wait();
 }
 
-inline void wgmma_s8_ss(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+template <int N>
+inline void wgmma_s8_ss(int32_t (&d)[N], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   emu_wgmma(d, nullptr, desc_a, desc_b, accumulate, 0);
 }
 template <int N>

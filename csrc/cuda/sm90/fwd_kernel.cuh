@@ -102,6 +102,10 @@ __device__ __forceinline__ int k_scale_slot(int key_in_tile) {
 // Named barriers 1 and 2 (0 is __syncthreads'): consumer warpgroup w's in-kernel quantized
 // Q tile is complete.
 constexpr uint32_t kQReadyBarrier = 1;
+//: 16-bit P·V splits a key tile in two halves (Q·Kᵀ m64n64, P·V k16 steps, 8-column blocks).
+constexpr int kHalfKeys = kKeysPerTile / 2;
+constexpr int kHalfSteps = kHalfKeys / 16;
+constexpr int kHalfBlocks = kHalfKeys / 8;
 
 template <bool kPvInt8, int kD>
 struct SharedStorage {
@@ -120,6 +124,8 @@ struct SharedStorage {
   // threads that hold it in the accumulator layout
   float q_row_scale[Shape::kRows];
   float q_row_dot[Shape::kRows];
+  // a scratch word a consumer thread (pin_before_wait)
+  float pin[Shape::kConsumers * kThreadsPerWarpgroup];
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
@@ -177,12 +183,13 @@ __device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
 // (I2FP.F32.S32, exact for |qk| < 2^24, and one FMUL), masked keys -inf. Returns this
 // thread's row maxima of x' through tile_max (not yet reduced over the quad). `ks`: the
 // tile's scales in k_scale_slot order, so a thread's 32 are 8 float4 loads.
-template <bool kCausal, bool kMask>
-__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64], const float* ks, int t, int n0,
-                                       int kv_len, int row0, float (&tile_max)[2]) {
+template <bool kCausal, bool kMask, int kBlocks = 16, int kFirst = 0>
+__device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[4 * kBlocks], const float* ks, int t,
+                                       int n0, int kv_len, int row0, float (&tile_max)[2]) {
+  static_assert(kFirst % 2 == 0 && kFirst + kBlocks <= 16, "whole float4s of K scales, within the tile");
   float4 kscale;
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = kFirst; j < kFirst + kBlocks; ++j) {
     // keys 8j+2t, 8j+2t+1: slots 2j, 2j+1 of this thread's run
     if (j % 2 == 0) kscale = *reinterpret_cast<const float4*>(ks + kKScaleStride * t + 2 * j);
 #pragma unroll
@@ -191,7 +198,7 @@ __device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64],
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = 4 * j + 2 * r + e;
-        float v = __int2float_rn(acc[i]) * k;
+        float v = __int2float_rn(acc[i - 4 * kFirst]) * k;
         if constexpr (kMask) {
           const int col = n0 + 8 * j + 2 * t + e;
           // (a NaN score stays NaN under the causal mask, as in SDPA: a K row with a NaN
@@ -204,9 +211,9 @@ __device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64],
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float m = x[2 * r];
+    float m = x[4 * kFirst + 2 * r];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) m = fmaxf(m, fmaxf(x[4 * j + 2 * r], x[4 * j + 2 * r + 1]));
+    for (int j = kFirst; j < kFirst + kBlocks; ++j) m = fmaxf(m, fmaxf(x[4 * j + 2 * r], x[4 * j + 2 * r + 1]));
     tile_max[r] = m;
   }
 }
@@ -214,7 +221,7 @@ __device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[64],
 // The online-softmax step of one tile (rows g, g+8 of this thread): P in place of x,
 // alpha = the factor on the output so far, beta = the factor on this tile's P·V (int8 P is
 // relative to the tile's own row max; 16-bit P to the running max, beta = 1).
-template <bool kPvInt8>
+template <bool kPvInt8, int kBlocks = 16, int kFirst = 0>
 __device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2], const float (&row_factor)[2],
                                              float (&m_run)[2], float (&l_part)[2], float (&alpha)[2],
                                              float (&beta)[2]) {
@@ -229,7 +236,7 @@ __device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2
     beta[r] = kPvInt8 ? fast_exp2(tm - m_use) : 1.f;
     float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = kFirst; j < kFirst + kBlocks; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int i = 4 * j + 2 * r + e;
@@ -265,10 +272,10 @@ __device__ __forceinline__ void pack_p8(uint32_t (&a)[4][4], const float (&x)[64
 }
 
 // 16-bit P in the A-operand layout of eight k16 steps (the accumulator's own pairs).
-template <class T>
+template <class T, int kSteps = kKeysPerTile / 16, int kFirst = 0>
 __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], const float (&x)[64]) {
 #pragma unroll
-  for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
+  for (int kk = kFirst; kk < kFirst + kSteps; ++kk) {
 #pragma unroll
     for (int q4 = 0; q4 < 4; ++q4) {
       // q4: (block 2kk, row g), (2kk, g+8), (2kk+1, g), (2kk+1, g+8)
@@ -467,6 +474,7 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
   uint32_t pa8[4][4];
   uint32_t pa16[kKeysPerTile / 16][4];
   int32_t acc_pv[kAcc];
+  int32_t acc_half[2][kHalfBlocks * 4];  // 16-bit P·V: the two half tiles' Q·Kᵀ
   float tile_max[2];
 
   // Descriptors: built once, then moved by byte offsets (the start address field counts
@@ -481,6 +489,22 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
 #pragma unroll
     for (int kk = 0; kk < kD / 32; ++kk) {
       wgmma_s8_ss(acc_s, moved(q_desc, kk * 32), moved(k_desc, kk * 32), kk > 0);
+    }
+  };
+  // 16-bit P·V: Q·Kᵀ and P·V of a tile in halves of kHalfKeys keys (acc_half[h]; P·V
+  // k16 steps of the half) so that one half's softmax overlaps the other half's products
+  auto issue_qk_half = [&](int s, int h) {
+    const uint64_t k_desc = moved(k_desc0, s * Dims::kKTileBytes + h * kHalfKeys * kD);
+#pragma unroll
+    for (int kk = 0; kk < kD / 32; ++kk) {
+      wgmma_s8_ss(acc_half[h], moved(q_desc, kk * 32), moved(k_desc, kk * 32), kk > 0);
+    }
+  };
+  auto issue_pv_half = [&](int s, int h) {
+    const uint64_t v_desc = moved(v_desc0, s * Smem::kVTileBytes);
+#pragma unroll
+    for (int kk = h * kHalfSteps; kk < (h + 1) * kHalfSteps; ++kk) {
+      Pack16<T>::mma(o, pa16[kk], moved(v_desc, kk * 16 * kSwizzleRowBytes), 1);
     }
   };
   auto issue_pv = [&](int s, const uint32_t (&pa)[kKeysPerTile / 16][4]) {
@@ -536,91 +560,189 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       for (int i = 0; i < kAcc; ++i) o[i] *= alpha[(i >> 1) & 1];
     }
   };
-  if (n_active > 0) {
-    // tile 0
-    barrier_wait(&sm.k_full[0], 0);
-    wgmma_fence();
-    issue_qk(0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc_s);
-    if (n_full > 0) {
-      softmax_tile(0, 0, Unmasked{});
-    } else {
-      softmax_tile(0, 0, Masked{});
-    }
-    if constexpr (kPvInt8) {
-      pack_p8(pa8, x, lane);
-    } else {
-      pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
-    }
-  }
-  auto mixed_step = [&](int it, auto mask) {
-    const int s = it % kStages;
-    const int sp = (it - 1) % kStages;
-    const int n0 = it * kKeysPerTile;
-    barrier_wait(&sm.k_full[s], (it / kStages) & 1);
-    barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
-    if constexpr (kPvInt8) {
-      // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
-      // are never live together; the other warpgroup fills the tensor cores meanwhile
+  if constexpr (!kPvInt8) {
+    // 16-bit P·V, per tile i in two halves a, b of kHalfKeys keys (QKa(i) = Q·Kᵀ of half a
+    // of tile i, PVb(i-1) = P·V of half b of tile i-1), one product group in flight while a
+    // half's softmax runs:
+    //   wait PVa(i-1), rescale O for half b(i-1); issue QKa(i), PVb(i-1), QKb(i);
+    //   wait QKa(i): softmax a(i) (PVb(i-1), QKb(i) run); pack P a(i);
+    //   wait all: release tile i-1, rescale O for half a(i); issue PVa(i): softmax b(i); pack P b(i).
+    // O is rescaled only where no product writes it. Masked tiles run in their own loop.
+    auto softmax_half = [&](int s, int n0, int h, auto mask) {
+      constexpr bool kM = decltype(mask)::value;
+      if (h == 0) {
+        scores<kCausal, kM, kHalfBlocks, 0>(x, acc_half[0], sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+        softmax_step<false, kHalfBlocks, 0>(x, tile_max, row_factor, m_run, l_part, alpha, beta);
+      } else {
+        scores<kCausal, kM, kHalfBlocks, kHalfBlocks>(x, acc_half[1], sm.k_scale[s], t, n0, p.kv_len, row[0],
+                                                       tile_max);
+        softmax_step<false, kHalfBlocks, kHalfBlocks>(x, tile_max, row_factor, m_run, l_part, alpha, beta);
+      }
+    };
+    auto half_step = [&](int it, auto mask) {
+      const int s = it % kStages;
+      const int sp = (it - 1) % kStages;
+      const int n0 = it * kKeysPerTile;
+      wgmma_wait<0>();  // PVa(i-1)
+      wgmma_fence_operands(o);
+      rescale_o();  // for half b of tile i-1
+      barrier_wait(&sm.k_full[s], (it / kStages) & 1);
       wgmma_fence();
-      issue_pv(sp, pa16);
+      issue_qk_half(s, 0);
       wgmma_commit();
+      issue_pv_half(sp, 1);
+      wgmma_commit();
+      issue_qk_half(s, 1);
+      wgmma_commit();
+      wgmma_wait<2>();
+      wgmma_fence_operands(acc_half[0]);
+      softmax_half(s, n0, 0, mask);
+      pack_p16<T, kHalfSteps, 0>(pa16, x);
+      pin_before_wait(&sm.pin[tid + wg * kThreadsPerWarpgroup], l_part[0] + l_part[1]);
       wgmma_wait<0>();
-      wgmma_fence_operands(acc_pv);
+      wgmma_fence_operands(o);
+      wgmma_fence_operands(acc_half[1]);
       barrier_arrive(&sm.kv_empty[sp]);
-      fold_pv8();
-      wgmma_fence_operands(o);
+      rescale_o();  // for half a of tile i
+      barrier_wait(&sm.v_full[s], (it / kStages) & 1);
       wgmma_fence();
-      issue_qk(s);
+      issue_pv_half(s, 0);
       wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc_s);
-      softmax_tile(s, n0, mask);
-      pack_p8(pa8, x, lane);
-    } else {
-      wgmma_fence_operands(o);
-      wgmma_fence();
-      // QK(i), then PV(i-1) in flight during softmax(i) (measured against issuing both
-      // back to back before the softmax: 0.79-0.99x vs 0.70-0.96x cuDNN, docs/hopper.md)
-      issue_qk(s);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc_s);
-      issue_pv(sp, pa16);
-      wgmma_commit();
-      softmax_tile(s, n0, mask);
+      softmax_half(s, n0, 1, mask);
+      pack_p16<T, kHalfSteps, kHalfSteps>(pa16, x);
       wgmma_fence_operands(x);
+    };
+    if (n_active > 0) {
+      // tile 0: as a step, with no tile before it (O is 0: no rescale)
+      barrier_wait(&sm.k_full[0], 0);
+      wgmma_fence();
+      issue_qk_half(0, 0);
+      wgmma_commit();
+      issue_qk_half(0, 1);
+      wgmma_commit();
+      wgmma_wait<1>();
+      wgmma_fence_operands(acc_half[0]);
+      if (n_full > 0) {
+        softmax_half(0, 0, 0, Unmasked{});
+      } else {
+        softmax_half(0, 0, 0, Masked{});
+      }
+      pack_p16<T, kHalfSteps, 0>(pa16, x);
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_half[1]);
+      barrier_wait(&sm.v_full[0], 0);
+      wgmma_fence_operands(o);
+      wgmma_fence();
+      issue_pv_half(0, 0);
+      wgmma_commit();
+      if (n_full > 0) {
+        softmax_half(0, 0, 1, Unmasked{});
+      } else {
+        softmax_half(0, 0, 1, Masked{});
+      }
+      pack_p16<T, kHalfSteps, kHalfSteps>(pa16, x);
+    }
+    for (int it = 1; it < n_full; ++it) half_step(it, Unmasked{});
+    for (int it = max(1, n_full); it < n_active; ++it) half_step(it, Masked{});
+    wgmma_wait<0>();  // (on every path: ptxas cannot tell that the loops ran only if n_active > 0)
+    wgmma_fence_operands(o);
+    if (n_active > 0) {  // P·V of the last tile's half b
+      const int sp = (n_active - 1) % kStages;
+      rescale_o();
+      wgmma_fence();
+      issue_pv_half(sp, 1);
+      wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(o);
       barrier_arrive(&sm.kv_empty[sp]);
-      rescale_o();
-      pack_p16<T>(pa16, x);
     }
-  };
-  if constexpr (kPvInt8) {
-    // (no product is in flight across the mask branch here, and one loop keeps the
-    // register pressure of this path below the spill point)
-    for (int it = 1; it < n_active; ++it) mixed_step(it, it < n_full);
   } else {
-    for (int it = 1; it < n_full; ++it) mixed_step(it, Unmasked{});
-    for (int it = max(1, n_full); it < n_active; ++it) mixed_step(it, Masked{});
-  }
-  if (n_active > 0) {  // P·V of the last tile
-    const int sp = (n_active - 1) % kStages;
-    barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
-    wgmma_fence_operands(o);
-    wgmma_fence();
-    issue_pv(sp, pa16);
-    wgmma_commit();
-    wgmma_wait<0>();
-    barrier_arrive(&sm.kv_empty[sp]);
+    if (n_active > 0) {
+      // tile 0
+      barrier_wait(&sm.k_full[0], 0);
+      wgmma_fence();
+      issue_qk(0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      if (n_full > 0) {
+        softmax_tile(0, 0, Unmasked{});
+      } else {
+        softmax_tile(0, 0, Masked{});
+      }
+      if constexpr (kPvInt8) {
+        pack_p8(pa8, x, lane);
+      } else {
+        pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
+      }
+    }
+    auto mixed_step = [&](int it, auto mask) {
+      const int s = it % kStages;
+      const int sp = (it - 1) % kStages;
+      const int n0 = it * kKeysPerTile;
+      barrier_wait(&sm.k_full[s], (it / kStages) & 1);
+      barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
+      if constexpr (kPvInt8) {
+        // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
+        // are never live together; the other warpgroup fills the tensor cores meanwhile
+        wgmma_fence();
+        issue_pv(sp, pa16);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_pv);
+        barrier_arrive(&sm.kv_empty[sp]);
+        fold_pv8();
+        wgmma_fence_operands(o);
+        wgmma_fence();
+        issue_qk(s);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_s);
+        softmax_tile(s, n0, mask);
+        pack_p8(pa8, x, lane);
+      } else {
+        wgmma_fence_operands(o);
+        wgmma_fence();
+        // QK(i), then PV(i-1) in flight during softmax(i) (measured against issuing both
+        // back to back before the softmax: 0.79-0.99x vs 0.70-0.96x cuDNN, docs/hopper.md)
+        issue_qk(s);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_s);
+        issue_pv(sp, pa16);
+        wgmma_commit();
+        softmax_tile(s, n0, mask);
+        wgmma_fence_operands(x);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o);
+        barrier_arrive(&sm.kv_empty[sp]);
+        rescale_o();
+        pack_p16<T>(pa16, x);
+      }
+    };
     if constexpr (kPvInt8) {
-      wgmma_fence_operands(acc_pv);
-      fold_pv8();
+      // (no product is in flight across the mask branch here, and one loop keeps the
+      // register pressure of this path below the spill point)
+      for (int it = 1; it < n_active; ++it) mixed_step(it, it < n_full);
     } else {
+      for (int it = 1; it < n_full; ++it) mixed_step(it, Unmasked{});
+      for (int it = max(1, n_full); it < n_active; ++it) mixed_step(it, Masked{});
+    }
+    if (n_active > 0) {  // P·V of the last tile
+      const int sp = (n_active - 1) % kStages;
+      barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
       wgmma_fence_operands(o);
+      wgmma_fence();
+      issue_pv(sp, pa16);
+      wgmma_commit();
+      wgmma_wait<0>();
+      barrier_arrive(&sm.kv_empty[sp]);
+      if constexpr (kPvInt8) {
+        wgmma_fence_operands(acc_pv);
+        fold_pv8();
+      } else {
+        wgmma_fence_operands(o);
+      }
     }
   }
   // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and

@@ -111,6 +111,14 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
+// Pins the end of a computation before a later wgmma wait: ptxas keeps a wait
+// (WARPGROUP.DEPBAR) after the memory instructions before it but hoists it above
+// independent arithmetic, such as a softmax meant to overlap the products in flight. A
+// shared-memory store of a value derived from that computation (to a scratch slot of
+// this thread) is such a memory instruction.
+__device__ __forceinline__ void pin_before_wait(float* slot, float value) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem_addr(slot)), "f"(value) : "memory");
+}
 // Keeps the compiler from moving reads/writes of an accumulator across a wgmma boundary.
 template <int N>
 __device__ __forceinline__ void wgmma_fence_operands(float (&regs)[N]) {
@@ -140,12 +148,20 @@ __device__ __forceinline__ void wgmma_fence_operands(int32_t (&regs)[N]) {
 #define FQ_RS_TAIL64 "{%64, %65, %66, %67}, %68"
 #define FQ_RS_PRED64 "%69"
 
-// D (+)= A·B, int8 x int8 -> int32, m64n128k32; A, B: K-major shared-memory descriptors.
+// D (+)= A·B, int8 x int8 -> int32, m64n128k32 (64 registers) or m64n64k32 (32: half a key
+// tile); A, B: K-major shared-memory descriptors.
 __device__ __forceinline__ void wgmma_s8_ss(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " FQ_ACC_REGS64 ", %64, %65, p;\n}\n"
       : FQ_ACC64("r", d)
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_s8_ss(int32_t (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 " FQ_ACC_REGS32 ", %32, %33, p;\n}\n"
+      : FQ_ACC32("r", d)
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
