@@ -164,11 +164,11 @@ def test_emulated_q_in_kernel_matches_prepass_codes(libs, preset):
                                         pre.get("v_data"), pre.get("v_scale"), causal, 128 ** -0.5,
                                         lse_shift=pre["q_center_dot"])
         pre_k = emulated.run_prepass(prepass, q, k, v, preset == "fast", q_in_kernel=True)
-        for name in ("k_data", "k_scale", "k_mean"):
+        for name in ("k_data", "k_scale", "k_center"):
             assert torch.equal(pre_k[name], pre[name]), f"{name} changed without the Q rows"
         out_k, lse_k = emulated.run_forward(forward, q, None, pre_k["k_data"], pre_k["k_scale"], v,
                                             pre_k.get("v_data"), pre_k.get("v_scale"), causal, 128 ** -0.5,
-                                            k_mean=pre_k["k_mean"])
+                                            k_center=pre_k["k_center"])
         where = f"{preset} {(b, hq, hkv, s)} causal={causal}"
         assert torch.isnan(out_k[0, 1, s // 2]).all(), f"{where}: the NaN row is not NaN"
         assert torch.equal(out_k.isnan(), out.isnan()), where

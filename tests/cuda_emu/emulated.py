@@ -74,8 +74,8 @@ _WORK_BLOCKS = 80
 
 
 def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
-    """The pre-pass's outputs for 16-bit q, k, v: Q / K codes and scales, k_mean (rotated
-    centre), q_center_dot, and with `fast` V's scale and its K-major codes buffer
+    """The pre-pass's outputs for 16-bit q, k, v: Q / K codes and scales, k_center (the
+    centre, unrotated), q_center_dot, and with `fast` V's scale and its K-major codes buffer
     (B, Hkv, D, S padded to 16). `q_in_kernel`: Q is left to the forward (no Q outputs)."""
     assert q.dtype in (torch.bfloat16, torch.float16), "the pre-pass reads 16-bit inputs"
     b, hq, sq, d = q.shape
@@ -83,7 +83,7 @@ def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
     i8, f32 = dict(dtype=torch.int8), dict(dtype=torch.float32)
     out = dict(q_data=torch.zeros(b, hq, sq, d, **i8), q_scale=torch.zeros(b, hq, sq, **f32),
                k_data=torch.zeros(b, hkv, skv, d, **i8), k_scale=torch.zeros(b, hkv, skv, **f32),
-               k_mean=torch.zeros(b, hkv, d, **f32), work=torch.zeros(b * hkv * _WORK_BLOCKS * d, **f32),
+               work=torch.zeros(b * hkv * _WORK_BLOCKS * d, **f32),
                q_center_dot=torch.zeros(b, hq, sq, **f32))
     padded = -(-skv // 16) * 16
     if fast:
@@ -95,18 +95,20 @@ def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
     strides = [_triple(*t.stride()[:3]) for t in (q, k, v)]
     blocks = lib.run_prepass(
         _ptr(q), _ptr(k), _ptr(v), *strides, b, hq, hkv, sq, skv, int(q.dtype == torch.bfloat16),
-        _ptr(out["q_data"]), _ptr(out["q_scale"]), _ptr(out["k_data"]), _ptr(out["k_scale"]), _ptr(out["k_mean"]),
-        _ptr(out["work"]), _ptr(out["q_center_dot"]), None, _ptr(out.get("v_data")), ctypes.c_longlong(padded),
+        _ptr(out["q_data"]), _ptr(out["q_scale"]), _ptr(out["k_data"]), _ptr(out["k_scale"]), _ptr(out["work"]), _ptr(out["q_center_dot"]), None, _ptr(out.get("v_data")), ctypes.c_longlong(padded),
         _ptr(out.get("v_scale")), _ptr(out.get("v_work")))
     assert 0 < blocks < _WORK_BLOCKS, "the emulated pre-pass raised (see stderr)"
+    # the workspace as register_sm90.cpp lays it out: the block means, then the centre
+    out["k_center"] = out.pop("work")[b * hkv * blocks * d:][:b * hkv * d].reshape(b, hkv, d).clone()
     return out
 
 
-def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, lse_shift=None, k_mean=None):
+def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, lse_shift=None, k_center=None):
     """(out, lse) of the emulated forward on quantized operands: Q / K INT8 codes with
     (B, H, S) scales; v 16-bit, or with v_buf the K-major INT8 V buffer (B, Hkv, D, S_pad)
     and vs (B, Hkv, D) for INT8 P·V; lse_shift (B, Hq, Sq): the fused path's q · k_mean.
-    qs None: qd is the 16-bit q, quantized in the kernel against k_mean (the rotated centre)."""
+    qs None: qd is the 16-bit q, quantized in the kernel against k_center (the pre-pass's
+    unrotated centre)."""
     b, hq, sq, d = qd.shape
     hkv, skv = kd.shape[1], kd.shape[2]
     out = torch.zeros(b, hq, sq, d, dtype=v.dtype)
@@ -116,7 +118,7 @@ def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, l
         _ptr(qd), _ptr(None if qs is None else qs.contiguous()), _ptr(kd), _ptr(ks.contiguous()), _ptr(vt),
         _ptr(None if vs is None else vs.contiguous()), _triple(*qd.stride()[:3]), _triple(*kd.stride()[:3]),
         _triple(*vt.stride()[:3]), b, hq, hkv, sq, skv, d, int(v.dtype == torch.bfloat16), int(v_buf is not None),
-        int(causal), ctypes.c_float(scale), _ptr(lse_shift), _ptr(k_mean), int(qs is None),
+        int(causal), ctypes.c_float(scale), _ptr(lse_shift), None, _ptr(k_center), int(qs is None),
         _ptr(out), _ptr(lse))
     assert rc == 0, "the emulated launch raised (see stderr)"
     return out, lse

@@ -13,7 +13,8 @@ using namespace flash_quant_sm90;
 extern "C" int run_forward(const void* q, const float* q_scale, const void* k, const float* k_scale, const void* v,
                            const float* v_scale, const int64_t* qs, const int64_t* ks, const int64_t* vs, int B,
                            int Hq, int Hkv, int Sq, int Skv, int D, int bf16, int pv_int8, int causal, float scale,
-                           const float* lse_shift, const float* k_mean, int quantize_q, void* out,
+                           const float* lse_shift, const float* k_mean, const float* k_center, int quantize_q,
+                           void* out,
                            float* lse) {
   Sm90FwdParams p;
   emu_set_operands(p, q, k, v, qs, ks, vs, B, Hq, Hkv, Sq, Skv);
@@ -22,6 +23,7 @@ extern "C" int run_forward(const void* q, const float* q_scale, const void* k, c
   p.v_scale = v_scale;
   p.lse_shift = lse_shift;
   p.k_mean = k_mean;
+  p.k_center = k_center;
   p.out = out;
   p.lse = lse;
   p.head_dim = D;

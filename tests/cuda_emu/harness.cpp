@@ -11,7 +11,7 @@ using namespace flash_quant_sm90;
 
 extern "C" int run_prepass(const void* q, const void* k, const void* v, const int64_t* qs, const int64_t* ks,
                            const int64_t* vs, int B, int Hq, int Hkv, int Sq, int Skv, int bf16, int8_t* q_data,
-                           float* q_scale, int8_t* k_data, float* k_scale, float* k_mean, float* work,
+                           float* q_scale, int8_t* k_data, float* k_scale, float* work,
                            float* q_center_dot, int32_t* nonfinite, int8_t* v_data, long long v_keys_padded,
                            float* v_scale, float* v_work) {
   PrepassParams p;
@@ -21,7 +21,6 @@ extern "C" int run_prepass(const void* q, const void* k, const void* v, const in
   p.q_scale = q_scale;
   p.k_data = k_data;
   p.k_scale = k_scale;
-  p.k_mean = k_mean;
   int rows_per_block = 0, blocks = 0;
   center_blocks(Skv, &rows_per_block, &blocks);
   p.block_means = work;  // as register_sm90.cpp lays the workspace out

@@ -296,7 +296,7 @@ __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm
   constexpr int kRowsPerPass = kThreadsPerWarpgroup / kLanesPerRow;
   constexpr int kPasses = kRowsPerWarpgroup / kRowsPerPass;
   const int part = tid % kLanesPerRow;
-  const float* mean = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
+  const float* center = p.k_center + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kHeadDim + part * kPerLane;
   uint8_t* tile = reinterpret_cast<uint8_t*>(sm.q) + wg * kRowsPerWarpgroup * kHeadDim;
   // every pass's loads first: one round trip to memory, not one a pass
   float y[kPasses][kPerLane];
@@ -312,7 +312,7 @@ __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm
     const int local = pass * kRowsPerPass + tid / kLanesPerRow;
     uint32_t packed[kPerLane / 4];
     float dot = 0.f;
-    const float scale = quantize_row_part(y[pass], part, mean, packed, &dot);
+    const float scale = quantize_row_part(y[pass], part, center, packed, &dot);
 #pragma unroll
     for (int c = 0; c < kPerLane / 16; ++c) {
       // 16-byte chunk `chunk` of the row lands at chunk ^ (row & 7) (128-byte swizzle)

@@ -48,9 +48,11 @@ struct Sm90FwdParams {
   // from q's codes, whose rounding a large K centre magnifies.
   const float* lse_shift = nullptr;
   // Q arrives 16-bit and the kernel quantizes it as the accurate preset's pre-pass does
-  // (rotated, INT8 per row; row_quant.cuh) and takes q · k_mean from the float values:
-  // head dim 128, k_mean set; q_scale and lse_shift unused.
+  // (rotated, INT8 per row; row_quant.cuh) and takes q · k_mean from the float values as
+  // q · k_center (the centre before rotation, (B, Hkv, D) float32): head dim 128, k_center
+  // set; q_scale, lse_shift and k_mean unused.
   bool quantize_q = false;
+  const float* k_center = nullptr;
   const int32_t* nonfinite = nullptr;
   // Outputs, contiguous: out (B, Hq, Sq, D) of out_type, lse (B, Hq, Sq) float32.
   void* out = nullptr;

@@ -128,8 +128,8 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128) {
     throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) + " (64 or 128)");
   }
-  if (p.quantize_q && (p.head_dim != kHeadDim || p.k_mean == nullptr)) {
-    throw std::invalid_argument("flash_quant sm90: Q quantized in the kernel needs head dim 128 and k_mean");
+  if (p.quantize_q && (p.head_dim != kHeadDim || p.k_center == nullptr)) {
+    throw std::invalid_argument("flash_quant sm90: Q quantized in the kernel needs head dim 128 and k_center");
   }
   const int D = p.head_dim;
   const CUtensorMap tm_k = make_map(p.k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.kv_len, p.kv_heads,

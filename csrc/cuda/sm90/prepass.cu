@@ -1,5 +1,5 @@
-// The accurate preset's quantization pre-pass (prepass.h): K block means, the rotated
-// centre, and the INT8 codes of K (and of Q, unless the forward quantizes Q), in three
+// The accurate preset's quantization pre-pass (prepass.h): K block means, the centre, and
+// the INT8 codes of K (and of Q, unless the forward quantizes Q), in three
 // launches with no host work between them. Memory-bound: K is read twice (means, codes),
 // Q once; nothing rotated or centred goes to memory. Plain CUDA (any sm_80+ would run it;
 // it is built with the sm90 sources).
@@ -31,8 +31,13 @@ constexpr int kThreadsPerRow = kHeadDim / kChannelsPerThread;
 constexpr int kRowsInFlight = kMeansThreads / kThreadsPerRow;
 //: Warps per CTA of the codes kernel.
 constexpr int kRowWarps = 8;
-//: Threads per channel of the centre kernel (they share the rank selection).
-constexpr int kCenterSlices = 4;
+//: The centre kernel: a CTA takes kCenterChannels channels of one head, kCenterSlices
+//: threads a channel (they share the rank selection). Spread over kHeadDim /
+//: kCenterChannels CTAs a head, the few hundred comparisons a channel run on as many SMs
+//: (one CTA a head took 9.9 us at the Flux shape, H200, session 8).
+constexpr int kCenterChannels = 32;
+constexpr int kCenterSlices = 16;
+constexpr int kCenterSplits = kHeadDim / kCenterChannels;
 
 // Sum of 8 16-bit values into acc (one 16-byte load).
 template <class T>
@@ -119,72 +124,62 @@ __global__ void __launch_bounds__(kMeansThreads) key_block_means(PrepassParams p
   }
 }
 
-// Grid (B * Hkv), kCenterSlices x kHeadDim threads: per channel the lower median of the
-// block means (as torch.median; NaN if any is NaN) into k_center, and its orthonormal
-// Hadamard rotation (Sylvester order, as flash_quant.rotation.hadamard_matrix) into
-// k_mean. Each of a channel's kCenterSlices threads ranks every kCenterSlices-th block
-// mean against all of them (the loads are issued together: this kernel is latency-bound).
-__global__ void __launch_bounds__(kCenterSlices * kHeadDim) key_center(PrepassParams p, int blocks) {
-  __shared__ float means[kMaxCenterBlocks][kHeadDim];
-  __shared__ float x[kHeadDim];
-  __shared__ int has_nan[kHeadDim];
-  __shared__ float vmax[kCenterSlices][kHeadDim];
+// Grid (B * Hkv, kCenterSplits), kCenterSlices x kCenterChannels threads: per channel the
+// lower median of the block means (as torch.median; NaN if any is NaN) into k_center, and
+// the fast preset's V scale (absmax over the block maxima / 127). Each of a channel's
+// kCenterSlices threads ranks every kCenterSlices-th block mean against all of them (the
+// loads are issued together: this kernel is latency-bound). The rotated centre k_mean is
+// not made: its one use, q · k_mean, is taken from the unrotated q and centre (row_quant.cuh).
+__global__ void __launch_bounds__(kCenterSlices * kCenterChannels) key_center(PrepassParams p, int blocks) {
+  __shared__ float means[kMaxCenterBlocks][kCenterChannels];
+  __shared__ int has_nan[kCenterChannels];
+  __shared__ float vmax[kCenterSlices][kCenterChannels];
   const int bh = blockIdx.x;
-  const int c = threadIdx.x % kHeadDim;
-  const int slice = threadIdx.x / kHeadDim;
+  const int local = threadIdx.x % kCenterChannels;
+  const int c = blockIdx.y * kCenterChannels + local;
+  const int slice = threadIdx.x / kCenterChannels;
   const float* src = p.block_means + static_cast<int64_t>(bh) * blocks * kHeadDim;
-  if (slice == 0) has_nan[c] = 0;
-  if (p.v_data != nullptr) {  // the fast preset's V scale: absmax over the block maxima
+  if (slice == 0) has_nan[local] = 0;
+  if (p.v_data != nullptr) {
     const float* vsrc = p.v_block_amax + static_cast<int64_t>(bh) * blocks * kHeadDim;
     float m = 0.f;
     for (int i = slice; i < blocks; i += kCenterSlices) m = nan_max(m, vsrc[i * kHeadDim + c]);
-    vmax[slice][c] = m;
-  }
-  __syncthreads();
-  if (p.v_data != nullptr && slice == 0) {
-    float m = vmax[0][c];
-#pragma unroll
-    for (int i = 1; i < kCenterSlices; ++i) m = nan_max(m, vmax[i][c]);
-    // symmetric INT8 per channel (docs/op_contract.md): absmax / 127, 1 for an all-zero
-    // channel; NaN for a channel with an inf / NaN value
-    p.v_scale[static_cast<int64_t>(bh) * kHeadDim + c] = m != m ? NAN : (m > 0.f ? __fdiv_rn(m, kQMax) : 1.f);
+    vmax[slice][local] = m;
   }
   bool nan = false;
 #pragma unroll
   for (int i = slice; i < kMaxCenterBlocks; i += kCenterSlices) {
     if (i < blocks) {
-      means[i][c] = src[i * kHeadDim + c];
-      nan = nan || isnan(means[i][c]);
+      means[i][local] = src[i * kHeadDim + c];
+      nan = nan || isnan(means[i][local]);
     }
   }
-  if (nan) has_nan[c] = 1;
   __syncthreads();
+  if (nan) has_nan[local] = 1;
+  if (p.v_data != nullptr && slice == 0) {
+    float m = vmax[0][local];
+#pragma unroll
+    for (int i = 1; i < kCenterSlices; ++i) m = nan_max(m, vmax[i][local]);
+    // symmetric INT8 per channel (docs/op_contract.md): absmax / 127, 1 for an all-zero
+    // channel; NaN for a channel with an inf / NaN value
+    p.v_scale[static_cast<int64_t>(bh) * kHeadDim + c] = m != m ? NAN : (m > 0.f ? __fdiv_rn(m, kQMax) : 1.f);
+  }
   // rank selection: the value with (n - 1) / 2 values below it and ties reaching past it
+  // (equal values race to the store with the same bits; a NaN anywhere makes it NaN below)
   const int rank = (blocks - 1) / 2;
+  float* center = p.k_center + static_cast<int64_t>(bh) * kHeadDim;
   for (int i = slice; i < blocks; i += kCenterSlices) {
-    const float m = means[i][c];
+    const float m = means[i][local];
     int below = 0, at_or_below = 0;
 #pragma unroll 8
     for (int j = 0; j < blocks; ++j) {  // (unrolled: the shared loads overlap)
-      below += means[j][c] < m;
-      at_or_below += means[j][c] <= m;
+      below += means[j][local] < m;
+      at_or_below += means[j][local] <= m;
     }
-    if (below <= rank && rank < at_or_below) x[c] = m;  // (equal values race: same bits)
+    if (below <= rank && rank < at_or_below) center[c] = m;
   }
   __syncthreads();
-  if (slice == 0) {
-    if (has_nan[c]) x[c] = NAN;
-    p.k_center[static_cast<int64_t>(bh) * kHeadDim + c] = x[c];
-  }
-  // In-place fast Walsh-Hadamard transform: y_i = sum_j (-1)^popcount(i & j) x_j.
-#pragma unroll
-  for (int half = 1; half < kHeadDim; half *= 2) {
-    __syncthreads();
-    const float mine = x[c], other = x[c ^ half];
-    __syncthreads();
-    if (slice == 0) x[c] = (c & half) ? other - mine : mine + other;
-  }
-  if (slice == 0) p.k_mean[static_cast<int64_t>(bh) * kHeadDim + c] = x[c] * kRotationScale;
+  if (slice == 0 && has_nan[local]) center[c] = NAN;
 }
 
 // kLanesPerRow lanes per row of Q (rows [0, B Hq Sq)) or K (the rows after), kPerLane
@@ -230,14 +225,14 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) quantize_rows(PrepassParams
       y[4 * c + 3] -= m4.w;
     }
   }
-  // Q rows: q · k_mean for the lse (K rows pass none: quantize_row_part's shuffles sit
-  // outside its mean branch, so a warp holding Q and K rows stays converged there)
-  const float* mean = is_q ? p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + h / (p.q_heads / p.kv_heads)) *
-                                            kHeadDim + part * kPerLane
-                           : nullptr;
+  // Q rows: q · k_center for the lse (K rows pass none: quantize_row_part's shuffles sit
+  // outside its centre branch, so a warp holding Q and K rows stays converged there)
+  const float* center = is_q ? p.k_center + (static_cast<int64_t>(b) * p.kv_heads + h / (p.q_heads / p.kv_heads)) *
+                                                kHeadDim + part * kPerLane
+                             : nullptr;
   uint32_t packed[kPerLane / 4];
   float dot = 0.f;
-  const float scale = quantize_row_part(y, part, mean, packed, &dot);
+  const float scale = quantize_row_part(y, part, center, packed, &dot);
   if (!live) return;
   int8_t* data = (is_q ? p.q_data : p.k_data) + static_cast<int64_t>(r) * kHeadDim + part * kPerLane;
 #pragma unroll
@@ -336,7 +331,7 @@ void launch_all(const PrepassParams& p, cudaStream_t stream) {
   center_blocks(p.kv_len, &rows_per_block, &blocks);
   key_block_means<T><<<dim3(blocks, p.batch * p.kv_heads), kMeansThreads, 0, stream>>>(p, rows_per_block, blocks);
   check("key_block_means");
-  key_center<<<p.batch * p.kv_heads, kCenterSlices * kHeadDim, 0, stream>>>(p, blocks);
+  key_center<<<dim3(p.batch * p.kv_heads, kCenterSplits), kCenterSlices * kCenterChannels, 0, stream>>>(p, blocks);
   check("key_center");
   const int64_t q_rows = p.q_data != nullptr ? static_cast<int64_t>(p.q_heads) * p.q_len : 0;
   const int64_t rows = static_cast<int64_t>(p.batch) * (q_rows + static_cast<int64_t>(p.kv_heads) * p.kv_len);

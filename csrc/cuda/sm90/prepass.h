@@ -33,18 +33,18 @@ struct PrepassParams {
   int batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0;
   OutType in_type = OutType::kBFloat16;
   // Outputs, contiguous: q_data (B, Hq, Sq, D) int8, q_scale (B, Hq, Sq); k_data, k_scale
-  // likewise over (B, Hkv, Skv); k_mean (B, Hkv, D) float32, the rotated centre. q_data
-  // null: Q is not quantized here (the forward does it, Sm90FwdParams::quantize_q), and
-  // q_scale / q_center_dot are unused.
+  // likewise over (B, Hkv, Skv). q_data null: Q is not quantized here (the forward does it,
+  // Sm90FwdParams::quantize_q), and q_scale / q_center_dot are unused.
   int8_t* q_data = nullptr;
   float* q_scale = nullptr;
   int8_t* k_data = nullptr;
   float* k_scale = nullptr;
-  float* k_mean = nullptr;
-  // (B, Hkv, D) float32: the centre before rotation (what the codes kernel subtracts).
+  // (B, Hkv, D) float32: the centre before rotation (what the codes kernel subtracts; the
+  // forward's in-kernel Q takes q · centre from it). The rotated centre, k_mean, is not
+  // made: q · k_mean equals q · centre before the rotation (orthonormal).
   float* k_center = nullptr;
-  // (B, Hq, Sq) float32: q_i · k_mean from the unquantized (rotated) q, for the forward's
-  // lse (Sm90FwdParams::lse_shift).
+  // (B, Hq, Sq) float32: q_i · k_mean from the unquantized q, for the forward's lse
+  // (Sm90FwdParams::lse_shift).
   float* q_center_dot = nullptr;
   // Workspace (B * Hkv, center_blocks, D) float32: the block means.
   float* block_means = nullptr;

@@ -58,12 +58,12 @@ at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) 
 // The forward on quantized operands; lse_shift (B, Hq, Sq) float32 or null: the fused
 // path's q · k_mean from the float q (the lse term the kernel otherwise takes from q's codes).
 // An undefined q_scale: q_data is the fused path's 16-bit q, which the kernel quantizes
-// (Sm90FwdParams::quantize_q; k_mean required).
+// (Sm90FwdParams::quantize_q) against k_center, the pre-pass's (B, Hkv, D) float32 centre.
 std::tuple<at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q_data, const at::Tensor& q_scale, const at::Tensor& k_data, const at::Tensor& k_scale,
     const std::optional<at::Tensor>& k_mean, const at::Tensor& v, const std::optional<at::Tensor>& v_data,
     const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& nonfinite, bool is_causal,
-    double scale, const float* lse_shift) {
+    double scale, const float* lse_shift, const float* k_center = nullptr) {
   TORCH_CHECK(q_data.is_cuda() && k_data.is_cuda() && v.is_cuda(), kOp, "operands must be CUDA tensors");
   TORCH_CHECK(q_data.device() == k_data.device() && q_data.device() == v.device(), kOp,
               "operands are on different devices");
@@ -139,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.v_scale = data_or_null<float>(vs);
   p.k_mean = data_or_null<float>(km);
   p.lse_shift = lse_shift;
+  p.k_center = k_center;
   p.nonfinite = data_or_null<int32_t>(nf);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -211,7 +212,6 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
     q_center_dot = at::empty({B, Hq, Sq}, f32);
   }
   at::Tensor k_data = at::empty({B, Hkv, Skv, kHeadDim}, i8), k_scale = at::empty({B, Hkv, Skv}, f32);
-  at::Tensor k_mean = at::empty({B, Hkv, kHeadDim}, f32);
   // workspace: the block means, then the unrotated centre
   at::Tensor work = at::empty({B * Hkv * (blocks + 1) * kHeadDim}, f32);
   // Causal calls skip tiles: a head with an inf / NaN must visit them all (op_contract.md).
@@ -248,7 +248,6 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   p.q_scale = data_or_null<float>(q_scale);
   p.k_data = k_data.data_ptr<int8_t>();
   p.k_scale = k_scale.data_ptr<float>();
-  p.k_mean = k_mean.data_ptr<float>();
   p.block_means = work.data_ptr<float>();
   p.k_center = p.block_means + B * Hkv * blocks * kHeadDim;
   p.q_center_dot = data_or_null<float>(q_center_dot);
@@ -261,8 +260,10 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   }
   launch_prepass(p, c10::cuda::getCurrentCUDAStream().stream());
   // (Q in the kernel: the 16-bit q and no q_scale; run_forward checks it as the kernel reads it)
-  return run_forward(q_in_kernel ? q : q_data, q_scale, k_data, k_scale, k_mean, v, v_codes, v_scale, nonfinite,
-                     is_causal, scale, p.q_center_dot);
+  // (the lse's centre term comes from the float q: lse_shift, or the in-kernel Q's q · k_center;
+  // the forward needs no rotated k_mean)
+  return run_forward(q_in_kernel ? q : q_data, q_scale, k_data, k_scale, std::nullopt, v, v_codes, v_scale,
+                     nonfinite, is_causal, scale, p.q_center_dot, p.k_center);
 }
 
 }  // namespace

@@ -60,10 +60,21 @@ __device__ __forceinline__ void load_row_part(const T* src, bool present, float 
 // (K rows: already centred). Every lane of the warp must call it (shuffles). Returns the
 // row's scale (1 for an all-zero row; NaN for a row with an inf / NaN, whose codes are 0,
 // so the scores that use it are NaN, as SDPA's) and this lane's codes, 4 a word in channel
-// order; with `mean` (kPerLane floats of the rotated K centre for this lane's channels),
-// *dot = the rotated row · mean over the whole row (the lse's centre term), else 0.
-__device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int part, const float* mean,
+// order; with `center` (kPerLane floats of the K centre, unrotated, for this lane's
+// channels), *dot = the row · centre over the whole row before the rotation (the lse's
+// centre term q · k_mean: the rotation is orthonormal, so the rotated product is the same
+// number), else 0.
+__device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int part, const float* center,
                                                    uint32_t (&packed)[kPerLane / 4], float* dot) {
+  float d = 0.f;
+  if (center != nullptr) {
+    const float4* center4 = reinterpret_cast<const float4*>(center);
+#pragma unroll
+    for (int c = 0; c < kPerLane / 4; ++c) {
+      const float4 m4 = center4[c];
+      d = fmaf(y[4 * c], m4.x, fmaf(y[4 * c + 1], m4.y, fmaf(y[4 * c + 2], m4.z, fmaf(y[4 * c + 3], m4.w, d))));
+    }
+  }
   // Fast Walsh-Hadamard transform, y_i = sum_j (-1)^popcount(i & j) x_j (Sylvester order,
   // as flash_quant.rotation.hadamard_matrix): channel bits below log2(kPerLane) in registers ...
 #pragma unroll
@@ -92,16 +103,6 @@ __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int par
   for (int i = 0; i < kPerLane; ++i) {
     y[i] *= kRotationScale;
     amax = fmaxf(amax, fabsf(y[i]));
-  }
-  // q · k_mean (both rotated; the rotation is orthonormal) from the float values
-  float d = 0.f;
-  if (mean != nullptr) {
-    const float4* mean4 = reinterpret_cast<const float4*>(mean);
-#pragma unroll
-    for (int c = 0; c < kPerLane / 4; ++c) {
-      const float4 m4 = mean4[c];
-      d = fmaf(y[4 * c], m4.x, fmaf(y[4 * c + 1], m4.y, fmaf(y[4 * c + 2], m4.z, fmaf(y[4 * c + 3], m4.w, d))));
-    }
   }
 #pragma unroll
   for (int m = 1; m < kLanesPerRow; m *= 2) {
