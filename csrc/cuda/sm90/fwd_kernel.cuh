@@ -464,11 +464,8 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
 
   const int8_t* q_tile = sm.q + wg * (kRowsPerWarpgroup * kD);
 
-  // Pipeline, per tile i after the first (PV(i) = P·V of tile i, QK(i) = Q·Kᵀ of tile i):
-  //   16-bit P·V: issue QK(i), wait; issue PV(i-1) into O; softmax(i) while PV(i-1) runs;
-  //     wait; rescale O (when a row max moved); pack P(i).
-  //   int8 P·V: issue PV(i-1), wait, fold it into O; issue QK(i), wait; softmax(i); pack
-  //     P(i). The other consumer warpgroup keeps the tensor cores busy meanwhile.
+  // Pipelines: the 16-bit P·V path in half tiles (half_step), the int8 one a tile at a
+  // time (below the 16-bit path).
   int32_t acc_s[64];
   float x[64];
   uint32_t pa8[4][4];
@@ -507,17 +504,10 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       Pack16<T>::mma(o, pa16[kk], moved(v_desc, kk * 16 * kSwizzleRowBytes), 1);
     }
   };
-  auto issue_pv = [&](int s, const uint32_t (&pa)[kKeysPerTile / 16][4]) {
+  auto issue_pv8 = [&](int s) {  // int8 P·V: a fresh int32 accumulator a tile
     const uint64_t v_desc = moved(v_desc0, s * Smem::kVTileBytes);
-    if constexpr (kPvInt8) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) wgmma_s8_rs(acc_pv, pa8[c], moved(v_desc, c * 32), c > 0);
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < kKeysPerTile / 16; ++kk) {
-        Pack16<T>::mma(o, pa[kk], moved(v_desc, kk * 16 * kSwizzleRowBytes), 1);  // 16 keys = 2 row groups
-      }
-    }
+    for (int c = 0; c < 4; ++c) wgmma_s8_rs(acc_pv, pa8[c], moved(v_desc, c * 32), c > 0);
   };
   // O <- O * alpha + (int32 P·V) * beta / 127 (the int8 path; bit trick of kFloatOffset)
   auto fold_pv8 = [&]() {
@@ -528,20 +518,17 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       o[i] = fmaf(__int_as_float(acc_pv[i] + kFloatOffsetBits), w, fmaf(o[i], alpha[r], -kFloatOffset * w));
     }
   };
-  // kMask: the tile holds keys past the end or past a row's causal limit. Masked and
-  // unmasked tiles run in separate loops (below): a branch between the two inside one
-  // iteration makes ptxas retire the in-flight P·V before it, losing the overlap.
-  auto softmax_tile = [&](int s, int n0, auto mask) {
-    if constexpr (std::is_same_v<decltype(mask), bool>) {  // decided per tile (int8 P·V): mask = "tile is full"
-      if (mask) {
-        scores<kCausal, false>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
-      } else {
-        scores<kCausal, true>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
-      }
+  // int8 P·V: the softmax of a whole tile; `full`: no key of the tile is masked (past the
+  // end, or past a row's causal limit). The 16-bit path runs masked and unmasked tiles in
+  // separate loops instead (softmax_half): a branch between the two with a product in
+  // flight makes ptxas retire the product before it, losing the overlap.
+  auto softmax_tile = [&](int s, int n0, bool full) {
+    if (full) {
+      scores<kCausal, false>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
     } else {
-      scores<kCausal, decltype(mask)::value>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
+      scores<kCausal, true>(x, acc_s, sm.k_scale[s], t, n0, p.kv_len, row[0], tile_max);
     }
-    softmax_step<kPvInt8>(x, tile_max, row_factor, m_run, l_part, alpha, beta);
+    softmax_step<true>(x, tile_max, row_factor, m_run, l_part, alpha, beta);
   };
   using Masked = std::true_type;
   using Unmasked = std::false_type;
@@ -657,92 +644,54 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       barrier_arrive(&sm.kv_empty[sp]);
     }
   } else {
-    if (n_active > 0) {
-      // tile 0
+    // int8 P·V, per tile i after the first: issue PV(i-1), wait, fold it into O; issue QK(i),
+    // wait; softmax(i); pack P(i). One product in flight at a time: the int32 P·V
+    // accumulator (64 registers) and S are never live together; the other CTA on the SM
+    // keeps the tensor cores busy meanwhile (CtaShape).
+    if (n_active > 0) {  // tile 0
       barrier_wait(&sm.k_full[0], 0);
       wgmma_fence();
       issue_qk(0);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(acc_s);
-      if (n_full > 0) {
-        softmax_tile(0, 0, Unmasked{});
-      } else {
-        softmax_tile(0, 0, Masked{});
-      }
-      if constexpr (kPvInt8) {
-        pack_p8(pa8, x, lane);
-      } else {
-        pack_p16<T>(pa16, x);  // (O is still 0: no rescale)
-      }
+      softmax_tile(0, 0, n_full > 0);
+      pack_p8(pa8, x, lane);
     }
-    auto mixed_step = [&](int it, auto mask) {
+    // (no product is in flight across the mask branch here, and one loop keeps the
+    // register pressure of this path below the spill point)
+    for (int it = 1; it < n_active; ++it) {
       const int s = it % kStages;
       const int sp = (it - 1) % kStages;
-      const int n0 = it * kKeysPerTile;
       barrier_wait(&sm.k_full[s], (it / kStages) & 1);
       barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
-      if constexpr (kPvInt8) {
-        // one product in flight at a time: the int32 P·V accumulator (64 registers) and S
-        // are never live together; the other warpgroup fills the tensor cores meanwhile
-        wgmma_fence();
-        issue_pv(sp, pa16);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc_pv);
-        barrier_arrive(&sm.kv_empty[sp]);
-        fold_pv8();
-        wgmma_fence_operands(o);
-        wgmma_fence();
-        issue_qk(s);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc_s);
-        softmax_tile(s, n0, mask);
-        pack_p8(pa8, x, lane);
-      } else {
-        wgmma_fence_operands(o);
-        wgmma_fence();
-        // QK(i), then PV(i-1) in flight during softmax(i) (measured against issuing both
-        // back to back before the softmax: 0.79-0.99x vs 0.70-0.96x cuDNN, docs/hopper.md)
-        issue_qk(s);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc_s);
-        issue_pv(sp, pa16);
-        wgmma_commit();
-        softmax_tile(s, n0, mask);
-        wgmma_fence_operands(x);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o);
-        barrier_arrive(&sm.kv_empty[sp]);
-        rescale_o();
-        pack_p16<T>(pa16, x);
-      }
-    };
-    if constexpr (kPvInt8) {
-      // (no product is in flight across the mask branch here, and one loop keeps the
-      // register pressure of this path below the spill point)
-      for (int it = 1; it < n_active; ++it) mixed_step(it, it < n_full);
-    } else {
-      for (int it = 1; it < n_full; ++it) mixed_step(it, Unmasked{});
-      for (int it = max(1, n_full); it < n_active; ++it) mixed_step(it, Masked{});
+      wgmma_fence();
+      issue_pv8(sp);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_pv);
+      barrier_arrive(&sm.kv_empty[sp]);
+      fold_pv8();
+      wgmma_fence_operands(o);
+      wgmma_fence();
+      issue_qk(s);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(acc_s);
+      softmax_tile(s, it * kKeysPerTile, it < n_full);
+      pack_p8(pa8, x, lane);
     }
     if (n_active > 0) {  // P·V of the last tile
       const int sp = (n_active - 1) % kStages;
       barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
       wgmma_fence_operands(o);
       wgmma_fence();
-      issue_pv(sp, pa16);
+      issue_pv8(sp);
       wgmma_commit();
       wgmma_wait<0>();
       barrier_arrive(&sm.kv_empty[sp]);
-      if constexpr (kPvInt8) {
-        wgmma_fence_operands(acc_pv);
-        fold_pv8();
-      } else {
-        wgmma_fence_operands(o);
-      }
+      wgmma_fence_operands(acc_pv);
+      fold_pv8();
     }
   }
   // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and
