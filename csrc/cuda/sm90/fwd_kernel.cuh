@@ -182,7 +182,9 @@ __device__ __forceinline__ uint32_t gather_a8(uint32_t own, int lane) {
 // Scores of one tile in base-2 units without the per-row factor: x' = qk * K scale
 // (I2FP.F32.S32, exact for |qk| < 2^24, and one FMUL), masked keys -inf. Returns this
 // thread's row maxima of x' through tile_max (not yet reduced over the quad). `ks`: the
-// tile's scales in k_scale_slot order, so a thread's 32 are 8 float4 loads.
+// tile's scales in k_scale_slot order, so a thread's 32 are 8 float4 loads. kFirst /
+// kBlocks: the tile's 8-column blocks to score (a half tile: acc holds those blocks only;
+// x keeps the whole tile's layout).
 template <bool kCausal, bool kMask, int kBlocks = 16, int kFirst = 0>
 __device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[4 * kBlocks], const float* ks, int t,
                                        int n0, int kv_len, int row0, float (&tile_max)[2]) {
@@ -218,9 +220,11 @@ __device__ __forceinline__ void scores(float (&x)[64], const int32_t (&acc)[4 * 
   }
 }
 
-// The online-softmax step of one tile (rows g, g+8 of this thread): P in place of x,
-// alpha = the factor on the output so far, beta = the factor on this tile's P·V (int8 P is
-// relative to the tile's own row max; 16-bit P to the running max, beta = 1).
+// The online-softmax step of one tile, or of its 8-column blocks kFirst .. kFirst +
+// kBlocks - 1 (a half tile, taken as a step of its own), for rows g, g+8 of this thread: P
+// in place of x, alpha = the factor on the output so far, beta = the factor on this
+// tile's P·V (int8 P is relative to the tile's own row max; 16-bit P to the running max,
+// beta = 1).
 template <bool kPvInt8, int kBlocks = 16, int kFirst = 0>
 __device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2], const float (&row_factor)[2],
                                              float (&m_run)[2], float (&l_part)[2], float (&alpha)[2],
@@ -271,7 +275,8 @@ __device__ __forceinline__ void pack_p8(uint32_t (&a)[4][4], const float (&x)[64
   }
 }
 
-// 16-bit P in the A-operand layout of eight k16 steps (the accumulator's own pairs).
+// 16-bit P in the A-operand layout of k16 steps kFirst .. kFirst + kSteps - 1 (all eight:
+// a whole tile); the accumulator's own pairs.
 template <class T, int kSteps = kKeysPerTile / 16, int kFirst = 0>
 __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], const float (&x)[64]) {
 #pragma unroll
