@@ -126,6 +126,33 @@ def test_emulated_row_max_growing_across_tiles(libs, dtype, causal):
     assert (lse.double() - ref_lse).abs().max().item() <= LSE_ABS
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_emulated_row_max_growing_in_a_second_half_tile(libs, dtype, causal):
+    """The 16-bit path runs each key tile in two halves of 64 keys, and a row max that grows
+    in the second half rescales O only at the next step (or, for the last tile, before its
+    last product), where no product writes O. K rows 192-255 (tile 1, second half) x8 and
+    448-499 (the last tile's second half, a masked tail) x32: both grow the max by more than
+    the lazy reference's 8 (log2 units). A kernel that applies the second half's factor at
+    the wrong point, or not at all, fails this; random codes never reach those branches."""
+    b, h, s, d = 1, 2, 500, 128
+    qd, qs, kd, ks, v, vd, vs, buf = _operands(b, h, h, s, s, d, dtype, False, seed=12)
+    growth = torch.ones(s)
+    growth[192:256], growth[448:500] = 8.0, 32.0
+    ks = (ks * growth).contiguous()
+    scale = d ** -0.5
+    out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale)
+    ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale)
+    # the input does what it is for, on the last rows (which see every key, causal or not)
+    s2 = (qd.double() * qs.double()[..., None]) @ (kd.double() * ks.double()[..., None]).transpose(-1, -2)
+    s2 = s2[..., 499:, :] * scale / math.log(2.0)
+    assert (s2[..., 192:256].amax(-1) - s2[..., :192].amax(-1)).min() > 8
+    assert (s2[..., 448:].amax(-1) - s2[..., :448].amax(-1)).min() > 8
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= BAR_PV16, f"rel-L2 {err:.3g}"
+    assert (lse.double() - ref_lse).abs().max().item() <= LSE_ABS
+
+
 @pytest.mark.parametrize("preset", ["accurate", "fast"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_emulated_fused_path_matches_fp64(libs, preset, causal):

@@ -155,6 +155,20 @@ def test_op_row_max_growing_across_tiles(recipe, dtype, causal):
 
 
 @pytest.mark.parametrize("recipe", ["accurate", "fast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_op_row_max_growing_in_a_second_half_tile(recipe, dtype, causal):
+    """Keys 192-255 (the second half of the second tile) x8 and 448-499 (the second half
+    of the last, masked tile) x32: the 16-bit path's half-tile pipeline rescales O for a
+    second half only at the next step or before the last product (the CPU emulation,
+    tests/test_sm90_forward_emulated.py, has the same input)."""
+    q, k, v = make_qkv(1, 8, 500, D, hkv=2, dtype=dtype, device=DEV)
+    k[:, :, 192:256] *= 8
+    k[:, :, 448:500] *= 32
+    _check_against_reference_and_triton(_op_call(q, k, v, recipe, causal), recipe, dtype)
+
+
+@pytest.mark.parametrize("recipe", ["accurate", "fast"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("sq, skv", [(1, 4097), (17, 1000), (130, 17), (1000, 130), (4097, 1)])
 def test_op_query_and_key_lengths_differ(recipe, causal, sq, skv):
