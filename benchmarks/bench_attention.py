@@ -17,7 +17,9 @@ Methods (inputs bf16 unless --dtype fp16):
 The sage row is whatever `import sageattention` finds (a wheel in .whl/ installed by
 gpu_run.sh, or a build of SageAttention from source on PYTHONPATH); the run's meta names
 its version and location.
-Rows whose path raises print "n/a (reason)". Results go to benchmarks/results/:
+Rows whose path raises print "n/a (reason)"; rows that ran but cannot be right (a rate past
+any tensor-core peak, a rel-L2 past 50 %: `not_a_result`) keep their numbers, say "not a
+result" in the kernel column, and stay out of the summary and the plot. Results go to benchmarks/results/:
 attention_<stamp>.json, .md, .png (matplotlib), stamped with device, date and versions.
 
   python benchmarks/bench_attention.py            # full
@@ -61,6 +63,22 @@ KERNEL_RECIPES = {
     "16bit": (None, None, "none"),
 }
 E2E_PRESETS = ["accurate", "fast", "int4", "16bit"]
+#: A row past this rate did not compute what it claims: no GPU this benchmark runs on
+#: reaches it (Hopper's dense INT8 / FP8 tensor-core peak is ~1979 TFLOPS). Seen: a peer's
+#: launch that failed quietly (SageAttention2 at 1x32x16384, 4860 "TFLOPS").
+IMPLAUSIBLE_TFLOPS = 2000.0
+#: A row this far from fp64 returned a wrong output (the 8-bit methods sit at 1-4 %). Seen:
+#: a peer's GQA call (rel-L2 112 %).
+WRONG_OUTPUT_REL_L2 = 0.5
+
+
+def not_a_result(row) -> str | None:
+    """Why a timed row is not a result (its numbers stay in the JSON, marked), or None."""
+    if row.get("tflops", 0.0) > IMPLAUSIBLE_TFLOPS:
+        return f"not a result: {row['tflops']:.0f} TFLOPS is past any tensor-core peak (a failed launch)"
+    if row.get("rel_l2", 0.0) > WRONG_OUTPUT_REL_L2:
+        return f"not a result: wrong output (rel-L2 {row['rel_l2']:.2f})"
+    return None
 # presets timed with each CUDA forward kernel forced (flash_quant.cuda.dispatch)
 FORCED_PRESETS = ["accurate", "fast"]
 FORCED_KERNELS = ["sm90", "triton"]
@@ -304,6 +322,10 @@ def main():
                     row["graph_na"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
             if ref is not None and out is not None and torch.is_tensor(out) and out.dim() == 4:
                 row.update(accuracy(out, ref, r0))
+            invalid = not_a_result(row)
+            if invalid:
+                row["invalid"] = invalid
+                row["kernel"] = f"{row['kernel']}; {invalid}" if "kernel" in row else invalid
         except Exception as exc:  # the row prints n/a with the reason, never a number
             row["na"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             if os.environ.get("FQ_BENCH_TRACE"):
@@ -423,7 +445,7 @@ def main():
         if not cu:
             continue
         for r in rows:
-            if r["shape"] == sh and r["phase"] == "fwd" and "ms" in r and (
+            if r["shape"] == sh and r["phase"] == "fwd" and "ms" in r and "invalid" not in r and (
                     r["method"] == "sage" or r["method"].startswith("fq-")):
                 summary[f"{sh}: speed vs sdpa-cudnn (cudnn ms / ms), {r['method']}"] = cu[0]["ms"] / r["ms"]
     try:
@@ -475,7 +497,7 @@ def write_results(meta, rows, summary, out_dir, tag, quiet=False):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fwd = [r for r in rows if r["phase"] == "fwd" and "tflops" in r]
+        fwd = [r for r in rows if r["phase"] == "fwd" and "tflops" in r and "invalid" not in r]
         shapes = sorted({r["shape"] for r in fwd}, key=[s[0] for s in SHAPES].index)
         methods = sorted({r["method"] for r in fwd})
         fig, ax = plt.subplots(figsize=(max(10, 1.8 * len(shapes)), 6))
