@@ -97,7 +97,11 @@ def which_kernel(
     fastest: ("sm90", None) (the Hopper CUDA C++ kernel), ("triton", reason) for other CUDA
     calls, ("cpu", None) or ("mps", None) on those devices. Quantizes the operands as the
     call would (the decision depends on what quantization produces) but runs no attention
-    and counts no fallback."""
+    and counts no fallback. A call that runs as the one fused sm90 op (the accurate and fast
+    presets on Hopper: `_fused_call`) is ("sm90", None) without quantizing."""
+    if _is_cuda_tensor(query) and _fused_call(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                              enable_gqa, config) is not None:
+        return "sm90", None
     kwargs = _forward_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config).kwargs
     device = kwargs["q"].device
     if device.type != "cuda":
@@ -110,7 +114,7 @@ def which_kernel(
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
     """((out in the query's dtype, the op's lse), the general path's _Call, or None where
     the fused sm90 op served the call: its lse already takes the centre term from the float q)."""
-    if type(query) is torch.Tensor and query.is_cuda:
+    if _is_cuda_tensor(query):
         fused = _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
         if fused is not None:
             return fused, None
@@ -124,11 +128,16 @@ _FAST = PRESETS["fast"]
 _CUDA_DISPATCH = []  # [flash_quant.cuda.dispatch], imported at the first CUDA call
 
 
-def _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
-    """(out, lse) from one fused op call when the CUDA dispatcher says the call is the
-    accurate or the fast preset on the Hopper kernel with nothing the general path must do
-    first (dispatch.fused_sm90: the same quantization and kernel, ~10x less host time),
-    else None."""
+def _is_cuda_tensor(t) -> bool:
+    """A plain tensor on a CUDA device: the only calls the fused sm90 op may take (tests
+    replace this to route CPU tensors through a mocked Hopper dispatcher)."""
+    return type(t) is torch.Tensor and t.is_cuda
+
+
+def _fused_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
+    """(softmax scale, pv_int8) when the CUDA dispatcher says the call is the accurate or
+    the fast preset on the Hopper kernel with nothing the general path must do first
+    (dispatch.fused_sm90: the same quantization and kernel, ~10x less host time), else None."""
     if config is _ACCURATE or config is None or (type(config) is str and config == "accurate"):
         pv_int8 = False
     elif config is _FAST or (type(config) is str and config == "fast"):
@@ -141,7 +150,13 @@ def _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         _CUDA_DISPATCH.append(dispatch)
     s = _CUDA_DISPATCH[0].fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                      pv_int8)
-    return None if s is None else ops.sm90_attention(query, key, value, bool(is_causal), s, pv_int8)
+    return None if s is None else (s, pv_int8)
+
+
+def _fused_sm90(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
+    """(out, lse) from one fused op call where `_fused_call` takes the call, else None."""
+    fused = _fused_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
+    return None if fused is None else ops.sm90_attention(query, key, value, bool(is_causal), *fused)
 
 
 class _Call(NamedTuple):

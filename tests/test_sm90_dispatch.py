@@ -545,6 +545,24 @@ def test_functional_sends_each_preset_to_its_fused_op(fused_hopper, monkeypatch)
         assert asked == ([] if want is None else [want]), config
 
 
+def test_which_kernel_names_the_fused_op(fused_hopper, monkeypatch):
+    """which_kernel answers for what attention(...) runs: the accurate and the fast preset at
+    head dim 128 run as the one fused sm90 op, also where the op-level policy would keep the
+    fast preset's INT8 P·V on Triton (SM90_FUSED_TAKES_FAST); a call the fused op declines
+    (a mask) gets the op-level answer (here the tensors' own device: they are CPU tensors)."""
+    from flash_quant import functional
+
+    monkeypatch.setattr(functional, "_is_cuda_tensor", lambda t: True)  # (CPU tensors, mocked Hopper)
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ("int8",))
+    monkeypatch.setattr(dispatch, "SM90_FUSED_TAKES_FAST", True)
+    a = fused_args()
+    q, k, v = a["query"], a["key"], a["value"]
+    for preset in ("accurate", "fast"):
+        assert flash_quant.which_kernel(q, k, v, config=preset, enable_gqa=True) == ("sm90", None), preset
+    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool)
+    assert flash_quant.which_kernel(q, k, v, attn_mask=mask, config="accurate", enable_gqa=True) == ("cpu", None)
+
+
 def test_fused_grad_needs_grad_mode(fused_hopper):
     """A call on tensors that require grad is fused only where no graph is recorded."""
     a = fused_args()
