@@ -100,6 +100,23 @@ def test_emulated_kernel_matches_fp64(libs, pv8, causal):
         assert lse_err <= LSE_ABS, f"{where}: lse off by {lse_err:.3g}"
 
 
+def _growing_keys_case(lib, dtype, causal, growth, seed):
+    """The 16-bit path on 1 x 2 x 500 x 128 operands whose K scales are multiplied by
+    `growth` (one factor a key), against fp64 at the bars; returns the scores in log2
+    units (fp64, all rows x all keys) for the caller to check its input does what it is for."""
+    b, h, s, d = 1, 2, 500, 128
+    qd, qs, kd, ks, v, vd, vs, buf = _operands(b, h, h, s, s, d, dtype, False, seed=seed)
+    ks = (ks * growth).contiguous()
+    scale = d ** -0.5
+    out, lse = emulated.run_forward(lib, qd, qs, kd, ks, v, buf, vs, causal, scale)
+    ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err <= BAR_PV16, f"rel-L2 {err:.3g}"
+    assert (lse.double() - ref_lse).abs().max().item() <= LSE_ABS
+    s2 = (qd.double() * qs.double()[..., None]) @ (kd.double() * ks.double()[..., None]).transpose(-1, -2)
+    return s2 * scale / math.log(2.0)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_emulated_row_max_growing_across_tiles(libs, dtype, causal):
@@ -107,23 +124,13 @@ def test_emulated_row_max_growing_across_tiles(libs, dtype, causal):
     key tile x2 (a row's max grows by less than 8 in log2 units: no rescale, P up to ~2^4),
     of the third x8 (it grows by far more: O and the sum rescale), the fourth x1 again.
     Random codes alone never grow a max by 8, so the rescale branch needs this input."""
-    b, h, s, d = 1, 2, 500, 128
-    qd, qs, kd, ks, v, vd, vs, buf = _operands(b, h, h, s, s, d, dtype, False, seed=11)
-    growth = torch.ones(s)
+    growth = torch.ones(500)
     growth[128:256], growth[256:384] = 2.0, 8.0
-    ks = (ks * growth).contiguous()
-    scale = d ** -0.5
-    out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale)
-    ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale)
+    s2 = _growing_keys_case(libs[1], dtype, causal, growth, seed=11)
     # the input does what it is for: for the rows that see every tile, the second tile's max
     # is above the first's by less than 8 (log2 units), the third's by more
-    s2 = (qd.double() * qs.double()[..., None]) @ (kd.double() * ks.double()[..., None]).transpose(-1, -2)
-    s2 = s2[..., 384:, :] * scale / math.log(2.0)
-    tile_max = [s2[..., n:n + 128].amax(-1) for n in (0, 128, 256)]
+    tile_max = [s2[..., 384:, n:n + 128].amax(-1) for n in (0, 128, 256)]
     assert 0 < (tile_max[1] - tile_max[0]).median() < 8 and (tile_max[2] - tile_max[0]).min() > 8
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err <= BAR_PV16, f"rel-L2 {err:.3g}"
-    assert (lse.double() - ref_lse).abs().max().item() <= LSE_ABS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -135,22 +142,13 @@ def test_emulated_row_max_growing_in_a_second_half_tile(libs, dtype, causal):
     448-499 (the last tile's second half, a masked tail) x32: both grow the max by more than
     the lazy reference's 8 (log2 units). A kernel that applies the second half's factor at
     the wrong point, or not at all, fails this; random codes never reach those branches."""
-    b, h, s, d = 1, 2, 500, 128
-    qd, qs, kd, ks, v, vd, vs, buf = _operands(b, h, h, s, s, d, dtype, False, seed=12)
-    growth = torch.ones(s)
+    growth = torch.ones(500)
     growth[192:256], growth[448:500] = 8.0, 32.0
-    ks = (ks * growth).contiguous()
-    scale = d ** -0.5
-    out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale)
-    ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale)
-    # the input does what it is for, on the last rows (which see every key, causal or not)
-    s2 = (qd.double() * qs.double()[..., None]) @ (kd.double() * ks.double()[..., None]).transpose(-1, -2)
-    s2 = s2[..., 499:, :] * scale / math.log(2.0)
-    assert (s2[..., 192:256].amax(-1) - s2[..., :192].amax(-1)).min() > 8
-    assert (s2[..., 448:].amax(-1) - s2[..., :448].amax(-1)).min() > 8
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err <= BAR_PV16, f"rel-L2 {err:.3g}"
-    assert (lse.double() - ref_lse).abs().max().item() <= LSE_ABS
+    s2 = _growing_keys_case(libs[1], dtype, causal, growth, seed=12)
+    # the input does what it is for, on the last row (which sees every key, causal or not)
+    last = s2[..., 499:, :]
+    assert (last[..., 192:256].amax(-1) - last[..., :192].amax(-1)).min() > 8
+    assert (last[..., 448:].amax(-1) - last[..., :448].amax(-1)).min() > 8
 
 
 @pytest.mark.parametrize("preset", ["accurate", "fast"])

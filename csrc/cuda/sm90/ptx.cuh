@@ -148,22 +148,21 @@ __device__ __forceinline__ void wgmma_fence_operands(int32_t (&regs)[N]) {
 #define FQ_RS_TAIL64 "{%64, %65, %66, %67}, %68"
 #define FQ_RS_PRED64 "%69"
 
-// D (+)= A·B, int8 x int8 -> int32, m64n128k32 (64 registers) or m64n64k32 (32: half a key
-// tile); A, B: K-major shared-memory descriptors.
-__device__ __forceinline__ void wgmma_s8_ss(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " FQ_ACC_REGS64 ", %64, %65, p;\n}\n"
-      : FQ_ACC64("r", d)
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-__device__ __forceinline__ void wgmma_s8_ss(int32_t (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 " FQ_ACC_REGS32 ", %32, %33, p;\n}\n"
-      : FQ_ACC32("r", d)
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
+// D (+)= A·B, int8 x int8 -> int32, A and B K-major shared-memory descriptors; N
+// accumulator registers: m64n128k32 (64) or m64n64k32 (32: half a key tile).
+#define FQ_SS_TAIL32 "%32, %33"
+#define FQ_SS_PRED32 "%34"
+#define FQ_SS_TAIL64 "%64, %65"
+#define FQ_SS_PRED64 "%66"
+#define FQ_WGMMA_S8_SS(N, SHAPE)                                                                                 \
+  __device__ __forceinline__ void wgmma_s8_ss(int32_t(&d)[N], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FQ_SS_PRED##N ", 0;\n"                                    \
+                 "wgmma.mma_async.sync.aligned." SHAPE ".s32.s8.s8 " FQ_ACC_REGS##N ", " FQ_SS_TAIL##N ", p;\n}\n" \
+                 : FQ_ACC##N("r", d)                                                                              \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                                     \
+  }
+FQ_WGMMA_S8_SS(64, "m64n128k32")
+FQ_WGMMA_S8_SS(32, "m64n64k32")
 
 // D (+)= A·B with A in registers (4 registers a thread: 4 x int8 or 2 x 16-bit values
 // each) and B a shared-memory descriptor; N accumulator registers (m64 x 2N outputs).
