@@ -100,6 +100,26 @@ def test_emulated_kernel_matches_fp64(libs, pv8, causal):
         assert lse_err <= LSE_ABS, f"{where}: lse off by {lse_err:.3g}"
 
 
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_emulated_permuted_v_takes_p_without_shuffles(libs, causal):
+    """INT8 P·V with V^T in the pre-pass's token order (Sm90FwdParams::v_keys_permuted: each
+    thread's own P codes are its wgmma A fragment, no shuffle) gives exactly the outputs and
+    lse of V^T in token order (the quad shuffles); the permuted buffer read as if in token
+    order does not (the two orders differ)."""
+    for i, (b, hq, hkv, sq, skv, d) in enumerate([(1, 2, 1, 17, 17, 128), (1, 4, 2, 130, 300, 128),
+                                                 (1, 2, 2, 300, 130, 64)]):
+        dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
+        qd, qs, kd, ks, v, vd, vs, buf = _operands(b, hq, hkv, sq, skv, d, dtype, True, seed=10 + i)
+        scale = d ** -0.5
+        out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale)
+        permuted = emulated.permute_v_tokens(buf)
+        out_p, lse_p = emulated.run_forward(libs[1], qd, qs, kd, ks, v, permuted, vs, causal, scale, v_permuted=True)
+        where = f"{(b, hq, hkv, sq, skv, d)} causal={causal}"
+        assert torch.equal(out_p, out) and torch.equal(lse_p, lse), where
+        out_w, _ = emulated.run_forward(libs[1], qd, qs, kd, ks, v, permuted, vs, causal, scale)
+        assert not torch.equal(out_w, out), f"{where}: the permuted order read as token order changed nothing"
+
 def _growing_keys_case(lib, dtype, causal, growth, seed):
     """The 16-bit path on 1 x 2 x 500 x 128 operands whose K scales are multiplied by
     `growth` (one factor a key), against fp64 at the bars; returns the scores in log2
@@ -164,7 +184,7 @@ def test_emulated_fused_path_matches_fp64(libs, preset, causal):
         pre = emulated.run_prepass(prepass, q, k, v, preset == "fast")
         out, lse = emulated.run_forward(forward, pre["q_data"], pre["q_scale"], pre["k_data"], pre["k_scale"], v,
                                         pre.get("v_data"), pre.get("v_scale"), causal, 128 ** -0.5,
-                                        lse_shift=pre["q_center_dot"])
+                                        lse_shift=pre["q_center_dot"], v_permuted=True)
         ref, ref_lse = reference_attention(q, k, v, is_causal=causal, return_lse=True)
         err = error_stats(out, ref)["rel_l2"]
         assert err <= PRESET_BARS[preset], f"{preset} {(b, hq, hkv, s)} {family}: rel-L2 {err:.3g}"
@@ -187,13 +207,13 @@ def test_emulated_q_in_kernel_matches_prepass_codes(libs, preset):
         pre = emulated.run_prepass(prepass, q, k, v, preset == "fast")
         out, lse = emulated.run_forward(forward, pre["q_data"], pre["q_scale"], pre["k_data"], pre["k_scale"], v,
                                         pre.get("v_data"), pre.get("v_scale"), causal, 128 ** -0.5,
-                                        lse_shift=pre["q_center_dot"])
+                                        lse_shift=pre["q_center_dot"], v_permuted=True)
         pre_k = emulated.run_prepass(prepass, q, k, v, preset == "fast", q_in_kernel=True)
         for name in ("k_data", "k_scale", "k_center"):
             assert torch.equal(pre_k[name], pre[name]), f"{name} changed without the Q rows"
         out_k, lse_k = emulated.run_forward(forward, q, None, pre_k["k_data"], pre_k["k_scale"], v,
                                             pre_k.get("v_data"), pre_k.get("v_scale"), causal, 128 ** -0.5,
-                                            k_center=pre_k["k_center"])
+                                            k_center=pre_k["k_center"], v_permuted=True)
         where = f"{preset} {(b, hq, hkv, s)} causal={causal}"
         assert torch.isnan(out_k[0, 1, s // 2]).all(), f"{where}: the NaN row is not NaN"
         assert torch.equal(out_k.isnan(), out.isnan()), where

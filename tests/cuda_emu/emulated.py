@@ -76,7 +76,8 @@ _WORK_BLOCKS = 80
 def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
     """The pre-pass's outputs for 16-bit q, k, v: Q / K codes and scales, k_center (the
     centre, unrotated), q_center_dot, and with `fast` V's scale and its K-major codes buffer
-    (B, Hkv, D, S padded to 16). `q_in_kernel`: Q is left to the forward (no Q outputs)."""
+    (B, Hkv, D, S padded to 16; each 16 tokens in the forward's order: unpermute_v_tokens).
+    `q_in_kernel`: Q is left to the forward (no Q outputs)."""
     assert q.dtype in (torch.bfloat16, torch.float16), "the pre-pass reads 16-bit inputs"
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -103,12 +104,33 @@ def run_prepass(lib, q, k, v, fast: bool, q_in_kernel: bool = False) -> dict:
     return out
 
 
-def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, lse_shift=None, k_center=None):
+def v_token_slots(n: int) -> torch.Tensor:
+    """Where each of tokens 0 .. n-1 (n a multiple of 16) sits in the pre-pass's INT8 V^T
+    (prepass.cu v_token_slot: in each 16, key 2t + i of 8-key block b at 4t + 2b + i)."""
+    a = torch.arange(n)
+    within = a % 16
+    return a - within + 4 * ((within % 8) // 2) + 2 * (within // 8) + within % 2
+
+
+def permute_v_tokens(v_buf: torch.Tensor) -> torch.Tensor:
+    """A K-major V^T buffer (..., D, S_pad) in token order -> the pre-pass's order."""
+    out = torch.empty_like(v_buf)
+    out[..., v_token_slots(v_buf.shape[-1])] = v_buf
+    return out
+
+
+def unpermute_v_tokens(v_buf: torch.Tensor) -> torch.Tensor:
+    """The pre-pass's permuted V^T (..., D, S_pad) -> token order."""
+    return v_buf[..., v_token_slots(v_buf.shape[-1])]
+
+
+def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, lse_shift=None, k_center=None,
+                v_permuted: bool = False):
     """(out, lse) of the emulated forward on quantized operands: Q / K INT8 codes with
     (B, H, S) scales; v 16-bit, or with v_buf the K-major INT8 V buffer (B, Hkv, D, S_pad)
     and vs (B, Hkv, D) for INT8 P·V; lse_shift (B, Hq, Sq): the fused path's q · k_mean.
     qs None: qd is the 16-bit q, quantized in the kernel against k_center (the pre-pass's
-    unrotated centre)."""
+    unrotated centre). v_permuted: v_buf's tokens are in the pre-pass's order."""
     b, hq, sq, d = qd.shape
     hkv, skv = kd.shape[1], kd.shape[2]
     out = torch.zeros(b, hq, sq, d, dtype=v.dtype)
@@ -119,6 +141,6 @@ def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, l
         _ptr(None if vs is None else vs.contiguous()), _triple(*qd.stride()[:3]), _triple(*kd.stride()[:3]),
         _triple(*vt.stride()[:3]), b, hq, hkv, sq, skv, d, int(v.dtype == torch.bfloat16), int(v_buf is not None),
         int(causal), ctypes.c_float(scale), _ptr(lse_shift), None, _ptr(k_center), int(qs is None),
-        _ptr(out), _ptr(lse))
+        int(v_permuted), _ptr(out), _ptr(lse))
     assert rc == 0, "the emulated launch raised (see stderr)"
     return out, lse

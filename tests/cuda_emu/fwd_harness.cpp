@@ -14,7 +14,7 @@ extern "C" int run_forward(const void* q, const float* q_scale, const void* k, c
                            const float* v_scale, const int64_t* qs, const int64_t* ks, const int64_t* vs, int B,
                            int Hq, int Hkv, int Sq, int Skv, int D, int bf16, int pv_int8, int causal, float scale,
                            const float* lse_shift, const float* k_mean, const float* k_center, int quantize_q,
-                           void* out,
+                           int v_permuted, void* out,
                            float* lse) {
   Sm90FwdParams p;
   emu_set_operands(p, q, k, v, qs, ks, vs, B, Hq, Hkv, Sq, Skv);
@@ -32,6 +32,7 @@ extern "C" int run_forward(const void* q, const float* q_scale, const void* k, c
   p.pv_int8 = pv_int8 != 0;
   p.causal = causal != 0;
   p.quantize_q = quantize_q != 0;
+  p.v_keys_permuted = v_permuted != 0;
   try {
     launch_forward(p, nullptr);
   } catch (const std::exception& e) {

@@ -255,6 +255,10 @@ __device__ __forceinline__ void softmax_step(float (&x)[64], float (&tile_max)[2
 }
 
 // int8 P codes round(127 p) (p in [0, 1]) in the A-operand layout of four k32 steps.
+// kPermuted: V^T's tokens are in the pre-pass's order (Sm90FwdParams::v_keys_permuted),
+// where position 4t + i of each 16 holds the key this thread's i-th code is for: the
+// thread's own codes are its A fragment, with no shuffle.
+template <bool kPermuted>
 __device__ __forceinline__ void pack_p8(uint32_t (&a)[4][4], const float (&x)[64], int lane) {
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
@@ -269,7 +273,7 @@ __device__ __forceinline__ void pack_p8(uint32_t (&a)[4][4], const float (&x)[64
         const uint32_t c2 = __float_as_uint(fmaf(x[4 * (j0 + 1) + 2 * r], kPCodeMax, kFloatOffset));
         const uint32_t c3 = __float_as_uint(fmaf(x[4 * (j0 + 1) + 2 * r + 1], kPCodeMax, kFloatOffset));
         const uint32_t own = __byte_perm(__byte_perm(c0, c1, 0x0040), __byte_perm(c2, c3, 0x0040), 0x5410);
-        a[c][2 * h + r] = gather_a8(own, lane);
+        a[c][2 * h + r] = kPermuted ? own : gather_a8(own, lane);
       }
     }
   }
@@ -649,54 +653,63 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       barrier_arrive(&sm.kv_empty[sp]);
     }
   } else {
-    // int8 P·V, per tile i after the first: issue PV(i-1), wait, fold it into O; issue QK(i),
-    // wait; softmax(i); pack P(i). One product in flight at a time: the int32 P·V
-    // accumulator (64 registers) and S are never live together; the other CTA on the SM
-    // keeps the tensor cores busy meanwhile (CtaShape).
-    if (n_active > 0) {  // tile 0
-      barrier_wait(&sm.k_full[0], 0);
-      wgmma_fence();
-      issue_qk(0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc_s);
-      softmax_tile(0, 0, n_full > 0);
-      pack_p8(pa8, x, lane);
-    }
-    // (no product is in flight across the mask branch here, and one loop keeps the
-    // register pressure of this path below the spill point)
-    for (int it = 1; it < n_active; ++it) {
-      const int s = it % kStages;
-      const int sp = (it - 1) % kStages;
-      barrier_wait(&sm.k_full[s], (it / kStages) & 1);
-      barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
-      wgmma_fence();
-      issue_pv8(sp);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc_pv);
-      barrier_arrive(&sm.kv_empty[sp]);
-      fold_pv8();
-      wgmma_fence_operands(o);
-      wgmma_fence();
-      issue_qk(s);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc_s);
-      softmax_tile(s, it * kKeysPerTile, it < n_full);
-      pack_p8(pa8, x, lane);
-    }
-    if (n_active > 0) {  // P·V of the last tile
-      const int sp = (n_active - 1) % kStages;
-      barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
-      wgmma_fence_operands(o);
-      wgmma_fence();
-      issue_pv8(sp);
-      wgmma_commit();
-      wgmma_wait<0>();
-      barrier_arrive(&sm.kv_empty[sp]);
-      wgmma_fence_operands(acc_pv);
-      fold_pv8();
+    // (two copies of the loop, V^T in the pre-pass's token order or not: a branch on it
+    // inside the loop would split the P packing into basic blocks)
+    auto pv8_loop = [&](auto permuted) {
+      // int8 P·V, per tile i after the first: issue PV(i-1), wait, fold it into O; issue QK(i),
+      // wait; softmax(i); pack P(i). One product in flight at a time: the int32 P·V
+      // accumulator (64 registers) and S are never live together; the other CTA on the SM
+      // keeps the tensor cores busy meanwhile (CtaShape).
+      if (n_active > 0) {  // tile 0
+        barrier_wait(&sm.k_full[0], 0);
+        wgmma_fence();
+        issue_qk(0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_s);
+        softmax_tile(0, 0, n_full > 0);
+        pack_p8<decltype(permuted)::value>(pa8, x, lane);
+      }
+      // (no product is in flight across the mask branch here, and one loop keeps the
+      // register pressure of this path below the spill point)
+      for (int it = 1; it < n_active; ++it) {
+        const int s = it % kStages;
+        const int sp = (it - 1) % kStages;
+        barrier_wait(&sm.k_full[s], (it / kStages) & 1);
+        barrier_wait(&sm.v_full[sp], ((it - 1) / kStages) & 1);
+        wgmma_fence();
+        issue_pv8(sp);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_pv);
+        barrier_arrive(&sm.kv_empty[sp]);
+        fold_pv8();
+        wgmma_fence_operands(o);
+        wgmma_fence();
+        issue_qk(s);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_s);
+        softmax_tile(s, it * kKeysPerTile, it < n_full);
+        pack_p8<decltype(permuted)::value>(pa8, x, lane);
+      }
+      if (n_active > 0) {  // P·V of the last tile
+        const int sp = (n_active - 1) % kStages;
+        barrier_wait(&sm.v_full[sp], ((n_active - 1) / kStages) & 1);
+        wgmma_fence_operands(o);
+        wgmma_fence();
+        issue_pv8(sp);
+        wgmma_commit();
+        wgmma_wait<0>();
+        barrier_arrive(&sm.kv_empty[sp]);
+        wgmma_fence_operands(acc_pv);
+        fold_pv8();
+      }
+    };
+    if (p.v_keys_permuted) {
+      pv8_loop(std::true_type{});
+    } else {
+      pv8_loop(std::false_type{});
     }
   }
   // tiles past this warpgroup's causal limit: wait (so no warpgroup runs a ring ahead and

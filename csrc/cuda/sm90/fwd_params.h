@@ -20,6 +20,10 @@ constexpr int kKeysPerTile = 128;
 constexpr int consumer_warpgroups(bool pv_int8) { return pv_int8 ? 1 : 2; }
 constexpr int rows_per_cta(bool pv_int8) { return kRowsPerWarpgroup * consumer_warpgroups(pv_int8); }
 
+//: Tokens a group of the permuted INT8 V^T (Sm90FwdParams::v_keys_permuted): one half of a
+//: k32 step of the INT8 P·V wgmma.
+constexpr int kVPermutedGroup = 16;
+
 enum class OutType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct Sm90FwdParams {
@@ -62,6 +66,11 @@ struct Sm90FwdParams {
   float softmax_scale = 0.f;
   OutType out_type = OutType::kBFloat16;
   bool pv_int8 = false;
+  // pv_int8: v's tokens are stored, within each group of kVPermutedGroup, in the order the
+  // kernel's P codes come in (the fused pre-pass's V codes; prepass.cu v_token_slot),
+  // so that P needs no shuffle into the wgmma A operand (the buffer then holds the last group
+  // whole, past kv_len: its padding); false: in token order.
+  bool v_keys_permuted = false;
   bool causal = false;
 };
 

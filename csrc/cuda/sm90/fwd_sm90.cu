@@ -140,8 +140,13 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
                                                    p.batch, p.q_stride, D, rows_per_cta(p.pv_int8), "q");
   CUtensorMap tm_v;
   if (p.pv_int8) {
-    // V^T: tokens innermost (stride 1), channels at v_stride[2]
-    tm_v = make_map(p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.kv_len, D, p.kv_heads, p.batch, p.v_stride,
+    // V^T: tokens innermost (stride 1), channels at v_stride[2]. In the permuted order a
+    // group's real tokens may sit past kv_len (up to the group's end, inside the buffer's
+    // padding): the map then reaches to the end of the last group
+    const int64_t tokens = p.v_keys_permuted
+                               ? (p.kv_len + kVPermutedGroup - 1) / kVPermutedGroup * int64_t{kVPermutedGroup}
+                               : p.kv_len;
+    tm_v = make_map(p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, tokens, D, p.kv_heads, p.batch, p.v_stride,
                     kKeysPerTile, D, "v (K-major int8)");
   } else {
     const CUtensorMapDataType type =

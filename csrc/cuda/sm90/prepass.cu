@@ -255,9 +255,22 @@ constexpr int kVPerLane = kHeadDim / kVLanesPerKey;
 constexpr int kVChunk = 16;  // bytes a thread stores at once (one 16-byte vector)
 static_assert(kVPerLane % kChannelsPerThread == 0 && kVTileKeys % kVChunk == 0, "V codes tile layout");
 
+// Where token a of a V^T tile goes in the fast preset's V codes (Sm90FwdParams::
+// v_keys_permuted): in each group of kVPermutedGroup tokens, the forward's thread t holds
+// P for keys 2t, 2t+1 of the group's two 8-key blocks, and the INT8 wgmma's A operand
+// gives it positions 4t .. 4t+3 — so key 2t + i of block b sits at 4t + 2b + i, and P
+// goes into the wgmma without a shuffle (SageAttention2's token permutation).
+__device__ __forceinline__ int v_token_slot(int a) {
+  const int within = a % kVPermutedGroup, w = within % 8, block = within / 8;
+  return a - within + 4 * (w / 2) + 2 * block + w % 2;
+}
+static_assert(kVTileKeys % kVPermutedGroup == 0 && kVKeysAlign % kVPermutedGroup == 0,
+              "a V codes tile, and the padded buffer, hold whole permuted groups (the forward reads the last whole)");
+
 // Grid (ceil(S / kVTileKeys), B * Hkv): the fast preset's V codes, INT8 per channel with
 // p.v_scale (key_center), round-half-even of the correctly rounded quotient (as
-// quantize_rows), stored K-major: v_data[b, h, c, s]. Keys in [S, v_keys_padded) of the
+// quantize_rows), stored K-major: v_data[b, h, c, s'], s' = s's place in the permuted
+// order (v_token_slot). Keys in [S, v_keys_padded) of the
 // last tile get code 0 (their values load as 0); a NaN-scale channel gets codes 0 (its
 // output column is NaN through the scale).
 template <class T>
@@ -299,7 +312,7 @@ __global__ void __launch_bounds__(kVThreads) quantize_v_kmajor(PrepassParams p) 
         q = fmaf(fmaf(-q, sc, y), r, q);
       }
       // clamp, then round half to even by the float adder (the code is the low byte)
-      tile[c][key] = static_cast<uint8_t>(__float_as_uint(fminf(fmaxf(q, -kQMax), kQMax) + kFloatOffset) & 0xFF);
+      tile[c][v_token_slot(key)] = static_cast<uint8_t>(__float_as_uint(fminf(fmaxf(q, -kQMax), kQMax) + kFloatOffset) & 0xFF);
     }
   }
   __syncthreads();

@@ -52,7 +52,8 @@ struct PrepassParams {
   // an inf / NaN (or sums past float32's range), which turns the forward's causal tile skip off.
   int32_t* nonfinite = nullptr;
   // The fast preset's V, or null (accurate preset): v_data (B, Hkv, D, v_keys_padded) int8,
-  // K-major, keys past kv_len hold code 0; v_scale (B, Hkv, D) float32 (NaN for a channel
+  // K-major, each 16 tokens in the forward's order (Sm90FwdParams::v_keys_permuted), keys
+  // past kv_len hold code 0; v_scale (B, Hkv, D) float32 (NaN for a channel
   // with an inf / NaN: its output column is NaN, as 0 · NaN is in SDPA); v_block_amax
   // workspace (B * Hkv, center_blocks, D) float32.
   int8_t* v_data = nullptr;

@@ -59,11 +59,13 @@ at::Tensor scales(const at::Tensor& s, at::IntArrayRef shape, const char* name) 
 // path's q · k_mean from the float q (the lse term the kernel otherwise takes from q's codes).
 // An undefined q_scale: q_data is the fused path's 16-bit q, which the kernel quantizes
 // (Sm90FwdParams::quantize_q) against k_center, the pre-pass's (B, Hkv, D) float32 centre.
+// from_prepass: the operands come from the fused op's pre-pass (INT8 V^T in its permuted
+// token order).
 std::tuple<at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q_data, const at::Tensor& q_scale, const at::Tensor& k_data, const at::Tensor& k_scale,
     const std::optional<at::Tensor>& k_mean, const at::Tensor& v, const std::optional<at::Tensor>& v_data,
     const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& nonfinite, bool is_causal,
-    double scale, const float* lse_shift, const float* k_center = nullptr) {
+    double scale, const float* lse_shift, const float* k_center = nullptr, bool from_prepass = false) {
   TORCH_CHECK(q_data.is_cuda() && k_data.is_cuda() && v.is_cuda(), kOp, "operands must be CUDA tensors");
   TORCH_CHECK(q_data.device() == k_data.device() && q_data.device() == v.device(), kOp,
               "operands are on different devices");
@@ -152,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   p.softmax_scale = static_cast<float>(scale);
   p.out_type = v.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat16;
   p.pv_int8 = pv_int8;
+  p.v_keys_permuted = pv_int8 && from_prepass;
   p.causal = is_causal;
   launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
@@ -263,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor> sm90_attention(const at::Tensor& q, const at:
   // (the lse's centre term comes from the float q: lse_shift, or the in-kernel Q's q · k_center;
   // the forward needs no rotated k_mean)
   return run_forward(q_in_kernel ? q : q_data, q_scale, k_data, k_scale, std::nullopt, v, v_codes, v_scale,
-                     nonfinite, is_causal, scale, p.q_center_dot, p.k_center);
+                     nonfinite, is_causal, scale, p.q_center_dot, p.k_center,
+                     /*from_prepass=*/true);
 }
 
 }  // namespace

@@ -28,9 +28,10 @@ constexpr float kQMax = FQ_INT8_QMAX;
 constexpr float kRotationScale = 0.08838834764831845f;
 // y / s correctly rounded, as the other backends' quantizers divide (flash_quant/cuda/quantize.py
 // _divide): with r = 1/s rounded, q = y r and one exact-residual step q + fma(-q, s, y) r
-// (Markstein). (_divide lifts scales below 2^-100 by 2^100 so that 1/s cannot overflow;
-// here such rows take __fdiv_rn instead, a row-uniform branch.)
+// (Markstein); scales below 2^-100 are lifted by 2^100 first, as _divide does, so that
+// 1/s cannot overflow.
 constexpr float kTinyScale = 7.888609052210118e-31f;  // 2^-100
+constexpr float kTinyLift = 1.2676506002282294e30f;    // 2^100
 
 template <class T>
 __device__ __forceinline__ float to_float(T x);
@@ -118,9 +119,20 @@ __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int par
     return NAN;
   }
   if (scale < kTinyScale) {
+    // y and the scale lifted by 2^100 (exact; the quotient is the same number) so that
+    // 1 / s cannot overflow; a subnormal scale keeps few bits of amax / 127, so a quotient
+    // may pass 127: clamped
+    const float s = scale * kTinyLift;
+    const float inv = __fdiv_rn(1.f, s);
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) y[i] = __fdiv_rn(y[i], scale);
+    for (int i = 0; i < kPerLane; ++i) {
+      const float yl = y[i] * kTinyLift;
+      const float q = yl * inv;
+      y[i] = fminf(fmaxf(fmaf(fmaf(-q, s, yl), inv, q), -kQMax), kQMax);
+    }
   } else {
+    // |y| <= amax and scale = amax / 127 rounded to nearest (a normal float), so the
+    // correctly rounded |y / scale| is at most 127 (1 + 2^-23): its code is at most 127
     const float inv = __fdiv_rn(1.f, scale);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -131,10 +143,10 @@ __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int par
 #pragma unroll
   for (int c = 0; c < kPerLane / 4; ++c) {
     uint32_t bits[4];
-    // clamp, then round half to even by the float adder: the code sits in the low byte
-    // of the sum's bits (two's complement for negative codes)
+    // round half to even by the float adder: the code sits in the low byte of the sum's
+    // bits (two's complement for negative codes)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(fminf(fmaxf(y[4 * c + j], -kQMax), kQMax) + kFloatOffset);
+    for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(y[4 * c + j] + kFloatOffset);
     packed[c] = __byte_perm(__byte_perm(bits[0], bits[1], 0x0040), __byte_perm(bits[2], bits[3], 0x0040), 0x5410);
   }
   return scale;
