@@ -270,9 +270,9 @@ static_assert(kVTileKeys % kVPermutedGroup == 0 && kVKeysAlign % kVPermutedGroup
 // Grid (ceil(S / kVTileKeys), B * Hkv): the fast preset's V codes, INT8 per channel with
 // p.v_scale (key_center), round-half-even of the correctly rounded quotient (as
 // quantize_rows), stored K-major: v_data[b, h, c, s'], s' = s's place in the permuted
-// order (v_token_slot). Keys in [S, v_keys_padded) of the
-// last tile get code 0 (their values load as 0); a NaN-scale channel gets codes 0 (its
-// output column is NaN through the scale).
+// order (v_token_slot). Keys in [S, v_keys_padded) of the last tile get code 0 (their
+// values load as 0); a NaN-scale channel gets codes 0 (its output column is NaN through
+// the scale).
 template <class T>
 __global__ void __launch_bounds__(kVThreads) quantize_v_kmajor(PrepassParams p) {
   __shared__ float scale[kHeadDim];
@@ -312,7 +312,8 @@ __global__ void __launch_bounds__(kVThreads) quantize_v_kmajor(PrepassParams p) 
         q = fmaf(fmaf(-q, sc, y), r, q);
       }
       // clamp, then round half to even by the float adder (the code is the low byte)
-      tile[c][v_token_slot(key)] = static_cast<uint8_t>(__float_as_uint(fminf(fmaxf(q, -kQMax), kQMax) + kFloatOffset) & 0xFF);
+      const float code = fminf(fmaxf(q, -kQMax), kQMax) + kFloatOffset;
+      tile[c][v_token_slot(key)] = static_cast<uint8_t>(__float_as_uint(code) & 0xFF);
     }
   }
   __syncthreads();

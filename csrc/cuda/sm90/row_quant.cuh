@@ -57,6 +57,21 @@ __device__ __forceinline__ void load_row_part(const T* src, bool present, float 
   }
 }
 
+// y[i] / scale correctly rounded, in place (the Markstein step above). kLifted: y and the
+// scale are first lifted by 2^100 (exact, and the quotient the same number) so that the
+// reciprocal of a scale below kTinyScale cannot overflow.
+template <bool kLifted>
+__device__ __forceinline__ void divide_part(float (&y)[kPerLane], float scale) {
+  const float s = kLifted ? scale * kTinyLift : scale;
+  const float inv = __fdiv_rn(1.f, s);
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const float yl = kLifted ? y[i] * kTinyLift : y[i];
+    const float q = yl * inv;
+    y[i] = fmaf(fmaf(-q, s, yl), inv, q);
+  }
+}
+
 // Quantizes the row whose channels part * kPerLane .. + kPerLane - 1 this lane holds in y
 // (K rows: already centred). Every lane of the warp must call it (shuffles). Returns the
 // row's scale (1 for an all-zero row; NaN for a row with an inf / NaN, whose codes are 0,
@@ -119,26 +134,14 @@ __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int par
     return NAN;
   }
   if (scale < kTinyScale) {
-    // y and the scale lifted by 2^100 (exact; the quotient is the same number) so that
-    // 1 / s cannot overflow; a subnormal scale keeps few bits of amax / 127, so a quotient
-    // may pass 127: clamped
-    const float s = scale * kTinyLift;
-    const float inv = __fdiv_rn(1.f, s);
+    divide_part<true>(y, scale);
+    // a subnormal scale keeps few bits of amax / 127, so a quotient may pass 127
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const float yl = y[i] * kTinyLift;
-      const float q = yl * inv;
-      y[i] = fminf(fmaxf(fmaf(fmaf(-q, s, yl), inv, q), -kQMax), kQMax);
-    }
+    for (int i = 0; i < kPerLane; ++i) y[i] = fminf(fmaxf(y[i], -kQMax), kQMax);
   } else {
     // |y| <= amax and scale = amax / 127 rounded to nearest (a normal float), so the
     // correctly rounded |y / scale| is at most 127 (1 + 2^-23): its code is at most 127
-    const float inv = __fdiv_rn(1.f, scale);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const float q = y[i] * inv;
-      y[i] = fmaf(fmaf(-q, scale, y[i]), inv, q);
-    }
+    divide_part<false>(y, scale);
   }
 #pragma unroll
   for (int c = 0; c < kPerLane / 4; ++c) {
