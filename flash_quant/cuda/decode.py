@@ -168,18 +168,22 @@ def _decode_split_kernel(
             # selected (the other's loads are masked off): a branch-free loop body is
             # what the compiler software-pipelines.
             coded = n0 < nfull
+            # (the masks below are tensors, as the interpreter of Triton >= 3.9 wants: a
+            # scalar condition and-ed into a mask fails there)
+            coded_keys = offs < nfull  # (all or none of the tile)
+            coded_ch = dh < tl.where(coded, HALF, 0)  # the half's channels, none in the window
             # The group's per-channel scale and zero fold into q: q.(c*sc + z) =
             # (q*sc).c + q.z, so codes enter the dot as they are (0..15, exact in DT).
             grp = ks_ptr + bh * sks + (n0 // KG) * D
             zgrp = kz_ptr + bh * sks + (n0 // KG) * D
-            sc_lo = tl.load(grp + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
-            sc_hi = tl.load(grp + HALF + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
-            z_lo = tl.load(zgrp + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
-            z_hi = tl.load(zgrp + HALF + dh, mask=(dh < HALF) & coded, other=0.0).to(tl.float32)
+            sc_lo = tl.load(grp + dh, mask=coded_ch, other=0.0).to(tl.float32)
+            sc_hi = tl.load(grp + HALF + dh, mask=coded_ch, other=0.0).to(tl.float32)
+            z_lo = tl.load(zgrp + dh, mask=coded_ch, other=0.0).to(tl.float32)
+            z_hi = tl.load(zgrp + HALF + dh, mask=coded_ch, other=0.0).to(tl.float32)
             qf_lo = q_lo.to(tl.float32)
             qf_hi = q_hi.to(tl.float32)
             bias = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)
-            packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :], mask=(nok & coded)[:, None], other=0)
+            packed = tl.load(kc_base + offs[:, None] * HALF + dh[None, :], mask=(nok & coded_keys)[:, None], other=0)
             s_coded = _dot(qf_lo * sc_lo[None, :], tl.trans(packed & 0xF), DT, INPUT_PREC, DOT_F32)
             s_coded += _dot(qf_hi * sc_hi[None, :], tl.trans(packed >> 4), DT, INPUT_PREC, DOT_F32)
             s_coded += bias[:, None]

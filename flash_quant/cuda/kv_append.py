@@ -152,7 +152,9 @@ def _append_k_window_kernel(k_ptr, sk_b, sk_h, sk_t, kw_ptr, len_ptr, T, T0,
     rest = fill + t - ((fill + T) // G) * G         # its window row; < 0: in a complete group
     c = tl.arange(0, D)
     x = tl.load(k_ptr + b * sk_b + h * sk_h + t * sk_t + c)
-    tl.store(kw_ptr + (bh * G + rest) * D + c, x.to(kw_ptr.dtype.element_ty), mask=(c < D) & (rest >= 0))
+    # (all D channels where the key stays in the window, none where its group is complete; a
+    # tensor mask: the interpreter of Triton >= 3.9 rejects a scalar condition and-ed in)
+    tl.store(kw_ptr + (bh * G + rest) * D + c, x.to(kw_ptr.dtype.element_ty), mask=c < tl.where(rest >= 0, D, 0))
 
 
 def supported(cache) -> bool:
