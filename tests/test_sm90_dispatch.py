@@ -11,6 +11,7 @@ which must match the Triton kernel on the same call).
 """
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,7 @@ def hopper(monkeypatch):
     state = {"capability": (9, 0), "registered": True}
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_PV", ())
-    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_HEAD_DIMS", ())
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_TILE_HEAD_DIMS", ())
     dispatch._reset_for_tests()
     monkeypatch.setattr(dispatch, "_device_capability", lambda device: state["capability"])
     monkeypatch.setattr(dispatch, "_sm90_op_registered", lambda: state["registered"])
@@ -89,17 +90,17 @@ def code_of(args):
 @pytest.mark.parametrize("recipe", ["accurate", "fast"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [16, 48, 64, 80, 96, 128])
 def test_covered_calls_pick_sm90(hopper, recipe, dtype, causal, d):
     """Both presets' operands, GQA, Sq != Skv, causal or not, bf16 / fp16, head dims 64 and
-    128: sm90."""
+    128 and the multiples of 16 below them (run in those tiles): sm90."""
     assert dispatch.forward_kernel(*call(recipe, dtype=dtype, causal=causal, hq=4, hkv=2, d=d)) == ("sm90", None)
 
 
 def test_auto_keeps_head_dim_64_on_triton_by_measurement(hopper, monkeypatch, caplog):
     """Head dim 64 is covered but measured slower than Triton: auto mode routes it to Triton
     with a counted, INFO-logged reason; forcing sm90 runs it; head dim 128 is unaffected."""
-    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_HEAD_DIMS", (64,))
+    monkeypatch.setattr(dispatch, "SM90_AUTO_SKIPS_TILE_HEAD_DIMS", (64,))
     dispatch._reset_for_tests()
     caplog.set_level(logging.INFO, logger=dispatch.logger.name)
     kernel, reason = dispatch.forward_kernel(*call(d=64))
@@ -110,6 +111,20 @@ def test_auto_keeps_head_dim_64_on_triton_by_measurement(hopper, monkeypatch, ca
     with dispatch.force_kernel("sm90"):
         assert dispatch.forward_kernel(*call(d=64)) == ("sm90", None)
     assert dispatch.forward_kernel(*call(d=128)) == ("sm90", None)
+    # the policy is the tile's: head dim 48 runs in the 64 tile, 96 in the 128 one
+    assert dispatch.forward_kernel(*call(d=48))[0] == "triton"
+    assert dispatch.forward_kernel(*call(d=96)) == ("sm90", None)
+
+
+def test_tile_head_dim_matches_the_kernels_rule():
+    """dispatch.sm90_tile_head_dim against fwd_params.h's tile_head_dim, read from the source."""
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "sm90" / "fwd_params.h").read_text()
+    assert f"kHeadDimGranule = {dispatch.SM90_HEAD_DIM_GRANULE};" in text
+    tiles = ", ".join(str(t) for t in dispatch.SM90_TILE_HEAD_DIMS)
+    assert f"kForwardHeadDims[] = {{{tiles}}};" in text
+    expected = {16: 64, 32: 64, 48: 64, 64: 64, 80: 128, 96: 128, 112: 128, 128: 128}
+    for d in range(1, 300):
+        assert dispatch.sm90_tile_head_dim(d) == expected.get(d), d
 
 
 def test_auto_keeps_int8_pv_on_triton_by_measurement(hopper, monkeypatch, caplog):
@@ -175,7 +190,7 @@ def _padded_v():
 
 
 @pytest.mark.parametrize("make, code", [
-    (_with(d=96), dispatch.R_HEAD_DIM),
+    (_with(d=72), dispatch.R_HEAD_DIM),
     (_with(d=256), dispatch.R_HEAD_DIM),
     (_with(dtype=torch.float32), dispatch.R_DTYPE),
     (_with(attn_mask=torch.ones(5, 7, dtype=torch.bool)), dispatch.R_MASK),
@@ -188,7 +203,7 @@ def _padded_v():
     (_with(scale=-0.1), dispatch.R_SCALE),
     (_misaligned_q, dispatch.R_LAYOUT),
     (_padded_v, dispatch.R_LAYOUT),
-], ids=["d96", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
+], ids=["d72", "d256", "fp32", "mask", "pv_fp8", "v_row_major", "v_quant_pv16", "zero_point", "fp8_qk",
         "float_q", "negative_scale", "misaligned_q", "padded_v"])
 def test_uncovered_calls_name_their_reason(hopper, make, code):
     kernel, reason = dispatch.forward_kernel(*make())
@@ -288,7 +303,7 @@ def test_forced_sm90_refuses_what_it_cannot_serve(hopper):
     with dispatch.force_kernel("sm90"):
         assert dispatch.forward_kernel(*call()) == ("sm90", None)
         with pytest.raises(ValueError, match="sm90 kernel was forced.*head_dim"):
-            dispatch.forward_kernel(*call(d=96))
+            dispatch.forward_kernel(*call(d=72))
         hopper["capability"] = (8, 0)
         dispatch._DECISIONS.clear()
         with pytest.raises(ValueError, match="sm90 kernel was forced.*device_not_sm90"):
@@ -308,9 +323,9 @@ def test_decisions_are_cached_per_signature(hopper):
 # ------------------------------------------------------------------- counters, log
 def test_fallbacks_are_counted_and_logged_once_per_reason(hopper, caplog):
     caplog.set_level(logging.INFO, logger=dispatch.logger.name)
-    d96 = dispatch.decide(*call(d=96))
+    d72 = dispatch.decide(*call(d=72))
     for _ in range(3):
-        dispatch.record(d96)
+        dispatch.record(d72)
     dispatch.record(dispatch.decide(*call(attn_mask=torch.ones(5, 7, dtype=torch.bool))))
     dispatch.record(dispatch.decide(*call()))  # sm90: no fallback
     with dispatch.force_kernel("triton"):
@@ -409,8 +424,8 @@ def test_causal_call_flags_heads_whose_v_is_not_finite(sm90_on_cpu):
 
 @needs_interpreter
 def test_uncovered_call_runs_triton_and_counts(sm90_on_cpu):
-    out, lse = dispatched_forward(*call(d=96))
-    assert sm90_on_cpu == [] and out.shape == (1, 2, 5, 96)
+    out, lse = dispatched_forward(*call(d=72))
+    assert sm90_on_cpu == [] and out.shape == (1, 2, 5, 72)
     assert dispatch.fallback_counts() == {dispatch.R_HEAD_DIM: 1}
 
 

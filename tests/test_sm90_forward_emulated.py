@@ -8,8 +8,8 @@ std::threads, so the producer / consumer protocol (the ring's stages and phases,
 named barriers of the in-kernel Q) runs concurrently: a protocol error hangs (the test's timeout) or
 corrupts results. The host code (tensor maps, instantiations, launch) is fwd_sm90.cu's
 own, with the driver's encoder emulated. Compared with fp64 attention of the same
-quantized operands, for both P·V precisions, causal or not, head dims 64 and 128, tails,
-Sq != Skv, GQA, and row maxima that grow across key tiles (the O rescale); and the fused
+quantized operands, for both P·V precisions, causal or not, head dims 64 and 128 (and 96,
+48 in those tiles), tails, Sq != Skv, GQA, a smoothing mean's lse term, and row maxima that grow across key tiles (the O rescale); and the fused
 pre-pass chained into it (emulated too) against fp64 attention of the float inputs at the
 presets' bars, with Q quantized by the pre-pass or inside the kernel.
 
@@ -65,7 +65,7 @@ def _operands(b, hq, hkv, sq, skv, d, dtype, pv8, seed):
     return qd, qs, kd, ks, v, vd, vs, buf
 
 
-def _reference(qd, qs, kd, ks, v, vd, vs, causal, scale):
+def _reference(qd, qs, kd, ks, v, vd, vs, causal, scale, k_mean=None):
     group = qd.shape[1] // kd.shape[1]
     qf = qd.double() * qs.double()[..., None]
     kf = (kd.double() * ks.double()[..., None]).repeat_interleave(group, 1)
@@ -74,12 +74,16 @@ def _reference(qd, qs, kd, ks, v, vd, vs, causal, scale):
     if causal:
         sq, skv = s.shape[-2:]
         s = s.masked_fill(~torch.ones(sq, skv, dtype=torch.bool).tril(), float("-inf"))
-    return torch.softmax(s, -1).nan_to_num(0.0) @ vf, torch.logsumexp(s, -1)
+    lse = torch.logsumexp(s, -1)
+    if k_mean is not None:  # the smoothing mean's term: scale * q . k_mean
+        lse = lse + scale * (qf @ k_mean.double().repeat_interleave(group, 1)[..., None])[..., 0]
+    return torch.softmax(s, -1).nan_to_num(0.0) @ vf, lse
 
 
-# (B, Hq, Hkv, Sq, Skv, D): one key; a tail; several tiles; Sq != Skv both ways; GQA; D 64
+# (B, Hq, Hkv, Sq, Skv, D): one key; a tail; several tiles; Sq != Skv both ways; GQA; D 64;
+# D 96 and 48 (run in the 128 / 64 tile, TMA's zero fill in the channels past D)
 SHAPES = [(1, 2, 2, 1, 1, 128), (1, 2, 1, 17, 17, 128), (1, 2, 2, 300, 300, 128), (1, 4, 2, 130, 300, 128),
-          (1, 2, 2, 300, 130, 64), (1, 4, 2, 130, 130, 64)]
+          (1, 2, 2, 300, 130, 64), (1, 4, 2, 130, 130, 64), (1, 2, 1, 130, 200, 96), (1, 2, 2, 17, 140, 48)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -89,8 +93,10 @@ def test_emulated_kernel_matches_fp64(libs, pv8, causal):
         dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
         qd, qs, kd, ks, v, vd, vs, buf = _operands(b, hq, hkv, sq, skv, d, dtype, pv8, seed=i)
         scale = d ** -0.5
-        out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale)
-        ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale)
+        # every other shape with a smoothing mean (its lse term reads D channels of q's codes)
+        k_mean = torch.randn(b, hkv, d, generator=torch.Generator().manual_seed(100 + i)) if i % 2 else None
+        out, lse = emulated.run_forward(libs[1], qd, qs, kd, ks, v, buf, vs, causal, scale, k_mean=k_mean)
+        ref, ref_lse = _reference(qd, qs, kd, ks, v, vd, vs, causal, scale, k_mean)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         finite = torch.isfinite(ref_lse)
         assert torch.equal(finite, torch.isfinite(lse)), (b, hq, hkv, sq, skv, d)

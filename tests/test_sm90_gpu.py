@@ -76,11 +76,12 @@ def _op_call(q, k, v, recipe, causal):
 
 def _assert_sm90_serves(call):
     """sm90 covers the call: auto mode picks it, except INT8 P·V and head dim 64, which the
-    measured policies keep on Triton (dispatch.SM90_AUTO_SKIPS_PV, SM90_AUTO_SKIPS_HEAD_DIMS),
+    measured policies keep on Triton (dispatch.SM90_AUTO_SKIPS_PV, SM90_AUTO_SKIPS_TILE_HEAD_DIMS),
     and which sm90 then serves when forced."""
     kernel, reason = dispatch.forward_kernel(**call)
     policy = dispatch.R_SLOWER if (call["pv_precision"] in dispatch.SM90_AUTO_SKIPS_PV
-                                   or call["q"].shape[-1] in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS) else None
+                                   or dispatch.sm90_tile_head_dim(call["q"].shape[-1])
+                                   in dispatch.SM90_AUTO_SKIPS_TILE_HEAD_DIMS) else None
     if policy is not None:
         assert kernel == "triton" and reason.startswith(policy), (kernel, reason)
         with dispatch.force_kernel("sm90"):  # (raises when sm90 cannot serve the call)
@@ -134,7 +135,7 @@ def _check_against_reference_and_triton(call, recipe, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("s", [1, 17, 130, 1000, 4097])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [48, 64, 96, 128])  # (48, 96: in the 64 / 128 tiles, zero-filled past D)
 def test_op_matches_dequantized_reference(recipe, dtype, causal, s, d):
     q, k, v = make_qkv(1, 8, s, d, hkv=2, dtype=dtype, device=DEV)
     _check_against_reference_and_triton(_op_call(q, k, v, recipe, causal), recipe, dtype)
@@ -182,13 +183,14 @@ def test_op_query_and_key_lengths_differ(recipe, causal, sq, skv):
 @pytest.mark.parametrize("family", ["normal", "realistic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 96, 128])
 def test_presets_through_flash_quant_attention(preset, family, causal, dtype, d):
     q, k, v = make_qkv(2, 8, 1000, d, hkv=2, skv=1000, family=family, dtype=dtype, device=DEV)
     args = dict(is_causal=causal, enable_gqa=True, config=preset)
     # (the fast preset's INT8 P·V runs on Triton in auto mode by measurement, head dim 64
     # until measured: force sm90)
-    mode = "sm90" if preset == "fast" or d in dispatch.SM90_AUTO_SKIPS_HEAD_DIMS else "auto"
+    mode = "sm90" if preset == "fast" or dispatch.sm90_tile_head_dim(d) in dispatch.SM90_AUTO_SKIPS_TILE_HEAD_DIMS \
+        else "auto"
     with dispatch.force_kernel(mode):
         assert flash_quant.which_kernel(q, k, v, **args) == ("sm90", None)
         before = dispatch.fallback_counts()
@@ -217,9 +219,9 @@ def test_presets_through_flash_quant_attention(preset, family, causal, dtype, d)
 
 
 def test_uncovered_call_falls_back_visibly():
-    """Head dim 96 is not covered (dispatch.SM90_HEAD_DIMS): which_kernel says why, Triton
+    """Head dim 256 is not covered (dispatch.sm90_tile_head_dim): which_kernel says why, Triton
     serves it, one count."""
-    q, k, v = make_qkv(1, 2, 130, 96, dtype=torch.bfloat16, device=DEV)
+    q, k, v = make_qkv(1, 2, 130, 256, dtype=torch.bfloat16, device=DEV)
     kernel, reason = flash_quant.which_kernel(q, k, v, config="fast")
     assert kernel == "triton" and reason.startswith(dispatch.R_HEAD_DIM)
     before = dispatch.fallback_counts().get(dispatch.R_HEAD_DIM, 0)

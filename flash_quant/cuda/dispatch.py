@@ -67,8 +67,12 @@ SM90_CAPABILITY = (9, 0)
 #: TMA reads each operand through a descriptor: 16-byte aligned base, strides multiples
 #: of 16 bytes (csrc/cuda/sm90/register_sm90.cpp checks the same and raises).
 TMA_ALIGN = 16
-#: Head dims of the sm90 forward kernel (csrc/cuda/sm90/fwd_params.h kForwardHeadDims) ...
-SM90_HEAD_DIMS = (64, 128)
+#: Tile head dims of the sm90 forward kernel (csrc/cuda/sm90/fwd_params.h kForwardHeadDims,
+#: tile_head_dim): a call's head dim D runs in the smallest tile >= D, TMA filling the
+#: channels past D with zeros, so D may be any multiple of SM90_HEAD_DIM_GRANULE up to the
+#: largest tile (the padded channels cost what they would compute) ...
+SM90_TILE_HEAD_DIMS = (64, 128)
+SM90_HEAD_DIM_GRANULE = 16  # Q / K codes are rows of D bytes; TMA strides are multiples of 16 bytes
 #: ... and of the fused accurate path's pre-pass (prepass.cu: 4 lanes x 32 channels a row).
 FUSED_HEAD_DIMS = (128,)
 SM90_DTYPES = (torch.bfloat16, torch.float16)
@@ -104,11 +108,15 @@ SM90_AUTO_SKIPS_PV = ("int8",)
 #: too (eager and replayed results stay bit-identical, and capture never runs the general
 #: path's first-use set-up; tried: taking the general path while capturing failed there).
 SM90_FUSED_TAKES_FAST = True
-#: Head dims the sm90 kernel covers (and the GPU tests check) but Triton serves faster, so
-#: "auto" keeps them on Triton (forcing sm90 runs them). H200, 2026-12-06 (session 7,
-#: bench_attention.py --quick, 8x32x2048x64 bf16): kernel-only sm90 / Triton 0.924 / 0.702 ms
-#: (accurate), 0.855 / 0.839 (fast); flash_quant.attention accurate 1.063 / 0.869 ms.
-SM90_AUTO_SKIPS_HEAD_DIMS = (64,)
+#: Tile head dims whose calls the sm90 kernel covers (and the GPU tests check) but Triton
+#: serves faster, so "auto" keeps them on Triton (forcing sm90 runs them). H200, 2026-12-06
+#: (session 7, bench_attention.py --quick, 8x32x2048x64 bf16): kernel-only sm90 / Triton
+#: 0.924 / 0.702 ms (accurate), 0.855 / 0.839 (fast); flash_quant.attention accurate 1.063 /
+#: 0.869 ms. (Head dims below 64 run in the same tile, padded: no faster.) The 128 tile's
+#: padded head dims stay on sm90: H100, 2026-12-07 (session 10, 8x32x2048x96 bf16):
+#: kernel-only accurate sm90 / Triton 1.105 / 1.103 ms, flash_quant.attention accurate
+#: 1.498 / 1.584 ms.
+SM90_AUTO_SKIPS_TILE_HEAD_DIMS = (64,)
 
 _ARGS = ("q", "k", "v", "q_data", "q_scale", "q_zero_point", "k_data", "k_scale", "k_zero_point", "k_mean",
          "v_data", "v_scale", "v_zero_point", "attn_mask", "is_causal", "scale", "pv_precision")
@@ -216,13 +224,22 @@ def _per_row(scale: Optional[torch.Tensor]) -> bool:
     return scale is not None and scale.dim() == 4 and scale.size(-1) == 1
 
 
+def sm90_tile_head_dim(d: int) -> Optional[int]:
+    """The sm90 kernel's tile head dim that serves head dim `d`, or None where none does
+    (fwd_params.h tile_head_dim)."""
+    if d < SM90_HEAD_DIM_GRANULE or d % SM90_HEAD_DIM_GRANULE:
+        return None
+    return next((t for t in SM90_TILE_HEAD_DIMS if d <= t), None)
+
+
 def _sm90_gap(a: dict, p: dict) -> Optional[Tuple[str, str]]:
     """Why the sm90 kernel cannot serve this (validated) call, or None. `a`: the call's
     arguments by schema name; `p`: forward.plan's resolved modes."""
     if p["dtype"] not in SM90_DTYPES:
         return R_DTYPE, f"{p['dtype']} (sm90 takes bfloat16 / float16)"
-    if p["D"] not in SM90_HEAD_DIMS:
-        return R_HEAD_DIM, f"head dim {p['D']} (sm90 covers {SM90_HEAD_DIMS})"
+    if sm90_tile_head_dim(p["D"]) is None:
+        return R_HEAD_DIM, (f"head dim {p['D']} (sm90 covers multiples of {SM90_HEAD_DIM_GRANULE} "
+                            f"up to {SM90_TILE_HEAD_DIMS[-1]})")
     if a["attn_mask"] is not None:
         return R_MASK, "an attn_mask (sm90 takes none; is_causal is covered)"
     if a["q_data"] is None or a["k_data"] is None or a["q_data"].dtype != torch.int8 \
@@ -311,9 +328,9 @@ def _decide(a: dict, m: str) -> Decision:
     if gap is None and m != SM90 and a["pv_precision"] in SM90_AUTO_SKIPS_PV:
         gap = R_SLOWER, (f"pv_precision={a['pv_precision']!r}: the Triton kernel measured faster on H100 "
                          "(docs/hopper.md); force sm90 to run it anyway")
-    if gap is None and m != SM90 and p["D"] in SM90_AUTO_SKIPS_HEAD_DIMS:
-        gap = R_SLOWER, (f"head dim {p['D']}: the Triton kernel measured faster at this head dim "
-                         "(docs/hopper.md); force sm90 to run it anyway")
+    if gap is None and m != SM90 and sm90_tile_head_dim(p["D"]) in SM90_AUTO_SKIPS_TILE_HEAD_DIMS:
+        gap = R_SLOWER, (f"head dim {p['D']}: the Triton kernel measured faster in this head dim's "
+                         f"tile ({sm90_tile_head_dim(p['D'])}; docs/hopper.md); force sm90 to run it anyway")
     if gap is None:
         B, Hq, Hkv, Sq, Skv, D = (p[n] for n in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
         full = tuple(t is None or tuple(t.shape) == shape for t, shape in (

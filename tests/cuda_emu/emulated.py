@@ -124,23 +124,32 @@ def unpermute_v_tokens(v_buf: torch.Tensor) -> torch.Tensor:
     return v_buf[..., v_token_slots(v_buf.shape[-1])]
 
 
+#: elements after the emulated forward's output that it must not write
+_GUARD = 256
+
+
 def run_forward(lib, qd, qs, kd, ks, v, v_buf, vs, causal: bool, scale: float, lse_shift=None, k_center=None,
-                v_permuted: bool = False):
+                v_permuted: bool = False, k_mean=None):
     """(out, lse) of the emulated forward on quantized operands: Q / K INT8 codes with
     (B, H, S) scales; v 16-bit, or with v_buf the K-major INT8 V buffer (B, Hkv, D, S_pad)
     and vs (B, Hkv, D) for INT8 P·V; lse_shift (B, Hq, Sq): the fused path's q · k_mean.
     qs None: qd is the 16-bit q, quantized in the kernel against k_center (the pre-pass's
-    unrotated centre). v_permuted: v_buf's tokens are in the pre-pass's order."""
+    unrotated centre). v_permuted: v_buf's tokens are in the pre-pass's order. k_mean
+    (B, Hkv, D): the smoothing mean, added into the lse. The output is followed by a guard
+    region that must stay untouched (a store past the last row fails)."""
     b, hq, sq, d = qd.shape
     hkv, skv = kd.shape[1], kd.shape[2]
-    out = torch.zeros(b, hq, sq, d, dtype=v.dtype)
+    numel = b * hq * sq * d
+    out_buf = torch.full((numel + _GUARD,), float("nan"), dtype=v.dtype)
+    out = out_buf[:numel].view(b, hq, sq, d)
     lse = torch.zeros(b, hq, sq)
     vt = v_buf if v_buf is not None else v
     rc = lib.run_forward(
         _ptr(qd), _ptr(None if qs is None else qs.contiguous()), _ptr(kd), _ptr(ks.contiguous()), _ptr(vt),
         _ptr(None if vs is None else vs.contiguous()), _triple(*qd.stride()[:3]), _triple(*kd.stride()[:3]),
         _triple(*vt.stride()[:3]), b, hq, hkv, sq, skv, d, int(v.dtype == torch.bfloat16), int(v_buf is not None),
-        int(causal), ctypes.c_float(scale), _ptr(lse_shift), None, _ptr(k_center), int(qs is None),
-        int(v_permuted), _ptr(out), _ptr(lse))
+        int(causal), ctypes.c_float(scale), _ptr(lse_shift), _ptr(None if k_mean is None else k_mean.contiguous()),
+        _ptr(k_center), int(qs is None), int(v_permuted), _ptr(out), _ptr(lse))
     assert rc == 0, "the emulated launch raised (see stderr)"
+    assert out_buf[numel:].isnan().all(), "the kernel stored past the output"
     return out, lse

@@ -63,7 +63,8 @@ constexpr int kSwizzleGroupBytes = 8 * kSwizzleRowBytes;  // 8 rows: one swizzle
 constexpr int kV16BoxChannels = 64;
 constexpr int kV16BoxBytes = kKeysPerTile * kV16BoxChannels * 2;
 
-// What the head dim D sets (kHeadDims: 64 or 128). Q / K codes are rows of D bytes,
+// What the tile head dim D sets (kForwardHeadDims: 64 or 128; a call's head dim may be
+// smaller, fwd_params.h tile_head_dim). Q / K codes are rows of D bytes,
 // 128- or 64-byte swizzled (one swizzle row each); V^T (int8) is D rows of 128 keys; 16-bit
 // V is D / 64 boxes; O takes D / 2 accumulator registers a thread (m64nD).
 template <int kD>
@@ -723,8 +724,11 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
   }
 
   // -------------------------------------------------------------- epilogue
-  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kD : nullptr;
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * kD;
+  // The tensors' head dim D <= kD: channels D .. kD-1 of the tile came in as TMA's zero
+  // fill and are neither read from global memory nor stored.
+  const int D = p.head_dim;
+  const float* v_scale = kPvInt8 ? p.v_scale + (static_cast<int64_t>(b) * p.kv_heads + hkv) * D : nullptr;
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len * D;
   const int8_t* q_codes = static_cast<const int8_t*>(p.q);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -739,12 +743,13 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
         mean_term = p.lse_shift[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] * p.softmax_scale;
       }
     } else if (p.k_mean != nullptr) {
-      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * kD;
+      const float* km = p.k_mean + (static_cast<int64_t>(b) * p.kv_heads + hkv) * D;
       float part = 0.f;
       if (row[r] < p.q_len) {
         const int8_t* qrow = q_codes + b * p.q_stride[0] + hq * p.q_stride[1] + row[r] * p.q_stride[2];
+        const int d_end = min(D, (t + 1) * (kD / 4));
 #pragma unroll 4
-        for (int d = t * (kD / 4); d < (t + 1) * (kD / 4); ++d) part += static_cast<float>(qrow[d]) * km[d];
+        for (int d = t * (kD / 4); d < d_end; ++d) part += static_cast<float>(qrow[d]) * km[d];
       }
       mean_term = quad_sum(part) * (row[r] < p.q_len ? row_scale(r) : 0.f) * p.softmax_scale;
     }
@@ -754,9 +759,10 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
       p.lse[(static_cast<int64_t>(b) * p.q_heads + hq) * p.q_len + row[r]] =
           l > 0.f ? (m_use + log2f(l)) * kLn2 + mean_term : -INFINITY;
     }
-    T* orow = out + static_cast<int64_t>(row[r]) * kD;
+    T* orow = out + static_cast<int64_t>(row[r]) * D;
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j) {
+      if (8 * j >= D) break;  // (D is a multiple of 16: a block of 8 is wholly inside or past it)
       const int col = 8 * j + 2 * t;
       float v0 = o[4 * j + 2 * r] * inv;
       float v1 = o[4 * j + 2 * r + 1] * inv;

@@ -7,9 +7,19 @@ namespace flash_quant_sm90 {
 
 //: The kernel's tile shape (docs/hopper.md): each consumer warpgroup owns
 //: kRowsPerWarpgroup query rows; keys go in tiles of kKeysPerTile.
-constexpr int kHeadDim = 128;  // the fused pre-pass's (prepass.h); the forward also takes 64
-//: The head dims the forward kernel is instantiated for.
+constexpr int kHeadDim = 128;  // the fused pre-pass's (prepass.h); the forward takes more
+//: The tile head dims the forward kernel is instantiated for. A call's head dim D runs in
+//: the smallest tile >= D (tile_head_dim): the tensor maps' boxes are the tile's width and
+//: TMA fills channels D .. tile-1 with zeros, which add nothing to Q·Kᵀ and give output
+//: channels that are not stored (the padded work costs what the tile's head dim costs).
 constexpr int kForwardHeadDims[] = {64, 128};
+//: D must be a multiple of this: Q / K codes are rows of D bytes, and TMA wants every
+//: stride a multiple of 16 bytes.
+constexpr int kHeadDimGranule = 16;
+//: The tile head dim that serves head dim d, or 0 where none does.
+constexpr int tile_head_dim(int d) {
+  return d < kHeadDimGranule || d % kHeadDimGranule != 0 ? 0 : d <= 64 ? 64 : d <= 128 ? 128 : 0;
+}
 constexpr int kRowsPerWarpgroup = 64;
 constexpr int kKeysPerTile = 128;
 //: Consumer warpgroups a CTA, by P·V precision. 16-bit P·V: two, sharing each K / V tile
@@ -62,7 +72,7 @@ struct Sm90FwdParams {
   void* out = nullptr;
   float* lse = nullptr;
   int batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0;
-  int head_dim = kHeadDim;  // one of kForwardHeadDims
+  int head_dim = kHeadDim;  // the tensors' D (tile_head_dim(D) != 0)
   float softmax_scale = 0.f;
   OutType out_type = OutType::kBFloat16;
   bool pv_int8 = false;

@@ -94,7 +94,7 @@ void dispatch_head_dim(const Sm90FwdParams& p, const CUtensorMap& q, const CUten
                        cudaStream_t stream) {
   if (p.quantize_q) {  // (head dim 128, checked by launch_forward)
     launch<T, kPvInt8, kCausal, 128, true>(p, q, k, v, stream);
-  } else if (p.head_dim == 64) {
+  } else if (tile_head_dim(p.head_dim) == 64) {
     launch<T, kPvInt8, kCausal, 64>(p, q, k, v, stream);
   } else {
     launch<T, kPvInt8, kCausal, 128>(p, q, k, v, stream);
@@ -125,19 +125,22 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
   if (p.q_len < 1 || p.kv_len < 1 || p.batch < 1 || p.q_heads < 1 || p.kv_heads < 1 || p.q_heads % p.kv_heads) {
     throw std::invalid_argument("flash_quant sm90: empty or inconsistent shapes");
   }
-  if (p.head_dim != 64 && p.head_dim != 128) {
-    throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) + " (64 or 128)");
+  if (tile_head_dim(p.head_dim) == 0) {
+    throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) +
+                                " (a multiple of 16 up to 128)");
   }
   if (p.quantize_q && (p.head_dim != kHeadDim || p.k_center == nullptr)) {
     throw std::invalid_argument("flash_quant sm90: Q quantized in the kernel needs head dim 128 and k_center");
   }
+  // D channels in memory, boxes of the tile's width: TMA fills channels D .. tile-1 with zeros
   const int D = p.head_dim;
+  const int tile_d = tile_head_dim(D);
   const CUtensorMap tm_k = make_map(p.k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.kv_len, p.kv_heads,
-                                    p.batch, p.k_stride, D, kKeysPerTile, "k");
+                                    p.batch, p.k_stride, tile_d, kKeysPerTile, "k");
   // (Q quantized in the kernel is read with plain loads: the kernel ignores tm_q)
   const CUtensorMap tm_q = p.quantize_q ? tm_k
                                         : make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, D, p.q_len, p.q_heads,
-                                                   p.batch, p.q_stride, D, rows_per_cta(p.pv_int8), "q");
+                                                   p.batch, p.q_stride, tile_d, rows_per_cta(p.pv_int8), "q");
   CUtensorMap tm_v;
   if (p.pv_int8) {
     // V^T: tokens innermost (stride 1), channels at v_stride[2]. In the permuted order a
@@ -147,11 +150,11 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
                                ? (p.kv_len + kVPermutedGroup - 1) / kVPermutedGroup * int64_t{kVPermutedGroup}
                                : p.kv_len;
     tm_v = make_map(p.v, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, tokens, D, p.kv_heads, p.batch, p.v_stride,
-                    kKeysPerTile, D, "v (K-major int8)");
+                    kKeysPerTile, tile_d, "v (K-major int8)");
   } else {
     const CUtensorMapDataType type =
         p.out_type == OutType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    // boxes of 64 channels (128 bytes) per key tile, D / 64 of them
+    // boxes of 64 channels (128 bytes) per key tile, tile_d / 64 of them
     tm_v = make_map(p.v, type, 2, D, p.kv_len, p.kv_heads, p.batch, p.v_stride, kV16BoxChannels, kKeysPerTile, "v");
   }
   if (p.out_type == OutType::kBFloat16) {
