@@ -204,13 +204,25 @@ def test_emulated_q_in_kernel_matches_prepass_codes(libs, preset):
     """The forward quantizing Q itself (Sm90FwdParams::quantize_q: the 16-bit q, rotated and
     coded in the kernel by row_quant.cuh, q · k_mean from the float values) gives exactly
     the outputs and lse of the pre-pass route (the same arithmetic on the same rows), on a
-    tail, several tiles, GQA and a NaN row (whose output stays NaN)."""
+    tail, several tiles, GQA and a NaN row (whose output stays NaN); and on Q rows so small
+    that their scales fall below 2^-100 (one subnormal), against keys large enough that
+    their scores matter: the in-kernel Q of the 16-bit-P·V forward divides those rows
+    another way than the pre-pass (row_quant.cuh TinyDivide), to the same codes."""
     prepass, forward = libs
-    for i, (b, hq, hkv, s, causal) in enumerate([(1, 2, 2, 17, False), (1, 4, 2, 200, True)]):
+    cases = [(1, 2, 2, 17, False, 1.0), (1, 4, 2, 200, True, 1.0), (1, 2, 1, 40, False, 1e-33)]
+    for i, (b, hq, hkv, s, causal, q_size) in enumerate(cases):
         dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
-        q, k, v = make_qkv(b, hq, s, 128, hkv=hkv, dtype=dtype, family="realistic")
+        q, k, v = make_qkv(b, hq, s, 128, hkv=hkv, dtype=torch.float32, family="realistic")
+        if q_size != 1.0:
+            q = q * q_size
+            q[0, 0, 3] *= 1e-4  # a subnormal scale
+            k = k / q_size
+        q, k, v = (t.to(dtype) for t in (q, k, v))
         q[0, 1, s // 2, 5] = float("nan")
         pre = emulated.run_prepass(prepass, q, k, v, preset == "fast")
+        if q_size != 1.0:  # (the branch under test, and scores that are not all ~0)
+            assert pre["q_scale"][0, 0, 3] < 1e-38 and pre["q_scale"].nan_to_num().max() < 7.9e-31
+            assert (pre["q_scale"] * pre["k_scale"].max()).nan_to_num().max() > 1e-4
         out, lse = emulated.run_forward(forward, pre["q_data"], pre["q_scale"], pre["k_data"], pre["k_scale"], v,
                                         pre.get("v_data"), pre.get("v_scale"), causal, 128 ** -0.5,
                                         lse_shift=pre["q_center_dot"], v_permuted=True)

@@ -300,7 +300,7 @@ __device__ __forceinline__ void pack_p16(uint32_t (&a)[kKeysPerTile / 16][4], co
 // (row_quant.cuh), the codes stored 128-byte swizzled into its part of the Q tile (the
 // layout TMA writes), the scales and q · k_mean into shared memory. Rows past the end
 // quantize zeros (their outputs are not stored).
-template <class T, class Smem>
+template <class T, TinyDivide kTiny, class Smem>
 __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm, int wg, int tid, int b, int hq,
                                                 int hkv, int wg_row0) {
   constexpr int kRowsPerPass = kThreadsPerWarpgroup / kLanesPerRow;
@@ -322,7 +322,7 @@ __device__ __forceinline__ void quantize_q_tile(const Sm90FwdParams& p, Smem& sm
     const int local = pass * kRowsPerPass + tid / kLanesPerRow;
     uint32_t packed[kPerLane / 4];
     float dot = 0.f;
-    const float scale = quantize_row_part(y[pass], part, center, packed, &dot);
+    const float scale = quantize_row_part<kTiny>(y[pass], part, center, packed, &dot);
 #pragma unroll
     for (int c = 0; c < kPerLane / 16; ++c) {
       // 16-byte chunk `chunk` of the row lands at chunk ^ (row & 7) (128-byte swizzle)
@@ -450,7 +450,8 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
   // this thread's rows within the CTA's tile (the in-kernel Q's shared scales)
   const int tile_row[2] = {row[0] - m0, row[1] - m0};
   if constexpr (kQuantizeQ) {
-    quantize_q_tile<T>(p, sm, wg, tid, b, hq, hkv, wg_row0);
+    // (the division form by P·V precision: row_quant.cuh TinyDivide, a measured choice)
+    quantize_q_tile<T, kPvInt8 ? TinyDivide::kLifted : TinyDivide::kPerElement>(p, sm, wg, tid, b, hq, hkv, wg_row0);
     fence_proxy_async();  // the codes, stored st.shared, are read by wgmma
     named_barrier_sync(kQReadyBarrier + wg, kThreadsPerWarpgroup);
   } else {

@@ -72,6 +72,17 @@ __device__ __forceinline__ void divide_part(float (&y)[kPerLane], float scale) {
   }
 }
 
+//: How quantize_row_part divides a row with a tiny scale (below kTinyScale) and where it
+//: clamps: the codes are the same either way (every quotient correctly rounded, |code| <=
+//: 127). kLifted: one reciprocal of the lifted scale (divide_part<true>), a clamp on that
+//: branch only: the pre-pass's codes kernel at 64 registers instead of 76 (session 9).
+//: kPerElement: __fdiv_rn per value and a clamp on every code (the code before session 9),
+//: which the forward with 16-bit P·V keeps for its in-kernel Q: with the lifted form ptxas
+//: schedules that kernel's main loop differently (the same instructions, reordered) and it
+//: measured 7.7 % slower (H100, session 10, Flux shape, alternating processes: 490 / 491 us
+//: against 456 / 456 us; docs/hopper.md).
+enum class TinyDivide { kLifted, kPerElement };
+
 // Quantizes the row whose channels part * kPerLane .. + kPerLane - 1 this lane holds in y
 // (K rows: already centred). Every lane of the warp must call it (shuffles). Returns the
 // row's scale (1 for an all-zero row; NaN for a row with an inf / NaN, whose codes are 0,
@@ -80,6 +91,7 @@ __device__ __forceinline__ void divide_part(float (&y)[kPerLane], float scale) {
 // channels), *dot = the row · centre over the whole row before the rotation (the lse's
 // centre term q · k_mean: the rotation is orthonormal, so the rotated product is the same
 // number), else 0.
+template <TinyDivide kTiny = TinyDivide::kLifted>
 __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int part, const float* center,
                                                    uint32_t (&packed)[kPerLane / 4], float* dot) {
   float d = 0.f;
@@ -133,14 +145,20 @@ __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int par
     for (int c = 0; c < kPerLane / 4; ++c) packed[c] = 0;
     return NAN;
   }
+  // (a subnormal scale keeps few bits of amax / 127, so a quotient may pass 127: clamped.
+  // |y| <= amax and a normal scale = amax / 127 rounded to nearest give a correctly rounded
+  // |y / scale| of at most 127 (1 + 2^-23): its code is at most 127 without a clamp)
+  constexpr bool kLifted = kTiny == TinyDivide::kLifted;
   if (scale < kTinyScale) {
-    divide_part<true>(y, scale);
-    // a subnormal scale keeps few bits of amax / 127, so a quotient may pass 127
+    if constexpr (kLifted) {
+      divide_part<true>(y, scale);
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) y[i] = fminf(fmaxf(y[i], -kQMax), kQMax);
+      for (int i = 0; i < kPerLane; ++i) y[i] = fminf(fmaxf(y[i], -kQMax), kQMax);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) y[i] = __fdiv_rn(y[i], scale);
+    }
   } else {
-    // |y| <= amax and scale = amax / 127 rounded to nearest (a normal float), so the
-    // correctly rounded |y / scale| is at most 127 (1 + 2^-23): its code is at most 127
     divide_part<false>(y, scale);
   }
 #pragma unroll
@@ -149,7 +167,10 @@ __device__ __forceinline__ float quantize_row_part(float (&y)[kPerLane], int par
     // round half to even by the float adder: the code sits in the low byte of the sum's
     // bits (two's complement for negative codes)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) bits[j] = __float_as_uint(y[4 * c + j] + kFloatOffset);
+    for (int j = 0; j < 4; ++j) {
+      const float code = kLifted ? y[4 * c + j] : fminf(fmaxf(y[4 * c + j], -kQMax), kQMax);
+      bits[j] = __float_as_uint(code + kFloatOffset);
+    }
     packed[c] = __byte_perm(__byte_perm(bits[0], bits[1], 0x0040), __byte_perm(bits[2], bits[3], 0x0040), 0x5410);
   }
   return scale;
