@@ -6,10 +6,19 @@ call (Python + dispatch, measured without synchronising), so that the quantizati
 share and any host-bound gap are visible.
 
     python research/profile_call.py [--shape 1,24,4608,128] [--presets accurate fast]
+
+Two builds against each other: `--trees DIR_A DIR_B [--rounds 2]` runs the same
+measurement once per tree (PYTHONPATH=DIR, a checkout built with `python setup.py
+build_ext --inplace`), each in its own process, alternating A B A B ...: on an H100 the
+same kernel measured up to 8 % apart between two processes (docs/hopper.md, Session 9),
+so a difference that does not hold across rounds is not a result.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -17,18 +26,44 @@ import torch
 import flash_quant
 
 
+def alternate(trees, rounds: int, argv) -> int:
+    """Runs this script without --trees / --rounds once per tree per round, in order."""
+    failed = 0
+    for r in range(rounds):
+        for tree in trees:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.abspath(tree),
+                                                                          os.environ.get("PYTHONPATH")) if p))
+            print(f"\n# round {r + 1} of {rounds}, tree {tree}", flush=True)
+            failed += subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode != 0
+    return failed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--trees", nargs="+", metavar="DIR", help="built checkouts to compare, alternating")
+    ap.add_argument("--rounds", type=int, default=2, help="with --trees: how many times each tree runs")
     ap.add_argument("--shape", default="1,24,4608,128")
     ap.add_argument("--presets", nargs="+", default=["accurate", "fast"])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cprofile", type=int, default=0, help="also print the N costliest Python functions")
     args = ap.parse_args()
+    if args.trees:
+        child = list(sys.argv[1:])
+        i = child.index("--trees")
+        j = i + 1
+        while j < len(child) and not child[j].startswith("--"):
+            j += 1
+        del child[i:j]
+        if "--rounds" in child:
+            k = child.index("--rounds")
+            del child[k:k + 2]
+        sys.exit(alternate(args.trees, args.rounds, child))
     B, H, S, D = (int(x) for x in args.shape.split(","))
     dt = getattr(torch, args.dtype)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dt) for _ in range(3))
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; shape {B}x{H}x{S}x{D} {args.dtype}")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; shape {B}x{H}x{S}x{D} {args.dtype}; "
+          f"flash_quant from {os.path.dirname(flash_quant.__file__)}")
     for preset in args.presets:
         f = lambda: flash_quant.attention(q, k, v, config=preset)  # noqa: E731
         for _ in range(5):
