@@ -177,8 +177,9 @@ def test_both_pv_precisions_are_on_wgmma(compiled):
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_each_head_dim_is_instantiated(compiled, d):
-    """Head dims 64 and 128 (fwd_params.h kForwardHeadDims): P·V's wgmma has N = D output
-    channels, 16-bit (HGMMA.64xDx16) and 8-bit (IGMMA.64xDx32)."""
+    """Tile head dims 64 and 128 (fwd_params.h kForwardHeadDims; smaller head dims run in
+    them): P·V's wgmma has N = D output channels, 16-bit (HGMMA.64xDx16) and 8-bit
+    (IGMMA.64xDx32)."""
     _, sass = compiled
     code = [i for c in _forward_kernels(sass).values() for i in c]
     assert any(re.search(rf"\bHGMMA\.64x{d}x16\.", i) for i in code), f"no 16-bit P·V wgmma for head dim {d}"

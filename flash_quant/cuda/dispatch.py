@@ -6,8 +6,9 @@ Two forward kernels exist for CUDA tensors:
   ``flash_quant::_sm90_attention_forward``. It needs an sm_90 device, an extension built
   with it (setup.py: torch with CUDA and nvcc found) and a call it covers (SM90 below:
   INT8 Q·Kᵀ with per-row scales and no zero points, 16-bit P·V with 16-bit V or INT8 P·V
-  with INT8 K-major per-channel V, head dim 64 or 128, bf16 / fp16, no mask, a positive
-  softmax scale, operands TMA can read: 16-byte aligned, strides multiples of 16 bytes).
+  with INT8 K-major per-channel V, a head dim that is a multiple of 16 up to 128, bf16 /
+  fp16, no mask, a positive softmax scale, operands TMA can read: 16-byte aligned,
+  strides multiples of 16 bytes).
 * ``"triton"``: flash_quant/cuda/forward.py, every other call and every other GPU.
 
 :func:`forward_kernel` returns ``(name, reason)``: the kernel, and why not sm90 (None when
