@@ -71,7 +71,7 @@ TMA_ALIGN = 16
 #: Tile head dims of the sm90 forward kernel (csrc/cuda/sm90/fwd_params.h kForwardHeadDims,
 #: tile_head_dim): a call's head dim D runs in the smallest tile >= D, TMA filling the
 #: channels past D with zeros, so D may be any multiple of SM90_HEAD_DIM_GRANULE up to the
-#: largest tile (the padded channels cost what they would compute) ...
+#: largest tile (the padded channels are computed all the same) ...
 SM90_TILE_HEAD_DIMS = (64, 128)
 SM90_HEAD_DIM_GRANULE = 16  # Q / K codes are rows of D bytes; TMA strides are multiples of 16 bytes
 #: ... and of the fused accurate path's pre-pass (prepass.cu: 4 lanes x 32 channels a row).

@@ -11,14 +11,18 @@ constexpr int kHeadDim = 128;  // the fused pre-pass's (prepass.h); the forward 
 //: The tile head dims the forward kernel is instantiated for. A call's head dim D runs in
 //: the smallest tile >= D (tile_head_dim): the tensor maps' boxes are the tile's width and
 //: TMA fills channels D .. tile-1 with zeros, which add nothing to Q·Kᵀ and give output
-//: channels that are not stored (the padded work costs what the tile's head dim costs).
+//: channels that are not stored (the padded channels are computed all the same).
 constexpr int kForwardHeadDims[] = {64, 128};
 //: D must be a multiple of this: Q / K codes are rows of D bytes, and TMA wants every
 //: stride a multiple of 16 bytes.
 constexpr int kHeadDimGranule = 16;
 //: The tile head dim that serves head dim d, or 0 where none does.
-constexpr int tile_head_dim(int d) {
-  return d < kHeadDimGranule || d % kHeadDimGranule != 0 ? 0 : d <= 64 ? 64 : d <= 128 ? 128 : 0;
+constexpr int tile_head_dim(int64_t d) {
+  if (d < kHeadDimGranule || d % kHeadDimGranule != 0) return 0;
+  for (const int tile : kForwardHeadDims) {
+    if (d <= tile) return tile;
+  }
+  return 0;
 }
 constexpr int kRowsPerWarpgroup = 64;
 constexpr int kKeysPerTile = 128;

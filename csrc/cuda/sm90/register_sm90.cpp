@@ -8,8 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <optional>
 
 #include "fwd_launch.h"
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   check_rows(k_data, "k_data", 1);
   const int64_t B = q_data.size(0), Hq = q_data.size(1), Sq = q_data.size(2), D = q_data.size(3);
   const int64_t Hkv = k_data.size(1), Skv = k_data.size(2);
-  TORCH_CHECK(tile_head_dim(static_cast<int>(std::min<int64_t>(D, 1 << 16))) != 0, kOp,
+  TORCH_CHECK(tile_head_dim(D) != 0, kOp,
               "head dim must be a multiple of ", kHeadDimGranule, " up to 128, got ", D);
   TORCH_CHECK(k_data.size(0) == B && k_data.size(3) == D, kOp, "k_data shape ", k_data.sizes(),
               " does not match q_data ", q_data.sizes());
