@@ -173,7 +173,9 @@ QUANT_CASES = [(FAST_ONLY, *spec, 130, 97, d) for d in (32, 64, 96, 128, 160, 25
 # The quantized result against float attention of the unquantized operands (the scheme's
 # own error, a sanity bound: a broken kernel is off by ~100 %). INT4 at D = 32 on the
 # realistic family spreads with the draw: 0.26 seen in a CI run of 2026-12-06, hence 0.35.
-QUANT_VS_FLOAT = {"int8": 0.02, "int4": 0.35, "fp8_e4m3": 0.1}
+# INT8 at D = 32 too: 0.0200 in a CI run of 2026-12-07; over 300 draws (CPU backend,
+# 130 x 97, causal) median 0.0137, 99th percentile 0.0191, max 0.0227, hence 0.03.
+QUANT_VS_FLOAT = {"int8": 0.03, "int4": 0.35, "fp8_e4m3": 0.1}
 
 
 def _quant_id(c):
