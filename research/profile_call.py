@@ -27,7 +27,7 @@ import flash_quant
 
 
 def alternate(trees, rounds: int, argv) -> int:
-    """Runs this script without --trees / --rounds once per tree per round, in order."""
+    """Runs this script with `argv` (the measurement's options) once per tree per round, in order."""
     failed = 0
     for r in range(rounds):
         for tree in trees:
@@ -49,15 +49,8 @@ def main() -> None:
     ap.add_argument("--cprofile", type=int, default=0, help="also print the N costliest Python functions")
     args = ap.parse_args()
     if args.trees:
-        child = list(sys.argv[1:])
-        i = child.index("--trees")
-        j = i + 1
-        while j < len(child) and not child[j].startswith("--"):
-            j += 1
-        del child[i:j]
-        if "--rounds" in child:
-            k = child.index("--rounds")
-            del child[k:k + 2]
+        child = ["--shape", args.shape, "--presets", *args.presets, "--calls", str(args.calls), "--dtype", args.dtype,
+                 "--cprofile", str(args.cprofile)]
         sys.exit(alternate(args.trees, args.rounds, child))
     B, H, S, D = (int(x) for x in args.shape.split(","))
     dt = getattr(torch, args.dtype)

@@ -329,9 +329,10 @@ def _decide(a: dict, m: str) -> Decision:
     if gap is None and m != SM90 and a["pv_precision"] in SM90_AUTO_SKIPS_PV:
         gap = R_SLOWER, (f"pv_precision={a['pv_precision']!r}: the Triton kernel measured faster on H100 "
                          "(docs/hopper.md); force sm90 to run it anyway")
-    if gap is None and m != SM90 and sm90_tile_head_dim(p["D"]) in SM90_AUTO_SKIPS_TILE_HEAD_DIMS:
+    tile = sm90_tile_head_dim(p["D"])
+    if gap is None and m != SM90 and tile in SM90_AUTO_SKIPS_TILE_HEAD_DIMS:
         gap = R_SLOWER, (f"head dim {p['D']}: the Triton kernel measured faster in this head dim's "
-                         f"tile ({sm90_tile_head_dim(p['D'])}; docs/hopper.md); force sm90 to run it anyway")
+                         f"tile ({tile}; docs/hopper.md); force sm90 to run it anyway")
     if gap is None:
         B, Hq, Hkv, Sq, Skv, D = (p[n] for n in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
         full = tuple(t is None or tuple(t.shape) == shape for t, shape in (

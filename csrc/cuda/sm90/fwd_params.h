@@ -16,6 +16,8 @@ constexpr int kForwardHeadDims[] = {64, 128};
 //: D must be a multiple of this: Q / K codes are rows of D bytes, and TMA wants every
 //: stride a multiple of 16 bytes.
 constexpr int kHeadDimGranule = 16;
+//: The largest head dim the forward takes (the last, widest tile).
+constexpr int kMaxTileHeadDim = kForwardHeadDims[sizeof(kForwardHeadDims) / sizeof(kForwardHeadDims[0]) - 1];
 //: The tile head dim that serves head dim d, or 0 where none does.
 constexpr int tile_head_dim(int64_t d) {
   if (d < kHeadDimGranule || d % kHeadDimGranule != 0) return 0;

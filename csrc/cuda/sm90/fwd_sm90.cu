@@ -126,8 +126,8 @@ void launch_forward(const Sm90FwdParams& p, cudaStream_t stream) {
     throw std::invalid_argument("flash_quant sm90: empty or inconsistent shapes");
   }
   if (tile_head_dim(p.head_dim) == 0) {
-    throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) +
-                                " (a multiple of 16 up to 128)");
+    throw std::invalid_argument("flash_quant sm90: head dim " + std::to_string(p.head_dim) + " (a multiple of " +
+                                std::to_string(kHeadDimGranule) + " up to " + std::to_string(kMaxTileHeadDim) + ")");
   }
   if (p.quantize_q && (p.head_dim != kHeadDim || p.k_center == nullptr)) {
     throw std::invalid_argument("flash_quant sm90: Q quantized in the kernel needs head dim 128 and k_center");

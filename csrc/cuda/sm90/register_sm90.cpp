@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
   const int64_t B = q_data.size(0), Hq = q_data.size(1), Sq = q_data.size(2), D = q_data.size(3);
   const int64_t Hkv = k_data.size(1), Skv = k_data.size(2);
   TORCH_CHECK(tile_head_dim(D) != 0, kOp,
-              "head dim must be a multiple of ", kHeadDimGranule, " up to 128, got ", D);
+              "head dim must be a multiple of ", kHeadDimGranule, " up to ", kMaxTileHeadDim, ", got ", D);
   TORCH_CHECK(k_data.size(0) == B && k_data.size(3) == D, kOp, "k_data shape ", k_data.sizes(),
               " does not match q_data ", q_data.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
