@@ -79,6 +79,7 @@ inline void emu_named(uint32_t id, uint32_t threads, bool wait) {
 // (the emulation's wgmma reads shared memory when issued: no proxy to order)
 inline void fence_proxy_async() {}
 inline void named_barrier_sync(uint32_t id, uint32_t threads) { emu_named(id, threads, true); }
+inline void named_barrier_arrive(uint32_t id, uint32_t threads) { emu_named(id, threads, false); }
 
 // ------------------------------------------------------------------ TMA
 inline void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2, int c3) {

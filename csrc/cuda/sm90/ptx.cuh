@@ -47,6 +47,10 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Arrives on a named barrier of `threads` threads without waiting (the other side syncs).
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // ---------------------------------------------------------------- proxies
 // Orders this thread's ordinary shared-memory stores before later reads by the async proxy
