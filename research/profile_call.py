@@ -23,8 +23,6 @@ import time
 
 import torch
 
-import flash_quant
-
 
 def alternate(trees, rounds: int, argv) -> int:
     """Runs this script with `argv` (the measurement's options) once per tree per round, in order."""
@@ -52,6 +50,8 @@ def main() -> None:
         child = ["--shape", args.shape, "--presets", *args.presets, "--calls", str(args.calls), "--dtype", args.dtype,
                  "--cprofile", str(args.cprofile)]
         sys.exit(alternate(args.trees, args.rounds, child))
+    import flash_quant  # (here: the --trees parent runs each tree's own flash_quant in a child)
+
     B, H, S, D = (int(x) for x in args.shape.split(","))
     dt = getattr(torch, args.dtype)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dt) for _ in range(3))

@@ -106,7 +106,7 @@ constexpr uint32_t kQReadyBarrier = 1;
 // Named barrier 3 (16-bit P·V): consumer warpgroup 1 starts its first key tile once
 // warpgroup 0 has scored the first half of its own (the stagger, below).
 constexpr uint32_t kStaggerBarrier = 3;
-constexpr int kStaggerThreads = 2 * kThreadsPerWarpgroup;
+constexpr int kStaggerThreads = consumer_warpgroups(false) * kThreadsPerWarpgroup;
 static_assert(kStaggerBarrier >= kQReadyBarrier + consumer_warpgroups(false), "named barriers overlap");
 //: 16-bit P·V splits a key tile in two halves (Q·Kᵀ m64n64, P·V k16 steps, 8-column blocks).
 constexpr int kHalfKeys = kKeysPerTile / 2;
