@@ -161,7 +161,15 @@ def _check_center_arg(quant, x, gran, bs, rotate_x):
     data, scale, zp, mean = quant(x, "int8", gran, bs, "symmetric", True, rotate_x, c)
     rdata, rscale, _, _ = quant(y - c, "int8", gran, bs, "symmetric", False, False, None)
     torch.testing.assert_close(mean, c, rtol=0, atol=0)
-    torch.testing.assert_close(scale, rscale, rtol=1e-6, atol=0)
+    if rotate_x:
+        # the two compute x @ H in different summation orders: each rotated value may differ by
+        # the worst-case rounding of a d-term dot product, d * eps * sum_i |x_i| |H_ij| with
+        # |H_ij| = 1/sqrt(d), and the absmax scale (amax / 127) moves by at most that / 127
+        d = x.shape[-1]
+        bound = d * torch.finfo(torch.float32).eps * x.abs().max().item() * d ** 0.5 / 127
+        torch.testing.assert_close(scale, rscale, rtol=0, atol=bound)
+    else:
+        torch.testing.assert_close(scale, rscale, rtol=1e-6, atol=0)
     diff = (data.int() - rdata.int()).abs()
     # with rotate the two round x @ H differently in the last bit: a tie may move one step
     assert diff.max() <= (1 if rotate_x else 0) and diff.float().mean() < 0.01
