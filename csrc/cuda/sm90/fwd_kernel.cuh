@@ -620,7 +620,7 @@ __global__ void __launch_bounds__(CtaShape<kPvInt8>::kThreads, CtaShape<kPvInt8>
     // together, both run their softmax at the same time on the same schedulers and
     // exponential units while the tensor cores idle, then both wait on products (measured:
     // the two softmaxes overlapped 84 % of the time); offset, one's softmax runs beside the
-    // other's products. H100, session 11: 4.5-9 % faster kernel-only (docs/hopper.md).
+    // other's products. H100, sessions 11-12: 2-9 % faster kernel-only (docs/hopper.md).
     // Warpgroup 0 always has a tile (its first row sees key 0, and launch_forward rejects
     // kv_len < 1), so its arrival below is never skipped. (An arrival on a path without
     // a tile, as an else branch, made ptxas serialize every wgmma: C7515.)
